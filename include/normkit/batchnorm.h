@@ -1,0 +1,50 @@
+// Batch normalization over (N, C, *) tensors, statistics per channel C.
+//
+// The ops are split at the reduction so that synchronized batch norm can all-reduce between them:
+//   forward:  batch_norm_stats (local) -> [caller combines across ranks] -> batch_norm_normalize
+//   backward: batch_norm_backward_reduce (local) -> [caller all-reduces] -> batch_norm_backward_elemt
+// For one process, batch_norm_forward_train and batch_norm_backward_train do the same work fused,
+// touching each channel's data while it is still in cache.
+//
+// Dtypes: x, y, dy, dx share one dtype; mean/var/invstd/weight/bias and the reduced sums have
+// param_dtype(x.dtype) (float32 for float16 inputs). weight and bias may be undefined (affine=False).
+// Any layout works; contiguous channels-first and channels-last have fast paths.
+#pragma once
+
+#include "normkit/tensor.h"
+
+namespace normkit {
+
+// mean[c] and biased var[c] of x over every dim but 1. An empty batch gives mean 0, var 0.
+void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorView& var);
+
+// y = (x - mean[c]) * invstd[c] * weight[c] + bias[c].
+void batch_norm_normalize(const TensorView& x, const TensorView& mean, const TensorView& invstd,
+                          const TensorView& weight, const TensorView& bias, const TensorView& y);
+
+// Training forward of one process: statistics, then normalization with them. Writes the batch
+// mean, biased var and invstd = 1 / sqrt(var + eps).
+void batch_norm_forward_train(const TensorView& x, const TensorView& weight, const TensorView& bias,
+                              double eps, const TensorView& y, const TensorView& mean,
+                              const TensorView& var, const TensorView& invstd);
+
+// sum_dy[c] = sum dy, sum_dy_xmu[c] = sum dy * (x - mean[c]).
+void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const TensorView& mean,
+                                const TensorView& sum_dy, const TensorView& sum_dy_xmu);
+
+// dx = weight * invstd * (dy - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xmu / count),
+// the gradient through batch statistics computed over `count` values per channel. With sum_dy and
+// sum_dy_xmu undefined, the statistics are constants: dx = weight * invstd * dy (eval mode).
+void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const TensorView& mean,
+                               const TensorView& invstd, const TensorView& weight,
+                               const TensorView& sum_dy, const TensorView& sum_dy_xmu,
+                               double count, const TensorView& dx);
+
+// Training backward of one process: backward_reduce and backward_elemt fused (count = N * S).
+// dx may be undefined when only the parameter gradients are wanted.
+void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const TensorView& mean,
+                               const TensorView& invstd, const TensorView& weight,
+                               const TensorView& dx, const TensorView& sum_dy,
+                               const TensorView& sum_dy_xmu);
+
+}  // namespace normkit

@@ -1,0 +1,12 @@
+"""normkit: exact, fast, synchronized normalization layers over NumPy (and CuPy) arrays.
+
+    normkit.functional   stateless forward/backward ops over arrays
+    normkit.nn           stateful layers in PyTorch's vocabulary (Module, BatchNorm2d, ...)
+"""
+from . import _C
+from ._backend import cuda_available
+from . import functional, nn
+
+__version__ = "0.1.0"
+
+__all__ = ["cuda_available", "functional", "nn", "__version__"]

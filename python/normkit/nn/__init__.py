@@ -1,0 +1,1 @@
+"""Stateful layers over NumPy / CuPy arrays, in PyTorch's vocabulary."""

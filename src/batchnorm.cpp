@@ -1,0 +1,708 @@
+// Batch normalization on the CPU: argument checks, dispatch, and the kernels.
+//
+// Every op reduces to two kernel shapes over the tensor seen as (N, C, S):
+//   pair sums     s1[c] = sum (a - ka[c]),  s2[c] = sum (a - ka[c]) * (b - kb[c])
+//                   statistics: a = b = x, ka = kb = a shift (the channel's first value), so the
+//                   sums stay exact when |mean| >> std (no float E[x^2] - E[x]^2);
+//                   backward:   a = dy, ka = 0, b = x, kb = mean.
+//   affine        out = p[c] * u + q[c] * (v - m[c]) + r[c]
+//                   normalize:  u absent, v = x;  backward: u = dy, v = x.
+// Inner loops accumulate in float32 lanes (float64 for float64 data) and flush into float64 every
+// few thousand values, so long reductions stay exact without paying for float64 vectors.
+//
+// Layouts: "planar" (contiguous rows of S per (n, c): NCHW, NCL), "channels-last" (contiguous rows
+// of C per (n, s): NHWC, NDHWC, and (N, C)), and a generic strided path for anything else.
+// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
+// (target_clones), so the default build stays portable without giving up vector width.
+#include "normkit/batchnorm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "normkit/dispatch.h"
+
+#if defined(NORMKIT_ISA_CLONES) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NK_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NK_HOT
+#endif
+
+namespace normkit {
+namespace {
+
+// Arithmetic type of a storage type: float32 for float16/float32, float64 for float64. It is also
+// the dtype of parameters and statistics (param_dtype).
+template <class T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// ------------------------------------------------------------------------------------------------
+// Vector lanes (GCC/Clang vector extensions: the compiler splits them to the target's width).
+
+constexpr int kLanes = 16;
+constexpr int64_t kFlushEvery = 2048;  // values per float32 lane block before flushing to float64
+constexpr int64_t kFlushRows = 64;     // channels-last rows per float32 block
+
+template <class T>
+struct Lanes {
+  using A = acc_t<T>;
+  typedef A V __attribute__((vector_size(kLanes * sizeof(A))));
+  static V load(const T* p) {
+    if constexpr (std::is_same_v<T, Half>) {
+      typedef Half H __attribute__((vector_size(kLanes * sizeof(Half))));
+      H h;
+      std::memcpy(&h, p, sizeof h);
+      return __builtin_convertvector(h, V);
+    } else {
+      V v;
+      std::memcpy(&v, p, sizeof v);
+      return v;
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Threads.
+
+constexpr int64_t kGrain = 1 << 15;  // elements a thread should have before another one helps
+
+int threads_for(int64_t elements) {
+#ifdef _OPENMP
+  const int64_t wanted = std::max<int64_t>(1, elements / kGrain);
+  return static_cast<int>(std::min<int64_t>(wanted, omp_get_max_threads()));
+#else
+  (void)elements;
+  return 1;
+#endif
+}
+
+// Runs body(tid, nthreads) on nthreads threads. Bodies never throw.
+template <class Body>
+void parallel(int nthreads, Body&& body) {
+#ifdef _OPENMP
+  if (nthreads > 1) {
+#pragma omp parallel num_threads(nthreads)
+    body(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  body(0, 1);
+}
+
+inline void split_range(int64_t n, int tid, int nthreads, int64_t* begin, int64_t* end) {
+  *begin = n * tid / nthreads;
+  *end = n * (tid + 1) / nthreads;
+}
+
+// Calls f(c, n0, n1) for the pieces of rows [begin, end) of the C x N row space (row = c*N + n).
+template <class F>
+void for_channel_segments(int64_t N, int64_t begin, int64_t end, F&& f) {
+  while (begin < end) {
+    const int64_t c = begin / N, n0 = begin % N;
+    const int64_t n1 = std::min(N, n0 + (end - begin));
+    f(c, n0, n1);
+    begin += n1 - n0;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Geometry: the layout shared by all tensors of one call.
+
+enum class Layout { Planar, ChannelsLast, Generic };
+
+Layout choose_layout(std::initializer_list<const NCSView*> views) {
+  const NCSView& a = **views.begin();
+  bool planar = true, channels_last = true;
+  for (const NCSView* v : views) {
+    planar = planar && v->sN == a.sN && v->sC == a.sC && (v->S <= 1 || v->sS == 1);
+    channels_last = channels_last && v->sN == a.sN && v->sS == a.sS && (v->C <= 1 || v->sC == 1);
+  }
+  if (planar && a.S > 1) return Layout::Planar;
+  if (channels_last) return Layout::ChannelsLast;
+  return planar ? Layout::Planar : Layout::Generic;
+}
+
+// A typed tensor seen as (N, C, S).
+template <class T>
+struct Strided {
+  T* data;
+  int64_t sN, sC, sS;
+  T* row(int64_t n, int64_t c) const { return data + n * sN + c * sC; }
+};
+
+template <class T>
+Strided<T> strided(const TensorView& t, const NCSView& v) {
+  return {t.ptr<T>(), v.sN, v.sC, v.sS};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Planar kernels: one channel, rows n0..n1 of S contiguous values.
+
+template <class T>
+NK_HOT void planar_pair_sums(const T* a, const T* b, int64_t row_stride, int64_t rows, int64_t S,
+                             acc_t<T> ka, acc_t<T> kb, double* out1, double* out2) {
+  using A = acc_t<T>;
+  using L = Lanes<T>;
+  using V = typename L::V;
+  double s1 = 0, s2 = 0;
+  for (int64_t n = 0; n < rows; ++n, a += row_stride, b += row_stride) {
+    int64_t i = 0;
+    while (i < S) {
+      const int64_t end = std::min(S, i + kFlushEvery);
+      V u1 = {}, u2 = {}, w1 = {}, w2 = {};  // two independent chains hide the add latency
+      for (; i + 2 * kLanes <= end; i += 2 * kLanes) {
+        const V da = L::load(a + i) - ka, ea = L::load(a + i + kLanes) - ka;
+        u1 += da;
+        u2 += da * (L::load(b + i) - kb);
+        w1 += ea;
+        w2 += ea * (L::load(b + i + kLanes) - kb);
+      }
+      A t1 = 0, t2 = 0;
+      for (; i < end; ++i) {
+        const A d = A(a[i]) - ka;
+        t1 += d;
+        t2 += d * (A(b[i]) - kb);
+      }
+      double b1 = t1, b2 = t2;
+      for (int j = 0; j < kLanes; ++j) {
+        b1 += double(u1[j]) + double(w1[j]);
+        b2 += double(u2[j]) + double(w2[j]);
+      }
+      s1 += b1;
+      s2 += b2;
+    }
+  }
+  *out1 += s1;
+  *out2 += s2;
+}
+
+// out = p * u + q * (v - m) + r over rows of one channel; u may be null (p ignored).
+template <class T>
+NK_HOT void planar_affine(const T* u, const T* v, T* out, int64_t row_stride, int64_t rows,
+                          int64_t S, acc_t<T> p, acc_t<T> q, acc_t<T> m, acc_t<T> r) {
+  using A = acc_t<T>;
+  for (int64_t n = 0; n < rows; ++n) {
+    const T* __restrict vv = v + n * row_stride;
+    T* __restrict o = out + n * row_stride;
+    if (u) {
+      const T* __restrict uu = u + n * row_stride;
+      for (int64_t i = 0; i < S; ++i) o[i] = T(p * A(uu[i]) + q * (A(vv[i]) - m) + r);
+    } else {
+      for (int64_t i = 0; i < S; ++i) o[i] = T(q * (A(vv[i]) - m) + r);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Channels-last kernels: rows [r0, r1) of the (N*S) row space, C contiguous channels per row.
+
+struct RowWalk {  // visits row r = n*S + s at offset n*sN + s*sS
+  int64_t S, sN, sS, n, s;
+  RowWalk(int64_t S_, int64_t sN_, int64_t sS_, int64_t r) : S(S_), sN(sN_), sS(sS_), n(r / S_), s(r % S_) {}
+  int64_t offset() const { return n * sN + s * sS; }
+  void next() {
+    if (++s == S) { s = 0; ++n; }
+  }
+};
+
+// s1[c] += sum (a - ka[c]), s2[c] += sum (a - ka[c]) (b - kb[c]) over the rows; block1/2 scratch of C.
+template <class T>
+NK_HOT void rows_pair_sums(const T* a, const T* b, RowWalk walk, int64_t rows, int64_t C,
+                           const acc_t<T>* __restrict ka, const acc_t<T>* __restrict kb,
+                           acc_t<T>* __restrict block1, acc_t<T>* __restrict block2,
+                           double* __restrict s1, double* __restrict s2) {
+  using A = acc_t<T>;
+  for (int64_t done = 0; done < rows;) {
+    const int64_t todo = std::min(kFlushRows, rows - done);
+    std::fill(block1, block1 + C, A(0));
+    std::fill(block2, block2 + C, A(0));
+    for (int64_t k = 0; k < todo; ++k, walk.next()) {
+      const T* __restrict ar = a + walk.offset();
+      const T* __restrict br = b + walk.offset();
+      for (int64_t c = 0; c < C; ++c) {
+        const A d = A(ar[c]) - ka[c];
+        block1[c] += d;
+        block2[c] += d * (A(br[c]) - kb[c]);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      s1[c] += block1[c];
+      s2[c] += block2[c];
+    }
+    done += todo;
+  }
+}
+
+template <class T>
+NK_HOT void rows_affine(const T* u, const T* v, T* out, RowWalk walk, int64_t rows, int64_t C,
+                        const acc_t<T>* __restrict p, const acc_t<T>* __restrict q,
+                        const acc_t<T>* __restrict m, const acc_t<T>* __restrict r) {
+  using A = acc_t<T>;
+  for (int64_t k = 0; k < rows; ++k, walk.next()) {
+    const int64_t off = walk.offset();
+    const T* __restrict vv = v + off;
+    T* __restrict o = out + off;
+    if (u) {
+      const T* __restrict uu = u + off;
+      for (int64_t c = 0; c < C; ++c) o[c] = T(p[c] * A(uu[c]) + q[c] * (A(vv[c]) - m[c]) + r[c]);
+    } else {
+      for (int64_t c = 0; c < C; ++c) o[c] = T(q[c] * (A(vv[c]) - m[c]) + r[c]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Generic strided kernels (any strides per tensor): scalar, for the layouts nothing else covers.
+
+template <class T>
+void generic_pair_sums(Strided<const T> a, Strided<const T> b, int64_t c, int64_t n0, int64_t n1,
+                       int64_t S, double ka, double kb, double* s1, double* s2) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* ar = a.row(n, c);
+    const T* br = b.row(n, c);
+    for (int64_t s = 0; s < S; ++s) {
+      const double d = double(ar[s * a.sS]) - ka;
+      *s1 += d;
+      *s2 += d * (double(br[s * b.sS]) - kb);
+    }
+  }
+}
+
+template <class T>
+void generic_affine(const Strided<const T>* u, Strided<const T> v, Strided<T> out, int64_t c,
+                    int64_t n0, int64_t n1, int64_t S, acc_t<T> p, acc_t<T> q, acc_t<T> m,
+                    acc_t<T> r) {
+  using A = acc_t<T>;
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* vr = v.row(n, c);
+    T* orow = out.row(n, c);
+    for (int64_t s = 0; s < S; ++s) {
+      A value = q * (A(vr[s * v.sS]) - m) + r;
+      if (u) value += p * A(u->row(n, c)[s * u->sS]);
+      orow[s * out.sS] = T(value);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The two shapes over a whole tensor, for every layout.
+
+struct Geometry {
+  Layout layout;
+  int64_t N, C, S;
+};
+
+// Per-channel pair sums of a against b (see the top of the file), in float64.
+template <class T>
+void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b,
+               const std::vector<acc_t<T>>& ka, const std::vector<acc_t<T>>& kb,
+               std::vector<double>& s1, std::vector<double>& s2) {
+  using A = acc_t<T>;
+  const int64_t C = g.C;
+  s1.assign(C, 0.0);
+  s2.assign(C, 0.0);
+  if (g.N * g.S == 0) return;
+  const int nthreads = threads_for(g.N * C * g.S);
+  std::vector<double> partial(static_cast<size_t>(nthreads) * 2 * C, 0.0);
+  parallel(nthreads, [&](int tid, int nt) {
+    double* p1 = partial.data() + static_cast<size_t>(tid) * 2 * C;
+    double* p2 = p1 + C;
+    int64_t begin, end;
+    if (g.layout == Layout::ChannelsLast) {
+      split_range(g.N * g.S, tid, nt, &begin, &end);
+      std::vector<A> block(2 * C);
+      rows_pair_sums<T>(a.data, b.data, RowWalk(g.S, a.sN, a.sS, begin), end - begin, C,
+                        ka.data(), kb.data(), block.data(), block.data() + C, p1, p2);
+      return;
+    }
+    split_range(C * g.N, tid, nt, &begin, &end);
+    for_channel_segments(g.N, begin, end, [&](int64_t c, int64_t n0, int64_t n1) {
+      if (g.layout == Layout::Planar) {
+        planar_pair_sums<T>(a.row(n0, c), b.row(n0, c), a.sN, n1 - n0, g.S, ka[c], kb[c], p1 + c,
+                            p2 + c);
+      } else {
+        generic_pair_sums<T>(a, b, c, n0, n1, g.S, ka[c], kb[c], p1 + c, p2 + c);
+      }
+    });
+  });
+  for (int t = 0; t < nthreads; ++t) {
+    const double* p = partial.data() + static_cast<size_t>(t) * 2 * C;
+    for (int64_t c = 0; c < C; ++c) {
+      s1[c] += p[c];
+      s2[c] += p[C + c];
+    }
+  }
+}
+
+// Per-channel affine map of the whole tensor: out = p * u + q * (v - m) + r; u may be absent.
+template <class T>
+void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, Strided<T> out,
+            const std::vector<acc_t<T>>& p, const std::vector<acc_t<T>>& q,
+            const std::vector<acc_t<T>>& m, const std::vector<acc_t<T>>& r) {
+  if (g.N * g.S * g.C == 0) return;
+  const int nthreads = threads_for(g.N * g.C * g.S);
+  parallel(nthreads, [&](int tid, int nt) {
+    int64_t begin, end;
+    if (g.layout == Layout::ChannelsLast) {
+      split_range(g.N * g.S, tid, nt, &begin, &end);
+      rows_affine<T>(u ? u->data : nullptr, v.data, out.data, RowWalk(g.S, v.sN, v.sS, begin),
+                     end - begin, g.C, p.data(), q.data(), m.data(), r.data());
+      return;
+    }
+    split_range(g.C * g.N, tid, nt, &begin, &end);
+    for_channel_segments(g.N, begin, end, [&](int64_t c, int64_t n0, int64_t n1) {
+      if (g.layout == Layout::Planar) {
+        planar_affine<T>(u ? u->row(n0, c) : nullptr, v.row(n0, c), out.row(n0, c), v.sN, n1 - n0,
+                         g.S, p[c], q[c], m[c], r[c]);
+      } else {
+        generic_affine<T>(u, v, out, c, n0, n1, g.S, p[c], q[c], m[c], r[c]);
+      }
+    });
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Per-channel vectors (statistics, parameters): strided 1-D arrays of the param dtype.
+
+template <class P>
+std::vector<double> read_channels(const TensorView& t, int64_t C, double absent) {
+  std::vector<double> out(C, absent);
+  if (!t.defined()) return out;
+  const P* data = t.ptr<const P>();
+  for (int64_t c = 0; c < C; ++c) out[c] = double(data[c * t.strides[0]]);
+  return out;
+}
+
+template <class P>
+void write_channels(const TensorView& t, const std::vector<double>& values) {
+  if (!t.defined()) return;
+  P* data = t.ptr<P>();
+  for (size_t c = 0; c < values.size(); ++c) data[c * t.strides[0]] = P(values[c]);
+}
+
+template <class A>
+std::vector<A> narrow(const std::vector<double>& v) {
+  return std::vector<A>(v.begin(), v.end());
+}
+
+// The channel's first value: a shift that keeps the sums exact when |mean| >> std.
+template <class T>
+std::vector<acc_t<T>> first_values(const Geometry& g, Strided<const T> x) {
+  std::vector<acc_t<T>> k(g.C, acc_t<T>(0));
+  if (g.N * g.S == 0) return k;
+  for (int64_t c = 0; c < g.C; ++c) k[c] = acc_t<T>(*x.row(0, c));
+  return k;
+}
+
+// mean and biased var from shifted sums over M values.
+void moments(const std::vector<double>& shift, const std::vector<double>& s1,
+             const std::vector<double>& s2, double M, std::vector<double>& mean,
+             std::vector<double>& var) {
+  const size_t C = s1.size();
+  mean.assign(C, 0.0);
+  var.assign(C, 0.0);
+  if (M <= 0) return;
+  for (size_t c = 0; c < C; ++c) {
+    const double d = s1[c] / M;
+    mean[c] = shift[c] + d;
+    var[c] = std::max(0.0, s2[c] / M - d * d);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Checks shared by the ops.
+
+struct Checked {
+  NCSView x;
+  int64_t C;
+  DType param;
+};
+
+Checked check_input(const char* op, const TensorView& x, const char* name = "x") {
+  NK_CHECK_VALUE(x.defined(), op, ": ", name, " is required");
+  NK_CHECK_VALUE(x.ndim >= 2, op, ": ", name, " must have shape (N, C, ...), got ", x.ndim,
+                 " dim(s)");
+  Checked k{as_ncs(x, name), x.shape[1], param_dtype(x.dtype)};
+  return k;
+}
+
+std::string shape_string(const TensorView& t) {
+  std::string s = "(";
+  for (int d = 0; d < t.ndim; ++d) s += (d ? ", " : "") + std::to_string(t.shape[d]);
+  return s + (t.ndim == 1 ? ",)" : ")");
+}
+
+void check_same_device(const char* op, const TensorView& t, const char* name, const TensorView& x) {
+  NK_CHECK_TYPE(t.device == x.device && t.device_id == x.device_id, op, ": ", name, " is on ",
+                device_name(t.device), ":", t.device_id, " but x is on ", device_name(x.device),
+                ":", x.device_id);
+}
+
+// A tensor shaped like the input x, of its dtype, on its device.
+NCSView check_like_x(const char* op, const TensorView& t, const char* name, const TensorView& x) {
+  NK_CHECK_VALUE(t.defined(), op, ": ", name, " is required");
+  check_same_device(op, t, name, x);
+  NK_CHECK_TYPE(t.dtype == x.dtype, op, ": ", name, " has dtype ", dtype_name(t.dtype),
+                " but x has ", dtype_name(x.dtype));
+  bool same = t.ndim == x.ndim;
+  for (int d = 0; same && d < x.ndim; ++d) same = t.shape[d] == x.shape[d];
+  NK_CHECK_VALUE(same, op, ": ", name, " has shape ", shape_string(t), " but x has shape ",
+                 shape_string(x));
+  return as_ncs(t, name);
+}
+
+// A per-channel vector (C,) of the param dtype. Absent is allowed when `optional`.
+void check_channels(const char* op, const TensorView& t, const char* name, const TensorView& x,
+                    int64_t C, DType param, bool optional) {
+  if (!t.defined()) {
+    NK_CHECK_VALUE(optional, op, ": ", name, " is required");
+    return;
+  }
+  check_same_device(op, t, name, x);
+  NK_CHECK_TYPE(t.dtype == param, op, ": ", name, " must be ", dtype_name(param), " for ",
+                dtype_name(x.dtype), " input, got ", dtype_name(t.dtype));
+  NK_CHECK_VALUE(t.ndim == 1 && t.shape[0] == C, op, ": ", name, " must have shape (", C,
+                 ",) to match the ", C, " channels of x, got ", shape_string(t));
+}
+
+template <class T>
+Strided<const T> in(const TensorView& t, const NCSView& v) {
+  return {t.ptr<const T>(), v.sN, v.sC, v.sS};
+}
+
+}  // namespace
+
+// ================================================================================================
+// The ops.
+
+void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorView& var) {
+  const char* op = "batch_norm_stats";
+  const Checked k = check_input(op, x);
+  check_channels(op, mean, "mean", x, k.C, k.param, false);
+  check_channels(op, var, "var", x, k.C, k.param, false);
+  dispatch(op, x, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const Geometry g{choose_layout({&k.x}), k.x.N, k.x.C, k.x.S};
+    const auto xs = in<T>(x, k.x);
+    const auto shift = first_values(g, xs);
+    std::vector<double> s1, s2, m, v;
+    pair_sums<T>(g, xs, xs, shift, shift, s1, s2);
+    moments(std::vector<double>(shift.begin(), shift.end()), s1, s2, double(g.N * g.S), m, v);
+    write_channels<A>(mean, m);
+    write_channels<A>(var, v);
+  });
+}
+
+void batch_norm_normalize(const TensorView& x, const TensorView& mean, const TensorView& invstd,
+                          const TensorView& weight, const TensorView& bias, const TensorView& y) {
+  const char* op = "batch_norm_normalize";
+  const Checked k = check_input(op, x);
+  check_channels(op, mean, "mean", x, k.C, k.param, false);
+  check_channels(op, invstd, "invstd", x, k.C, k.param, false);
+  check_channels(op, weight, "weight", x, k.C, k.param, true);
+  check_channels(op, bias, "bias", x, k.C, k.param, true);
+  const NCSView yv = check_like_x(op, y, "y", x);
+  dispatch(op, x, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const Geometry g{choose_layout({&k.x, &yv}), k.x.N, k.C, k.x.S};
+    const auto m = read_channels<A>(mean, k.C, 0), is = read_channels<A>(invstd, k.C, 0);
+    const auto w = read_channels<A>(weight, k.C, 1), b = read_channels<A>(bias, k.C, 0);
+    std::vector<double> q(k.C);
+    for (int64_t c = 0; c < k.C; ++c) q[c] = is[c] * w[c];
+    affine<T>(g, nullptr, in<T>(x, k.x), strided<T>(y, yv), std::vector<A>(k.C, 0), narrow<A>(q),
+              narrow<A>(m), narrow<A>(b));
+  });
+}
+
+void batch_norm_forward_train(const TensorView& x, const TensorView& weight, const TensorView& bias,
+                              double eps, const TensorView& y, const TensorView& mean,
+                              const TensorView& var, const TensorView& invstd) {
+  const char* op = "batch_norm_forward_train";
+  const Checked k = check_input(op, x);
+  check_channels(op, weight, "weight", x, k.C, k.param, true);
+  check_channels(op, bias, "bias", x, k.C, k.param, true);
+  check_channels(op, mean, "mean", x, k.C, k.param, false);
+  check_channels(op, var, "var", x, k.C, k.param, false);
+  check_channels(op, invstd, "invstd", x, k.C, k.param, false);
+  NK_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  const NCSView yv = check_like_x(op, y, "y", x);
+  dispatch(op, x, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const Geometry g{choose_layout({&k.x, &yv}), k.x.N, k.C, k.x.S};
+    const auto xs = in<T>(x, k.x);
+    const auto ys = strided<T>(y, yv);
+    const auto w = read_channels<A>(weight, k.C, 1), b = read_channels<A>(bias, k.C, 0);
+    const double M = double(g.N * g.S);
+    const auto shift = first_values(g, xs);
+    std::vector<double> m(k.C, 0.0), v(k.C, 0.0), is(k.C, 0.0);
+
+    const int nthreads = threads_for(g.N * g.C * g.S);
+    if (g.layout == Layout::Planar && g.C >= nthreads && M > 0) {
+      // Fused: a thread owns whole channels, normalizing each right after reducing it, while its
+      // rows are still in cache, so x crosses the memory bus once.
+      parallel(nthreads, [&](int tid, int nt) {
+        int64_t c0, c1;
+        split_range(g.C, tid, nt, &c0, &c1);
+        for (int64_t c = c0; c < c1; ++c) {
+          double s1 = 0, s2 = 0;
+          planar_pair_sums<T>(xs.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, shift[c], shift[c],
+                              &s1, &s2);
+          const double d = s1 / M;
+          m[c] = shift[c] + d;
+          v[c] = std::max(0.0, s2 / M - d * d);
+          is[c] = 1.0 / std::sqrt(v[c] + eps);
+          planar_affine<T>(nullptr, xs.row(0, c), ys.row(0, c), xs.sN, g.N, g.S, A(0),
+                           A(is[c] * w[c]), A(m[c]), A(b[c]));
+        }
+      });
+    } else {
+      std::vector<double> s1, s2, q(k.C);
+      pair_sums<T>(g, xs, xs, shift, shift, s1, s2);
+      moments(std::vector<double>(shift.begin(), shift.end()), s1, s2, M, m, v);
+      for (int64_t c = 0; c < k.C; ++c) {
+        is[c] = 1.0 / std::sqrt(v[c] + eps);
+        q[c] = is[c] * w[c];
+      }
+      affine<T>(g, nullptr, xs, ys, std::vector<A>(k.C, 0), narrow<A>(q), narrow<A>(m),
+                narrow<A>(b));
+    }
+    write_channels<A>(mean, m);
+    write_channels<A>(var, v);
+    write_channels<A>(invstd, is);
+  });
+}
+
+void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const TensorView& mean,
+                                const TensorView& sum_dy, const TensorView& sum_dy_xmu) {
+  const char* op = "batch_norm_backward_reduce";
+  const Checked k = check_input(op, x);
+  const NCSView dyv = check_like_x(op, dy, "dy", x);
+  check_channels(op, mean, "mean", x, k.C, k.param, false);
+  check_channels(op, sum_dy, "sum_dy", x, k.C, k.param, false);
+  check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, false);
+  dispatch(op, x, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const Geometry g{choose_layout({&k.x, &dyv}), k.x.N, k.C, k.x.S};
+    std::vector<double> s1, s2;
+    pair_sums<T>(g, in<T>(dy, dyv), in<T>(x, k.x), std::vector<A>(k.C, 0),
+                 narrow<A>(read_channels<A>(mean, k.C, 0)), s1, s2);
+    write_channels<A>(sum_dy, s1);
+    write_channels<A>(sum_dy_xmu, s2);
+  });
+}
+
+namespace {
+// Coefficients of dx = p * dy + q * (x - mean) + r (see batch_norm_backward_elemt).
+void grad_input_coefficients(const std::vector<double>& invstd, const std::vector<double>& weight,
+                             const std::vector<double>* sum_dy, const std::vector<double>* sum_dy_xmu,
+                             double count, std::vector<double>& p, std::vector<double>& q,
+                             std::vector<double>& r) {
+  const size_t C = invstd.size();
+  p.assign(C, 0.0);
+  q.assign(C, 0.0);
+  r.assign(C, 0.0);
+  for (size_t c = 0; c < C; ++c) {
+    p[c] = weight[c] * invstd[c];
+    if (sum_dy && count > 0) {
+      q[c] = -p[c] * invstd[c] * invstd[c] * (*sum_dy_xmu)[c] / count;
+      r[c] = -p[c] * (*sum_dy)[c] / count;
+    }
+  }
+}
+}  // namespace
+
+void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const TensorView& mean,
+                               const TensorView& invstd, const TensorView& weight,
+                               const TensorView& sum_dy, const TensorView& sum_dy_xmu,
+                               double count, const TensorView& dx) {
+  const char* op = "batch_norm_backward_elemt";
+  const Checked k = check_input(op, x);
+  const NCSView dyv = check_like_x(op, dy, "dy", x);
+  const NCSView dxv = check_like_x(op, dx, "dx", x);
+  check_channels(op, mean, "mean", x, k.C, k.param, false);
+  check_channels(op, invstd, "invstd", x, k.C, k.param, false);
+  check_channels(op, weight, "weight", x, k.C, k.param, true);
+  check_channels(op, sum_dy, "sum_dy", x, k.C, k.param, true);
+  check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, true);
+  NK_CHECK_VALUE(sum_dy.defined() == sum_dy_xmu.defined(), op,
+                 ": pass both sum_dy and sum_dy_xmu (training) or neither (eval)");
+  NK_CHECK_VALUE(!sum_dy.defined() || count >= double(k.x.N * k.x.S), op, ": count (", count,
+                 ") is smaller than the ", k.x.N * k.x.S, " values per channel of x");
+  dispatch(op, x, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const Geometry g{choose_layout({&k.x, &dyv, &dxv}), k.x.N, k.C, k.x.S};
+    const auto sdy = read_channels<A>(sum_dy, k.C, 0), sdx = read_channels<A>(sum_dy_xmu, k.C, 0);
+    std::vector<double> p, q, r;
+    grad_input_coefficients(read_channels<A>(invstd, k.C, 0), read_channels<A>(weight, k.C, 1),
+                            sum_dy.defined() ? &sdy : nullptr, &sdx, count, p, q, r);
+    const auto dys = in<T>(dy, dyv);
+    affine<T>(g, &dys, in<T>(x, k.x), strided<T>(dx, dxv), narrow<A>(p), narrow<A>(q),
+              narrow<A>(read_channels<A>(mean, k.C, 0)), narrow<A>(r));
+  });
+}
+
+void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const TensorView& mean,
+                               const TensorView& invstd, const TensorView& weight,
+                               const TensorView& dx, const TensorView& sum_dy,
+                               const TensorView& sum_dy_xmu) {
+  const char* op = "batch_norm_backward_train";
+  const Checked k = check_input(op, x);
+  const NCSView dyv = check_like_x(op, dy, "dy", x);
+  const NCSView dxv = dx.defined() ? check_like_x(op, dx, "dx", x) : dyv;
+  check_channels(op, mean, "mean", x, k.C, k.param, false);
+  check_channels(op, invstd, "invstd", x, k.C, k.param, false);
+  check_channels(op, weight, "weight", x, k.C, k.param, true);
+  check_channels(op, sum_dy, "sum_dy", x, k.C, k.param, false);
+  check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, false);
+  dispatch(op, x, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const Geometry g{choose_layout({&k.x, &dyv, &dxv}), k.x.N, k.C, k.x.S};
+    const double count = double(g.N * g.S);
+    const auto m = read_channels<A>(mean, k.C, 0), is = read_channels<A>(invstd, k.C, 0);
+    const auto w = read_channels<A>(weight, k.C, 1);
+    const auto xs = in<T>(x, k.x), dys = in<T>(dy, dyv);
+    std::vector<double> s1(k.C, 0.0), s2(k.C, 0.0);
+
+    const int nthreads = threads_for(g.N * g.C * g.S);
+    if (g.layout == Layout::Planar && g.C >= nthreads && count > 0) {
+      // Fused as in the forward: each channel's dx is written while its dy and x are in cache.
+      const auto dxs = dx.defined() ? strided<T>(dx, dxv) : Strided<T>{nullptr, 0, 0, 0};
+      parallel(nthreads, [&](int tid, int nt) {
+        int64_t c0, c1;
+        split_range(g.C, tid, nt, &c0, &c1);
+        for (int64_t c = c0; c < c1; ++c) {
+          planar_pair_sums<T>(dys.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, A(0), A(m[c]), &s1[c],
+                              &s2[c]);
+          if (!dxs.data) continue;
+          const double p = w[c] * is[c];
+          planar_affine<T>(dys.row(0, c), xs.row(0, c), dxs.row(0, c), xs.sN, g.N, g.S, A(p),
+                           A(-p * is[c] * is[c] * s2[c] / count), A(m[c]), A(-p * s1[c] / count));
+        }
+      });
+    } else {
+      pair_sums<T>(g, dys, xs, std::vector<A>(k.C, 0), narrow<A>(m), s1, s2);
+      if (dx.defined()) {
+        std::vector<double> p, q, r;
+        grad_input_coefficients(is, w, &s1, &s2, count, p, q, r);
+        affine<T>(g, &dys, xs, strided<T>(dx, dxv), narrow<A>(p), narrow<A>(q), narrow<A>(m),
+                  narrow<A>(r));
+      }
+    }
+    write_channels<A>(sum_dy, s1);
+    write_channels<A>(sum_dy_xmu, s2);
+  });
+}
+
+}  // namespace normkit

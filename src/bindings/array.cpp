@@ -1,0 +1,122 @@
+#include "array.h"
+
+#include <cstdint>
+#include <string>
+
+namespace normkit::bindings {
+
+namespace {
+
+// The DLPack ABI (https://dmlc.github.io/dlpack), the legacy unversioned capsule "dltensor".
+struct DLDevice {
+  int32_t device_type;
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // in elements; null means compact row-major
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3;
+constexpr uint8_t kDLFloat = 2, kDLBfloat = 4;
+
+[[noreturn]] void unsupported_dtype(const char* op, const char* name, const std::string& what) {
+  fail(ErrorKind::Type, op, ": ", name, " has dtype ", what,
+       "; normkit takes float16, bfloat16 (GPU), float32 and float64 arrays");
+}
+
+DType dtype_from_format(std::string format, int64_t itemsize, const char* op, const char* name) {
+  if (!format.empty() && (format[0] == '<' || format[0] == '=' || format[0] == '@')) format.erase(0, 1);
+  if (format == "e" && itemsize == 2) return DType::Float16;
+  if (format == "f" && itemsize == 4) return DType::Float32;
+  if (format == "d" && itemsize == 8) return DType::Float64;
+  unsupported_dtype(op, name, "with buffer format '" + format + "'");
+}
+
+void check_ndim(int64_t ndim, const char* op, const char* name) {
+  NK_CHECK_VALUE(ndim <= kMaxDims, op, ": ", name, " has ", ndim, " dims; at most ", kMaxDims,
+                 " are supported");
+}
+
+Array from_buffer(py::handle obj, const char* op, const char* name, Access access) {
+  Array a;
+  a.buffer = std::make_unique<py::buffer_info>(py::reinterpret_borrow<py::buffer>(obj).request());
+  const py::buffer_info& info = *a.buffer;
+  NK_CHECK_VALUE(!(access == Access::Write && info.readonly), op, ": output ", name,
+                 " is read-only; pass a writable array");
+  check_ndim(info.ndim, op, name);
+  TensorView& v = a.view;
+  v.dtype = dtype_from_format(info.format, info.itemsize, op, name);
+  v.data = info.ptr;
+  v.ndim = static_cast<int>(info.ndim);
+  for (int d = 0; d < v.ndim; ++d) {
+    v.shape[d] = info.shape[d];
+    NK_CHECK_VALUE(info.strides[d] % info.itemsize == 0, op, ": ", name,
+                   " has a stride that is not a multiple of its item size");
+    v.strides[d] = info.strides[d] / info.itemsize;
+  }
+  return a;
+}
+
+Array from_dlpack(py::handle obj, const char* op, const char* name) {
+  Array a;
+  a.capsule = obj.attr("__dlpack__")();
+  // The capsule is not renamed "used_dltensor": its destructor returns the tensor to the exporter
+  // once we drop it, after the op.
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(a.capsule.ptr(), "dltensor"));
+  if (!managed) throw py::error_already_set();
+  const DLTensor& t = managed->dl_tensor;
+  check_ndim(t.ndim, op, name);
+  TensorView& v = a.view;
+  NK_CHECK_TYPE(t.dtype.lanes == 1, op, ": ", name, " has vector lanes");
+  if (t.dtype.code == kDLFloat && t.dtype.bits == 16) v.dtype = DType::Float16;
+  else if (t.dtype.code == kDLBfloat && t.dtype.bits == 16) v.dtype = DType::BFloat16;
+  else if (t.dtype.code == kDLFloat && t.dtype.bits == 32) v.dtype = DType::Float32;
+  else if (t.dtype.code == kDLFloat && t.dtype.bits == 64) v.dtype = DType::Float64;
+  else unsupported_dtype(op, name, "code " + std::to_string(t.dtype.code) + " with " +
+                                       std::to_string(t.dtype.bits) + " bits (DLPack)");
+  switch (t.device.device_type) {
+    case kDLCPU:
+    case kDLCUDAHost: v.device = Device::CPU; break;
+    case kDLCUDA: v.device = Device::CUDA; break;
+    default:
+      fail(ErrorKind::Type, op, ": ", name, " lives on DLPack device type ",
+           t.device.device_type, "; normkit takes CPU and CUDA arrays");
+  }
+  v.device_id = v.device == Device::CUDA ? t.device.device_id : 0;
+  v.data = static_cast<char*>(t.data) + t.byte_offset;
+  v.ndim = t.ndim;
+  int64_t compact = 1;
+  for (int d = v.ndim - 1; d >= 0; --d) {
+    v.shape[d] = t.shape[d];
+    v.strides[d] = t.strides ? t.strides[d] : compact;
+    compact *= t.shape[d];
+  }
+  return a;
+}
+
+}  // namespace
+
+Array as_array(py::handle obj, const char* op, const char* name, Access access) {
+  if (obj.is_none()) return Array{};
+  if (PyObject_CheckBuffer(obj.ptr())) return from_buffer(obj, op, name, access);
+  if (py::hasattr(obj, "__dlpack__")) return from_dlpack(obj, op, name);
+  fail(ErrorKind::Type, op, ": ", name, " must be an array (buffer protocol or DLPack), got ",
+       std::string(py::str(py::type::of(obj).attr("__name__"))));
+}
+
+}  // namespace normkit::bindings
