@@ -1,0 +1,147 @@
+"""BatchNorm1d/2d/3d with PyTorch's semantics (torch.nn.BatchNorm*d), over NumPy / CuPy arrays."""
+import numpy as np
+
+from .. import functional as F
+from .._backend import array_module, parse_device
+from .module import Module, Parameter
+
+
+class _BatchNorm(Module):
+    """Batch norm over (N, C, *) inputs, statistics per channel.
+
+    Training normalizes with the batch mean and biased variance and updates ``running_mean`` and
+    ``running_var`` (unbiased) with ``momentum`` (None: the cumulative average over
+    ``num_batches_tracked``). Eval normalizes with the running statistics, or with batch statistics
+    when ``track_running_stats=False``. ``dtype`` is the parameters' dtype (float32 or float64);
+    float16 inputs run with float32 parameters.
+    """
+
+    _expected_ndim = ()  # allowed input ndims; empty means any >= 2
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=None, device=None):
+        super().__init__()
+        if int(num_features) != num_features or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        dtype = np.dtype(np.float32 if dtype is None else dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"{type(self).__name__}: dtype must be float32 or float64 (float16 "
+                            f"inputs run with float32 parameters), got {dtype}")
+        self.num_features = int(num_features)
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        C = self.num_features
+        if affine:
+            self.weight = Parameter(np.ones(C, dtype))
+            self.bias = Parameter(np.zeros(C, dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", np.zeros(C, dtype))
+            self.register_buffer("running_var", np.ones(C, dtype))
+            self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self._saved = None
+        if device is not None and parse_device(device) != "cpu":
+            self.to(device)
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    def reset_parameters(self):
+        self.reset_running_stats()
+        if self.affine:
+            self.weight.data[...] = 1
+            self.bias.data[...] = 0
+
+    def _check_input(self, x):
+        xp = array_module(x, "input")
+        if self._expected_ndim and x.ndim not in self._expected_ndim:
+            expected = " or ".join(f"{d}D" for d in self._expected_ndim)
+            raise ValueError(f"{type(self).__name__}: expected {expected} input (got {x.ndim}D "
+                             f"input)")
+        if x.ndim < 2:
+            raise ValueError(f"{type(self).__name__}: expected input of shape (N, C, ...), got "
+                             f"{x.ndim}D input")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}): input has "
+                             f"{x.shape[1]} channels (shape {tuple(x.shape)})")
+        return xp
+
+    def _momentum(self):
+        """The factor of this training step's statistics in the running ones."""
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def forward(self, x):
+        self._check_input(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        update = self.training and self.track_running_stats
+        if update:
+            self.num_batches_tracked += 1
+        w = self.weight.data if self.affine else None
+        b = self.bias.data if self.affine else None
+        y, mean, invstd = F.batch_norm_forward(
+            x, w, b,
+            self.running_mean if update or not use_batch_stats else None,
+            self.running_var if update or not use_batch_stats else None,
+            training=use_batch_stats, momentum=self._momentum() if update else 0.0, eps=self.eps)
+        self._saved = (x, mean, invstd, use_batch_stats)
+        return y
+
+    def backward(self, dy):
+        """dx of the last forward; accumulates ``weight.grad`` and ``bias.grad``."""
+        if self._saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward: call forward first (each forward "
+                               f"allows one backward)")
+        x, mean, invstd, batch_stats = self._saved
+        array_module(dy, "dy")
+        if tuple(dy.shape) != tuple(x.shape):
+            raise ValueError(f"{type(self).__name__}.backward: dy has shape {tuple(dy.shape)} "
+                             f"but the input had shape {tuple(x.shape)}")
+        w = self.weight.data if self.affine else None
+        dx, dw, db = F.batch_norm_backward(dy, x, mean, invstd, w, training=batch_stats)
+        self._saved = None
+        if self.affine:
+            for p, g in ((self.weight, dw), (self.bias, db)):
+                g = g.astype(p.dtype, copy=False)
+                p.grad = g if p.grad is None else p.grad + g
+        return dx
+
+    def _upgrade_state_dict(self, state_dict, prefix):
+        # Checkpoints from before num_batches_tracked existed load with it at 0, as in PyTorch.
+        key = prefix + "num_batches_tracked"
+        if self.track_running_stats and key not in state_dict:
+            state_dict[key] = np.array(0, dtype=np.int64)
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over (N, C) or (N, C, L) inputs."""
+    _expected_ndim = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over (N, C, H, W) inputs (NCHW or channels-last NHWC strides)."""
+    _expected_ndim = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch norm over (N, C, D, H, W) inputs (NCDHW or channels-last NDHWC strides)."""
+    _expected_ndim = (5,)
+
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
