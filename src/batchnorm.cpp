@@ -33,6 +33,8 @@
 #else
 #define NK_HOT
 #endif
+// Small helpers are inlined into each clone, so they take that clone's vector width.
+#define NK_INLINE inline __attribute__((always_inline))
 
 namespace normkit {
 namespace {
@@ -53,7 +55,7 @@ template <class T>
 struct Lanes {
   using A = acc_t<T>;
   typedef A V __attribute__((vector_size(kLanes * sizeof(A))));
-  static V load(const T* p) {
+  NK_INLINE static V load(const T* p) {
     if constexpr (std::is_same_v<T, Half>) {
       typedef Half H __attribute__((vector_size(kLanes * sizeof(Half))));
       H h;
@@ -151,11 +153,25 @@ NK_HOT void planar_pair_sums(const T* a, const T* b, int64_t row_stride, int64_t
   using L = Lanes<T>;
   using V = typename L::V;
   double s1 = 0, s2 = 0;
+  V u1 = {}, u2 = {}, w1 = {}, w2 = {};  // two independent chains hide the add latency
+  A t1 = 0, t2 = 0;
+  int64_t pending = 0;  // values in the float lanes since the last flush
+  auto flush = [&] {
+    double b1 = t1, b2 = t2;
+    for (int j = 0; j < kLanes; ++j) {
+      b1 += double(u1[j]) + double(w1[j]);
+      b2 += double(u2[j]) + double(w2[j]);
+    }
+    s1 += b1;
+    s2 += b2;
+    u1 = u2 = w1 = w2 = V{};
+    t1 = t2 = 0;
+    pending = 0;
+  };
   for (int64_t n = 0; n < rows; ++n, a += row_stride, b += row_stride) {
-    int64_t i = 0;
-    while (i < S) {
-      const int64_t end = std::min(S, i + kFlushEvery);
-      V u1 = {}, u2 = {}, w1 = {}, w2 = {};  // two independent chains hide the add latency
+    for (int64_t i = 0; i < S;) {
+      const int64_t end = std::min(S, i + kFlushEvery - pending);
+      pending += end - i;
       for (; i + 2 * kLanes <= end; i += 2 * kLanes) {
         const V da = L::load(a + i) - ka, ea = L::load(a + i + kLanes) - ka;
         u1 += da;
@@ -163,21 +179,15 @@ NK_HOT void planar_pair_sums(const T* a, const T* b, int64_t row_stride, int64_t
         w1 += ea;
         w2 += ea * (L::load(b + i + kLanes) - kb);
       }
-      A t1 = 0, t2 = 0;
       for (; i < end; ++i) {
         const A d = A(a[i]) - ka;
         t1 += d;
         t2 += d * (A(b[i]) - kb);
       }
-      double b1 = t1, b2 = t2;
-      for (int j = 0; j < kLanes; ++j) {
-        b1 += double(u1[j]) + double(w1[j]);
-        b2 += double(u2[j]) + double(w2[j]);
-      }
-      s1 += b1;
-      s2 += b2;
+      if (pending >= kFlushEvery) flush();
     }
   }
+  flush();
   *out1 += s1;
   *out2 += s2;
 }
@@ -211,34 +221,71 @@ struct RowWalk {  // visits row r = n*S + s at offset n*sN + s*sS
   }
 };
 
-// s1[c] += sum (a - ka[c]), s2[c] += sum (a - ka[c]) (b - kb[c]) over the rows; block1/2 scratch of C.
+// The reduction walks the rows in chunks of kFlushRows (a few KiB, in L1) and, within a chunk, one
+// block of kLanes channels at a time down all its rows, so the per-channel accumulators stay in
+// registers instead of being reloaded and stored for every row.
+
+template <class T>
+int64_t chunk_offsets(RowWalk& walk, int64_t rows_left, int64_t* offsets) {
+  const int64_t todo = std::min(kFlushRows, rows_left);
+  for (int64_t k = 0; k < todo; ++k, walk.next()) offsets[k] = walk.offset();
+  return todo;
+}
+
+template <class A>
+NK_INLINE typename Lanes<A>::V load_params(const A* p) {
+  return Lanes<A>::load(p);
+}
+
+// s1[c] += sum (a - ka[c]), s2[c] += sum (a - ka[c]) (b - kb[c]) over the rows.
 template <class T>
 NK_HOT void rows_pair_sums(const T* a, const T* b, RowWalk walk, int64_t rows, int64_t C,
                            const acc_t<T>* __restrict ka, const acc_t<T>* __restrict kb,
-                           acc_t<T>* __restrict block1, acc_t<T>* __restrict block2,
                            double* __restrict s1, double* __restrict s2) {
   using A = acc_t<T>;
+  using L = Lanes<T>;
+  using V = typename L::V;
+  int64_t off[kFlushRows];
   for (int64_t done = 0; done < rows;) {
-    const int64_t todo = std::min(kFlushRows, rows - done);
-    std::fill(block1, block1 + C, A(0));
-    std::fill(block2, block2 + C, A(0));
-    for (int64_t k = 0; k < todo; ++k, walk.next()) {
-      const T* __restrict ar = a + walk.offset();
-      const T* __restrict br = b + walk.offset();
-      for (int64_t c = 0; c < C; ++c) {
-        const A d = A(ar[c]) - ka[c];
-        block1[c] += d;
-        block2[c] += d * (A(br[c]) - kb[c]);
+    const int64_t todo = chunk_offsets<T>(walk, rows - done, off);
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes) {
+      const V k1 = load_params(ka + c), k2 = load_params(kb + c);
+      V u1 = {}, u2 = {}, w1 = {}, w2 = {};
+      int64_t k = 0;
+      for (; k + 2 <= todo; k += 2) {
+        const V d = L::load(a + off[k] + c) - k1, e = L::load(a + off[k + 1] + c) - k1;
+        u1 += d;
+        u2 += d * (L::load(b + off[k] + c) - k2);
+        w1 += e;
+        w2 += e * (L::load(b + off[k + 1] + c) - k2);
+      }
+      if (k < todo) {
+        const V d = L::load(a + off[k] + c) - k1;
+        u1 += d;
+        u2 += d * (L::load(b + off[k] + c) - k2);
+      }
+      for (int j = 0; j < kLanes; ++j) {
+        s1[c + j] += double(u1[j]) + double(w1[j]);
+        s2[c + j] += double(u2[j]) + double(w2[j]);
       }
     }
-    for (int64_t c = 0; c < C; ++c) {
-      s1[c] += block1[c];
-      s2[c] += block2[c];
+    for (; c < C; ++c) {
+      A t1 = 0, t2 = 0;
+      for (int64_t k = 0; k < todo; ++k) {
+        const A d = A(a[off[k] + c]) - ka[c];
+        t1 += d;
+        t2 += d * (A(b[off[k] + c]) - kb[c]);
+      }
+      s1[c] += t1;
+      s2[c] += t2;
     }
     done += todo;
   }
 }
 
+// out = p[c] * u + q[c] * (v - m[c]) + r[c] over the rows; u may be null. Row by row in memory
+// order: the coefficient reloads hit L1, and sequential writes keep the store stream fast.
 template <class T>
 NK_HOT void rows_affine(const T* u, const T* v, T* out, RowWalk walk, int64_t rows, int64_t C,
                         const acc_t<T>* __restrict p, const acc_t<T>* __restrict q,
@@ -303,7 +350,6 @@ template <class T>
 void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b,
                const std::vector<acc_t<T>>& ka, const std::vector<acc_t<T>>& kb,
                std::vector<double>& s1, std::vector<double>& s2) {
-  using A = acc_t<T>;
   const int64_t C = g.C;
   s1.assign(C, 0.0);
   s2.assign(C, 0.0);
@@ -316,9 +362,8 @@ void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b,
     int64_t begin, end;
     if (g.layout == Layout::ChannelsLast) {
       split_range(g.N * g.S, tid, nt, &begin, &end);
-      std::vector<A> block(2 * C);
       rows_pair_sums<T>(a.data, b.data, RowWalk(g.S, a.sN, a.sS, begin), end - begin, C,
-                        ka.data(), kb.data(), block.data(), block.data() + C, p1, p2);
+                        ka.data(), kb.data(), p1, p2);
       return;
     }
     split_range(C * g.N, tid, nt, &begin, &end);
