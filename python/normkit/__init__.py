@@ -5,8 +5,8 @@
 """
 from . import _C
 from ._backend import cuda_available
-from . import functional, nn
+from . import distributed, functional, nn
 
 __version__ = "0.1.0"
 
-__all__ = ["cuda_available", "functional", "nn", "__version__"]
+__all__ = ["cuda_available", "distributed", "functional", "nn", "__version__"]
