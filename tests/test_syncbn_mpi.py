@@ -28,8 +28,8 @@ def mpiexec():
 @pytest.mark.parametrize("ranks", [2, 3, 4])
 def test_syncbn_matches_single_process_batchnorm(ranks):
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="true", OMP_NUM_THREADS="1")
-    proc = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, str(SCRIPT)],
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([mpiexec(), "-n", str(ranks), "--oversubscribe", sys.executable, str(SCRIPT)],
                           capture_output=True, text=True, timeout=240, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
