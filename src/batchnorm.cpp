@@ -386,6 +386,11 @@ void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b,
 }
 
 // Per-channel affine map of the whole tensor: out = p * u + q * (v - m) + r; u may be absent.
+//
+// It always follows a pair_sums over the same data (normalize after statistics, dx after the
+// backward sums), with the same split of the data among threads. Each thread therefore sweeps its
+// part backwards: what the reduction read last is still in cache and is read first here, which
+// saves much of the second pass's memory traffic when a synchronizing all-reduce sits between them.
 template <class T>
 void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, Strided<T> out,
             const std::vector<acc_t<T>>& p, const std::vector<acc_t<T>>& q,
@@ -396,19 +401,26 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
     int64_t begin, end;
     if (g.layout == Layout::ChannelsLast) {
       split_range(g.N * g.S, tid, nt, &begin, &end);
-      rows_affine<T>(u ? u->data : nullptr, v.data, out.data, RowWalk(g.S, v.sN, v.sS, begin),
-                     end - begin, g.C, p.data(), q.data(), m.data(), r.data());
+      for (int64_t stop = end; stop > begin;) {
+        const int64_t start = std::max(begin, stop - kFlushRows);
+        rows_affine<T>(u ? u->data : nullptr, v.data, out.data, RowWalk(g.S, v.sN, v.sS, start),
+                       stop - start, g.C, p.data(), q.data(), m.data(), r.data());
+        stop = start;
+      }
       return;
     }
     split_range(g.C * g.N, tid, nt, &begin, &end);
-    for_channel_segments(g.N, begin, end, [&](int64_t c, int64_t n0, int64_t n1) {
+    while (end > begin) {  // the thread's channel segments, last first
+      const int64_t c = (end - 1) / g.N;
+      const int64_t n0 = std::max(begin, c * g.N) - c * g.N, n1 = end - c * g.N;
       if (g.layout == Layout::Planar) {
         planar_affine<T>(u ? u->row(n0, c) : nullptr, v.row(n0, c), out.row(n0, c), v.sN, n1 - n0,
                          g.S, p[c], q[c], m[c], r[c]);
       } else {
         generic_affine<T>(u, v, out, c, n0, n1, g.S, p[c], q[c], m[c], r[c]);
       }
-    });
+      end -= n1 - n0;
+    }
   });
 }
 
