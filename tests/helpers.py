@@ -85,6 +85,12 @@ def fortran(x):
     return np.asfortranarray(x)
 
 
+def reversed_strides(x):
+    """Every dim read backwards: negative strides in all dims (a view of a reversed copy)."""
+    rev = (slice(None, None, -1),) * x.ndim
+    return np.ascontiguousarray(x[rev])[rev]
+
+
 LAYOUT_MAKERS = {
     "contiguous": np.ascontiguousarray,
     "channels_last": channels_last,
@@ -92,16 +98,18 @@ LAYOUT_MAKERS = {
     "channel_slice": channel_slice,
     "non_collapsible": non_collapsible,
     "fortran": fortran,
+    "reversed": reversed_strides,
 }
 
 
 def layouts_for(ndim):
     """The layouts that make sense for an ndim."""
     if ndim == 2:
-        return ["contiguous", "fortran", "strided"]
+        return ["contiguous", "fortran", "strided", "reversed"]
     if ndim == 3:
-        return ["contiguous", "channels_last", "strided", "channel_slice", "fortran"]
-    return ["contiguous", "channels_last", "strided", "channel_slice", "non_collapsible"]
+        return ["contiguous", "channels_last", "strided", "channel_slice", "fortran", "reversed"]
+    return ["contiguous", "channels_last", "strided", "channel_slice", "non_collapsible",
+            "reversed"]
 
 
 def make_layout(x, layout):

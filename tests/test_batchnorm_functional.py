@@ -275,6 +275,27 @@ def test_backward_flags(training, dtype):
     assert_close_dtype(dx4, ref, dtype)
 
 
+@pytest.mark.parametrize("dy_layout", ["strided", "channel_slice", "non_collapsible", "reversed"])
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last"])
+def test_backward_with_dy_in_odd_layouts(x_layout, dy_layout, dtype):
+    """dy strided, channel-sliced, non-collapsible or reversed, against an x with a fast path."""
+    shape = (3, 5, 7, 9)
+    x0, x = _inputs(shape, x_layout, dtype, seed=75)
+    dy0 = randn(shape, 76, dtype, offset=-0.3)
+    dy = make_layout(dy0, dy_layout)
+    w, b = params(5, 77, dtype)
+    _, mean, invstd = F.batch_norm_forward(x, w, b, training=True, eps=EPS)
+    dx, dw, db = F.batch_norm_backward(dy, x, mean, invstd, w, training=True)
+    rdx, rdw, rdb = ref_backward_train(dy0, x0, w, EPS)
+    assert_close_dtype(dx, rdx, dtype)
+    assert_close_dtype(dw, rdw, dtype)
+    assert_close_dtype(db, rdb, dtype)
+    s1, s2 = F.batch_norm_backward_reduce(dy, x, mean)
+    assert_close_dtype(s1, rdb, dtype)
+    dx2 = F.batch_norm_backward_elemt(dy, x, mean, invstd, w, s1, s2)
+    assert_close_dtype(dx2, rdx, dtype)
+
+
 # --------------------------------------------------------------------------------------------------
 # Finite differences (float64)
 

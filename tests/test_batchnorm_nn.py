@@ -331,6 +331,9 @@ def test_loading_copies_in_place_and_casts():
 
 @pytest.mark.parametrize("source", ["numpy", "torch"])
 def test_old_checkpoint_without_num_batches_tracked_loads_as_zero(source):
+    """LAYERS.md: loading a dict without num_batches_tracked sets it to 0. (torch 2.13 instead
+    keeps the module's current count for such dicts; the spec, not torch, is the reference here,
+    so the layer has trained first to make the difference visible.)"""
     layer = nn.BatchNorm2d(3)
     for i in range(2):
         layer(randn((2, 3, 3, 5), 431 + i, np.float32))
