@@ -7,8 +7,9 @@
 //                   backward:   a = dy, ka = 0, b = x, kb = mean.
 //   affine        out = p[c] * u + q[c] * (v - m[c]) + r[c]
 //                   normalize:  u absent, v = x;  backward: u = dy, v = x.
-// Inner loops accumulate in float32 lanes (float64 for float64 data) and flush into float64 every
-// few thousand values, so long reductions stay exact without paying for float64 vectors.
+// Statistics accumulate in float64 vector lanes, so they stay exact even when the shift is far from
+// the mean (an outlier first value). Backward sums have no cancellation: they accumulate in float32
+// lanes (float64 for float64 data), flushed into float64 every few thousand values.
 //
 // Layouts: "planar" (contiguous rows of S per (n, c): NCHW, NCL), "channels-last" (contiguous rows
 // of C per (n, s): NHWC, NDHWC, and (N, C)), and a generic strided path for anything else.
@@ -51,20 +52,20 @@ constexpr int kLanes = 16;
 constexpr int64_t kFlushEvery = 2048;  // values per float32 lane block before flushing to float64
 constexpr int64_t kFlushRows = 64;     // channels-last rows per float32 block
 
-template <class T>
+// kLanes values of storage type T, loaded as arithmetic type A.
+template <class T, class A = acc_t<T>>
 struct Lanes {
-  using A = acc_t<T>;
   typedef A V __attribute__((vector_size(kLanes * sizeof(A))));
   NK_INLINE static V load(const T* p) {
-    if constexpr (std::is_same_v<T, Half>) {
-      typedef Half H __attribute__((vector_size(kLanes * sizeof(Half))));
-      H h;
-      std::memcpy(&h, p, sizeof h);
-      return __builtin_convertvector(h, V);
-    } else {
+    if constexpr (std::is_same_v<T, A>) {
       V v;
       std::memcpy(&v, p, sizeof v);
       return v;
+    } else {
+      typedef T Stored __attribute__((vector_size(kLanes * sizeof(T))));
+      Stored stored;
+      std::memcpy(&stored, p, sizeof stored);
+      return __builtin_convertvector(stored, V);
     }
   }
 };
@@ -146,11 +147,12 @@ Strided<T> strided(const TensorView& t, const NCSView& v) {
 // ------------------------------------------------------------------------------------------------
 // Planar kernels: one channel, rows n0..n1 of S contiguous values.
 
-template <class T>
+// A is the accumulation type: float64 for statistics (exact even when the shift is many standard
+// deviations from the mean), the arithmetic type for backward sums (no cancellation there).
+template <class T, class A>
 NK_HOT void planar_pair_sums(const T* a, const T* b, int64_t row_stride, int64_t rows, int64_t S,
-                             acc_t<T> ka, acc_t<T> kb, double* out1, double* out2) {
-  using A = acc_t<T>;
-  using L = Lanes<T>;
+                             A ka, A kb, double* out1, double* out2) {
+  using L = Lanes<T, A>;
   using V = typename L::V;
   double s1 = 0, s2 = 0;
   V u1 = {}, u2 = {}, w1 = {}, w2 = {};  // two independent chains hide the add latency
@@ -232,25 +234,19 @@ int64_t chunk_offsets(RowWalk& walk, int64_t rows_left, int64_t* offsets) {
   return todo;
 }
 
-template <class A>
-NK_INLINE typename Lanes<A>::V load_params(const A* p) {
-  return Lanes<A>::load(p);
-}
-
 // s1[c] += sum (a - ka[c]), s2[c] += sum (a - ka[c]) (b - kb[c]) over the rows.
-template <class T>
+template <class T, class A>
 NK_HOT void rows_pair_sums(const T* a, const T* b, RowWalk walk, int64_t rows, int64_t C,
-                           const acc_t<T>* __restrict ka, const acc_t<T>* __restrict kb,
+                           const A* __restrict ka, const A* __restrict kb,
                            double* __restrict s1, double* __restrict s2) {
-  using A = acc_t<T>;
-  using L = Lanes<T>;
+  using L = Lanes<T, A>;
   using V = typename L::V;
   int64_t off[kFlushRows];
   for (int64_t done = 0; done < rows;) {
     const int64_t todo = chunk_offsets<T>(walk, rows - done, off);
     int64_t c = 0;
     for (; c + kLanes <= C; c += kLanes) {
-      const V k1 = load_params(ka + c), k2 = load_params(kb + c);
+      const V k1 = Lanes<A, A>::load(ka + c), k2 = Lanes<A, A>::load(kb + c);
       V u1 = {}, u2 = {}, w1 = {}, w2 = {};
       int64_t k = 0;
       for (; k + 2 <= todo; k += 2) {
@@ -345,10 +341,11 @@ struct Geometry {
   int64_t N, C, S;
 };
 
-// Per-channel pair sums of a against b (see the top of the file), in float64.
-template <class T>
+// Per-channel pair sums of a against b (see the top of the file), accumulated in A, returned in
+// float64.
+template <class T, class A>
 void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b,
-               const std::vector<acc_t<T>>& ka, const std::vector<acc_t<T>>& kb,
+               const std::vector<A>& ka, const std::vector<A>& kb,
                std::vector<double>& s1, std::vector<double>& s2) {
   const int64_t C = g.C;
   s1.assign(C, 0.0);
@@ -362,14 +359,14 @@ void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b,
     int64_t begin, end;
     if (g.layout == Layout::ChannelsLast) {
       split_range(g.N * g.S, tid, nt, &begin, &end);
-      rows_pair_sums<T>(a.data, b.data, RowWalk(g.S, a.sN, a.sS, begin), end - begin, C,
+      rows_pair_sums<T, A>(a.data, b.data, RowWalk(g.S, a.sN, a.sS, begin), end - begin, C,
                         ka.data(), kb.data(), p1, p2);
       return;
     }
     split_range(C * g.N, tid, nt, &begin, &end);
     for_channel_segments(g.N, begin, end, [&](int64_t c, int64_t n0, int64_t n1) {
       if (g.layout == Layout::Planar) {
-        planar_pair_sums<T>(a.row(n0, c), b.row(n0, c), a.sN, n1 - n0, g.S, ka[c], kb[c], p1 + c,
+        planar_pair_sums<T, A>(a.row(n0, c), b.row(n0, c), a.sN, n1 - n0, g.S, ka[c], kb[c], p1 + c,
                             p2 + c);
       } else {
         generic_pair_sums<T>(a, b, c, n0, n1, g.S, ka[c], kb[c], p1 + c, p2 + c);
@@ -450,10 +447,10 @@ std::vector<A> narrow(const std::vector<double>& v) {
 
 // The channel's first value: a shift that keeps the sums exact when |mean| >> std.
 template <class T>
-std::vector<acc_t<T>> first_values(const Geometry& g, Strided<const T> x) {
-  std::vector<acc_t<T>> k(g.C, acc_t<T>(0));
+std::vector<double> first_values(const Geometry& g, Strided<const T> x) {
+  std::vector<double> k(g.C, 0.0);
   if (g.N * g.S == 0) return k;
-  for (int64_t c = 0; c < g.C; ++c) k[c] = acc_t<T>(*x.row(0, c));
+  for (int64_t c = 0; c < g.C; ++c) k[c] = double(*x.row(0, c));
   return k;
 }
 
@@ -550,8 +547,8 @@ void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorV
     const auto xs = in<T>(x, k.x);
     const auto shift = first_values(g, xs);
     std::vector<double> s1, s2, m, v;
-    pair_sums<T>(g, xs, xs, shift, shift, s1, s2);
-    moments(std::vector<double>(shift.begin(), shift.end()), s1, s2, double(g.N * g.S), m, v);
+    pair_sums<T, double>(g, xs, xs, shift, shift, s1, s2);
+    moments(shift, s1, s2, double(g.N * g.S), m, v);
     write_channels<A>(mean, m);
     write_channels<A>(var, v);
   });
@@ -611,7 +608,7 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
         split_range(g.C, tid, nt, &c0, &c1);
         for (int64_t c = c0; c < c1; ++c) {
           double s1 = 0, s2 = 0;
-          planar_pair_sums<T>(xs.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, shift[c], shift[c],
+          planar_pair_sums<T, double>(xs.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, shift[c], shift[c],
                               &s1, &s2);
           const double d = s1 / M;
           m[c] = shift[c] + d;
@@ -623,8 +620,8 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
       });
     } else {
       std::vector<double> s1, s2, q(k.C);
-      pair_sums<T>(g, xs, xs, shift, shift, s1, s2);
-      moments(std::vector<double>(shift.begin(), shift.end()), s1, s2, M, m, v);
+      pair_sums<T, double>(g, xs, xs, shift, shift, s1, s2);
+      moments(shift, s1, s2, M, m, v);
       for (int64_t c = 0; c < k.C; ++c) {
         is[c] = 1.0 / std::sqrt(v[c] + eps);
         q[c] = is[c] * w[c];
@@ -651,7 +648,7 @@ void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x, &dyv}), k.x.N, k.C, k.x.S};
     std::vector<double> s1, s2;
-    pair_sums<T>(g, in<T>(dy, dyv), in<T>(x, k.x), std::vector<A>(k.C, 0),
+    pair_sums<T, A>(g, in<T>(dy, dyv), in<T>(x, k.x), std::vector<A>(k.C, 0),
                  narrow<A>(read_channels<A>(mean, k.C, 0)), s1, s2);
     write_channels<A>(sum_dy, s1);
     write_channels<A>(sum_dy_xmu, s2);
@@ -740,7 +737,7 @@ void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const 
         int64_t c0, c1;
         split_range(g.C, tid, nt, &c0, &c1);
         for (int64_t c = c0; c < c1; ++c) {
-          planar_pair_sums<T>(dys.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, A(0), A(m[c]), &s1[c],
+          planar_pair_sums<T, A>(dys.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, A(0), A(m[c]), &s1[c],
                               &s2[c]);
           if (!dxs.data) continue;
           const double p = w[c] * is[c];
@@ -749,7 +746,7 @@ void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const 
         }
       });
     } else {
-      pair_sums<T>(g, dys, xs, std::vector<A>(k.C, 0), narrow<A>(m), s1, s2);
+      pair_sums<T, A>(g, dys, xs, std::vector<A>(k.C, 0), narrow<A>(m), s1, s2);
       if (dx.defined()) {
         std::vector<double> p, q, r;
         grad_input_coefficients(is, w, &s1, &s2, count, p, q, r);

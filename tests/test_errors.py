@@ -40,7 +40,8 @@ def test_layer_wrong_channel_count(cls, shape):
 
 
 def test_layer_dtype_mismatch():
-    with pytest.raises(TypeError, match="weight must be float64 for float64 input, got float32"):
+    with pytest.raises(TypeError, match="float64 input needs float64 parameters, this layer's "
+                                        "are float32"):
         nn.BatchNorm2d(5)(_x(dtype=np.float64))
     with pytest.raises(TypeError, match="float32"):
         nn.BatchNorm2d(5, dtype=np.float64)(_x(dtype=np.float32))

@@ -32,6 +32,9 @@ def param_dtype(dtype):
 def kernel_input(x, name="x"):
     """`x` itself when the kernels can read its strides, else one contiguous copy of it."""
     xp = array_module(x, name)
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have shape (N, C, ...), got {x.ndim}D input of shape "
+                         f"{tuple(x.shape)}")
     if x.ndim >= 3 and not x.flags.c_contiguous and not _C.ncs_collapsible(x):
         return xp.ascontiguousarray(x)
     return x
@@ -39,8 +42,8 @@ def kernel_input(x, name="x"):
 
 def like(x, src):
     """`src` laid out like `x` (same strides) so that both take the same fast path; `src` itself
-    when it already is."""
-    if src.strides == x.strides:
+    when it already is, or when its dtype or shape differ (the core then names the mismatch)."""
+    if src.strides == x.strides or src.dtype != x.dtype or src.shape != x.shape:
         return src
     out = array_module(x).empty_like(x)
     out[...] = src

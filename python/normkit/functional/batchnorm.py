@@ -23,6 +23,24 @@ def _count(x):
     return x.size // x.shape[1] if x.shape[1] else 0
 
 
+def _check_running(name, stat, x):
+    """Running statistics are updated in place by NumPy/CuPy arithmetic, which would broadcast or
+    upcast silently: check them first, before anything is written."""
+    if stat is None:
+        return
+    if type(stat) is not type(x):
+        raise TypeError(f"{name} must be a {type(x).__module__} array like the input, got "
+                        f"{type(stat).__module__}.{type(stat).__name__}")
+    if stat.dtype != param_dtype(x.dtype):
+        raise TypeError(f"{name} must be {param_dtype(x.dtype)} for {x.dtype} input, got "
+                        f"{stat.dtype}")
+    if stat.shape != (x.shape[1],):
+        raise ValueError(f"{name} must have shape ({x.shape[1]},) to match the channels of the "
+                         f"input, got {tuple(stat.shape)}")
+    if not stat.flags.writeable:
+        raise ValueError(f"{name} is read-only; it is updated in place in training")
+
+
 def _invstd(var, eps):
     return 1.0 / array_module(var).sqrt(var + eps)
 
@@ -83,6 +101,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
                              "and running_var")
         invstd = _invstd(running_var, eps)
         return batch_norm_normalize(x, running_mean, invstd, weight, bias), running_mean, invstd
+    _check_running("running_mean", running_mean, x)
+    _check_running("running_var", running_var, x)
     n = _count(x)
     if n <= 1:
         raise ValueError(f"batch_norm_forward: expected more than 1 value per channel when "

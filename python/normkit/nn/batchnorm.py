@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import functional as F
-from .._backend import array_module, parse_device
+from .._backend import array_module, param_dtype, parse_device
 from .module import Module, Parameter
 
 
@@ -75,6 +75,12 @@ class _BatchNorm(Module):
         if x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}): input has "
                              f"{x.shape[1]} channels (shape {tuple(x.shape)})")
+        own = next((a.dtype for a in (self.weight.data if self.affine else None,
+                                      self.running_mean) if a is not None), None)
+        if own is not None and param_dtype(x.dtype) != own:
+            raise TypeError(f"{type(self).__name__}: {x.dtype} input needs "
+                            f"{param_dtype(x.dtype)} parameters, this layer's are {own} "
+                            f"(convert it with .to(dtype=...))")
         return xp
 
     def _momentum(self):
