@@ -2,14 +2,13 @@
 //
 // Every op reduces to two kernel shapes over the tensor seen as (N, C, S):
 //   pair sums     s1[c] = sum (a - ka[c]),  s2[c] = sum (a - ka[c]) * (b - kb[c])
-//                   statistics: a = b = x, ka = kb = a shift (the channel's first value), so the
+//                   statistics: a = b = x, ka = kb = a shift (the mean of the channel's first values), so the
 //                   sums stay exact when |mean| >> std (no float E[x^2] - E[x]^2);
 //                   backward:   a = dy, ka = 0, b = x, kb = mean.
 //   affine        out = p[c] * u + q[c] * (v - m[c]) + r[c]
 //                   normalize:  u absent, v = x;  backward: u = dy, v = x.
-// Statistics accumulate in float64 vector lanes, so they stay exact even when the shift is far from
-// the mean (an outlier first value). Backward sums have no cancellation: they accumulate in float32
-// lanes (float64 for float64 data), flushed into float64 every few thousand values.
+// Inner loops accumulate in float32 lanes (float64 for float64 data) and flush into float64 every
+// few thousand values, so long reductions stay exact without paying for float64 vectors.
 //
 // Layouts: "planar" (contiguous rows of S per (n, c): NCHW, NCL), "channels-last" (contiguous rows
 // of C per (n, s): NHWC, NDHWC, and (N, C)), and a generic strided path for anything else.
@@ -147,8 +146,7 @@ Strided<T> strided(const TensorView& t, const NCSView& v) {
 // ------------------------------------------------------------------------------------------------
 // Planar kernels: one channel, rows n0..n1 of S contiguous values.
 
-// A is the accumulation type: float64 for statistics (exact even when the shift is many standard
-// deviations from the mean), the arithmetic type for backward sums (no cancellation there).
+// A is the lane (accumulation) type.
 template <class T, class A>
 NK_HOT void planar_pair_sums(const T* a, const T* b, int64_t row_stride, int64_t rows, int64_t S,
                              A ka, A kb, double* out1, double* out2) {
@@ -384,10 +382,11 @@ void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b,
 
 // Per-channel affine map of the whole tensor: out = p * u + q * (v - m) + r; u may be absent.
 //
-// It always follows a pair_sums over the same data (normalize after statistics, dx after the
-// backward sums), with the same split of the data among threads. Each thread therefore sweeps its
-// part backwards: what the reduction read last is still in cache and is read first here, which
-// saves much of the second pass's memory traffic when a synchronizing all-reduce sits between them.
+// It usually follows a pair_sums over the same data (normalize after statistics, dx after the
+// backward sums), with the same split of the data among threads. In planar layouts each thread
+// therefore sweeps its channel segments backwards: what the reduction read last is still in cache
+// and is read first here, which saves much of the second pass's memory traffic when a
+// synchronizing all-reduce sits between them.
 template <class T>
 void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, Strided<T> out,
             const std::vector<acc_t<T>>& p, const std::vector<acc_t<T>>& q,
@@ -397,13 +396,10 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
   parallel(nthreads, [&](int tid, int nt) {
     int64_t begin, end;
     if (g.layout == Layout::ChannelsLast) {
+      // Rows of C values are short: sweeping them backwards would defeat the prefetchers.
       split_range(g.N * g.S, tid, nt, &begin, &end);
-      for (int64_t stop = end; stop > begin;) {
-        const int64_t start = std::max(begin, stop - kFlushRows);
-        rows_affine<T>(u ? u->data : nullptr, v.data, out.data, RowWalk(g.S, v.sN, v.sS, start),
-                       stop - start, g.C, p.data(), q.data(), m.data(), r.data());
-        stop = start;
-      }
+      rows_affine<T>(u ? u->data : nullptr, v.data, out.data, RowWalk(g.S, v.sN, v.sS, begin),
+                     end - begin, g.C, p.data(), q.data(), m.data(), r.data());
       return;
     }
     split_range(g.C * g.N, tid, nt, &begin, &end);
@@ -445,12 +441,26 @@ std::vector<A> narrow(const std::vector<double>& v) {
   return std::vector<A>(v.begin(), v.end());
 }
 
-// The channel's first value: a shift that keeps the sums exact when |mean| >> std.
+template <class A>
+std::vector<double> widen(const std::vector<A>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+// The shift of the statistics' sums: the mean of each channel's first (up to) kPilot values. Sums
+// of (x - shift) then lose nothing to cancellation when |mean| >> std, and one outlier among the
+// first values moves the shift by only 1/kPilot of its distance.
+constexpr int64_t kPilot = 64;
+
 template <class T>
-std::vector<double> first_values(const Geometry& g, Strided<const T> x) {
+std::vector<double> pilot_means(const Geometry& g, Strided<const T> x) {
   std::vector<double> k(g.C, 0.0);
-  if (g.N * g.S == 0) return k;
-  for (int64_t c = 0; c < g.C; ++c) k[c] = double(*x.row(0, c));
+  const int64_t count = std::min(kPilot, g.N * g.S);
+  if (count == 0) return k;
+  for (int64_t c = 0; c < g.C; ++c) {
+    double sum = 0;
+    for (int64_t i = 0; i < count; ++i) sum += double(x.row(i / g.S, c)[(i % g.S) * x.sS]);
+    k[c] = sum / double(count);
+  }
   return k;
 }
 
@@ -545,10 +555,11 @@ void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorV
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x}), k.x.N, k.x.C, k.x.S};
     const auto xs = in<T>(x, k.x);
-    const auto shift = first_values(g, xs);
+    const auto shift = pilot_means(g, xs);
     std::vector<double> s1, s2, m, v;
-    pair_sums<T, double>(g, xs, xs, shift, shift, s1, s2);
-    moments(shift, s1, s2, double(g.N * g.S), m, v);
+    const auto ks = narrow<A>(shift);
+    pair_sums<T, A>(g, xs, xs, ks, ks, s1, s2);
+    moments(widen(ks), s1, s2, double(g.N * g.S), m, v);
     write_channels<A>(mean, m);
     write_channels<A>(var, v);
   });
@@ -596,7 +607,7 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
     const auto ys = strided<T>(y, yv);
     const auto w = read_channels<A>(weight, k.C, 1), b = read_channels<A>(bias, k.C, 0);
     const double M = double(g.N * g.S);
-    const auto shift = first_values(g, xs);
+    const auto shift = pilot_means(g, xs);
     std::vector<double> m(k.C, 0.0), v(k.C, 0.0), is(k.C, 0.0);
 
     const int nthreads = threads_for(g.N * g.C * g.S);
@@ -608,10 +619,10 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
         split_range(g.C, tid, nt, &c0, &c1);
         for (int64_t c = c0; c < c1; ++c) {
           double s1 = 0, s2 = 0;
-          planar_pair_sums<T, double>(xs.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, shift[c], shift[c],
-                              &s1, &s2);
+          const A ks = A(shift[c]);
+          planar_pair_sums<T, A>(xs.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, ks, ks, &s1, &s2);
           const double d = s1 / M;
-          m[c] = shift[c] + d;
+          m[c] = double(ks) + d;
           v[c] = std::max(0.0, s2 / M - d * d);
           is[c] = 1.0 / std::sqrt(v[c] + eps);
           planar_affine<T>(nullptr, xs.row(0, c), ys.row(0, c), xs.sN, g.N, g.S, A(0),
@@ -620,8 +631,9 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
       });
     } else {
       std::vector<double> s1, s2, q(k.C);
-      pair_sums<T, double>(g, xs, xs, shift, shift, s1, s2);
-      moments(shift, s1, s2, M, m, v);
+      const auto ks = narrow<A>(shift);
+      pair_sums<T, A>(g, xs, xs, ks, ks, s1, s2);
+      moments(widen(ks), s1, s2, M, m, v);
       for (int64_t c = 0; c < k.C; ++c) {
         is[c] = 1.0 / std::sqrt(v[c] + eps);
         q[c] = is[c] * w[c];
