@@ -2,8 +2,8 @@
 //
 // Every op reduces to two kernel shapes over the tensor seen as (N, C, S):
 //   pair sums     s1[c] = sum (a - ka[c]),  s2[c] = sum (a - ka[c]) * (b - kb[c])
-//                   statistics: a = b = x, ka = kb = a shift (the mean of the channel's first values), so the
-//                   sums stay exact when |mean| >> std (no float E[x^2] - E[x]^2);
+//                   statistics: a = b = x, ka = kb = a shift (the mean of the channel's first
+//                   values), so the sums stay exact when |mean| >> std (no E[x^2] - E[x]^2);
 //                   backward:   a = dy, ka = 0, b = x, kb = mean.
 //   affine        out = p[c] * u + q[c] * (v - m[c]) + r[c]
 //                   normalize:  u absent, v = x;  backward: u = dy, v = x.
