@@ -64,7 +64,7 @@ class _BatchNorm(Module):
             self.bias.data[...] = 0
 
     def _check_input(self, x):
-        xp = array_module(x, "input")
+        array_module(x, "input")
         if self._expected_ndim and x.ndim not in self._expected_ndim:
             expected = " or ".join(f"{d}D" for d in self._expected_ndim)
             raise ValueError(f"{type(self).__name__}: expected {expected} input (got {x.ndim}D "
@@ -81,7 +81,6 @@ class _BatchNorm(Module):
             raise TypeError(f"{type(self).__name__}: {x.dtype} input needs "
                             f"{param_dtype(x.dtype)} parameters, this layer's are {own} "
                             f"(convert it with .to(dtype=...))")
-        return xp
 
     def _momentum(self):
         """The factor of this training step's statistics in the running ones."""
@@ -111,18 +110,26 @@ class _BatchNorm(Module):
             raise RuntimeError(f"{type(self).__name__}.backward: call forward first (each forward "
                                f"allows one backward)")
         x, mean, invstd, batch_stats = self._saved
+        self._check_dy(dy, x)
+        w = self.weight.data if self.affine else None
+        dx, dw, db = F.batch_norm_backward(dy, x, mean, invstd, w, training=batch_stats)
+        self._saved = None
+        self._accumulate_grads(dw, db)
+        return dx
+
+    def _check_dy(self, dy, x):
         array_module(dy, "dy")
         if tuple(dy.shape) != tuple(x.shape):
             raise ValueError(f"{type(self).__name__}.backward: dy has shape {tuple(dy.shape)} "
                              f"but the input had shape {tuple(x.shape)}")
-        w = self.weight.data if self.affine else None
-        dx, dw, db = F.batch_norm_backward(dy, x, mean, invstd, w, training=batch_stats)
-        self._saved = None
-        if self.affine:
-            for p, g in ((self.weight, dw), (self.bias, db)):
-                g = g.astype(p.dtype, copy=False)
-                p.grad = g if p.grad is None else p.grad + g
-        return dx
+
+    def _accumulate_grads(self, dweight, dbias):
+        """Adds to weight.grad / bias.grad, as PyTorch accumulates gradients."""
+        if not self.affine:
+            return
+        for p, g in ((self.weight, dweight), (self.bias, dbias)):
+            g = g.astype(p.dtype, copy=False)
+            p.grad = g if p.grad is None else p.grad + g
 
     def _upgrade_state_dict(self, state_dict, prefix):
         # Checkpoints from before num_batches_tracked existed load with it at 0, as in PyTorch.

@@ -137,22 +137,21 @@ class Module:
     def children(self):
         return iter(self._modules.values())
 
-    def named_parameters(self, prefix="", recurse=True):
+    def _named_entries(self, table, prefix, recurse):
         modules = self.named_modules(prefix) if recurse else [(prefix, self)]
         for module_prefix, module in modules:
-            for name, p in module._parameters.items():
-                if p is not None:
-                    yield (f"{module_prefix}.{name}" if module_prefix else name), p
+            for name, value in getattr(module, table).items():
+                if value is not None:
+                    yield (f"{module_prefix}.{name}" if module_prefix else name), value
+
+    def named_parameters(self, prefix="", recurse=True):
+        return self._named_entries("_parameters", prefix, recurse)
 
     def parameters(self, recurse=True):
         return (p for _, p in self.named_parameters(recurse=recurse))
 
     def named_buffers(self, prefix="", recurse=True):
-        modules = self.named_modules(prefix) if recurse else [(prefix, self)]
-        for module_prefix, module in modules:
-            for name, b in module._buffers.items():
-                if b is not None:
-                    yield (f"{module_prefix}.{name}" if module_prefix else name), b
+        return self._named_entries("_buffers", prefix, recurse)
 
     def buffers(self, recurse=True):
         return (b for _, b in self.named_buffers(recurse=recurse))

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 
 from .. import functional as F
-from .._backend import array_module, param_dtype
+from .._backend import param_dtype
 from .batchnorm import _BatchNorm
 
 _layer_ids = itertools.count()  # same sequence on every rank that builds the same model
@@ -127,10 +127,7 @@ class SyncBatchNorm(_BatchNorm):
             return super().backward(dy)
         x, mean, invstd, _ = self._saved
         total = self._global_count
-        array_module(dy, "dy")
-        if tuple(dy.shape) != tuple(x.shape):
-            raise ValueError(f"SyncBatchNorm.backward: dy has shape {tuple(dy.shape)} but the "
-                             f"input had shape {tuple(x.shape)}")
+        self._check_dy(dy, x)
         comm = self.comm
         if comm.debug:
             self._check_ranks_agree(x, 1)
@@ -143,12 +140,8 @@ class SyncBatchNorm(_BatchNorm):
         w = self.weight.data if self.affine else None
         dx = F.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count=total)
         self._saved = self._global_count = None
-        if self.affine:
-            g_dy, g_dy_xmu = (sum_dy, sum_dy_xmu) if self.sync_param_grads else (local_dy,
-                                                                                 local_dy_xmu)
-            for p, g in ((self.weight, g_dy_xmu * invstd), (self.bias, g_dy)):
-                g = g.astype(p.dtype, copy=False)
-                p.grad = g if p.grad is None else p.grad + g
+        g_dy, g_dy_xmu = (sum_dy, sum_dy_xmu) if self.sync_param_grads else (local_dy, local_dy_xmu)
+        self._accumulate_grads(g_dy_xmu * invstd, g_dy)
         return dx
 
     def extra_repr(self):
