@@ -50,6 +50,7 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 constexpr int kLanes = 16;
 constexpr int64_t kFlushEvery = 2048;  // values per float32 lane block before flushing to float64
 constexpr int64_t kFlushRows = 64;     // channels-last rows per float32 block
+constexpr int64_t kTileValues = 1024;  // at least this many coefficients per channels-last tile
 
 // kLanes values of storage type T, loaded as arithmetic type A.
 template <class T, class A = acc_t<T>>
@@ -259,15 +260,57 @@ struct RowWalk {  // visits row r = n*S + s at offset n*sN + s*sS
   }
 };
 
-// The reduction walks the rows in chunks of kFlushRows (a few KiB, in L1) and, within a chunk, one
-// block of kLanes channels at a time down all its rows, so the per-channel accumulators stay in
-// registers instead of being reloaded and stored for every row.
+// The reduction walks the rows in chunks of kFlushRows and, within a chunk, one group of up to
+// kGroupBlocks x kLanes channels at a time down all its rows, so the group's per-channel
+// accumulators stay in registers instead of being reloaded and stored for every row, while each
+// row's group is still a contiguous run of memory (the whole row when C <= 64 in float32). Each
+// load also prefetches the same group of the next chunk's row, so the next chunk is on its way
+// into cache while this one is reduced (the hardware prefetchers follow a strided walk poorly).
 
-template <class T>
-int64_t chunk_offsets(RowWalk& walk, int64_t rows_left, int64_t* offsets) {
+constexpr int kGroupBlocks = 4;
+
+// Fills offsets[0, kFlushRows) with the next chunk's row offsets (the unused tail repeats the last
+// one) and returns how many rows the chunk has.
+inline int64_t chunk_offsets(RowWalk& walk, int64_t rows_left, int64_t* offsets) {
   const int64_t todo = std::min(kFlushRows, rows_left);
   for (int64_t k = 0; k < todo; ++k, walk.next()) offsets[k] = walk.offset();
+  for (int64_t k = todo; k < kFlushRows && todo > 0; ++k) offsets[k] = offsets[todo - 1];
   return todo;
+}
+
+// Channels [c, c + NB * kLanes) of one chunk: rows at off[0, todo); next[] are the rows to prefetch.
+template <int NB, class T, class A>
+NK_INLINE void rows_group_sums(const T* a, const T* b, const int64_t* off, const int64_t* next,
+                               int64_t todo, int64_t c, const A* ka, const A* kb, double* s1,
+                               double* s2) {
+  using L = Lanes<T, A>;
+  using V = typename L::V;
+  constexpr int64_t kBytes = NB * kLanes * int64_t(sizeof(T));
+  V k1[NB], k2[NB], u1[NB], u2[NB];
+  for (int j = 0; j < NB; ++j) {
+    k1[j] = Lanes<A, A>::load(ka + c + j * kLanes);
+    k2[j] = Lanes<A, A>::load(kb + c + j * kLanes);
+    u1[j] = u2[j] = V{};
+  }
+  for (int64_t k = 0; k < todo; ++k) {
+    const T* ar = a + off[k] + c;
+    const T* br = b + off[k] + c;
+    for (int64_t byte = 0; byte < kBytes; byte += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(a + next[k] + c) + byte);
+      __builtin_prefetch(reinterpret_cast<const char*>(b + next[k] + c) + byte);
+    }
+    for (int j = 0; j < NB; ++j) {
+      const V d = L::load(ar + j * kLanes) - k1[j];
+      u1[j] += d;
+      u2[j] += d * (L::load(br + j * kLanes) - k2[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    for (int l = 0; l < kLanes; ++l) {
+      s1[c + j * kLanes + l] += double(u1[j][l]);
+      s2[c + j * kLanes + l] += double(u2[j][l]);
+    }
+  }
 }
 
 // s1[c] += sum (a - ka[c]), s2[c] += sum (a - ka[c]) (b - kb[c]) over the rows.
@@ -275,32 +318,19 @@ template <class T, class A>
 NK_HOT void rows_pair_sums(const T* a, const T* b, RowWalk walk, int64_t rows, int64_t C,
                            const A* __restrict ka, const A* __restrict kb,
                            double* __restrict s1, double* __restrict s2) {
-  using L = Lanes<T, A>;
-  using V = typename L::V;
-  int64_t off[kFlushRows];
-  for (int64_t done = 0; done < rows;) {
-    const int64_t todo = chunk_offsets<T>(walk, rows - done, off);
+  int64_t offsets[2][kFlushRows];
+  int64_t todo = chunk_offsets(walk, rows, offsets[0]);
+  for (int64_t done = 0, cur = 0; done < rows; done += todo, cur ^= 1) {
+    const int64_t* off = offsets[cur];
+    int64_t* next = offsets[cur ^ 1];
+    const int64_t todo_next = chunk_offsets(walk, rows - done - todo, next);
+    if (todo_next == 0) std::copy(off, off + kFlushRows, next);  // last chunk: prefetch itself
     int64_t c = 0;
+    for (; c + kGroupBlocks * kLanes <= C; c += kGroupBlocks * kLanes) {
+      rows_group_sums<kGroupBlocks, T, A>(a, b, off, next, todo, c, ka, kb, s1, s2);
+    }
     for (; c + kLanes <= C; c += kLanes) {
-      const V k1 = Lanes<A, A>::load(ka + c), k2 = Lanes<A, A>::load(kb + c);
-      V u1 = {}, u2 = {}, w1 = {}, w2 = {};
-      int64_t k = 0;
-      for (; k + 2 <= todo; k += 2) {
-        const V d = L::load(a + off[k] + c) - k1, e = L::load(a + off[k + 1] + c) - k1;
-        u1 += d;
-        u2 += d * (L::load(b + off[k] + c) - k2);
-        w1 += e;
-        w2 += e * (L::load(b + off[k + 1] + c) - k2);
-      }
-      if (k < todo) {
-        const V d = L::load(a + off[k] + c) - k1;
-        u1 += d;
-        u2 += d * (L::load(b + off[k] + c) - k2);
-      }
-      for (int j = 0; j < kLanes; ++j) {
-        s1[c + j] += double(u1[j]) + double(w1[j]);
-        s2[c + j] += double(u2[j]) + double(w2[j]);
-      }
+      rows_group_sums<1, T, A>(a, b, off, next, todo, c, ka, kb, s1, s2);
     }
     for (; c < C; ++c) {
       A t1 = 0, t2 = 0;
@@ -312,7 +342,7 @@ NK_HOT void rows_pair_sums(const T* a, const T* b, RowWalk walk, int64_t rows, i
       s1[c] += t1;
       s2[c] += t2;
     }
-    done += todo;
+    todo = todo_next;
   }
 }
 
@@ -332,6 +362,27 @@ NK_HOT void rows_affine(const T* u, const T* v, T* out, RowWalk walk, int64_t ro
       for (int64_t c = 0; c < C; ++c) o[c] = T(p[c] * A(uu[c]) + q[c] * (A(vv[c]) - m[c]) + r[c]);
     } else {
       for (int64_t c = 0; c < C; ++c) o[c] = T(q[c] * (A(vv[c]) - m[c]) + r[c]);
+    }
+  }
+}
+
+// The same map over a contiguous run of whole rows, seen as one flat array: the coefficients come
+// from tiles holding them repeated for several rows (L values, a multiple of C), so the inner loop
+// is long and branch-free whatever C is, instead of restarting for every short row of C values.
+template <class T>
+NK_HOT void flat_affine(const T* u, const T* v, T* out, int64_t len, int64_t L,
+                        const acc_t<T>* __restrict p, const acc_t<T>* __restrict q,
+                        const acc_t<T>* __restrict m, const acc_t<T>* __restrict r) {
+  using A = acc_t<T>;
+  for (int64_t i0 = 0; i0 < len; i0 += L) {
+    const int64_t n = std::min(L, len - i0);
+    const T* __restrict vv = v + i0;
+    T* __restrict o = out + i0;
+    if (u) {
+      const T* __restrict uu = u + i0;
+      for (int64_t j = 0; j < n; ++j) o[j] = T(p[j] * A(uu[j]) + q[j] * (A(vv[j]) - m[j]) + r[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) o[j] = T(q[j] * (A(vv[j]) - m[j]) + r[j]);
     }
   }
 }
@@ -430,14 +481,41 @@ template <class T>
 void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, Strided<T> out,
             const std::vector<acc_t<T>>& p, const std::vector<acc_t<T>>& q,
             const std::vector<acc_t<T>>& m, const std::vector<acc_t<T>>& r) {
+  using A = acc_t<T>;
   if (g.N * g.S * g.C == 0) return;
+  // Channels-last rows that follow each other in memory get the flat kernel and its tiles.
+  std::vector<A> tiles;
+  const int64_t L = g.C * ((kTileValues + g.C - 1) / g.C);
+  if (g.layout == Layout::ChannelsLast && v.sS == g.C) {
+    tiles.resize(4 * L);
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t c = i % g.C;
+      tiles[i] = p[c];
+      tiles[L + i] = q[c];
+      tiles[2 * L + i] = m[c];
+      tiles[3 * L + i] = r[c];
+    }
+  }
   const int nthreads = threads_for(g.N * g.C * g.S);
   parallel(nthreads, [&](int tid, int nt) {
     int64_t begin, end;
     if (g.layout == Layout::ChannelsLast) {
       split_range(g.N * g.S, tid, nt, &begin, &end);
-      rows_affine<T>(u ? u->data : nullptr, v.data, out.data, RowWalk(g.S, v.sN, v.sS, begin),
-                     end - begin, g.C, p.data(), q.data(), m.data(), r.data());
+      if (tiles.empty()) {
+        rows_affine<T>(u ? u->data : nullptr, v.data, out.data, RowWalk(g.S, v.sN, v.sS, begin),
+                       end - begin, g.C, p.data(), q.data(), m.data(), r.data());
+        return;
+      }
+      // Rows are contiguous within each sample: one flat run per sample the thread touches.
+      const A* tile[4];
+      for (int j = 0; j < 4; ++j) tile[j] = tiles.data() + j * L;
+      while (begin < end) {
+        const int64_t n = begin / g.S, s0 = begin % g.S, s1 = std::min(g.S, s0 + (end - begin));
+        const int64_t off = n * v.sN + s0 * g.C;
+        flat_affine<T>(u ? u->data + off : nullptr, v.data + off, out.data + off, (s1 - s0) * g.C,
+                       L, tile[0], tile[1], tile[2], tile[3]);
+        begin += s1 - s0;
+      }
       return;
     }
     if (g.layout == Layout::Planar) {
