@@ -320,10 +320,11 @@ NK_HOT void rows_pair_sums(const T* a, const T* b, RowWalk walk, int64_t rows, i
                            double* __restrict s1, double* __restrict s2) {
   int64_t offsets[2][kFlushRows];
   int64_t todo = chunk_offsets(walk, rows, offsets[0]);
-  for (int64_t done = 0, cur = 0; done < rows; done += todo, cur ^= 1) {
+  for (int64_t done = 0, cur = 0; todo > 0; cur ^= 1) {
     const int64_t* off = offsets[cur];
     int64_t* next = offsets[cur ^ 1];
-    const int64_t todo_next = chunk_offsets(walk, rows - done - todo, next);
+    done += todo;
+    const int64_t todo_next = chunk_offsets(walk, rows - done, next);
     if (todo_next == 0) std::copy(off, off + kFlushRows, next);  // last chunk: prefetch itself
     int64_t c = 0;
     for (; c + kGroupBlocks * kLanes <= C; c += kGroupBlocks * kLanes) {
