@@ -1,10 +1,10 @@
 """normkit batch norm vs PyTorch on the CPU, and both vs the memory roofline.
 
-    python benchmarks/bench_batchnorm.py [--repeat 25] [--shapes 32,64,56,56 ...]
+    python benchmarks/bench_batchnorm.py [--repeat 11] [--rounds 5] [--shapes 32,64,56,56 ...]
 
 For each shape and layout (NCHW, channels-last) and each op (train forward, train
 forward+backward, eval forward), prints the median time of normkit and of torch.nn.BatchNorm2d
-(float32, run in the same process, alternating), their ratio, and the roofline: the fewest bytes
+(float32, run in the same process, alternating in rounds), their ratio, and the roofline: the fewest bytes
 the op must move (each input read once, each output written once) over the bandwidth of a
 multi-threaded copy of an array the size of the input, measured in the same run.
 """
@@ -44,7 +44,7 @@ def copy_bandwidth(nbytes, repeat):
     return 2 * nbytes / best
 
 
-def cases(shape, channels_last, repeat):
+def cases(shape, channels_last, repeat, rounds):
     rng = np.random.default_rng(0)
     C = shape[1]
     x = (rng.standard_normal(shape, dtype=np.float32) * 2 + 0.5)
@@ -93,11 +93,11 @@ def cases(shape, channels_last, repeat):
     ops = {"train fwd": (nk_train_fwd, torch_train_fwd),
            "train fwd+bwd": (nk_train_fwd_bwd, torch_train_fwd_bwd),
            "eval fwd": (nk_eval_fwd, torch_eval_fwd)}
-    bandwidth = copy_bandwidth(x.nbytes, repeat)
+    bandwidth = float(np.median([copy_bandwidth(x.nbytes, repeat) for _ in range(rounds)]))
     for name, (nk_fn, torch_fn) in ops.items():
         # Alternate the two in rounds so that drift in the machine's speed hits both alike.
         nk_t, torch_t = [], []
-        for _ in range(3):
+        for _ in range(rounds):
             nk_t.append(median_time(nk_fn, repeat))
             torch_t.append(median_time(torch_fn, repeat))
         nk_med, torch_med = float(np.median(nk_t)), float(np.median(torch_t))
@@ -107,7 +107,9 @@ def cases(shape, channels_last, repeat):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--repeat", type=int, default=11, help="calls timed per round")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="alternating rounds of normkit and torch; the table shows the median")
     parser.add_argument("--shapes", nargs="*", default=None,
                         help="shapes as N,C,H,W (default: the three of the issue)")
     args = parser.parse_args()
@@ -121,7 +123,7 @@ def main():
     for shape in shapes:
         for channels_last in (False, True):
             layout = "NHWC" if channels_last else "NCHW"
-            for name, nk_t, torch_t, roof, bw in cases(shape, channels_last, args.repeat):
+            for name, nk_t, torch_t, roof, bw in cases(shape, channels_last, args.repeat, args.rounds):
                 print(f"{str(shape):>18} {layout:>6} {name:>14} {nk_t * 1e3:9.3f} "
                       f"{torch_t * 1e3:9.3f} {torch_t / nk_t:8.2f} {roof * 1e3:9.3f} "
                       f"{nk_t / roof:7.2f} {bw / 1e9:9.1f}", flush=True)
