@@ -18,6 +18,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -25,6 +28,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
+#include <unistd.h>
 
 #include "normkit/dispatch.h"
 
@@ -95,6 +102,61 @@ NK_INLINE double hsum(V v) {
   double lanes[kLanes];
   std::memcpy(lanes, &wide, sizeof lanes);
   return hsum_wide<double, kLanes>(lanes);
+}
+
+// Non-temporal ("streaming") stores write an output straight to memory instead of first reading
+// each line into cache (write-allocate), a third less traffic for y = f(x), a quarter for
+// dx = f(dy, x). Worth it only when the op's data is far larger than the last-level cache, so that
+// the output would be evicted before anyone reads it. SSE2 16-byte stores exist in every x86-64
+// clone; the write-combining buffers merge them into whole lines.
+#if defined(__x86_64__)
+template <class T>
+constexpr bool kCanStream = std::is_same_v<T, float> || std::is_same_v<T, double>;
+#else
+template <class T>
+constexpr bool kCanStream = false;
+#endif
+
+template <class T>
+NK_INLINE void stream_store(T* dst, const typename Lanes<T>::V& value) {
+#if defined(__x86_64__)
+  for (size_t j = 0; j < sizeof value / 16; ++j) {
+    __m128i part;
+    std::memcpy(&part, reinterpret_cast<const char*>(&value) + 16 * j, 16);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst) + j, part);
+  }
+#else
+  std::memcpy(dst, &value, sizeof value);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();  // streaming stores are weakly ordered: publish them before the threads join
+#endif
+}
+
+// The last-level cache of the CPU this process runs on. Linux's sysfs first: in a virtual machine,
+// sysconf can report the host's whole L3 (384 MiB here) rather than the slice this CPU shares.
+inline int64_t last_level_cache_bytes() {
+  if (std::FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+    long kib = 0;
+    const bool ok = std::fscanf(f, "%ldK", &kib) == 1 && kib > 0;
+    std::fclose(f);
+    if (ok) return int64_t(kib) << 10;
+  }
+  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  return l3 > 0 ? int64_t(l3) : int64_t(32) << 20;
+}
+
+// Whether an op moving `bytes` should stream its output: more than the last-level cache holds, or
+// than NORMKIT_STREAM_MIN_BYTES if set (read once; for tuning, and for tests of the streaming path).
+inline bool should_stream(int64_t bytes) {
+  static const int64_t threshold = [] {
+    const char* env = std::getenv("NORMKIT_STREAM_MIN_BYTES");
+    return env && *env ? int64_t(std::strtoll(env, nullptr, 10)) : last_level_cache_bytes();
+  }();
+  return bytes > threshold;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -231,19 +293,33 @@ NK_HOT void planar_pair_sums(const T* a, const T* b, int64_t row_stride, int64_t
   *out2 += s2;
 }
 
-// out = p * u + q * (v - m) + r over rows of one channel; u may be null (p ignored).
+// out = p * u + q * (v - m) + r over rows of one channel; u may be null (p ignored). `stream`: store
+// with streaming stores (float32/float64 only).
 template <class T>
 NK_HOT void planar_affine(const T* u, const T* v, T* out, int64_t row_stride, int64_t rows,
-                          int64_t S, acc_t<T> p, acc_t<T> q, acc_t<T> m, acc_t<T> r) {
+                          int64_t S, acc_t<T> p, acc_t<T> q, acc_t<T> m, acc_t<T> r, bool stream) {
   using A = acc_t<T>;
   for (int64_t n = 0; n < rows; ++n) {
     const T* __restrict vv = v + n * row_stride;
+    const T* __restrict uu = u ? u + n * row_stride : nullptr;
     T* __restrict o = out + n * row_stride;
-    if (u) {
-      const T* __restrict uu = u + n * row_stride;
-      for (int64_t i = 0; i < S; ++i) o[i] = T(p * A(uu[i]) + q * (A(vv[i]) - m) + r);
+    int64_t i = 0;
+    if constexpr (kCanStream<T>) {
+      if (stream) {  // scalars up to a 16-byte boundary, then whole vectors, streamed
+        using L = Lanes<T>;
+        for (; i < S && reinterpret_cast<uintptr_t>(o + i) % 16; ++i) {
+          o[i] = uu ? T(p * A(uu[i]) + q * (A(vv[i]) - m) + r) : T(q * (A(vv[i]) - m) + r);
+        }
+        for (; i + kLanes <= S; i += kLanes) {
+          stream_store<T>(o + i, uu ? p * L::load(uu + i) + q * (L::load(vv + i) - m) + r
+                                    : q * (L::load(vv + i) - m) + r);
+        }
+      }
+    }
+    if (uu) {
+      for (; i < S; ++i) o[i] = T(p * A(uu[i]) + q * (A(vv[i]) - m) + r);
     } else {
-      for (int64_t i = 0; i < S; ++i) o[i] = T(q * (A(vv[i]) - m) + r);
+      for (; i < S; ++i) o[i] = T(q * (A(vv[i]) - m) + r);
     }
   }
 }
@@ -373,17 +449,32 @@ NK_HOT void rows_affine(const T* u, const T* v, T* out, RowWalk walk, int64_t ro
 template <class T>
 NK_HOT void flat_affine(const T* u, const T* v, T* out, int64_t len, int64_t L,
                         const acc_t<T>* __restrict p, const acc_t<T>* __restrict q,
-                        const acc_t<T>* __restrict m, const acc_t<T>* __restrict r) {
+                        const acc_t<T>* __restrict m, const acc_t<T>* __restrict r, bool stream) {
   using A = acc_t<T>;
   for (int64_t i0 = 0; i0 < len; i0 += L) {
     const int64_t n = std::min(L, len - i0);
     const T* __restrict vv = v + i0;
+    const T* __restrict uu = u ? u + i0 : nullptr;
     T* __restrict o = out + i0;
-    if (u) {
-      const T* __restrict uu = u + i0;
-      for (int64_t j = 0; j < n; ++j) o[j] = T(p[j] * A(uu[j]) + q[j] * (A(vv[j]) - m[j]) + r[j]);
+    int64_t j = 0;
+    if constexpr (kCanStream<T>) {
+      if (stream) {  // as in planar_affine
+        using V = Lanes<T>;
+        for (; j < n && reinterpret_cast<uintptr_t>(o + j) % 16; ++j) {
+          o[j] = uu ? T(p[j] * A(uu[j]) + q[j] * (A(vv[j]) - m[j]) + r[j])
+                    : T(q[j] * (A(vv[j]) - m[j]) + r[j]);
+        }
+        for (; j + kLanes <= n; j += kLanes) {
+          const auto t = V::load(vv + j), qj = V::load(q + j), mj = V::load(m + j), rj = V::load(r + j);
+          stream_store<T>(o + j, uu ? V::load(p + j) * V::load(uu + j) + qj * (t - mj) + rj
+                                    : qj * (t - mj) + rj);
+        }
+      }
+    }
+    if (uu) {
+      for (; j < n; ++j) o[j] = T(p[j] * A(uu[j]) + q[j] * (A(vv[j]) - m[j]) + r[j]);
     } else {
-      for (int64_t j = 0; j < n; ++j) o[j] = T(q[j] * (A(vv[j]) - m[j]) + r[j]);
+      for (; j < n; ++j) o[j] = T(q[j] * (A(vv[j]) - m[j]) + r[j]);
     }
   }
 }
@@ -497,7 +588,9 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
       tiles[3 * L + i] = r[c];
     }
   }
-  const int nthreads = threads_for(g.N * g.C * g.S);
+  const int64_t elements = g.N * g.C * g.S;
+  const bool stream = should_stream((u ? 3 : 2) * elements * int64_t(sizeof(T)));
+  const int nthreads = threads_for(elements);
   parallel(nthreads, [&](int tid, int nt) {
     int64_t begin, end;
     if (g.layout == Layout::ChannelsLast) {
@@ -514,9 +607,10 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
         const int64_t n = begin / g.S, s0 = begin % g.S, s1 = std::min(g.S, s0 + (end - begin));
         const int64_t off = n * v.sN + s0 * g.C;
         flat_affine<T>(u ? u->data + off : nullptr, v.data + off, out.data + off, (s1 - s0) * g.C,
-                       L, tile[0], tile[1], tile[2], tile[3]);
+                       L, tile[0], tile[1], tile[2], tile[3], stream);
         begin += s1 - s0;
       }
+      if (stream) stream_fence();
       return;
     }
     if (g.layout == Layout::Planar) {
@@ -524,8 +618,9 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / g.C, c = i % g.C;
         planar_affine<T>(u ? u->row(n, c) : nullptr, v.row(n, c), out.row(n, c), 0, 1, g.S, p[c],
-                         q[c], m[c], r[c]);
+                         q[c], m[c], r[c], stream);
       }
+      if (stream) stream_fence();
       return;
     }
     split_range(g.C * g.N, tid, nt, &begin, &end);
@@ -744,6 +839,7 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
     if (g.layout == Layout::Planar && g.C >= nthreads && M > 0 && fuse_planar<T>(g)) {
       // Fused: a thread owns whole channels, normalizing each right after reducing it, while its
       // rows are still in cache, so x crosses the memory bus once.
+      const bool stream = should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)));
       parallel(nthreads, [&](int tid, int nt) {
         int64_t c0, c1;
         split_range(g.C, tid, nt, &c0, &c1);
@@ -756,8 +852,9 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
           v[c] = std::max(0.0, s2 / M - d * d);
           is[c] = 1.0 / std::sqrt(v[c] + eps);
           planar_affine<T>(nullptr, xs.row(0, c), ys.row(0, c), xs.sN, g.N, g.S, A(0),
-                           A(is[c] * w[c]), A(m[c]), A(b[c]));
+                           A(is[c] * w[c]), A(m[c]), A(b[c]), stream);
         }
+        if (stream) stream_fence();
       });
     } else {
       std::vector<double> s1, s2, q(k.C);
@@ -875,6 +972,7 @@ void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const 
     if (g.layout == Layout::Planar && g.C >= nthreads && count > 0 && fuse_planar<T>(g)) {
       // Fused as in the forward: each channel's dx is written while its dy and x are in cache.
       const auto dxs = dx.defined() ? strided<T>(dx, dxv) : Strided<T>{nullptr, 0, 0, 0};
+      const bool stream = should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)));
       parallel(nthreads, [&](int tid, int nt) {
         int64_t c0, c1;
         split_range(g.C, tid, nt, &c0, &c1);
@@ -884,8 +982,10 @@ void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const 
           if (!dxs.data) continue;
           const double p = w[c] * is[c];
           planar_affine<T>(dys.row(0, c), xs.row(0, c), dxs.row(0, c), xs.sN, g.N, g.S, A(p),
-                           A(-p * is[c] * is[c] * s2[c] / count), A(m[c]), A(-p * s1[c] / count));
+                           A(-p * is[c] * is[c] * s2[c] / count), A(m[c]), A(-p * s1[c] / count),
+                           stream);
         }
+        if (stream) stream_fence();
       });
     } else {
       pair_sums<T, A>(g, dys, xs, std::vector<A>(k.C, 0), narrow<A>(m), s1, s2);

@@ -210,3 +210,48 @@ def test_more_threads_than_channels_in_subprocess():
     # the OpenMP team really reached 7 threads (Linux: one /proc task per thread)
     threads = int(proc.stdout.split("threads")[-1])
     assert threads == -1 or threads >= 7, proc.stdout
+
+
+_STREAM_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    import normkit.functional as F
+    from helpers import make_layout, params, randn, ref_backward_train, ref_forward_train
+    checked = 0
+    # Long planar rows (fused per channel), short planar rows (memory-order passes), channels-last
+    # (flat runs); odd sizes, so rows start off 16-byte boundaries and end in scalar tails.
+    for shape in [(3, 5, 37, 41), (4, 6, 7, 9), (2, 35, 13, 11)]:
+        for layout in ["contiguous", "channels_last"]:
+            for dt, tol in ((np.float32, 1e-5), (np.float64, 1e-10)):
+                C = shape[1]
+                x0 = randn(shape, 901, dt, offset=0.6, scale=1.4)
+                dy0 = randn(shape, 902, dt, offset=-0.2)
+                x, dy = make_layout(x0, layout), make_layout(dy0, layout)
+                w, b = params(C, 903, dt)
+                y, m, invstd = F.batch_norm_forward(x, w, b, training=True, eps=1e-5)
+                dx, dw, db = F.batch_norm_backward(dy, x, m, invstd, w)
+                s1, s2 = F.batch_norm_backward_reduce(dy, x, m)
+                count = x.size // C
+                dx_split = F.batch_norm_backward_elemt(dy, x, m, invstd, w, s1, s2, count)
+                y_eval = F.batch_norm_normalize(x, m, invstd, w, b)
+                ry, rmean, rvar, rinvstd = ref_forward_train(x0, w, b, 1e-5)
+                rdx, rdw, rdb = ref_backward_train(dy0, x0, w, 1e-5)
+                for name, got, want in [("y", y, ry), ("dx", dx, rdx), ("dx split", dx_split, rdx),
+                                        ("y normalize", y_eval, ry), ("db", db, rdb)]:
+                    err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+                    assert err < tol, (shape, layout, dt, name, err)
+                checked += 1
+    print("checked", checked)
+""")
+
+
+def test_streaming_stores_in_subprocess():
+    """Outputs far larger than the last-level cache are written with streaming stores. A low
+    threshold (NORMKIT_STREAM_MIN_BYTES, read once per process) puts small tensors on that path."""
+    env = dict(os.environ, NORMKIT_STREAM_MIN_BYTES="4096")
+    script = _STREAM_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "checked 12" in proc.stdout
