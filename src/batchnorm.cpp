@@ -238,8 +238,8 @@ Strided<T> strided(const TensorView& t, const NCSView& v) {
 
 // A is the lane (accumulation) type.
 template <class T, class A>
-NK_HOT void planar_pair_sums(const T* a, const T* b, int64_t row_stride, int64_t rows, int64_t S,
-                             A ka, A kb, double* out1, double* out2) {
+NK_INLINE void pair_sums_rows(const T* a, const T* b, int64_t row_stride, int64_t rows, int64_t S,
+                              A ka, A kb, double* out1, double* out2) {
   using L = Lanes<T, A>;
   using V = typename L::V;
   double s1 = 0, s2 = 0;
@@ -296,8 +296,8 @@ NK_HOT void planar_pair_sums(const T* a, const T* b, int64_t row_stride, int64_t
 // out = p * u + q * (v - m) + r over rows of one channel; u may be null (p ignored). `stream`: store
 // with streaming stores (float32/float64 only).
 template <class T>
-NK_HOT void planar_affine(const T* u, const T* v, T* out, int64_t row_stride, int64_t rows,
-                          int64_t S, acc_t<T> p, acc_t<T> q, acc_t<T> m, acc_t<T> r, bool stream) {
+NK_INLINE void affine_rows(const T* u, const T* v, T* out, int64_t row_stride, int64_t rows,
+                           int64_t S, acc_t<T> p, acc_t<T> q, acc_t<T> m, acc_t<T> r, bool stream) {
   using A = acc_t<T>;
   for (int64_t n = 0; n < rows; ++n) {
     const T* __restrict vv = v + n * row_stride;
@@ -321,6 +321,43 @@ NK_HOT void planar_affine(const T* u, const T* v, T* out, int64_t row_stride, in
     } else {
       for (; i < S; ++i) o[i] = T(q * (A(vv[i]) - m) + r);
     }
+  }
+}
+
+// The compiled entry points (one call per channel, or per thread's run of planes): each clone
+// inlines the row loops above at its own vector width, and small planes do not pay a dispatched
+// call each.
+template <class T, class A>
+NK_HOT void planar_pair_sums(const T* a, const T* b, int64_t row_stride, int64_t rows, int64_t S,
+                             A ka, A kb, double* out1, double* out2) {
+  pair_sums_rows<T, A>(a, b, row_stride, rows, S, ka, kb, out1, out2);
+}
+
+template <class T>
+NK_HOT void planar_affine(const T* u, const T* v, T* out, int64_t row_stride, int64_t rows,
+                          int64_t S, acc_t<T> p, acc_t<T> q, acc_t<T> m, acc_t<T> r, bool stream) {
+  affine_rows<T>(u, v, out, row_stride, rows, S, p, q, m, r, stream);
+}
+
+// Planes [begin, end) of the (N, C) plane space in memory order (plane i = (i / C, i % C)).
+template <class T, class A>
+NK_HOT void planes_pair_sums(Strided<const T> a, Strided<const T> b, int64_t C, int64_t S,
+                             int64_t begin, int64_t end, const A* ka, const A* kb, double* s1,
+                             double* s2) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t n = i / C, c = i % C;
+    pair_sums_rows<T, A>(a.row(n, c), b.row(n, c), 0, 1, S, ka[c], kb[c], s1 + c, s2 + c);
+  }
+}
+
+template <class T>
+NK_HOT void planes_affine(const Strided<const T>* u, Strided<const T> v, Strided<T> out, int64_t C,
+                          int64_t S, int64_t begin, int64_t end, const acc_t<T>* p,
+                          const acc_t<T>* q, const acc_t<T>* m, const acc_t<T>* r, bool stream) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t n = i / C, c = i % C;
+    affine_rows<T>(u ? u->row(n, c) : nullptr, v.row(n, c), out.row(n, c), 0, 1, S, p[c], q[c],
+                   m[c], r[c], stream);
   }
 }
 
@@ -544,10 +581,7 @@ void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b,
     }
     if (g.layout == Layout::Planar) {  // planes in memory order: one stream per thread
       split_range(g.N * C, tid, nt, &begin, &end);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t n = i / C, c = i % C;
-        planar_pair_sums<T, A>(a.row(n, c), b.row(n, c), 0, 1, g.S, ka[c], kb[c], p1 + c, p2 + c);
-      }
+      planes_pair_sums<T, A>(a, b, C, g.S, begin, end, ka.data(), kb.data(), p1, p2);
       return;
     }
     split_range(C * g.N, tid, nt, &begin, &end);
@@ -615,11 +649,8 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
     }
     if (g.layout == Layout::Planar) {
       split_range(g.N * g.C, tid, nt, &begin, &end);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t n = i / g.C, c = i % g.C;
-        planar_affine<T>(u ? u->row(n, c) : nullptr, v.row(n, c), out.row(n, c), 0, 1, g.S, p[c],
-                         q[c], m[c], r[c], stream);
-      }
+      planes_affine<T>(u, v, out, g.C, g.S, begin, end, p.data(), q.data(), m.data(), r.data(),
+                       stream);
       if (stream) stream_fence();
       return;
     }
