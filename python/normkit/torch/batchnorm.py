@@ -9,16 +9,22 @@ checkpoints without ``num_batches_tracked`` included), ``isinstance`` checks of 
 import torch
 
 from . import functional as F
+from ._dlpack import param_dtype
 
 
 class _NormkitBatchNorm:
     """The forward of torch's ``_BatchNorm`` with normkit's ``batch_norm`` in place of torch's."""
 
-    def _check_channels(self, input):
+    def _check_input(self, input):
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}): input has "
                              f"{input.shape[1]} channels (shape {tuple(input.shape)})")
+        own = self.weight if self.weight is not None else self.running_mean
+        if own is not None and own.dtype != param_dtype(input.dtype):
+            raise TypeError(f"{type(self).__name__}: {input.dtype} input needs "
+                            f"{param_dtype(input.dtype)} parameters, this layer's are {own.dtype} "
+                            f"(convert it with .to(dtype))")
 
     def _momentum_step(self):
         """Counts a training batch; returns the factor of its statistics in the running ones
@@ -35,7 +41,7 @@ class _NormkitBatchNorm:
         return self.training or (self.running_mean is None and self.running_var is None)
 
     def forward(self, input):
-        self._check_channels(input)
+        self._check_input(input)
         factor = self._momentum_step()
         # Running statistics are updated only when tracked, and read only in eval.
         pass_running = not self.training or self.track_running_stats

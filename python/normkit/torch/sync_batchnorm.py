@@ -149,7 +149,7 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.SyncBatchNorm):
         comm = self._communicator() if self.training else None
         if comm is None or comm.size == 1:
             return super().forward(input)
-        self._check_channels(input)
+        self._check_input(input)
         factor = self._momentum_step()
         track = self.track_running_stats
         return sync_batch_norm(input, self.weight, self.bias, self.running_mean if track else None,
