@@ -100,6 +100,24 @@ def test_float16_input_with_float32_module(device):
     _compare_modules(layer, ref, np.float32, "float16 input")
 
 
+@pytest.mark.parametrize("cls,ref_cls", [(nkt.BatchNorm2d, torch.nn.BatchNorm2d),
+                                         (nkt.SyncBatchNorm, torch.nn.SyncBatchNorm)])
+def test_empty_training_batch_is_as_in_torch(cls, ref_cls):
+    """An empty batch in training: an empty output, running statistics left alone (the counter
+    still counts), zero parameter gradients."""
+    layer, ref = cls(3), ref_cls(3)
+    layer.load_state_dict(random_state(3, 45))
+    ref.load_state_dict(random_state(3, 45))
+    for m in (layer, ref):
+        x = torch.empty(0, 3, 4, 4, requires_grad=True)
+        y = m(x)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+    _compare_modules(layer, ref, np.float32, "empty batch")
+    assert int(layer.num_batches_tracked) == 1
+
+
 def test_double_and_channels_last_3d():
     layer = nkt.BatchNorm3d(3).double()
     ref = torch.nn.BatchNorm3d(3).double()

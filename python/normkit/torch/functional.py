@@ -38,10 +38,11 @@ def _check_running(name, t, x, dtype):
 
 
 def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
-    """y, batch mean and invstd; updates the running statistics (unbiased variance) in place."""
+    """y, batch mean and invstd; updates the running statistics (unbiased variance) in place.
+    An empty batch gives an empty output and leaves them alone, as in torch."""
     C = x.shape[1]
     n = x.numel() // C if C else 0
-    if n <= 1:
+    if n == 1:
         raise ValueError(f"batch_norm: expected more than 1 value per channel when training, got "
                          f"input of shape {tuple(x.shape)}")
     pd = param_dtype(x.dtype)
@@ -51,9 +52,9 @@ def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
     invstd = torch.empty(C, dtype=pd, device=x.device)
     _C.batch_norm_forward_train(dl(x), dl(weight), dl(bias), float(eps), dl(y), dl(mean), dl(var),
                                 dl(invstd))
-    if running_mean is not None:
+    if running_mean is not None and n:
         running_mean.lerp_(mean, momentum)
-    if running_var is not None:
+    if running_var is not None and n:
         running_var.lerp_(var.mul_(n / (n - 1)), momentum)
     return y, mean, invstd
 
