@@ -40,6 +40,7 @@ def test_syncbn_under_torchrun_with_gloo():
     out = _run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={RANKS}",
                 "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT), "gloo"])
     for check in ("empty rank NHWC", "convert_sync_batchnorm process_group", "split",
+                  "DistributedDataParallel",
                   "torch.nn.SyncBatchNorm refuses CPU tensors",
                   "normkit.nn.SyncBatchNorm over TorchCommunicator"):
         assert f"rank 1: ok {check}" in out, out[-5000:]

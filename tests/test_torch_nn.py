@@ -128,6 +128,18 @@ def test_double_and_channels_last_3d():
     _compare_modules(layer, ref, np.float64, "double")
 
 
+def test_class_relations():
+    """The layers pass model code's isinstance checks as torch's; SyncBatchNorm is a batch norm
+    but not a torch.nn.SyncBatchNorm, which DistributedDataParallel refuses on the CPU."""
+    for mine, theirs in ((nkt.BatchNorm1d, torch.nn.BatchNorm1d),
+                         (nkt.BatchNorm2d, torch.nn.BatchNorm2d),
+                         (nkt.BatchNorm3d, torch.nn.BatchNorm3d)):
+        assert issubclass(mine, theirs)
+    assert issubclass(nkt.SyncBatchNorm, torch.nn.modules.batchnorm._BatchNorm)
+    assert not issubclass(nkt.SyncBatchNorm, torch.nn.SyncBatchNorm)
+    assert nkt.SyncBatchNorm(3, process_group="g").process_group == "g"
+
+
 def test_module_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
         nkt.BatchNorm2d(3)(torch.randn(2, 3, 4))

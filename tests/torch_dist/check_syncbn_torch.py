@@ -203,6 +203,28 @@ def converted_model(**where):
     log(f"convert_sync_batchnorm {'and'.join(where) or 'default group'}")
 
 
+def data_parallel():
+    """The converted model in DistributedDataParallel on the CPU (which refuses torch's own
+    SyncBatchNorm there): DDP's averaged gradients are the whole batch's over the rank count."""
+    ref = _cnn()
+    DDP = torch.nn.parallel.DistributedDataParallel
+    model = DDP(nkt.convert_sync_batchnorm(copy.deepcopy(ref)))
+    sizes = [4 - r % 2 for r in range(size)]
+    x, _, mine = batch(sizes, (3, 5, 5), 450)
+    g = torch.randn(sum(sizes), 5, generator=torch.Generator().manual_seed(451))
+    (model(x[mine]) * g[mine]).sum().backward()
+    (ref(x) * g).sum().backward()
+    for (name, p), q in zip(model.module.named_parameters(), ref.parameters()):
+        close(f"DDP: {name}.grad", p.grad * size, q.grad)
+    try:
+        DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(_cnn()))
+    except ValueError as e:
+        assert "SyncBatchNorm layers only work with GPU modules" in str(e), str(e)
+    else:
+        raise AssertionError("DDP accepted torch's SyncBatchNorm on the CPU: update this test")
+    log("DistributedDataParallel")
+
+
 def torch_groups():
     """The default group, an explicit process_group and TorchCommunicator.split."""
     sizes = [2 + r for r in range(size)]
@@ -255,6 +277,7 @@ undefined_gradient_on_one_rank()
 if MODE == "gloo":
     converted_model()
     converted_model(process_group=dist.new_group(list(range(size))))
+    data_parallel()
     torch_groups()
     numpy_layers_over_torch_distributed()
     dist.destroy_process_group()

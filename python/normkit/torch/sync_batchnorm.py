@@ -110,8 +110,12 @@ def sync_batch_norm(input, weight, bias, running_mean, running_var, eps, momentu
                                 comm)
 
 
-class SyncBatchNorm(_NormkitBatchNorm, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
     """``torch.nn.SyncBatchNorm`` run by normkit, on CPU tensors too.
+
+    Same constructor (plus ``comm``), parameters, buffers and state_dict as torch's, but not a
+    subclass of it: DistributedDataParallel refuses CPU models holding a ``torch.nn.SyncBatchNorm``,
+    and CPU data parallelism is what this layer is for.
 
     Synchronizes over ``comm`` (a normkit communicator, e.g. ``normkit.distributed.
     MPICommunicator()``, or a ``TorchCommunicator``), else over ``process_group``, else over
@@ -131,9 +135,14 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.SyncBatchNorm):
                  *, bias=True):
         if process_group is not None and comm is not None:
             raise ValueError("SyncBatchNorm: pass a process_group or a comm, not both")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group,
-                         device, dtype, bias=bias)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)
+        self.process_group = process_group
         self.comm = comm
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def _communicator(self):
         """The communicator of this forward; None when there is nothing to synchronize with."""
