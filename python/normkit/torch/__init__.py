@@ -2,7 +2,7 @@
 
     BatchNorm1d/2d/3d        torch.nn.BatchNorm*d (subclasses: same arguments, state_dicts, checks)
     SyncBatchNorm            torch.nn.SyncBatchNorm that also runs on CPU tensors, over a
-                             torch.distributed group (gloo, NCCL) or a normkit communicator (MPI)
+                             torch.distributed group (gloo) or a normkit communicator (MPI)
     convert_sync_batchnorm   every BatchNorm*d / SyncBatchNorm of a model -> normkit's SyncBatchNorm
     batch_norm, batchnormtrain, batchnormeval, sync_batch_norm   the autograd functions
     TorchCommunicator        normkit's communicator protocol over a torch.distributed group

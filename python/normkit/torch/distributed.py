@@ -20,9 +20,9 @@ def _host_backend(backend):
 class TorchCommunicator:
     """Sums over the processes of a ``torch.distributed`` group (default: the whole world).
 
-    ``torch.distributed.init_process_group`` must have run. Device tensors go to the backend as
-    they are (NCCL reduces them on PyTorch's current stream); NumPy arrays are reduced in place,
-    through a device copy when the group's backend reduces only CUDA tensors (NCCL).
+    ``torch.distributed.init_process_group`` must have run. Tensors go to the backend as they are;
+    NumPy arrays are reduced in place, through a device copy when the group's backend reduces only
+    CUDA tensors (NCCL).
     ``debug`` (default: the environment variable NORMKIT_SYNC_DEBUG) is read by the layers of
     ``normkit.nn``, which then check that all ranks call the same layer alike.
     """

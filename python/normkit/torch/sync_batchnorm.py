@@ -1,5 +1,6 @@
-"""SyncBatchNorm: batch norm over the union of all ranks' batches, for CPU and CUDA tensors, over a
-``torch.distributed`` group or any normkit communicator (MPI), one collective per pass."""
+"""SyncBatchNorm: batch norm over the union of all ranks' batches of CPU tensors (CUDA ones where
+normkit has CUDA kernels), over a ``torch.distributed`` group or any normkit communicator (MPI),
+one collective per pass."""
 import copy
 
 import torch
