@@ -48,8 +48,8 @@ def test_syncbn_under_torchrun_with_gloo():
 
 def test_syncbn_under_mpiexec_with_normkit_communicator():
     exe = shutil.which("mpiexec")
-    missing = [what for what, ok in (("mpiexec", exe), ("mpi4py", importlib.util.find_spec("mpi4py")))
-               if not ok]
+    found = (("mpiexec", exe), ("mpi4py", importlib.util.find_spec("mpi4py")))
+    missing = [what for what, ok in found if not ok]
     if missing:
         reason = f"{' and '.join(missing)} not found (pip install 'normkit[mpi]')"
         if os.environ.get("NORMKIT_REQUIRE_MPI") == "1":

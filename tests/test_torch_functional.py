@@ -36,7 +36,7 @@ def _inputs(shape, seed, device, layout="contiguous", dtype=np.float64):
     return x, w, b
 
 
-# --- gradcheck, float64 -----------------------------------------------------------------------------
+# --- gradcheck, float64 ---------------------------------------------------------------------------
 
 GRAD_CASES = [((5, 3), "fortran"), ((3, 4, 5), "channels_last"), ((2, 3, 3, 4), "contiguous"),
               ((2, 3, 3, 4), "channels_last"), ((2, 3, 4, 3), "non_collapsible"),
@@ -97,7 +97,7 @@ def test_gradcheck_sync_batch_norm_one_rank(shape, layout, device):
                      (x, w, b))
 
 
-# --- values against torch -----------------------------------------------------------------------------
+# --- values against torch -------------------------------------------------------------------------
 
 VALUE_SHAPES = [(7, 5), (3, 5, 9), (3, 5, 7, 9), (2, 3, 5, 4, 3)]
 
@@ -208,7 +208,7 @@ def test_given_statistics_form_matches_reference(fn, dtype, device):
         assert dm is None and ds is None
 
 
-# --- autograd modes -------------------------------------------------------------------------------------
+# --- autograd modes -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_no_grad_runs_without_a_graph_and_updates_running_stats(mode):
@@ -260,7 +260,7 @@ def test_backward_is_once_differentiable():
         dx.sum().backward()
 
 
-# --- errors ---------------------------------------------------------------------------------------------
+# --- errors ---------------------------------------------------------------------------------------
 
 def test_errors_name_the_problem():
     x = torch.randn(4, 3, 5)

@@ -121,7 +121,8 @@ def test_empty_training_batch_is_as_in_torch(cls, ref_cls):
 def test_double_and_channels_last_3d():
     layer = nkt.BatchNorm3d(3).double()
     ref = torch.nn.BatchNorm3d(3).double()
-    x = torch.from_numpy(randn((2, 3, 4, 5, 3), 40)).contiguous(memory_format=torch.channels_last_3d)
+    x = torch.from_numpy(randn((2, 3, 4, 5, 3), 40))
+    x = x.contiguous(memory_format=torch.channels_last_3d)
     y = layer(x)
     assert y.dtype == torch.float64 and y.is_contiguous(memory_format=torch.channels_last_3d)
     assert_close_dtype(to_numpy(y), to_numpy(ref(x)), np.float64)
@@ -159,10 +160,11 @@ def test_module_errors_name_the_problem():
         nkt.SyncBatchNorm(3, process_group=object(), comm=object())
 
 
-# --- state ----------------------------------------------------------------------------------------------
+# --- state ----------------------------------------------------------------------------------------
 
 STATE_PAIRS = [(nkt.BatchNorm2d, torch.nn.BatchNorm2d), (nkt.BatchNorm1d, torch.nn.BatchNorm1d),
-               (nkt.SyncBatchNorm, torch.nn.SyncBatchNorm), (nkt.SyncBatchNorm, torch.nn.BatchNorm2d),
+               (nkt.SyncBatchNorm, torch.nn.SyncBatchNorm),
+               (nkt.SyncBatchNorm, torch.nn.BatchNorm2d),
                (nkt.BatchNorm3d, torch.nn.SyncBatchNorm)]
 
 
@@ -240,7 +242,7 @@ def test_sync_deepcopy_shares_the_communicator_and_pickling_drops_it():
     assert layer.comm is comm
 
 
-# --- SyncBatchNorm in one process ---------------------------------------------------------------------
+# --- SyncBatchNorm in one process -----------------------------------------------------------------
 
 class CountingComm:
     """normkit's communicator protocol in one process, pretending to be `size` ranks that all hold
@@ -283,7 +285,8 @@ def test_sync_batchnorm_is_batchnorm_over_all_ranks_batches(layout):
         assert_close_dtype(2 * to_numpy(layer.bias.grad), to_numpy(ref.bias.grad), np.float64)
         layer.zero_grad()
         for k in ("running_mean", "running_var", "num_batches_tracked"):
-            assert_close_dtype(to_numpy(getattr(layer, k)), to_numpy(getattr(ref, k)), np.float64, k)
+            assert_close_dtype(to_numpy(getattr(layer, k)), to_numpy(getattr(ref, k)), np.float64,
+                               k)
     assert comm.calls == 4
     layer.eval()
     ref.eval()
@@ -306,7 +309,7 @@ def test_sync_batchnorm_without_distributed_is_batchnorm():
     _compare_modules(layer, ref, np.float32, "sync without distributed")
 
 
-# --- models ---------------------------------------------------------------------------------------------
+# --- models ---------------------------------------------------------------------------------------
 
 def _cnn(bn2d, bn1d):
     torch.manual_seed(0)

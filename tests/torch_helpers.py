@@ -1,13 +1,11 @@
-"""Helpers of the normkit.torch tests: devices to run on, tensors in every memory layout, and
-torch's own batch norm as the reference. Nothing here calls normkit."""
+"""Helpers of the normkit.torch tests: the devices to run on, tensors in every memory layout torch
+can have, random layer state. Nothing here computes with normkit (it only asks whether normkit has
+CUDA kernels)."""
 import numpy as np
 import pytest
 import torch
 
-from helpers import make_layout, params, randn, running
-
-TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
-                np.dtype(np.float64): torch.float64}
+from helpers import make_layout, params, running
 
 
 def _gpu_ready():
@@ -62,5 +60,4 @@ def to_numpy(t):
     return None if t is None else t.detach().cpu().double().numpy()
 
 
-__all__ = ["DEVICES", "TORCH_DTYPES", "params", "randn", "random_state", "running", "tensor",
-           "to_numpy", "torch_layouts"]
+__all__ = ["DEVICES", "random_state", "tensor", "to_numpy", "torch_layouts"]

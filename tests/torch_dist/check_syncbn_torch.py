@@ -55,7 +55,8 @@ def counting(comm):
 def close(name, got, want, tol=1e-10):
     got, want = got.detach().double(), want.detach().double()
     if got.shape != want.shape:
-        raise AssertionError(f"rank {rank}: {name}: shape {tuple(got.shape)} vs {tuple(want.shape)}")
+        raise AssertionError(f"rank {rank}: {name}: shape {tuple(got.shape)} vs "
+                             f"{tuple(want.shape)}")
     err = float(((got - want).abs() / (1 + want.abs())).max()) if got.numel() else 0.0
     if not err <= tol:
         raise AssertionError(f"rank {rank}: {name}: max relative error {err:.3g}")

@@ -70,8 +70,8 @@ class TorchCommunicator:
         return array
 
     def split(self, color, key=None):
-        """The sub-communicator of the ranks that pass the same ``color``, ranked by ``key`` (default:
-        their rank here). Every rank of this group must call it; each color becomes a new
+        """The sub-communicator of the ranks that pass the same ``color``, ranked by ``key``
+        (default: their rank here). Every rank of this group must call it; each color becomes a new
         torch.distributed group, created by its own members only."""
         rank, size = self.rank, self.size
         table = torch.zeros(2, size, dtype=torch.float64, device=self._device())

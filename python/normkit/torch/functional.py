@@ -77,7 +77,8 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     if training:
         return (x, *_forward_train(x, weight, bias, running_mean, running_var, momentum, eps))
     if running_mean is None or running_var is None:
-        raise ValueError("batch_norm: eval mode (training=False) needs running_mean and running_var")
+        raise ValueError("batch_norm: eval mode (training=False) needs running_mean and "
+                         "running_var")
     return (x, *_forward_eval(x, weight, bias, running_mean, running_var, eps))
 
 
