@@ -1,5 +1,6 @@
-// Python arrays -> TensorView without copies: the buffer protocol (NumPy) and DLPack (PyTorch and
-// anything else that speaks it). The returned Array keeps the exporter's buffer or capsule alive.
+// Python arrays -> TensorView without copies: the buffer protocol (NumPy), DLPack (PyTorch and
+// anything else that speaks it) and "dltensor" capsules. The returned Array keeps the exporter's
+// buffer or capsule alive.
 #pragma once
 
 #include <pybind11/pybind11.h>

@@ -1,0 +1,117 @@
+"""normkit.torch.BatchNorm2d vs torch.nn.BatchNorm2d, both called as torch modules.
+
+    python benchmarks/bench_torch.py [--repeat 15] [--shapes 32,64,56,56 ...] [--device cpu]
+
+For the shapes of bench_batchnorm.py plus a small one, where the adapter's per-call overhead
+(DLPack capsules, output allocation, autograd.Function) shows, and each layout (NCHW,
+channels_last): train forward (under no_grad), train forward+backward (autograd: dx, dweight,
+dbias) and eval forward, in float32. Prints the median time per call of each module (the two run
+in the same process, sampled in turns), torch/normkit (> 1: normkit faster) and the
+difference in microseconds (normkit - torch: the adapter's overhead where the kernels take no
+time). On CUDA (where torch and normkit both have it) each timing includes a synchronize.
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import normkit
+import normkit.torch as nkt
+
+SHAPES = [(8, 16, 8, 8), (32, 64, 56, 56), (64, 256, 14, 14), (8, 32, 128, 128)]
+
+
+def paired_times(fns, repeat, sync):
+    """Median seconds per call of each of `fns`, sampled in turns (so that the load of a shared
+    machine hits all alike); each sample runs a fn long enough (>= 2 ms) for the clock."""
+    def sample(fn, number):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        sync()
+        return time.perf_counter() - t0
+
+    numbers = []
+    for fn in fns:
+        sample(fn, 3)  # warm-up
+        number = 1
+        while (t := sample(fn, number)) < 2e-3:
+            number = max(2 * number, int(number * 2.5e-3 / max(t, 1e-7)))
+        numbers.append(number)
+    times = [[] for _ in fns]
+    for r in range(repeat):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            times[i].append(sample(fns[i], numbers[i]) / numbers[i])
+    return [float(np.median(t)) for t in times]
+
+
+def cases(shape, channels_last, device, repeat):
+    g = torch.Generator().manual_seed(0)
+    C = shape[1]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(device).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, generator=g).to(device).contiguous(memory_format=fmt)
+    xg = x.clone().requires_grad_()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    modules = {}
+    for name, cls in (("normkit", nkt.BatchNorm2d), ("torch", torch.nn.BatchNorm2d)):
+        bn = cls(C).to(device)
+        with torch.no_grad():
+            bn.weight.copy_(torch.rand(C, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(C, generator=g))
+        modules[name] = bn
+
+    def train_fwd(bn):
+        bn.train()
+        with torch.no_grad():
+            bn(x)
+
+    def train_fwd_bwd(bn):
+        bn.train()
+        torch.autograd.grad(bn(xg), (xg, bn.weight, bn.bias), dy)
+
+    def eval_fwd(bn):
+        bn.eval()
+        with torch.no_grad():
+            bn(x)
+
+    for op, fn in (("train fwd", train_fwd), ("train fwd+bwd", train_fwd_bwd),
+                   ("eval fwd", eval_fwd)):
+        nk_t, torch_t = paired_times([lambda: fn(modules["normkit"]), lambda: fn(modules["torch"])],
+                                     repeat, sync)
+        yield op, nk_t, torch_t
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=21)
+    parser.add_argument("--shapes", nargs="*", default=None,
+                        help="shapes as N,C,H,W (default: the small one and the three of "
+                             "bench_batchnorm.py)")
+    parser.add_argument("--device", default=None,
+                        help="cpu or cuda (default: cpu, and cuda too where both torch and "
+                             "normkit have it)")
+    args = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    devices = [args.device] if args.device else (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() and normkit.cuda_available() else []))
+    print(f"normkit {normkit.__version__}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, float32; median times per call")
+    header = (f"{'device':>6} {'shape':>18} {'layout':>6} {'op':>14} {'normkit ms':>10} "
+              f"{'torch ms':>9} {'torch/nk':>8} {'nk-torch us':>11}")
+    print(header)
+    print("-" * len(header))
+    for device in devices:
+        for shape in shapes:
+            for channels_last in (False, True):
+                layout = "NHWC" if channels_last else "NCHW"
+                for op, nk_t, torch_t in cases(shape, channels_last, device, args.repeat):
+                    print(f"{device:>6} {str(shape):>18} {layout:>6} {op:>14} {nk_t * 1e3:10.3f} "
+                          f"{torch_t * 1e3:9.3f} {torch_t / nk_t:8.2f} "
+                          f"{(nk_t - torch_t) * 1e6:11.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

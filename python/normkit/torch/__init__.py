@@ -1,0 +1,26 @@
+"""normkit for PyTorch: drop-in batch-norm modules and functions run by normkit's kernels.
+
+    BatchNorm1d/2d/3d        torch.nn.BatchNorm*d (subclasses: same arguments, state_dicts, checks)
+    SyncBatchNorm            torch.nn.SyncBatchNorm that also runs on CPU tensors, over a
+                             torch.distributed group (gloo) or a normkit communicator (MPI)
+    convert_sync_batchnorm   every BatchNorm*d / SyncBatchNorm of a model -> normkit's SyncBatchNorm
+    batch_norm, batchnormtrain, batchnormeval, sync_batch_norm   the autograd functions
+    TorchCommunicator        normkit's communicator protocol over a torch.distributed group
+
+Tensors reach the core through DLPack without copies; outputs are allocated by torch.
+"""
+try:
+    import torch  # noqa: F401
+except ImportError as e:
+    raise ImportError("normkit.torch needs PyTorch: pip install torch (or pip install "
+                      f"'normkit[torch]'); importing it failed with: {e}") from e
+
+from . import distributed, functional
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .distributed import TorchCommunicator
+from .functional import batch_norm, batchnormeval, batchnormtrain
+from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "TorchCommunicator",
+           "batch_norm", "batchnormeval", "batchnormtrain", "convert_sync_batchnorm",
+           "distributed", "functional", "sync_batch_norm"]

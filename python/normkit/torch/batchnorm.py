@@ -1,0 +1,66 @@
+"""BatchNorm1d/2d/3d: torch.nn.BatchNorm*d run by normkit's kernels.
+
+Each layer *is* a ``torch.nn.BatchNorm*d`` (a subclass) with only ``forward`` replaced, so that it
+swaps in anywhere torch's is used: same constructor, parameters and buffers (``weight``, ``bias``,
+``running_mean``, ``running_var``, ``num_batches_tracked``), state_dict keys and loading (old
+checkpoints without ``num_batches_tracked`` included), ``isinstance`` checks of model code, ``.to``,
+``.double()``, ``torch.save`` and ``copy.deepcopy``.
+"""
+import torch
+
+from . import functional as F
+from ._dlpack import param_dtype
+
+
+class _NormkitBatchNorm:
+    """The forward of torch's ``_BatchNorm`` with normkit's ``batch_norm`` in place of torch's."""
+
+    def _check_input(self, input):
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}): input has "
+                             f"{input.shape[1]} channels (shape {tuple(input.shape)})")
+        own = self.weight if self.weight is not None else self.running_mean
+        if own is not None and own.dtype != param_dtype(input.dtype):
+            raise TypeError(f"{type(self).__name__}: {input.dtype} input needs "
+                            f"{param_dtype(input.dtype)} parameters, this layer's are {own.dtype} "
+                            f"(convert it with .to(dtype))")
+
+    def _momentum_step(self):
+        """Counts a training batch; returns the factor of its statistics in the running ones
+        (momentum, or 1 / num_batches_tracked for momentum=None: the cumulative average)."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def _uses_batch_stats(self):
+        """Batch statistics in training, and in eval when there are no running ones."""
+        return self.training or (self.running_mean is None and self.running_var is None)
+
+    def forward(self, input):
+        self._check_input(input)
+        factor = self._momentum_step()
+        # Running statistics are updated only when tracked, and read only in eval.
+        pass_running = not self.training or self.track_running_stats
+        return F.batch_norm(input, self.running_mean if pass_running else None,
+                            self.running_var if pass_running else None, self.weight, self.bias,
+                            self._uses_batch_stats(), factor, self.eps)
+
+
+class BatchNorm1d(_NormkitBatchNorm, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` over (N, C) or (N, C, L) inputs, run by normkit."""
+
+
+class BatchNorm2d(_NormkitBatchNorm, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` over (N, C, H, W) inputs (NCHW or channels_last), run by normkit."""
+
+
+class BatchNorm3d(_NormkitBatchNorm, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` over (N, C, D, H, W) inputs (NCDHW or channels_last_3d), run by
+    normkit."""
+
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]

@@ -1,0 +1,59 @@
+"""normkit.torch.SyncBatchNorm across processes: tests/torch_dist/check_syncbn_torch.py under
+`torchrun --nproc_per_node=2` with gloo, and under `mpiexec -n 2` with normkit's MPICommunicator.
+Skipped with a reason where the launcher or backend is missing (NORMKIT_REQUIRE_MPI=1, set by CI,
+makes a missing MPI a failure, as in test_syncbn_mpi.py)."""
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "torch_dist" / "check_syncbn_torch.py"
+RANKS = 2
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    for r in range(RANKS):
+        assert f"rank {r}: ALL OK" in out, out[-5000:]
+    return out
+
+
+def test_syncbn_under_torchrun_with_gloo():
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("this torch build has no torch.distributed gloo backend")
+    out = _run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={RANKS}",
+                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT), "gloo"])
+    for check in ("empty rank NHWC", "convert_sync_batchnorm process_group", "split",
+                  "DistributedDataParallel",
+                  "torch.nn.SyncBatchNorm refuses CPU tensors",
+                  "normkit.nn.SyncBatchNorm over TorchCommunicator"):
+        assert f"rank 1: ok {check}" in out, out[-5000:]
+
+
+def test_syncbn_under_mpiexec_with_normkit_communicator():
+    exe = shutil.which("mpiexec")
+    found = (("mpiexec", exe), ("mpi4py", importlib.util.find_spec("mpi4py")))
+    missing = [what for what, ok in found if not ok]
+    if missing:
+        reason = f"{' and '.join(missing)} not found (pip install 'normkit[mpi]')"
+        if os.environ.get("NORMKIT_REQUIRE_MPI") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    out = _run([exe, "-n", str(RANKS), sys.executable, str(SCRIPT), "mpi"])
+    assert "rank 0: ok empty rank NHWC" in out and "rank 1: ok convert_sync_batchnorm comm" in out
