@@ -75,6 +75,15 @@ struct Lanes {
       return __builtin_convertvector(stored, V);
     }
   }
+  NK_INLINE static void store(T* p, const V& v) {
+    if constexpr (std::is_same_v<T, A>) {
+      std::memcpy(p, &v, sizeof v);
+    } else {
+      typedef T Stored __attribute__((vector_size(kLanes * sizeof(T))));
+      const Stored stored = __builtin_convertvector(v, Stored);
+      std::memcpy(p, &stored, sizeof stored);
+    }
+  }
 };
 
 // The sum of a vector's lanes, in float64: widened, then halved in a tree (a few instructions,
@@ -299,28 +308,35 @@ template <class T>
 NK_INLINE void affine_rows(const T* u, const T* v, T* out, int64_t row_stride, int64_t rows,
                            int64_t S, acc_t<T> p, acc_t<T> q, acc_t<T> m, acc_t<T> r, bool stream) {
   using A = acc_t<T>;
+  using L = Lanes<T, A>;
+  stream = stream && kCanStream<T>;
   for (int64_t n = 0; n < rows; ++n) {
     const T* __restrict vv = v + n * row_stride;
     const T* __restrict uu = u ? u + n * row_stride : nullptr;
     T* __restrict o = out + n * row_stride;
+    auto one = [&](int64_t i) {
+      o[i] = uu ? T(p * A(uu[i]) + q * (A(vv[i]) - m) + r) : T(q * (A(vv[i]) - m) + r);
+    };
+    auto lanes = [&](int64_t i) {
+      return uu ? p * L::load(uu + i) + q * (L::load(vv + i) - m) + r
+                : q * (L::load(vv + i) - m) + r;
+    };
+    // Scalars up to an aligned output first: rows of odd H*W start anywhere in a cache line, and
+    // vector stores straddling two lines made the pass up to 1.6x slower (streaming stores need
+    // 16-byte alignment anyway).
     int64_t i = 0;
-    if constexpr (kCanStream<T>) {
-      if (stream) {  // scalars up to a 16-byte boundary, then whole vectors, streamed
-        using L = Lanes<T>;
-        for (; i < S && reinterpret_cast<uintptr_t>(o + i) % 16; ++i) {
-          o[i] = uu ? T(p * A(uu[i]) + q * (A(vv[i]) - m) + r) : T(q * (A(vv[i]) - m) + r);
-        }
-        for (; i + kLanes <= S; i += kLanes) {
-          stream_store<T>(o + i, uu ? p * L::load(uu + i) + q * (L::load(vv + i) - m) + r
-                                    : q * (L::load(vv + i) - m) + r);
-        }
+    if (S >= 2 * kLanes) {
+      const uintptr_t align = stream ? 16 : 64;
+      for (; i < S && reinterpret_cast<uintptr_t>(o + i) % align; ++i) one(i);
+    }
+    if (stream) {
+      if constexpr (kCanStream<T>) {
+        for (; i + kLanes <= S; i += kLanes) stream_store<T>(o + i, lanes(i));
       }
-    }
-    if (uu) {
-      for (; i < S; ++i) o[i] = T(p * A(uu[i]) + q * (A(vv[i]) - m) + r);
     } else {
-      for (; i < S; ++i) o[i] = T(q * (A(vv[i]) - m) + r);
+      for (; i + kLanes <= S; i += kLanes) L::store(o + i, lanes(i));
     }
+    for (; i < S; ++i) one(i);
   }
 }
 
@@ -344,9 +360,9 @@ template <class T, class A>
 NK_HOT void planes_pair_sums(Strided<const T> a, Strided<const T> b, int64_t C, int64_t S,
                              int64_t begin, int64_t end, const A* ka, const A* kb, double* s1,
                              double* s2) {
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t n = i / C, c = i % C;
+  for (int64_t i = begin, n = begin / C, c = begin % C; i < end; ++i) {
     pair_sums_rows<T, A>(a.row(n, c), b.row(n, c), 0, 1, S, ka[c], kb[c], s1 + c, s2 + c);
+    if (++c == C) c = 0, ++n;  // no division per plane: small planes are a few dozen cycles
   }
 }
 
@@ -354,10 +370,10 @@ template <class T>
 NK_HOT void planes_affine(const Strided<const T>* u, Strided<const T> v, Strided<T> out, int64_t C,
                           int64_t S, int64_t begin, int64_t end, const acc_t<T>* p,
                           const acc_t<T>* q, const acc_t<T>* m, const acc_t<T>* r, bool stream) {
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t n = i / C, c = i % C;
+  for (int64_t i = begin, n = begin / C, c = begin % C; i < end; ++i) {
     affine_rows<T>(u ? u->row(n, c) : nullptr, v.row(n, c), out.row(n, c), 0, 1, S, p[c], q[c],
                    m[c], r[c], stream);
+    if (++c == C) c = 0, ++n;
   }
 }
 
