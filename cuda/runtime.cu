@@ -29,9 +29,19 @@ int multiprocessor_count(int device) {
   return count;
 }
 
+// A RuntimeError that says plainly when CUDA cannot run here at all.
+static void check_usable(cudaError_t status, const char* what) {
+  if (status != cudaSuccess && device_count() == 0) {
+    cudaGetLastError();
+    fail(ErrorKind::Runtime, "normkit: got a CUDA array, but CUDA cannot run here (no GPU or no ",
+         "driver): ", what, " failed with ", cudaGetErrorName(status));
+  }
+  check(status, what);
+}
+
 int pointer_device(const void* ptr) {
   cudaPointerAttributes attributes{};
-  check(cudaPointerGetAttributes(&attributes, ptr), "cudaPointerGetAttributes");
+  check_usable(cudaPointerGetAttributes(&attributes, ptr), "cudaPointerGetAttributes");
   NK_CHECK_TYPE(attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged,
                 "normkit: a CUDA array's pointer is not device memory (cudaMemoryType ",
                 static_cast<int>(attributes.type), ")");
@@ -40,7 +50,7 @@ int pointer_device(const void* ptr) {
 
 int current_device() {
   int device = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
+  check_usable(cudaGetDevice(&device), "cudaGetDevice");
   return device;
 }
 

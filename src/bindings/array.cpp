@@ -105,7 +105,8 @@ Array from_cuda_array_interface(py::handle obj, const char* op, const char* name
   NK_CHECK_VALUE(!(access == Access::Write && data[1].cast<bool>()), op, ": output ", name,
                  " is read-only; pass a writable array");
   v.ndim = static_cast<int>(shape.size());
-  const py::object strides = cai.contains("strides") ? cai["strides"] : py::none();
+  py::object strides = py::none();
+  if (cai.contains("strides")) strides = cai["strides"];
   int64_t compact = 1, count = 1;
   for (int d = v.ndim - 1; d >= 0; --d) {
     v.shape[d] = shape[d].cast<int64_t>();
@@ -120,10 +121,6 @@ Array from_cuda_array_interface(py::handle obj, const char* op, const char* name
     compact *= v.shape[d];
     count *= v.shape[d];
   }
-  v.device = Device::CUDA;
-  // The interface does not name the device: ask the driver who owns the memory (an empty array
-  // may have no memory at all; it lives where its library allocates, the current device).
-  v.device_id = v.data && count > 0 ? cuda_pointer_device(v.data) : cuda_current_device();
   if (cai.contains("stream") && !cai["stream"].is_none()) {
     const auto stream = cai["stream"].cast<uintptr_t>();
     NK_CHECK_VALUE(stream != 0, op, ": ", name, " has __cuda_array_interface__ stream 0, which ",
@@ -131,6 +128,10 @@ Array from_cuda_array_interface(py::handle obj, const char* op, const char* name
     a.has_producer_stream = true;
     a.producer_stream = stream;
   }
+  v.device = Device::CUDA;
+  // The interface does not name the device: ask the driver who owns the memory (an empty array
+  // may have no memory at all; it lives where its library allocates, the current device).
+  v.device_id = v.data && count > 0 ? cuda_pointer_device(v.data) : cuda_current_device();
   return a;
 }
 
