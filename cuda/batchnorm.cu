@@ -930,8 +930,6 @@ double* workspace(const char* op, const Launch& launch, const TensorView& x, con
   return static_cast<double*>(w.data);
 }
 
-int64_t item_size(DType dtype) { return dtype_size(dtype); }
-
 }  // namespace
 
 // ================================================================================================
@@ -942,10 +940,10 @@ int64_t batch_norm_workspace_size(const TensorView& x) {
   if (v.C == 0) return 0;
   const int target = target_blocks(x.device_id);
   int64_t most = 0;
-  for (int V : vector_widths(Layout::Rows, item_size(x.dtype))) {
+  for (int V : vector_widths(Layout::Rows, dtype_size(x.dtype))) {
     most = std::max(most, rows_items_per_channel(v.C, v.N * v.S, V, target));
   }
-  for (int V : vector_widths(Layout::ChannelsLast, item_size(x.dtype))) {
+  for (int V : vector_widths(Layout::ChannelsLast, dtype_size(x.dtype))) {
     most = std::max(most, channels_last_geometry(v.N * v.S, v.C, V, target).G);
   }
   return v.C * most * kStatsDoubles;
@@ -956,7 +954,7 @@ void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorV
   const char* op = "batch_norm_stats";
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
-  const Plan plan = make_plan({&x}, item_size(x.dtype), x.device_id);
+  const Plan plan = make_plan({&x}, dtype_size(x.dtype), x.device_id);
   double* ws = workspace(op, launch, x, plan);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -970,7 +968,7 @@ void batch_norm_normalize(const TensorView& x, const TensorView& mean, const Ten
                           const Launch& launch) {
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
-  const Plan plan = make_plan({&x, &y}, item_size(x.dtype), x.device_id);
+  const Plan plan = make_plan({&x, &y}, dtype_size(x.dtype), x.device_id);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_affine<T, false>(plan, normalize_args<acc_t<T>>(mean, invstd, weight, bias),
@@ -986,7 +984,7 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
   // One plan for both passes, so that the normalization revisits the reduction's work items.
-  const Plan plan = make_plan({&x, &y}, item_size(x.dtype), x.device_id);
+  const Plan plan = make_plan({&x, &y}, dtype_size(x.dtype), x.device_id);
   double* ws = workspace(op, launch, x, plan);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -1004,7 +1002,7 @@ void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const
   const char* op = "batch_norm_backward_reduce";
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
-  const Plan plan = make_plan({&dy, &x}, item_size(x.dtype), x.device_id);
+  const Plan plan = make_plan({&dy, &x}, dtype_size(x.dtype), x.device_id);
   double* ws = workspace(op, launch, x, plan);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -1019,7 +1017,7 @@ void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const 
                                double count, const TensorView& dx, const Launch& launch) {
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
-  const Plan plan = make_plan({&dy, &x, &dx}, item_size(x.dtype), x.device_id);
+  const Plan plan = make_plan({&dy, &x, &dx}, dtype_size(x.dtype), x.device_id);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_affine<T, true>(
@@ -1036,8 +1034,8 @@ void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const 
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
   // dx (when wanted) joins the plan, so that the elementwise pass revisits the reduction's items.
-  const Plan plan = dx.defined() ? make_plan({&dy, &x, &dx}, item_size(x.dtype), x.device_id)
-                                 : make_plan({&dy, &x}, item_size(x.dtype), x.device_id);
+  const Plan plan = dx.defined() ? make_plan({&dy, &x, &dx}, dtype_size(x.dtype), x.device_id)
+                                 : make_plan({&dy, &x}, dtype_size(x.dtype), x.device_id);
   double* ws = workspace(op, launch, x, plan);
   const NCSView v = as_ncs(x, "x");
   const double count = double(v.N * v.S);
