@@ -1,4 +1,5 @@
-// Batch normalization on the CPU: argument checks, dispatch, and the kernels.
+// Batch normalization: the argument checks (shared by both devices), dispatch, and the CPU kernels.
+// The CUDA kernels are in cuda/batchnorm.cu; they receive arguments checked here.
 //
 // Every op reduces to two kernel shapes over the tensor seen as (N, C, S):
 //   pair sums     s1[c] = sum (a - ka[c]),  s2[c] = sum (a - ka[c]) * (b - kb[c])
@@ -793,6 +794,17 @@ NCSView check_like_x(const char* op, const TensorView& t, const char* name, cons
   return as_ncs(t, name);
 }
 
+// An output must not write one element through two indices: a broadcast view (stride 0 in a dim
+// of size > 1) would make threads race and leave an arbitrary value behind.
+void check_output(const char* op, const TensorView& t, const char* name) {
+  if (t.numel() == 0) return;  // empty arrays may carry any strides
+  for (int d = 0; d < t.ndim; ++d) {
+    NK_CHECK_VALUE(t.shape[d] <= 1 || t.strides[d] != 0, op, ": output ", name,
+                   " is a broadcast view (stride 0 in dim ", d, "); pass an array that owns ",
+                   "every element");
+  }
+}
+
 // A per-channel vector (C,) of the param dtype. Absent is allowed when `optional`.
 void check_channels(const char* op, const TensorView& t, const char* name, const TensorView& x,
                     int64_t C, DType param, bool optional) {
@@ -817,11 +829,23 @@ Strided<const T> in(const TensorView& t, const NCSView& v) {
 // ================================================================================================
 // The ops.
 
-void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorView& var) {
+int64_t batch_norm_workspace_size(const TensorView& x) {
+  const char* op = "batch_norm_workspace_size";
+  check_input(op, x);
+  if (x.device != Device::CUDA) return 0;
+  int64_t size = 0;
+  dispatch(op, x, [](auto) {}, [&] { size = cuda::batch_norm_workspace_size(x); });
+  return size;
+}
+
+void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorView& var,
+                      const Launch& launch) {
   const char* op = "batch_norm_stats";
   const Checked k = check_input(op, x);
   check_channels(op, mean, "mean", x, k.C, k.param, false);
   check_channels(op, var, "var", x, k.C, k.param, false);
+  check_output(op, mean, "mean");
+  check_output(op, var, "var");
   dispatch(op, x, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -834,11 +858,12 @@ void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorV
     moments(widen(ks), s1, s2, double(g.N * g.S), m, v);
     write_channels<A>(mean, m);
     write_channels<A>(var, v);
-  });
+  }, [&] { cuda::batch_norm_stats(x, mean, var, launch); });
 }
 
 void batch_norm_normalize(const TensorView& x, const TensorView& mean, const TensorView& invstd,
-                          const TensorView& weight, const TensorView& bias, const TensorView& y) {
+                          const TensorView& weight, const TensorView& bias, const TensorView& y,
+                          const Launch& launch) {
   const char* op = "batch_norm_normalize";
   const Checked k = check_input(op, x);
   check_channels(op, mean, "mean", x, k.C, k.param, false);
@@ -846,6 +871,7 @@ void batch_norm_normalize(const TensorView& x, const TensorView& mean, const Ten
   check_channels(op, weight, "weight", x, k.C, k.param, true);
   check_channels(op, bias, "bias", x, k.C, k.param, true);
   const NCSView yv = check_like_x(op, y, "y", x);
+  check_output(op, y, "y");
   dispatch(op, x, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -856,12 +882,13 @@ void batch_norm_normalize(const TensorView& x, const TensorView& mean, const Ten
     for (int64_t c = 0; c < k.C; ++c) q[c] = is[c] * w[c];
     affine<T>(g, nullptr, in<T>(x, k.x), strided<T>(y, yv), std::vector<A>(k.C, 0), narrow<A>(q),
               narrow<A>(m), narrow<A>(b));
-  });
+  }, [&] { cuda::batch_norm_normalize(x, mean, invstd, weight, bias, y, launch); });
 }
 
 void batch_norm_forward_train(const TensorView& x, const TensorView& weight, const TensorView& bias,
                               double eps, const TensorView& y, const TensorView& mean,
-                              const TensorView& var, const TensorView& invstd) {
+                              const TensorView& var, const TensorView& invstd,
+                              const Launch& launch) {
   const char* op = "batch_norm_forward_train";
   const Checked k = check_input(op, x);
   check_channels(op, weight, "weight", x, k.C, k.param, true);
@@ -869,8 +896,12 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
   check_channels(op, mean, "mean", x, k.C, k.param, false);
   check_channels(op, var, "var", x, k.C, k.param, false);
   check_channels(op, invstd, "invstd", x, k.C, k.param, false);
+  check_output(op, mean, "mean");
+  check_output(op, var, "var");
+  check_output(op, invstd, "invstd");
   NK_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
   const NCSView yv = check_like_x(op, y, "y", x);
+  check_output(op, y, "y");
   dispatch(op, x, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -918,17 +949,20 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
     write_channels<A>(mean, m);
     write_channels<A>(var, v);
     write_channels<A>(invstd, is);
-  });
+  }, [&] { cuda::batch_norm_forward_train(x, weight, bias, eps, y, mean, var, invstd, launch); });
 }
 
 void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const TensorView& mean,
-                                const TensorView& sum_dy, const TensorView& sum_dy_xmu) {
+                                const TensorView& sum_dy, const TensorView& sum_dy_xmu,
+                                const Launch& launch) {
   const char* op = "batch_norm_backward_reduce";
   const Checked k = check_input(op, x);
   const NCSView dyv = check_like_x(op, dy, "dy", x);
   check_channels(op, mean, "mean", x, k.C, k.param, false);
   check_channels(op, sum_dy, "sum_dy", x, k.C, k.param, false);
   check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, false);
+  check_output(op, sum_dy, "sum_dy");
+  check_output(op, sum_dy_xmu, "sum_dy_xmu");
   dispatch(op, x, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -938,7 +972,7 @@ void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const
                  narrow<A>(read_channels<A>(mean, k.C, 0)), s1, s2);
     write_channels<A>(sum_dy, s1);
     write_channels<A>(sum_dy_xmu, s2);
-  });
+  }, [&] { cuda::batch_norm_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, launch); });
 }
 
 namespace {
@@ -964,11 +998,12 @@ void grad_input_coefficients(const std::vector<double>& invstd, const std::vecto
 void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const TensorView& mean,
                                const TensorView& invstd, const TensorView& weight,
                                const TensorView& sum_dy, const TensorView& sum_dy_xmu,
-                               double count, const TensorView& dx) {
+                               double count, const TensorView& dx, const Launch& launch) {
   const char* op = "batch_norm_backward_elemt";
   const Checked k = check_input(op, x);
   const NCSView dyv = check_like_x(op, dy, "dy", x);
   const NCSView dxv = check_like_x(op, dx, "dx", x);
+  check_output(op, dx, "dx");
   check_channels(op, mean, "mean", x, k.C, k.param, false);
   check_channels(op, invstd, "invstd", x, k.C, k.param, false);
   check_channels(op, weight, "weight", x, k.C, k.param, true);
@@ -989,22 +1024,28 @@ void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const 
     const auto dys = in<T>(dy, dyv);
     affine<T>(g, &dys, in<T>(x, k.x), strided<T>(dx, dxv), narrow<A>(p), narrow<A>(q),
               narrow<A>(read_channels<A>(mean, k.C, 0)), narrow<A>(r));
+  }, [&] {
+    cuda::batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx,
+                                    launch);
   });
 }
 
 void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const TensorView& mean,
                                const TensorView& invstd, const TensorView& weight,
                                const TensorView& dx, const TensorView& sum_dy,
-                               const TensorView& sum_dy_xmu) {
+                               const TensorView& sum_dy_xmu, const Launch& launch) {
   const char* op = "batch_norm_backward_train";
   const Checked k = check_input(op, x);
   const NCSView dyv = check_like_x(op, dy, "dy", x);
   const NCSView dxv = dx.defined() ? check_like_x(op, dx, "dx", x) : dyv;
+  if (dx.defined()) check_output(op, dx, "dx");
   check_channels(op, mean, "mean", x, k.C, k.param, false);
   check_channels(op, invstd, "invstd", x, k.C, k.param, false);
   check_channels(op, weight, "weight", x, k.C, k.param, true);
   check_channels(op, sum_dy, "sum_dy", x, k.C, k.param, false);
   check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, false);
+  check_output(op, sum_dy, "sum_dy");
+  check_output(op, sum_dy_xmu, "sum_dy_xmu");
   dispatch(op, x, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -1045,6 +1086,8 @@ void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const 
     }
     write_channels<A>(sum_dy, s1);
     write_channels<A>(sum_dy_xmu, s2);
+  }, [&] {
+    cuda::batch_norm_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, launch);
   });
 }
 

@@ -1,9 +1,14 @@
 #include "normkit/device.h"
 
+#include "normkit/error.h"
+
 #ifdef NORMKIT_WITH_CUDA
-namespace normkit::cuda {
-int device_count();  // cuda/runtime.cu
-}
+namespace normkit::cuda {  // cuda/runtime.cu
+int device_count();
+int pointer_device(const void* ptr);
+int current_device();
+void stream_wait(int device, void* producer, void* consumer);
+}  // namespace normkit::cuda
 #endif
 
 namespace normkit {
@@ -21,6 +26,41 @@ int cuda_device_count() {
   return cuda::device_count();
 #else
   return 0;
+#endif
+}
+
+#ifndef NORMKIT_WITH_CUDA
+namespace {
+[[noreturn]] void no_cuda(const char* what) {
+  fail(ErrorKind::Runtime, "normkit: ", what, " needs CUDA, but this build of normkit has none ",
+       "(it was built without the CUDA toolkit; rebuild with NORMKIT_CUDA=ON)");
+}
+}  // namespace
+#endif
+
+int cuda_pointer_device(const void* ptr) {
+#ifdef NORMKIT_WITH_CUDA
+  return cuda::pointer_device(ptr);
+#else
+  (void)ptr;
+  no_cuda("a CUDA array");
+#endif
+}
+
+int cuda_current_device() {
+#ifdef NORMKIT_WITH_CUDA
+  return cuda::current_device();
+#else
+  no_cuda("a CUDA array");
+#endif
+}
+
+void cuda_stream_wait(int device, void* producer, void* consumer) {
+#ifdef NORMKIT_WITH_CUDA
+  cuda::stream_wait(device, producer, consumer);
+#else
+  (void)device, (void)producer, (void)consumer;
+  no_cuda("a CUDA stream");
 #endif
 }
 

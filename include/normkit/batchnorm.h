@@ -7,30 +7,46 @@
 // touching each channel's data while it is still in cache.
 //
 // Dtypes: x, y, dy, dx share one dtype; mean/var/invstd/weight/bias and the reduced sums have
-// param_dtype(x.dtype) (float32 for float16 inputs). weight and bias may be undefined (affine=False).
+// param_dtype(x.dtype) (float32 for float16/bfloat16 inputs). weight and bias may be undefined (affine=False).
 // Any layout works; contiguous channels-first and channels-last have fast paths.
+//
+// On CUDA tensors the ops run on launch.stream without synchronizing the host; those that reduce
+// (stats, forward_train, backward_reduce, backward_train) need launch.workspace of
+// batch_norm_workspace_size(x) float64 values. CPU tensors ignore `launch`.
 #pragma once
 
+#include <cstdint>
+
+#include "normkit/launch.h"
 #include "normkit/tensor.h"
 
 namespace normkit {
 
+// float64 values of scratch the reducing ops need for x (and for any dy, dx of x's shape): a few
+// per channel and per block of the reduction, so that its two stages are deterministic. 0 on the
+// CPU.
+int64_t batch_norm_workspace_size(const TensorView& x);
+
 // mean[c] and biased var[c] of x over every dim but 1. An empty batch gives mean 0, var 0.
-void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorView& var);
+void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorView& var,
+                      const Launch& launch = {});
 
 // y = (x - mean[c]) * invstd[c] * weight[c] + bias[c].
 void batch_norm_normalize(const TensorView& x, const TensorView& mean, const TensorView& invstd,
-                          const TensorView& weight, const TensorView& bias, const TensorView& y);
+                          const TensorView& weight, const TensorView& bias, const TensorView& y,
+                          const Launch& launch = {});
 
 // Training forward of one process: statistics, then normalization with them. Writes the batch
 // mean, biased var and invstd = 1 / sqrt(var + eps).
 void batch_norm_forward_train(const TensorView& x, const TensorView& weight, const TensorView& bias,
                               double eps, const TensorView& y, const TensorView& mean,
-                              const TensorView& var, const TensorView& invstd);
+                              const TensorView& var, const TensorView& invstd,
+                              const Launch& launch = {});
 
 // sum_dy[c] = sum dy, sum_dy_xmu[c] = sum dy * (x - mean[c]).
 void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const TensorView& mean,
-                                const TensorView& sum_dy, const TensorView& sum_dy_xmu);
+                                const TensorView& sum_dy, const TensorView& sum_dy_xmu,
+                                const Launch& launch = {});
 
 // dx = weight * invstd * (dy - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xmu / count),
 // the gradient through batch statistics computed over `count` values per channel. With sum_dy and
@@ -38,13 +54,39 @@ void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const
 void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const TensorView& mean,
                                const TensorView& invstd, const TensorView& weight,
                                const TensorView& sum_dy, const TensorView& sum_dy_xmu,
-                               double count, const TensorView& dx);
+                               double count, const TensorView& dx, const Launch& launch = {});
 
 // Training backward of one process: backward_reduce and backward_elemt fused (count = N * S).
 // dx may be undefined when only the parameter gradients are wanted.
 void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const TensorView& mean,
                                const TensorView& invstd, const TensorView& weight,
                                const TensorView& dx, const TensorView& sum_dy,
-                               const TensorView& sum_dy_xmu);
+                               const TensorView& sum_dy_xmu, const Launch& launch = {});
+
+// The CUDA kernels behind the ops above (cuda/batchnorm.cu), with the same arguments. The ops
+// check every argument and call these for CUDA tensors; they are not meant to be called directly.
+namespace cuda {
+int64_t batch_norm_workspace_size(const TensorView& x);
+void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorView& var,
+                      const Launch& launch);
+void batch_norm_normalize(const TensorView& x, const TensorView& mean, const TensorView& invstd,
+                          const TensorView& weight, const TensorView& bias, const TensorView& y,
+                          const Launch& launch);
+void batch_norm_forward_train(const TensorView& x, const TensorView& weight, const TensorView& bias,
+                              double eps, const TensorView& y, const TensorView& mean,
+                              const TensorView& var, const TensorView& invstd,
+                              const Launch& launch);
+void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const TensorView& mean,
+                                const TensorView& sum_dy, const TensorView& sum_dy_xmu,
+                                const Launch& launch);
+void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const TensorView& mean,
+                               const TensorView& invstd, const TensorView& weight,
+                               const TensorView& sum_dy, const TensorView& sum_dy_xmu,
+                               double count, const TensorView& dx, const Launch& launch);
+void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const TensorView& mean,
+                               const TensorView& invstd, const TensorView& weight,
+                               const TensorView& dx, const TensorView& sum_dy,
+                               const TensorView& sum_dy_xmu, const Launch& launch);
+}  // namespace cuda
 
 }  // namespace normkit

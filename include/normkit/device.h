@@ -1,4 +1,6 @@
-// What this build of the core can run on.
+// What this build of the core can run on, and the few CUDA runtime services the bindings need to
+// accept GPU arrays. Every function exists in every build; without CUDA those that need it raise
+// a RuntimeError.
 #pragma once
 
 namespace normkit {
@@ -7,5 +9,15 @@ namespace normkit {
 bool built_with_cuda();
 // CUDA devices usable now: 0 without a CUDA build, a driver or a GPU (never an error).
 int cuda_device_count();
+
+// The device ordinal that owns a CUDA pointer (device or managed memory).
+int cuda_pointer_device(const void* ptr);
+// The calling thread's current CUDA device (where CuPy allocates).
+int cuda_current_device();
+
+// Makes work queued later on `consumer` wait for the work queued so far on `producer`, on the
+// device (no host synchronization). Streams are cudaStream_t values, null the legacy default
+// stream; equal streams need no wait.
+void cuda_stream_wait(int device, void* producer, void* consumer);
 
 }  // namespace normkit

@@ -9,6 +9,13 @@ namespace normkit {
 // CPU storage type of float16. Arithmetic on it always happens in float32.
 using Half = _Float16;
 
+// Whether this build has the CUDA kernels (NORMKIT_WITH_CUDA is set for the core's sources).
+#ifdef NORMKIT_WITH_CUDA
+inline constexpr bool kBuiltWithCuda = true;
+#else
+inline constexpr bool kBuiltWithCuda = false;
+#endif
+
 // Calls cpu(T{}) with T the CPU storage type of dtype.
 template <class CpuFn>
 void dispatch_cpu(const char* op, DType dtype, CpuFn&& cpu) {
@@ -22,12 +29,22 @@ void dispatch_cpu(const char* op, DType dtype, CpuFn&& cpu) {
   }
 }
 
-// Runs an op on the device of `x`. CUDA kernels arrive with the CUDA backend; until an op has one,
-// asking for it on a GPU array is a clear RuntimeError rather than a silent host copy.
-template <class CpuFn>
-void dispatch(const char* op, const TensorView& x, CpuFn&& cpu) {
-  NK_CHECK_RUNTIME(x.device == Device::CPU, op, ": this build of normkit has no ",
-                   device_name(x.device), " kernel for it");
+// Runs an op on the device of `x`: cpu(T{}) for CPU tensors, gpu() for CUDA tensors (the CUDA
+// kernels pick their dtype themselves; every DType has one). In a build without CUDA, a CUDA
+// tensor is a clear RuntimeError, and gpu is never instantiated, so the CUDA entry points it
+// names need not exist.
+template <class CpuFn, class GpuFn>
+void dispatch(const char* op, const TensorView& x, CpuFn&& cpu, GpuFn&& gpu) {
+  if (x.device == Device::CUDA) {
+    if constexpr (kBuiltWithCuda) {
+      gpu();
+      return;
+    } else {
+      fail(ErrorKind::Runtime, op, ": x is a CUDA array but this build of normkit has no CUDA ",
+           "kernels (it was built without the CUDA toolkit; rebuild with NORMKIT_CUDA=ON)");
+    }
+  }
+  NK_CHECK_RUNTIME(x.device == Device::CPU, op, ": no kernel for device ", device_name(x.device));
   dispatch_cpu(op, x.dtype, cpu);
 }
 

@@ -1,5 +1,6 @@
 """Array-library plumbing shared by the functional ops and the layers: which library an array
-belongs to (NumPy or CuPy), dtypes of parameters, layouts the kernels can read, devices."""
+belongs to (NumPy or CuPy), dtypes of parameters, layouts the kernels can read, devices, and the
+stream and workspace GPU ops run with."""
 import numpy as np
 
 from . import _C
@@ -24,8 +25,8 @@ def array_module(x, name="x"):
 
 
 def param_dtype(dtype):
-    """Dtype of parameters and statistics for inputs of `dtype`: float16 inputs run with float32
-    parameters (mixed precision); float32 and float64 use their own."""
+    """Dtype of parameters and statistics for inputs of `dtype`: float16 (and bfloat16) inputs run
+    with float32 parameters (mixed precision); float32 and float64 use their own."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
@@ -40,6 +41,25 @@ def kernel_input(x, name="x"):
     return x
 
 
+def launch_args(x, workspace_size=None):
+    """Keyword arguments that run a core op on `x`'s device: nothing for NumPy arrays; for CuPy
+    arrays CuPy's current stream and, when the op reduces (`workspace_size` given, e.g.
+    ``_C.batch_norm_workspace_size``), a float64 workspace from CuPy's memory pool."""
+    if isinstance(x, np.ndarray):
+        return {}
+    import cupy
+
+    args = {"stream": cupy.cuda.get_current_stream().ptr}
+    if workspace_size is not None:
+        args["workspace"] = cupy.empty(workspace_size(x), cupy.float64)
+    return args
+
+
+def writeable(a):
+    """Whether `a` may be written (CuPy arrays have no read-only flag: always)."""
+    return getattr(a.flags, "writeable", True)
+
+
 def like(x, src):
     """`src` laid out like `x` (same strides) so that both take the same fast path; `src` itself
     when it already is, or when its dtype or shape differ (the core then names the mismatch)."""
@@ -51,16 +71,22 @@ def like(x, src):
 
 
 def parse_device(device):
-    """'cpu' or 'cuda' (device ids are accepted and ignored: arrays follow CuPy's current device)."""
-    kind = str(device).split(":")[0]
-    if kind not in ("cpu", "cuda"):
+    """'cpu' or 'cuda' for a device string 'cpu', 'cuda' or 'cuda:N'."""
+    return _split_device(device)[0]
+
+
+def _split_device(device):
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    return kind
+    return kind, int(index) if index else None
 
 
 def to_device(x, device):
-    """`x` on `device` ('cpu' -> NumPy, 'cuda' -> CuPy); `x` itself when it is already there."""
-    if parse_device(device) == "cpu":
+    """`x` on `device` ('cpu' -> NumPy; 'cuda' -> CuPy on the current device, 'cuda:N' on device
+    N); `x` itself when it is already there."""
+    kind, index = _split_device(device)
+    if kind == "cpu":
         return x if isinstance(x, np.ndarray) else x.get()
     if not cuda_available():
         raise RuntimeError(
@@ -68,4 +94,9 @@ def to_device(x, device):
         )
     import cupy
 
-    return cupy.asarray(x)
+    target = cupy.cuda.Device(index) if index is not None else cupy.cuda.Device()
+    if isinstance(x, cupy.ndarray) and x.device.id == target.id:
+        return x
+    with target:
+        # from another GPU through the host: simple, and moving a layer is rare
+        return cupy.asarray(x if isinstance(x, np.ndarray) else x.get())

@@ -3,6 +3,8 @@
 #include <cstdint>
 #include <string>
 
+#include "normkit/device.h"
+
 namespace normkit::bindings {
 
 namespace {
@@ -72,6 +74,67 @@ Array from_buffer(py::handle obj, const char* op, const char* name, Access acces
   return a;
 }
 
+// The CUDA Array Interface, version 3 (https://numba.readthedocs.io/en/stable/cuda/
+// cuda_array_interface.html): a dict with shape, typestr, data = (pointer, read-only), strides in
+// bytes or None (C-contiguous), no mask, and a stream to synchronize with.
+Array from_cuda_array_interface(py::handle obj, const char* op, const char* name, Access access) {
+  const py::dict cai = obj.attr("__cuda_array_interface__");
+  Array a;
+  TensorView& v = a.view;
+  const py::tuple shape = cai["shape"];
+  check_ndim(static_cast<int64_t>(shape.size()), op, name);
+  NK_CHECK_VALUE(!cai.contains("mask") || cai["mask"].is_none(), op, ": ", name,
+                 " is a masked CUDA array; pass one without a mask");
+  // typestr: byte order, kind, item size in bytes, as NumPy's dtype.str ('<f4').
+  const std::string typestr = py::str(cai["typestr"]);
+  const std::string kind = typestr.substr(0, 2), size = typestr.size() > 2 ? typestr.substr(2) : "";
+  if (kind == "<f" || kind == "=f") {
+    if (size == "2") v.dtype = DType::Float16;
+    else if (size == "4") v.dtype = DType::Float32;
+    else if (size == "8") v.dtype = DType::Float64;
+    else unsupported_dtype(op, name, "'" + typestr + "' (CUDA Array Interface)");
+  } else if (typestr == "<V2" || typestr == "|V2") {
+    unsupported_dtype(op, name, "'" + typestr + "' (2-byte void, perhaps bfloat16: pass bfloat16 "
+                      "arrays through DLPack, which names the type)");
+  } else {
+    unsupported_dtype(op, name, "'" + typestr + "' (CUDA Array Interface)");
+  }
+  const int64_t itemsize = dtype_size(v.dtype);
+  const py::tuple data = cai["data"];
+  v.data = reinterpret_cast<void*>(data[0].cast<uintptr_t>());
+  NK_CHECK_VALUE(!(access == Access::Write && data[1].cast<bool>()), op, ": output ", name,
+                 " is read-only; pass a writable array");
+  v.ndim = static_cast<int>(shape.size());
+  py::object strides = py::none();
+  if (cai.contains("strides")) strides = cai["strides"];
+  int64_t compact = 1, count = 1;
+  for (int d = v.ndim - 1; d >= 0; --d) {
+    v.shape[d] = shape[d].cast<int64_t>();
+    if (strides.is_none()) {
+      v.strides[d] = compact;
+    } else {
+      const int64_t bytes = py::tuple(strides)[d].cast<int64_t>();
+      NK_CHECK_VALUE(bytes % itemsize == 0, op, ": ", name,
+                     " has a stride that is not a multiple of its item size");
+      v.strides[d] = bytes / itemsize;
+    }
+    compact *= v.shape[d];
+    count *= v.shape[d];
+  }
+  if (cai.contains("stream") && !cai["stream"].is_none()) {
+    const auto stream = cai["stream"].cast<uintptr_t>();
+    NK_CHECK_VALUE(stream != 0, op, ": ", name, " has __cuda_array_interface__ stream 0, which ",
+                   "the interface disallows (1 is the legacy default stream)");
+    a.has_producer_stream = true;
+    a.producer_stream = stream;
+  }
+  v.device = Device::CUDA;
+  // The interface does not name the device: ask the driver who owns the memory (an empty array
+  // may have no memory at all; it lives where its library allocates, the current device).
+  v.device_id = v.data && count > 0 ? cuda_pointer_device(v.data) : cuda_current_device();
+  return a;
+}
+
 // A "dltensor" capsule, from an exporter's __dlpack__ or passed in directly (torch's to_dlpack
 // makes one in a fraction of the time of Tensor.__dlpack__, which matters for small tensors).
 Array from_capsule(py::object capsule, const char* op, const char* name) {
@@ -112,22 +175,44 @@ Array from_capsule(py::object capsule, const char* op, const char* name) {
   return a;
 }
 
-Array from_dlpack(py::handle obj, const char* op, const char* name) {
-  return from_capsule(obj.attr("__dlpack__")(), op, name);
+Array from_dlpack(py::handle obj, const char* op, const char* name, uintptr_t stream) {
+  bool cuda = false;
+  if (py::hasattr(obj, "__dlpack_device__")) {
+    const py::tuple device = obj.attr("__dlpack_device__")();
+    cuda = device[0].cast<int32_t>() == kDLCUDA;
+  }
+  // A CUDA exporter makes its data ready on the consumer's stream (DLPack's stream protocol;
+  // 0 is not allowed there, 1 names the legacy default stream).
+  py::object capsule = cuda ? obj.attr("__dlpack__")(py::arg("stream") = stream ? stream : 1)
+                            : obj.attr("__dlpack__")();
+  return from_capsule(std::move(capsule), op, name);
 }
 
 }  // namespace
 
-Array as_array(py::handle obj, const char* op, const char* name, Access access) {
+Array as_array(py::handle obj, const char* op, const char* name, Access access,
+               uintptr_t stream) {
   if (obj.is_none()) return Array{};
   if (PyObject_CheckBuffer(obj.ptr())) return from_buffer(obj, op, name, access);
   if (PyCapsule_CheckExact(obj.ptr())) {
     return from_capsule(py::reinterpret_borrow<py::object>(obj), op, name);
   }
-  if (py::hasattr(obj, "__dlpack__")) return from_dlpack(obj, op, name);
-  fail(ErrorKind::Type, op, ": ", name,
-       " must be an array (buffer protocol, DLPack or a DLPack capsule), got ",
+  if (py::hasattr(obj, "__cuda_array_interface__")) {
+    return from_cuda_array_interface(obj, op, name, access);
+  }
+  if (py::hasattr(obj, "__dlpack__")) return from_dlpack(obj, op, name, stream);
+  fail(ErrorKind::Type, op, ": ", name, " must be an array (buffer protocol, CUDA Array ",
+       "Interface, DLPack or a DLPack capsule), got ",
        std::string(py::str(py::type::of(obj).attr("__name__"))));
+}
+
+void wait_for_producers(std::initializer_list<const Array*> arrays, uintptr_t stream) {
+  for (const Array* a : arrays) {
+    if (a->view.defined() && a->view.device == Device::CUDA && a->has_producer_stream) {
+      cuda_stream_wait(a->view.device_id, reinterpret_cast<void*>(a->producer_stream),
+                       reinterpret_cast<void*>(stream));
+    }
+  }
 }
 
 }  // namespace normkit::bindings

@@ -1,10 +1,12 @@
-// Python arrays -> TensorView without copies: the buffer protocol (NumPy), DLPack (PyTorch and
-// anything else that speaks it) and "dltensor" capsules. The returned Array keeps the exporter's
-// buffer or capsule alive.
+// Python arrays -> TensorView without copies: the buffer protocol (NumPy), the CUDA Array
+// Interface (CuPy, Numba), DLPack (PyTorch and anything else that speaks it) and "dltensor"
+// capsules. The returned Array keeps the exporter's buffer or capsule alive.
 #pragma once
 
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <initializer_list>
 #include <memory>
 
 #include "normkit/tensor.h"
@@ -17,11 +19,22 @@ struct Array {
   TensorView view;  // undefined (ndim -1) for None
   std::unique_ptr<py::buffer_info> buffer;
   py::object capsule;
+  // The stream a __cuda_array_interface__ (v3) asks its consumer to synchronize with, as a
+  // cudaStream_t value (1: legacy default stream, 2: per-thread default stream).
+  bool has_producer_stream = false;
+  uintptr_t producer_stream = 0;
 };
 
 enum class Access { Read, Write };
 
 // `obj` as a tensor view; None gives an undefined view. `op` and `name` go into error messages.
-Array as_array(py::handle obj, const char* op, const char* name, Access access);
+// `stream` is the cudaStream_t (0: the legacy default stream) the op will run on: a CUDA DLPack
+// exporter is asked to make its data ready on it.
+Array as_array(py::handle obj, const char* op, const char* name, Access access,
+               uintptr_t stream = 0);
+
+// Makes `stream` wait (on the device) for the streams that CUDA Array Interface producers asked
+// their consumers to synchronize with. Call with the GIL held, before launching.
+void wait_for_producers(std::initializer_list<const Array*> arrays, uintptr_t stream);
 
 }  // namespace normkit::bindings

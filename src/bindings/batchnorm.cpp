@@ -1,77 +1,159 @@
 // Bindings of include/normkit/batchnorm.h. Arguments are positional arrays (None for an absent
-// optional one); outputs are passed in, allocated by the caller's array library.
+// optional one); outputs are passed in, allocated by the caller's array library. Every op also
+// takes `stream` (the cudaStream_t, as an int, that GPU work runs on: CuPy's or PyTorch's current
+// stream; 0 is the legacy default stream) and `workspace` (a float64 array of
+// batch_norm_workspace_size(x) values on x's device, for the ops that reduce); CPU arrays ignore
+// both.
 #include "normkit/batchnorm.h"
+
+#include <initializer_list>
 
 #include "array.h"
 #include "module.h"
 
 namespace normkit::bindings {
 
+namespace {
+
+// Makes the stream wait for the arrays' producers, then runs op(launch) without the GIL.
+template <class Op>
+void run(uintptr_t stream, const Array& workspace, std::initializer_list<const Array*> arrays,
+         Op&& op) {
+  wait_for_producers(arrays, stream);
+  const Launch launch{reinterpret_cast<void*>(stream), workspace.view};
+  without_gil([&] { op(launch); });
+}
+
+}  // namespace
+
 void bind_batchnorm(py::module_& m) {
-  m.def("batch_norm_stats", [](py::handle x, py::handle mean, py::handle var) {
-    const char* op = "batch_norm_stats";
-    auto X = as_array(x, op, "x", Access::Read);
-    auto M = as_array(mean, op, "mean", Access::Write), V = as_array(var, op, "var", Access::Write);
-    without_gil([&] { batch_norm_stats(X.view, M.view, V.view); });
-  });
-  m.def("batch_norm_normalize", [](py::handle x, py::handle mean, py::handle invstd,
-                                   py::handle weight, py::handle bias, py::handle y) {
-    const char* op = "batch_norm_normalize";
-    auto X = as_array(x, op, "x", Access::Read), M = as_array(mean, op, "mean", Access::Read);
-    auto I = as_array(invstd, op, "invstd", Access::Read);
-    auto W = as_array(weight, op, "weight", Access::Read), B = as_array(bias, op, "bias", Access::Read);
-    auto Y = as_array(y, op, "y", Access::Write);
-    without_gil([&] { batch_norm_normalize(X.view, M.view, I.view, W.view, B.view, Y.view); });
-  });
-  m.def("batch_norm_forward_train", [](py::handle x, py::handle weight, py::handle bias, double eps,
-                                       py::handle y, py::handle mean, py::handle var,
-                                       py::handle invstd) {
-    const char* op = "batch_norm_forward_train";
-    auto X = as_array(x, op, "x", Access::Read);
-    auto W = as_array(weight, op, "weight", Access::Read), B = as_array(bias, op, "bias", Access::Read);
-    auto Y = as_array(y, op, "y", Access::Write), M = as_array(mean, op, "mean", Access::Write);
-    auto V = as_array(var, op, "var", Access::Write), I = as_array(invstd, op, "invstd", Access::Write);
-    without_gil([&] {
-      batch_norm_forward_train(X.view, W.view, B.view, eps, Y.view, M.view, V.view, I.view);
-    });
-  });
-  m.def("batch_norm_backward_reduce", [](py::handle dy, py::handle x, py::handle mean,
-                                         py::handle sum_dy, py::handle sum_dy_xmu) {
-    const char* op = "batch_norm_backward_reduce";
-    auto DY = as_array(dy, op, "dy", Access::Read), X = as_array(x, op, "x", Access::Read);
-    auto M = as_array(mean, op, "mean", Access::Read);
-    auto S1 = as_array(sum_dy, op, "sum_dy", Access::Write);
-    auto S2 = as_array(sum_dy_xmu, op, "sum_dy_xmu", Access::Write);
-    without_gil([&] { batch_norm_backward_reduce(DY.view, X.view, M.view, S1.view, S2.view); });
-  });
-  m.def("batch_norm_backward_elemt", [](py::handle dy, py::handle x, py::handle mean,
-                                        py::handle invstd, py::handle weight, py::handle sum_dy,
-                                        py::handle sum_dy_xmu, double count, py::handle dx) {
-    const char* op = "batch_norm_backward_elemt";
-    auto DY = as_array(dy, op, "dy", Access::Read), X = as_array(x, op, "x", Access::Read);
-    auto M = as_array(mean, op, "mean", Access::Read), I = as_array(invstd, op, "invstd", Access::Read);
-    auto W = as_array(weight, op, "weight", Access::Read);
-    auto S1 = as_array(sum_dy, op, "sum_dy", Access::Read);
-    auto S2 = as_array(sum_dy_xmu, op, "sum_dy_xmu", Access::Read);
-    auto DX = as_array(dx, op, "dx", Access::Write);
-    without_gil([&] {
-      batch_norm_backward_elemt(DY.view, X.view, M.view, I.view, W.view, S1.view, S2.view, count,
-                                DX.view);
-    });
-  });
-  m.def("batch_norm_backward_train", [](py::handle dy, py::handle x, py::handle mean,
-                                        py::handle invstd, py::handle weight, py::handle dx,
-                                        py::handle sum_dy, py::handle sum_dy_xmu) {
-    const char* op = "batch_norm_backward_train";
-    auto DY = as_array(dy, op, "dy", Access::Read), X = as_array(x, op, "x", Access::Read);
-    auto M = as_array(mean, op, "mean", Access::Read), I = as_array(invstd, op, "invstd", Access::Read);
-    auto W = as_array(weight, op, "weight", Access::Read), DX = as_array(dx, op, "dx", Access::Write);
-    auto S1 = as_array(sum_dy, op, "sum_dy", Access::Write);
-    auto S2 = as_array(sum_dy_xmu, op, "sum_dy_xmu", Access::Write);
-    without_gil([&] {
-      batch_norm_backward_train(DY.view, X.view, M.view, I.view, W.view, DX.view, S1.view, S2.view);
-    });
-  });
+  const auto stream_arg = py::arg("stream") = uintptr_t(0);
+  const auto workspace_arg = py::arg("workspace") = py::none();
+
+  m.def(
+      "batch_norm_workspace_size",
+      [](py::handle x) {
+        const char* op = "batch_norm_workspace_size";
+        auto X = as_array(x, op, "x", Access::Read);
+        return batch_norm_workspace_size(X.view);
+      },
+      py::arg("x"),
+      "float64 values of workspace the reducing batch-norm ops need for x (0 for CPU arrays).");
+
+  m.def(
+      "batch_norm_stats",
+      [](py::handle x, py::handle mean, py::handle var, uintptr_t stream, py::handle workspace) {
+        const char* op = "batch_norm_stats";
+        auto X = as_array(x, op, "x", Access::Read, stream);
+        auto M = as_array(mean, op, "mean", Access::Write, stream);
+        auto V = as_array(var, op, "var", Access::Write, stream);
+        auto WS = as_array(workspace, op, "workspace", Access::Write, stream);
+        run(stream, WS, {&X, &M, &V, &WS},
+            [&](const Launch& l) { batch_norm_stats(X.view, M.view, V.view, l); });
+      },
+      py::arg("x"), py::arg("mean"), py::arg("var"), stream_arg, workspace_arg);
+
+  m.def(
+      "batch_norm_normalize",
+      [](py::handle x, py::handle mean, py::handle invstd, py::handle weight, py::handle bias,
+         py::handle y, uintptr_t stream) {
+        const char* op = "batch_norm_normalize";
+        auto X = as_array(x, op, "x", Access::Read, stream);
+        auto M = as_array(mean, op, "mean", Access::Read, stream);
+        auto I = as_array(invstd, op, "invstd", Access::Read, stream);
+        auto W = as_array(weight, op, "weight", Access::Read, stream);
+        auto B = as_array(bias, op, "bias", Access::Read, stream);
+        auto Y = as_array(y, op, "y", Access::Write, stream);
+        run(stream, Array{}, {&X, &M, &I, &W, &B, &Y}, [&](const Launch& l) {
+          batch_norm_normalize(X.view, M.view, I.view, W.view, B.view, Y.view, l);
+        });
+      },
+      py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"),
+      py::arg("y"), stream_arg);
+
+  m.def(
+      "batch_norm_forward_train",
+      [](py::handle x, py::handle weight, py::handle bias, double eps, py::handle y,
+         py::handle mean, py::handle var, py::handle invstd, uintptr_t stream,
+         py::handle workspace) {
+        const char* op = "batch_norm_forward_train";
+        auto X = as_array(x, op, "x", Access::Read, stream);
+        auto W = as_array(weight, op, "weight", Access::Read, stream);
+        auto B = as_array(bias, op, "bias", Access::Read, stream);
+        auto Y = as_array(y, op, "y", Access::Write, stream);
+        auto M = as_array(mean, op, "mean", Access::Write, stream);
+        auto V = as_array(var, op, "var", Access::Write, stream);
+        auto I = as_array(invstd, op, "invstd", Access::Write, stream);
+        auto WS = as_array(workspace, op, "workspace", Access::Write, stream);
+        run(stream, WS, {&X, &W, &B, &Y, &M, &V, &I, &WS}, [&](const Launch& l) {
+          batch_norm_forward_train(X.view, W.view, B.view, eps, Y.view, M.view, V.view, I.view, l);
+        });
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("y"),
+      py::arg("mean"), py::arg("var"), py::arg("invstd"), stream_arg, workspace_arg);
+
+  m.def(
+      "batch_norm_backward_reduce",
+      [](py::handle dy, py::handle x, py::handle mean, py::handle sum_dy, py::handle sum_dy_xmu,
+         uintptr_t stream, py::handle workspace) {
+        const char* op = "batch_norm_backward_reduce";
+        auto DY = as_array(dy, op, "dy", Access::Read, stream);
+        auto X = as_array(x, op, "x", Access::Read, stream);
+        auto M = as_array(mean, op, "mean", Access::Read, stream);
+        auto S1 = as_array(sum_dy, op, "sum_dy", Access::Write, stream);
+        auto S2 = as_array(sum_dy_xmu, op, "sum_dy_xmu", Access::Write, stream);
+        auto WS = as_array(workspace, op, "workspace", Access::Write, stream);
+        run(stream, WS, {&DY, &X, &M, &S1, &S2, &WS}, [&](const Launch& l) {
+          batch_norm_backward_reduce(DY.view, X.view, M.view, S1.view, S2.view, l);
+        });
+      },
+      py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("sum_dy"), py::arg("sum_dy_xmu"),
+      stream_arg, workspace_arg);
+
+  m.def(
+      "batch_norm_backward_elemt",
+      [](py::handle dy, py::handle x, py::handle mean, py::handle invstd, py::handle weight,
+         py::handle sum_dy, py::handle sum_dy_xmu, double count, py::handle dx,
+         uintptr_t stream) {
+        const char* op = "batch_norm_backward_elemt";
+        auto DY = as_array(dy, op, "dy", Access::Read, stream);
+        auto X = as_array(x, op, "x", Access::Read, stream);
+        auto M = as_array(mean, op, "mean", Access::Read, stream);
+        auto I = as_array(invstd, op, "invstd", Access::Read, stream);
+        auto W = as_array(weight, op, "weight", Access::Read, stream);
+        auto S1 = as_array(sum_dy, op, "sum_dy", Access::Read, stream);
+        auto S2 = as_array(sum_dy_xmu, op, "sum_dy_xmu", Access::Read, stream);
+        auto DX = as_array(dx, op, "dx", Access::Write, stream);
+        run(stream, Array{}, {&DY, &X, &M, &I, &W, &S1, &S2, &DX}, [&](const Launch& l) {
+          batch_norm_backward_elemt(DY.view, X.view, M.view, I.view, W.view, S1.view, S2.view,
+                                    count, DX.view, l);
+        });
+      },
+      py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("weight"),
+      py::arg("sum_dy"), py::arg("sum_dy_xmu"), py::arg("count"), py::arg("dx"), stream_arg);
+
+  m.def(
+      "batch_norm_backward_train",
+      [](py::handle dy, py::handle x, py::handle mean, py::handle invstd, py::handle weight,
+         py::handle dx, py::handle sum_dy, py::handle sum_dy_xmu, uintptr_t stream,
+         py::handle workspace) {
+        const char* op = "batch_norm_backward_train";
+        auto DY = as_array(dy, op, "dy", Access::Read, stream);
+        auto X = as_array(x, op, "x", Access::Read, stream);
+        auto M = as_array(mean, op, "mean", Access::Read, stream);
+        auto I = as_array(invstd, op, "invstd", Access::Read, stream);
+        auto W = as_array(weight, op, "weight", Access::Read, stream);
+        auto DX = as_array(dx, op, "dx", Access::Write, stream);
+        auto S1 = as_array(sum_dy, op, "sum_dy", Access::Write, stream);
+        auto S2 = as_array(sum_dy_xmu, op, "sum_dy_xmu", Access::Write, stream);
+        auto WS = as_array(workspace, op, "workspace", Access::Write, stream);
+        run(stream, WS, {&DY, &X, &M, &I, &W, &DX, &S1, &S2, &WS}, [&](const Launch& l) {
+          batch_norm_backward_train(DY.view, X.view, M.view, I.view, W.view, DX.view, S1.view,
+                                    S2.view, l);
+        });
+      },
+      py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("weight"),
+      py::arg("dx"), py::arg("sum_dy"), py::arg("sum_dy_xmu"), stream_arg, workspace_arg);
 }
 
 }  // namespace normkit::bindings

@@ -9,14 +9,20 @@ Two levels:
   ``batch_norm_backward_reduce`` -> all-reduce -> ``batch_norm_backward_elemt``.
 
 Parameters and statistics have the input's dtype, except for float16 inputs, which take float32
-ones. Outputs are allocated by the input's array library in the input's layout.
+ones. Outputs are allocated by the input's array library in the input's layout. On CuPy arrays the
+ops run on CuPy's current stream and never wait for the GPU.
 """
 from .. import _C
-from .._backend import array_module, kernel_input, like, param_dtype
+from .._backend import array_module, kernel_input, launch_args, like, param_dtype, writeable
 
 
 def _channels(x, dtype=None):
     return array_module(x).empty(x.shape[1], dtype=dtype or param_dtype(x.dtype))
+
+
+def _reducing(x):
+    """Stream and workspace of an op that reduces over `x`."""
+    return launch_args(x, _C.batch_norm_workspace_size)
 
 
 def _count(x):
@@ -37,7 +43,7 @@ def _check_running(name, stat, x):
     if stat.shape != (x.shape[1],):
         raise ValueError(f"{name} must have shape ({x.shape[1]},) to match the channels of the "
                          f"input, got {tuple(stat.shape)}")
-    if not stat.flags.writeable:
+    if not writeable(stat):
         raise ValueError(f"{name} is read-only; it is updated in place in training")
 
 
@@ -49,7 +55,7 @@ def batch_norm_stats(x):
     """Per-channel ``(mean, var)`` of ``x`` with var biased; an empty batch gives zeros."""
     x = kernel_input(x)
     mean, var = _channels(x), _channels(x)
-    _C.batch_norm_stats(x, mean, var)
+    _C.batch_norm_stats(x, mean, var, **_reducing(x))
     return mean, var
 
 
@@ -57,7 +63,7 @@ def batch_norm_normalize(x, mean, invstd, weight=None, bias=None, out=None):
     """``(x - mean) * invstd * weight + bias`` per channel; ``out`` if given, else a new array."""
     x = kernel_input(x)
     y = array_module(x).empty_like(x) if out is None else out
-    _C.batch_norm_normalize(x, mean, invstd, weight, bias, y)
+    _C.batch_norm_normalize(x, mean, invstd, weight, bias, y, **launch_args(x))
     return y
 
 
@@ -66,7 +72,7 @@ def batch_norm_backward_reduce(dy, x, mean):
     x = kernel_input(x)
     dy = like(x, kernel_input(dy, "dy"))
     sum_dy, sum_dy_xmu = _channels(x), _channels(x)
-    _C.batch_norm_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu)
+    _C.batch_norm_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, **_reducing(x))
     return sum_dy, sum_dy_xmu
 
 
@@ -81,7 +87,7 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, weight=None, sum_dy=None, sum
     if sum_dy is not None and count is None:
         count = _count(x)
     _C.batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu,
-                                 float(count or 0), dx)
+                                 float(count or 0), dx, **launch_args(x))
     return dx
 
 
@@ -109,7 +115,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
                          f"training, got input of shape {tuple(x.shape)}")
     y = xp.empty_like(x)
     mean, var, invstd = _channels(x), _channels(x), _channels(x)
-    _C.batch_norm_forward_train(x, weight, bias, float(eps), y, mean, var, invstd)
+    _C.batch_norm_forward_train(x, weight, bias, float(eps), y, mean, var, invstd, **_reducing(x))
     if running_mean is not None:
         running_mean *= 1.0 - momentum
         running_mean += momentum * mean
@@ -134,10 +140,12 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, input_g
     want_params = weight is not None and weight_grad
     if training:
         sum_dy, sum_dy_xmu = _channels(x), _channels(x)
-        _C.batch_norm_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)
+        _C.batch_norm_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu,
+                                     **_reducing(x))
     else:
         if input_grad:
-            _C.batch_norm_backward_elemt(dy, x, mean, invstd, weight, None, None, 0.0, dx)
+            _C.batch_norm_backward_elemt(dy, x, mean, invstd, weight, None, None, 0.0, dx,
+                                         **launch_args(x))
         if want_params:
             sum_dy, sum_dy_xmu = batch_norm_backward_reduce(dy, x, mean)
     if not want_params:

@@ -85,7 +85,9 @@ class _BatchNorm(Module):
     def _momentum(self):
         """The factor of this training step's statistics in the running ones."""
         if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
+            count = self.num_batches_tracked
+            # on a GPU the counter stays there: no host round trip in a training step
+            return 1.0 / float(count) if isinstance(count, np.ndarray) else 1.0 / count
         return self.momentum
 
     def forward(self, x):

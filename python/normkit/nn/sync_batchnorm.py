@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 
 from .. import functional as F
-from .._backend import param_dtype
+from .._backend import array_module, param_dtype
 from .batchnorm import _BatchNorm
 
 _layer_ids = itertools.count()  # same sequence on every rank that builds the same model
@@ -30,6 +30,9 @@ class SyncBatchNorm(_BatchNorm):
 
     Eval mode, and a communicator of one rank, issue no collective. ``comm`` follows the protocol of
     ``normkit.distributed`` (default: ``MPICommunicator()`` over COMM_WORLD, made on first use).
+    On CuPy arrays the collectives reduce device arrays (``NCCLCommunicator``, or
+    ``MPICommunicator`` directly or through host memory), and a training forward reads the global
+    count back to the host, one 8-byte copy that waits for the stream.
     With ``comm.debug`` set, each pass first checks across ranks that all call the same layer with
     the same channel count and dtype (one extra small all-reduce), raising on every rank otherwise.
 
@@ -89,23 +92,24 @@ class SyncBatchNorm(_BatchNorm):
         if comm.debug:
             self._check_ranks_agree(x, 0)
         C = self.num_features
+        xp = array_module(x)
         mean, var = F.batch_norm_stats(x)
         n = float(x.size // C)
-        mean64 = mean.astype(np.float64)
-        buf = np.empty(2 * C + 1, np.float64)
+        mean64 = mean.astype(xp.float64)
+        buf = xp.empty(2 * C + 1, xp.float64)
         buf[0] = n
         buf[1:C + 1] = n * mean64
-        buf[C + 1:] = n * var.astype(np.float64) + n * mean64 ** 2
+        buf[C + 1:] = n * var.astype(xp.float64) + n * mean64 ** 2
         comm.allreduce_sum(buf)
-        total = buf[0]
+        total = float(buf[0])  # the count check and the backward need it on the host
         if total <= 1:
             raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
                              f"training, got {int(total)} over all {comm.size} ranks (this rank's "
                              f"input has shape {tuple(x.shape)})")
         g_mean = buf[1:C + 1] / total
-        g_var = np.maximum(buf[C + 1:] / total - g_mean ** 2, 0.0)
+        g_var = xp.maximum(buf[C + 1:] / total - g_mean ** 2, 0.0)
         pd = param_dtype(x.dtype)
-        invstd = (1.0 / np.sqrt(g_var + self.eps)).astype(pd)
+        invstd = (1.0 / xp.sqrt(g_var + self.eps)).astype(pd)
         g_mean = g_mean.astype(pd)
         if self.track_running_stats:
             self.num_batches_tracked += 1
@@ -133,7 +137,8 @@ class SyncBatchNorm(_BatchNorm):
             self._check_ranks_agree(x, 1)
         C = self.num_features
         local_dy, local_dy_xmu = F.batch_norm_backward_reduce(dy, x, mean)
-        buf = np.concatenate([local_dy, local_dy_xmu]).astype(np.float64)
+        xp = array_module(x)
+        buf = xp.concatenate([local_dy, local_dy_xmu]).astype(xp.float64)
         comm.allreduce_sum(buf)
         pd = mean.dtype
         sum_dy, sum_dy_xmu = buf[:C].astype(pd), buf[C:].astype(pd)

@@ -1,0 +1,110 @@
+// Helpers shared by the CUDA kernels: error checks, the current device, storage types and their
+// conversions, aligned vector loads and stores.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "normkit/error.h"
+#include "normkit/tensor.h"
+
+namespace normkit::cuda {
+
+// --- runtime (cuda/runtime.cu) ----------------------------------------------------------------------
+
+int device_count();
+// Streaming multiprocessors of `device`, queried once per device.
+int multiprocessor_count(int device);
+
+// A failed CUDA call as a RuntimeError naming what failed.
+inline void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error so that it is reported once
+    fail(ErrorKind::Runtime, "normkit: ", what, " failed: ", cudaGetErrorName(status), " (",
+         cudaGetErrorString(status), ")");
+  }
+}
+
+// After every kernel launch: a bad configuration (or an earlier asynchronous failure) surfaces
+// here, named by the kernel. Never synchronizes.
+inline void check_launch(const char* kernel) {
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) {
+    fail(ErrorKind::Runtime, "normkit: CUDA kernel ", kernel, " failed: ", cudaGetErrorName(status),
+         " (", cudaGetErrorString(status), ")");
+  }
+}
+
+// Makes `device` current for the scope: kernels launch on the device of their stream and data.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) : device_(device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device_) check(cudaSetDevice(device_), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (previous_ != device_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int device_, previous_ = 0;
+};
+
+// --- storage types ----------------------------------------------------------------------------------
+
+// Arithmetic type of a storage type: float32 for float16/bfloat16/float32, float64 for float64. It
+// is also the dtype of parameters and statistics (param_dtype).
+template <class T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+template <class T>
+__device__ __forceinline__ T from_acc(acc_t<T> v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return v;
+  }
+}
+
+// V consecutive values, loaded and stored as one aligned access (up to 16 bytes).
+template <class T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <class T, int V>
+__device__ __forceinline__ Vec<T, V> load(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+template <class T, int V>
+__device__ __forceinline__ void store(T* p, const Vec<T, V>& value) {
+  *reinterpret_cast<Vec<T, V>*>(p) = value;
+}
+
+// Calls fn(T{}) with T the device storage type of dtype.
+template <class Fn>
+void dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::Float16: return fn(__half{});
+    case DType::BFloat16: return fn(__nv_bfloat16{});
+    case DType::Float32: return fn(float{});
+    case DType::Float64: return fn(double{});
+  }
+  fail(ErrorKind::Type, "normkit: no CUDA kernel for dtype ", dtype_name(dtype));
+}
+
+}  // namespace normkit::cuda
