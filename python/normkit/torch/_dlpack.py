@@ -19,6 +19,19 @@ def dl(t):
     return None if t is None else to_dlpack(t)
 
 
+def launch(x, reduces=False):
+    """Keyword arguments that run a core op on ``x``'s device: none for CPU tensors; for CUDA
+    tensors torch's current stream on that device and, for ops that reduce over ``x``, a float64
+    workspace from torch's caching allocator (so the op neither allocates nor synchronizes)."""
+    if not x.is_cuda:
+        return {}
+    args = {"stream": torch.cuda.current_stream(x.device).cuda_stream}
+    if reduces:
+        size = _C.batch_norm_workspace_size(to_dlpack(x))
+        args["workspace"] = to_dlpack(torch.empty(size, dtype=torch.float64, device=x.device))
+    return args
+
+
 def param_dtype(dtype):
     """Dtype of parameters and statistics for inputs of ``dtype``: float16 inputs run with float32
     parameters (mixed precision), as in torch.nn.BatchNorm*d."""

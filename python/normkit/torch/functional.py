@@ -16,7 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _C
-from ._dlpack import dl, kernel_input, like, param_dtype
+from ._dlpack import dl, kernel_input, launch, like, param_dtype
 
 
 def _wants_grad(*tensors):
@@ -51,7 +51,7 @@ def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
     var = torch.empty(C, dtype=pd, device=x.device)
     invstd = torch.empty(C, dtype=pd, device=x.device)
     _C.batch_norm_forward_train(dl(x), dl(weight), dl(bias), float(eps), dl(y), dl(mean), dl(var),
-                                dl(invstd))
+                                dl(invstd), **launch(x, reduces=True))
     if running_mean is not None and n:
         running_mean.lerp_(mean, momentum)
     if running_var is not None and n:
@@ -63,7 +63,8 @@ def _forward_eval(x, weight, bias, running_mean, running_var, eps):
     """y normalized with the running statistics, their mean and invstd."""
     invstd = (running_var + eps).rsqrt_()
     y = torch.empty_like(x)
-    _C.batch_norm_normalize(dl(x), dl(running_mean), dl(invstd), dl(weight), dl(bias), dl(y))
+    _C.batch_norm_normalize(dl(x), dl(running_mean), dl(invstd), dl(weight), dl(bias), dl(y),
+                            **launch(x))
     return y, running_mean, invstd
 
 
@@ -111,14 +112,15 @@ class _BatchNorm(torch.autograd.Function):
             # One fused pass: the sums (which the parameter gradients are) and dx through the batch
             # statistics.
             _C.batch_norm_backward_train(dl(dy), dl(x), dl(mean), dl(invstd), dl(weight), dl(dx),
-                                         dl(sum_dy), dl(sum_dy_xmu))
+                                         dl(sum_dy), dl(sum_dy_xmu), **launch(x, reduces=True))
         else:
             # Running statistics are constants: dx = weight * invstd * dy.
             if need_x:
                 _C.batch_norm_backward_elemt(dl(dy), dl(x), dl(mean), dl(invstd), dl(weight), None,
-                                             None, 0.0, dl(dx))
+                                             None, 0.0, dl(dx), **launch(x))
             if need_w or need_b:
-                _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(sum_dy), dl(sum_dy_xmu))
+                _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(sum_dy), dl(sum_dy_xmu),
+                                              **launch(x, reduces=True))
         dw, db = _param_grads(sum_dy, sum_dy_xmu, invstd, need_w, need_b)
         return dx, dw, db, None, None, None, None, None
 
@@ -148,7 +150,7 @@ def _normalize_given(x, gamma, beta, mean, std):
     x = kernel_input(x)
     invstd = torch.reciprocal(std)
     y = torch.empty_like(x)
-    _C.batch_norm_normalize(dl(x), dl(mean), dl(invstd), dl(gamma), dl(beta), dl(y))
+    _C.batch_norm_normalize(dl(x), dl(mean), dl(invstd), dl(gamma), dl(beta), dl(y), **launch(x))
     return x, y, invstd
 
 
@@ -179,11 +181,12 @@ class _BatchNormGiven(torch.autograd.Function):
             # The direct path only: mean and std are inputs, their own gradients chain onwards.
             dx = torch.empty_like(x)
             _C.batch_norm_backward_elemt(dl(dy), dl(x), dl(mean), dl(invstd), dl(gamma), None, None,
-                                         0.0, dl(dx))
+                                         0.0, dl(dx), **launch(x))
         dg = db = dm = ds = None
         if need_g or need_b or need_m or need_s:
             sum_dy, sum_dy_xmu = torch.empty_like(mean), torch.empty_like(mean)
-            _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(sum_dy), dl(sum_dy_xmu))
+            _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(sum_dy), dl(sum_dy_xmu),
+                                          **launch(x, reduces=True))
             scale = gamma * invstd
             if need_m:
                 dm = -scale * sum_dy

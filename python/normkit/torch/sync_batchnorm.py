@@ -7,7 +7,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _C
-from ._dlpack import dl, kernel_input, like, param_dtype
+from ._dlpack import dl, kernel_input, launch, like, param_dtype
 from .batchnorm import _NormkitBatchNorm
 from .distributed import TorchCommunicator
 from .functional import _check_running
@@ -46,7 +46,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         pd = param_dtype(x.dtype)
         mean = torch.empty(C, dtype=pd, device=x.device)
         var = torch.empty(C, dtype=pd, device=x.device)
-        _C.batch_norm_stats(dl(x), dl(mean), dl(var))
+        _C.batch_norm_stats(dl(x), dl(mean), dl(var), **launch(x, reduces=True))
         n = float(x.numel() // C) if C else 0.0
         mean64 = mean.double()
         buf = torch.empty(2 * C + 1, dtype=torch.float64, device=x.device)
@@ -68,7 +68,8 @@ class _SyncBatchNorm(torch.autograd.Function):
         if running_var is not None:
             running_var.lerp_(g_var.mul_(total / (total - 1)).to(pd), momentum)
         y = torch.empty_like(x)
-        _C.batch_norm_normalize(dl(x), dl(g_mean), dl(invstd), dl(weight), dl(bias), dl(y))
+        _C.batch_norm_normalize(dl(x), dl(g_mean), dl(invstd), dl(weight), dl(bias), dl(y),
+                                **launch(x))
         ctx.save_for_backward(x, weight, g_mean, invstd)
         ctx.total, ctx.comm = total, comm
         return y
@@ -81,7 +82,8 @@ class _SyncBatchNorm(torch.autograd.Function):
         dy = like(x, dy)
         sums = torch.empty(2, C, dtype=mean.dtype, device=x.device)
         local_dy, local_dy_xmu = sums[0], sums[1]
-        _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(local_dy), dl(local_dy_xmu))
+        _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(local_dy), dl(local_dy_xmu),
+                                      **launch(x, reduces=True))
         buf = sums.to(torch.float64, copy=True).reshape(-1)  # a copy for float64 too
         _allreduce(ctx.comm, buf)
         global_sums = buf.to(mean.dtype)
@@ -91,7 +93,7 @@ class _SyncBatchNorm(torch.autograd.Function):
             dx = torch.empty_like(x)
             _C.batch_norm_backward_elemt(dl(dy), dl(x), dl(mean), dl(invstd), dl(weight),
                                          dl(global_sums[:C]), dl(global_sums[C:]), ctx.total,
-                                         dl(dx))
+                                         dl(dx), **launch(x))
         # weight and bias gradients are this rank's, as in PyTorch (DDP all-reduces them).
         dw = local_dy_xmu * invstd if need_w else None
         db = local_dy.clone() if need_b else None
