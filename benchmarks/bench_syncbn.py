@@ -32,6 +32,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="16,64,56,56")
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     shape = tuple(int(s) for s in args.shape.split(","))
     C = shape[1]
@@ -51,7 +52,7 @@ def main():
 
     fwd_buf, bwd_buf = np.ones(2 * C + 1), np.ones(2 * C)
     rows = []
-    for _ in range(3):  # rounds, alternating, against drift
+    for _ in range(args.rounds):  # alternating, against drift
         rows.append([timed(step(local), comm.comm, args.repeat),
                      timed(step(sync), comm.comm, args.repeat),
                      timed(lambda: (comm.allreduce_sum(fwd_buf), comm.allreduce_sum(bwd_buf)),
