@@ -265,6 +265,13 @@ void check_array(const char* op, const TensorView& t, const char* name, const ch
   }
 }
 
+// A required 3-d array; `letters` name its dims in the message.
+void check_3d(const char* op, const TensorView& t, const char* name, const char* letters) {
+  NK_CHECK_VALUE(t.defined(), op, ": ", name, " is required");
+  NK_CHECK_VALUE(t.ndim == 3, op, ": ", name, " must have shape (", letters, "), got ", t.ndim,
+                 " dim(s) ", shape_string(t));
+}
+
 // X (B, N, D) with C (K, D) and s (K): the sizes of a call.
 struct Sizes {
   int64_t B, N, D, K;
@@ -272,9 +279,7 @@ struct Sizes {
 };
 
 Sizes check_codebook(const char* op, const TensorView& X, const TensorView& C, const TensorView& s) {
-  NK_CHECK_VALUE(X.defined(), op, ": X is required");
-  NK_CHECK_VALUE(X.ndim == 3, op, ": X must have shape (B, N, D), got ", X.ndim, " dim(s) ",
-                 shape_string(X));
+  check_3d(op, X, "X", "B, N, D");
   NK_CHECK_VALUE(C.defined() && C.ndim == 2, op, ": C (codewords) must have shape (K, D)",
                  C.defined() ? ", got " + shape_string(C) : std::string());
   NK_CHECK_VALUE(C.shape[1] == X.shape[2], op, ": C has ", C.shape[1], " features per codeword but X has ",
@@ -411,8 +416,7 @@ void scaled_l2_backward(const TensorView& dSL, const TensorView& s, const Tensor
                         const TensorView& W, const TensorView& r, const TensorView& sumW,
                         const TensorView& ds) {
   const char* op = "scaled_l2_backward";
-  NK_CHECK_VALUE(dSL.defined() && dSL.ndim == 3, op, ": dSL must have shape (B, N, K)",
-                 dSL.defined() ? ", got " + shape_string(dSL) : std::string());
+  check_3d(op, dSL, "dSL", "B, N, K");
   const int64_t B = dSL.shape[0], N = dSL.shape[1], K = dSL.shape[2];
   const DType dt = dSL.dtype;
   check_array(op, s, "s", "K", {K}, dt, dSL, "dSL");
@@ -452,8 +456,7 @@ void encoding_backward(const TensorView& G, const TensorView& C, const TensorVie
                        const TensorView& W, const TensorView& r, const TensorView& sumW,
                        const TensorView& sumA, const TensorView& ds) {
   const char* op = "encoding_backward";
-  NK_CHECK_VALUE(A.defined() && A.ndim == 3, op, ": A must have shape (B, N, K)",
-                 A.defined() ? ", got " + shape_string(A) : std::string());
+  check_3d(op, A, "A", "B, N, K");
   const int64_t B = A.shape[0], N = A.shape[1], K = A.shape[2];
   NK_CHECK_VALUE(C.defined() && C.ndim == 2 && C.shape[0] == K, op,
                  ": C (codewords) must have shape (K, D) with K = ", K, " (from A)",
@@ -555,8 +558,7 @@ NK_HOT void axpy_line(int64_t n, const T* __restrict x, int64_t sx, const T* __r
 
 void add_scaled_features(const TensorView& X, const TensorView& r, const TensorView& dX) {
   const char* op = "add_scaled_features";
-  NK_CHECK_VALUE(X.defined() && X.ndim == 3, op, ": X must have shape (B, N, D)",
-                 X.defined() ? ", got " + shape_string(X) : std::string());
+  check_3d(op, X, "X", "B, N, D");
   const int64_t B = X.shape[0], N = X.shape[1], D = X.shape[2];
   check_array(op, r, "r", "B, N", {B, N}, param_dtype(X.dtype), X, "X");
   check_array(op, dX, "dX", "B, N, D", {B, N, D}, X.dtype, X, "X");

@@ -279,3 +279,63 @@ def test_core_accepts_any_strides(dtype):
     _C.add_scaled_features(X[:, ::-1], r[:, ::-1], dX)  # dX += r x
     expected = 1 + np.asarray(r[:, ::-1], np.float64)[..., None] * X0[:, ::-1]
     assert_close_dtype(dX, expected, dtype, "dX")
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors: the right exception and a message naming the problem
+
+
+def test_encoding_op_errors():
+    X, C, s = _problem((2, 5, 3, 4), "rows", np.float32)
+    with pytest.raises(ValueError, match=r"encoding: X must have shape \(B, N, D\), got 2D input"):
+        F.encoding(X[0], C, s)
+    with pytest.raises(ValueError, match=r"C \(codewords\) must have shape \(K, D\) with D = 3 .* "
+                                         r"got \(4, 2\)"):
+        F.encoding(X, C[:, :2], s)
+    with pytest.raises(ValueError, match=r"scaled_l2: s must have shape \(K\) = \(4,\), got \(3,\)"):
+        F.scaled_l2(X, C, s[:3])
+    with pytest.raises(TypeError, match="C has dtype float64 but X has float32"):
+        F.encoding(X, C.astype(np.float64), s)
+    with pytest.raises(TypeError, match="X has dtype int32; the encoding ops take float32 or float64"):
+        F.encoding(X.astype(np.int32), C, s)
+    with pytest.raises(TypeError, match="float16"):
+        F.encoding(X.astype(np.float16), C.astype(np.float16), s.astype(np.float16))
+    with pytest.raises(TypeError, match="X must be a NumPy or CuPy array, got torch.Tensor"):
+        F.encoding(torch.ones(2, 5, 3), C, s)
+    E, A, D2 = F.encoding_forward(X, C, s)
+    with pytest.raises(ValueError, match=r"dE must have shape \(B, K, D\) = \(2, 4, 3\), got \(2, 3, 4\)"):
+        F.encoding_backward(np.ones((2, 3, 4), np.float32), X, C, s, A, D2)
+    with pytest.raises(ValueError, match=r"A must have shape \(B, N, K\) = \(2, 5, 4\), got \(2, 4, 5\)"):
+        F.encoding_backward(E, X, C, s, A.swapaxes(1, 2), D2)
+    with pytest.raises(TypeError, match="D2 has dtype float64 but X has float32"):
+        F.scaled_l2_backward(A, X, C, s, D2.astype(np.float64))
+    with pytest.raises(ValueError, match=r"aggregate: A must have shape \(B, N, K\) = \(2, 5, 4\)"):
+        F.aggregate(A[:, :4], X, C)
+    with pytest.raises(ValueError, match=r"dE must have shape \(B, K, D\)"):
+        F.aggregate_backward(E[:1], A, X, C)
+
+
+def test_core_encoding_errors():
+    X, C, s = _problem((2, 5, 3, 4), "rows", np.float32)
+    XC, D2 = X @ C.T, np.empty((2, 5, 4), np.float32)
+    A, sumA = np.empty((2, 5, 4), np.float32), np.empty((2, 4), np.float32)
+    _C.encoding_forward(X, C, s, XC, D2, A, sumA)
+    D2.flags.writeable = False
+    with pytest.raises(ValueError, match="encoding_forward: output D2 is read-only"):
+        _C.encoding_forward(X, C, s, XC, D2, A, sumA)
+    D2 = np.empty((2, 5, 4), np.float32)
+    with pytest.raises(ValueError, match=r"XC must have shape \(B, N, K\) = \(2, 5, 4\), got \(2, 4, 5\)"):
+        _C.encoding_forward(X, C, s, XC.swapaxes(1, 2), D2, A, sumA)
+    with pytest.raises(ValueError, match=r"sumA must have shape \(B, K\) = \(2, 4\), got \(4,\)"):
+        _C.encoding_forward(X, C, s, XC, D2, A, sumA[0])
+    with pytest.raises(ValueError, match="C has 2 features per codeword but X has 3"):
+        _C.scaled_l2_forward(X, C[:, :2], s, XC, D2, None)
+    with pytest.raises(TypeError, match="A must be float32 \\(like X\\), got float64"):
+        _C.encoding_forward(X, C, s, XC, D2, A.astype(np.float64), sumA)
+    with pytest.raises(TypeError, match="float16 is not supported on the CPU"):
+        h = np.float16
+        _C.scaled_l2_forward(X.astype(h), C, s, XC, D2, None)
+    with pytest.raises(ValueError, match=r"r must have shape \(B, N\) = \(2, 5\)"):
+        _C.add_scaled_features(X, np.ones(5, np.float32), np.zeros_like(X))
+    with pytest.raises(ValueError, match="encoding_backward: A is required"):
+        _C.encoding_backward(None, C, s, None, D2, XC, A, None, None, None, None)
