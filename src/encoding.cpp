@@ -182,10 +182,14 @@ NK_HOT void softmax_tile(const std::vector<T>& s, int64_t K, int64_t rows, const
       mx[l] = std::max(mx[l], o[l]);
     }
   }
+  // Terms below the smallest normal number are flushed to zero instead of asking exp() for them:
+  // next to the row's largest term (1) they change nothing, and libm's underflow path is slow.
+  const T floor = std::log(std::numeric_limits<T>::min());
   for (int64_t k = 0; k < K; ++k) {
     T* __restrict o = a + k * kTile;
     for (int64_t l = 0; l < rows; ++l) {
-      o[l] = std::exp(o[l] - mx[l]);
+      const T arg = o[l] - mx[l];
+      o[l] = arg < floor ? T(0) : std::exp(arg);
       total[l] += o[l];
     }
   }
