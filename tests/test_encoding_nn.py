@@ -309,3 +309,15 @@ def test_upsample_conv2d_errors():
         layer.backward(np.ones((1, 3, 5, 6), np.float32))
     with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
         layer(np.ones((4, 5, 5), np.float32))
+
+
+def test_exports():
+    for name in ("Encoding", "GramMatrix", "Inspiration", "UpsampleConv2d", "Conv1d", "Conv2d",
+                 "Conv3d"):
+        assert name in nn.__all__ and issubclass(getattr(nn, name), nn.Module), name
+    for name in ("scaled_l2", "scaled_l2_forward", "scaled_l2_backward", "aggregate",
+                 "aggregate_backward", "encoding", "encoding_forward", "encoding_backward",
+                 "gram_matrix", "gram_matrix_backward", "inspiration", "inspiration_forward",
+                 "inspiration_backward", "convolution", "convolution_backward", "pixel_shuffle",
+                 "pixel_unshuffle"):
+        assert name in F.__all__ and callable(getattr(F, name)), name
