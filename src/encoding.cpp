@@ -124,15 +124,35 @@ NK_HOT void row_norms(View3<const T> x, int64_t b, int64_t i0, int64_t rows, int
                                                      : sum_squares<T, 0>(p + l * x.si, x.sk, D);
 }
 
-// ||x - c||^2 from the residual, in float64: the fallback where the GEMM form cancels.
+// ||x[b,i] - c||^2 from the residuals, for all the tile's rows: the fallback where the GEMM form
+// cancels. Like row_norms, it sweeps features across rows when the rows are contiguous along N.
 template <class T>
-T residual_norm(const T* x, int64_t sx, const T* c, int64_t sc, int64_t D) {
-  double acc = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    const double r = double(x[d * sx]) - double(c[d * sc]);
-    acc += r * r;
+NK_HOT void residual_norms(View3<const T> x, int64_t b, int64_t i0, int64_t rows, int64_t D,
+                           const T* c, int64_t sc, T* out) {
+  const T* p = x.row(b, i0);
+  if (x.si == 1) {
+    std::fill(out, out + rows, T(0));
+    for (int64_t d = 0; d < D; ++d) {
+      const T* __restrict q = p + d * x.sk;
+      const T cd = c[d * sc];
+      for (int64_t l = 0; l < rows; ++l) out[l] += (q[l] - cd) * (q[l] - cd);
+    }
+    return;
   }
-  return T(acc);
+  for (int64_t l = 0; l < rows; ++l) {
+    const T* q = p + l * x.si;
+    T lanes[8] = {};
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      for (int j = 0; j < 8; ++j) {
+        const T r = q[(d + j) * x.sk] - c[(d + j) * sc];
+        lanes[j] += r * r;
+      }
+    T acc = 0;
+    for (; d < D; ++d) acc += (q[d * x.sk] - c[d * sc]) * (q[d * x.sk] - c[d * sc]);
+    for (int j = 0; j < 8; ++j) acc += lanes[j];
+    out[l] = acc;
+  }
 }
 
 // What the forward kernels share: X, C and the per-codeword constants.
@@ -144,8 +164,8 @@ struct Codebook {
   int64_t B, N, D, K;
 };
 
-// The tile's D2 from the GEMM output XC (already in `d2` as loaded), with the cancelling entries
-// recomputed from the residual.
+// The tile's D2 from the GEMM output XC (already in `d2` as loaded), with the cancelling ones
+// recomputed from the residuals.
 template <class T>
 NK_HOT void distances_tile(const Codebook<T>& cb, int64_t b, int64_t i0, int64_t rows, T* x2,
                            T* d2) {
@@ -156,14 +176,16 @@ NK_HOT void distances_tile(const Codebook<T>& cb, int64_t b, int64_t i0, int64_t
     const T ck = cb.c2[k];
     for (int64_t l = 0; l < rows; ++l) t[l] = x2[l] - 2 * t[l] + ck;
   }
+  // A codeword with a cancelling distance in the tile gets the whole column recomputed (one
+  // vectorized sweep, as cheap as the norms), so the check is the only cost where nothing cancels.
   const T ratio = T(kCancellationRatio);
   for (int64_t k = 0; k < K; ++k) {
     T* t = d2 + k * kTile;
+    bool cancels = false;
     for (int64_t l = 0; l < rows; ++l) {
-      if (!(ratio * t[l] >= x2[l] + cb.c2[k])) {  // also catches t < 0 (and NaN: recomputed)
-        t[l] = residual_norm(cb.x.row(b, i0 + l), cb.x.sk, &cb.c.at(k, 0), cb.c.sm, cb.D);
-      }
+      cancels |= !(ratio * t[l] >= x2[l] + cb.c2[k]);  // also catches t < 0 (and NaN)
     }
+    if (cancels) residual_norms(cb.x, b, i0, rows, cb.D, &cb.c.at(k, 0), cb.c.sm, t);
   }
 }
 
