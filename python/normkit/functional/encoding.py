@@ -9,8 +9,10 @@ the native core does the rest in one fused pass per direction over the (B, N, K)
 softmax and their gradients); nothing of size B*N*K*D is ever formed, and N is unbounded. Distances
 use ``||x||^2 - 2 x.c + ||c||^2``; where that cancels (|x| >> |x - c|, by more than
 ``_C.encoding_cancellation_ratio``) the core recomputes them from the residual, so they keep the
-accuracy of the residual form. The scale gradient is ``sum dSL * D2``, finite at s = 0 (upstream
-divides SL by s).
+accuracy of the residual form: they are squared and exponentiated, so their errors would grow. E
+(``A^T X - (sum_i A) c``) and the gradients keep the GEMM form, whose rounding is eps * |x| -- what
+perturbing x by its own rounding gives, and more than the residual form's eps * |x - c| only when
+|x| >> |x - c|. The scale gradient is ``sum dSL * D2``, finite at s = 0 (upstream divides SL by s).
 
 Layout: X may be any (B, N, D) view. A (B, D, N) array seen as (B, N, D) (a layer's input,
 transposed without a copy) keeps N contiguous, and the (B, N, K) arrays are then stored (B, K, N)
