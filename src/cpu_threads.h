@@ -9,6 +9,8 @@
 #include <omp.h>
 #endif
 
+#include "normkit/gemm_threads.h"
+
 #if defined(NORMKIT_ISA_CLONES) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // Hot loops compiled for AVX-512, AVX2 and baseline x86-64, picked when the module loads.
 #define NK_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -28,6 +30,13 @@ inline int threads_for(int64_t work, int64_t grain) {
   (void)grain;
   return 1;
 #endif
+}
+
+// threads_for, capped by the setting of the kernels that run between the caller's GEMMs.
+inline int threads_between_gemms(int64_t work, int64_t grain) {
+  const int cap = between_gemm_threads();
+  const int wanted = threads_for(work, grain);
+  return cap == 0 ? wanted : std::min(wanted, cap);
 }
 
 // Runs body(tid, first, last) with [first, last) thread tid's share of [0, count), on nthreads

@@ -28,7 +28,7 @@ constexpr int64_t kGrain = 1 << 14;  // (B, N, K) elements a thread should have 
 
 using cpu::parallel_ranges;
 
-int threads_for(int64_t elements) { return cpu::threads_for(elements, kGrain); }
+int threads_for(int64_t elements) { return cpu::threads_between_gemms(elements, kGrain); }
 
 // ------------------------------------------------------------------------------------------------
 // Strided views.

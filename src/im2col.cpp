@@ -152,7 +152,7 @@ void im2col(const TensorView& x, const ConvGeometry& g, const TensorView& cols) 
     const int64_t* xs = x.strides + 2;
     const int64_t sw = xs[last], stride = g.stride[last], OW = p.out[last];
     const int64_t cs = cols.strides[2];
-    const int nthreads = cpu::threads_for(p.B * p.C * p.PK * p.L, kGrain);
+    const int nthreads = cpu::threads_between_gemms(p.B * p.C * p.PK * p.L, kGrain);
     cpu::parallel_ranges(nthreads, p.B * p.C, [&](int, int64_t first, int64_t end) {
       for (int64_t bc = first; bc < end; ++bc) {
         const int64_t b = bc / p.C, c = bc % p.C;
@@ -185,7 +185,7 @@ void col2im(const TensorView& cols, const ConvGeometry& g, const TensorView& x) 
     const int64_t* xs = x.strides + 2;
     const int64_t sw = xs[last], stride = g.stride[last];
     const int64_t cs = cols.strides[2];
-    const int nthreads = cpu::threads_for(p.B * p.C * p.PK * p.L, kGrain);
+    const int nthreads = cpu::threads_between_gemms(p.B * p.C * p.PK * p.L, kGrain);
     cpu::parallel_ranges(nthreads, p.B * p.C, [&](int, int64_t first, int64_t end) {
       for (int64_t bc = first; bc < end; ++bc) {
         const int64_t b = bc / p.C, c = bc % p.C;

@@ -236,3 +236,20 @@ def test_conv_layer_errors():
         nn.Conv2d(4, 6, 3, groups=3)
     with pytest.raises(ValueError, match="kernel_size must be an int >= 1 or 2 of them"):
         nn.Conv2d(4, 6, (3, 3, 3))
+
+
+def test_threaded_im2col_agrees(dtype):
+    """im2col/col2im on several threads (the default is the calling thread) give the same columns
+    and the same sums."""
+    x = randn((4, 6, 20, 18), 18, dtype)
+    w = rng(19).standard_normal((6, 3, 3, 3)).astype(dtype)
+    dy = rng(20).standard_normal((4, 6, 10, 9)).astype(dtype)
+    before = F.get_between_gemm_threads()
+    one = (F.convolution(x, w, None, 2, 1, 1, 2),) + F.convolution_backward(dy, x, w, 2, 1, 1, 2)
+    try:
+        F.set_between_gemm_threads(0)
+        many = (F.convolution(x, w, None, 2, 1, 1, 2),) + F.convolution_backward(dy, x, w, 2, 1, 1, 2)
+    finally:
+        F.set_between_gemm_threads(before)
+    for a, b in zip(one, many):
+        np.testing.assert_array_equal(a, b)  # each plane belongs to one thread: same order of sums

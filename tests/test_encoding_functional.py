@@ -339,3 +339,43 @@ def test_core_encoding_errors():
         _C.add_scaled_features(X, np.ones(5, np.float32), np.zeros_like(X))
     with pytest.raises(ValueError, match="encoding_backward: A is required"):
         _C.encoding_backward(None, C, s, None, D2, XC, A, None, None, None, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Threads
+
+
+@pytest.fixture
+def between_gemm_threads():
+    """Restores the thread setting after a test changes it."""
+    before = F.get_between_gemm_threads()
+    yield F.set_between_gemm_threads
+    F.set_between_gemm_threads(before)
+
+
+@pytest.mark.parametrize("layout", ["rows", "n_major"])
+def test_threaded_kernels_agree_with_the_calling_thread(layout, between_gemm_threads):
+    """Big enough for several threads (which the default, 1, never uses): same results up to the
+    order of the sums, which is fixed for a given thread count."""
+    assert F.get_between_gemm_threads() == 1
+    B, N, D, K = 3, 1500, 7, 40
+    X = FEATURE_LAYOUTS[layout](features((B, N, D), 91).astype(np.float32))
+    C, s = (a.astype(np.float32) for a in codebook(K, D, 92))
+    gE = rng(93).standard_normal((B, K, D)).astype(np.float32)
+    g = rng(94).standard_normal((B, N, K)).astype(np.float32)
+
+    def run():
+        E, A, D2 = F.encoding_forward(X, C, s)
+        SL, _ = F.scaled_l2_forward(X, C, s)
+        return (E, A, D2, SL) + F.encoding_backward(gE, X, C, s, A, D2) + \
+            F.scaled_l2_backward(g, X, C, s, D2)
+
+    one = run()
+    for threads in (2, 3, 0):
+        between_gemm_threads(threads)
+        many = run()
+        for a, b in zip(one, many):
+            assert_close(b, a, 1e-5, 1e-6)
+        np.testing.assert_array_equal(run()[-1], many[-1])  # reproducible for a thread count
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        F.set_between_gemm_threads(-1)

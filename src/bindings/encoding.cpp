@@ -1,6 +1,7 @@
 // Bindings of include/normkit/encoding.h. Arguments are positional arrays (None for an absent
 // optional one); outputs are passed in, allocated by the caller's array library.
 #include "normkit/encoding.h"
+#include "normkit/gemm_threads.h"
 
 #include "array.h"
 #include "module.h"
@@ -9,6 +10,10 @@ namespace normkit::bindings {
 
 void bind_encoding(py::module_& m) {
   m.attr("encoding_cancellation_ratio") = kCancellationRatio;
+  m.def("set_between_gemm_threads", &set_between_gemm_threads, py::arg("threads"),
+        "Threads of the CPU kernels run between BLAS products (Encoding family, im2col/col2im): "
+        "1 (default) the calling thread, 0 OpenMP's default.");
+  m.def("between_gemm_threads", &between_gemm_threads);
   m.def("scaled_l2_forward", [](py::handle X, py::handle C, py::handle s, py::handle XC,
                                 py::handle D2, py::handle SL) {
     const char* op = "scaled_l2_forward";

@@ -21,6 +21,7 @@ from .encoding import (
     encoding,
     encoding_backward,
     encoding_forward,
+    get_between_gemm_threads,
     gram_matrix,
     gram_matrix_backward,
     inspiration,
@@ -29,6 +30,7 @@ from .encoding import (
     scaled_l2,
     scaled_l2_backward,
     scaled_l2_forward,
+    set_between_gemm_threads,
 )
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "encoding",
     "encoding_backward",
     "encoding_forward",
+    "get_between_gemm_threads",
     "gram_matrix",
     "gram_matrix_backward",
     "inspiration",
@@ -61,4 +64,5 @@ __all__ = [
     "scaled_l2",
     "scaled_l2_backward",
     "scaled_l2_forward",
+    "set_between_gemm_threads",
 ]

@@ -4,7 +4,8 @@ and the pixel shuffle that UpsampleConv2d builds on.
 ``convolution(x, weight, bias, stride, padding, dilation, groups)`` follows
 ``torch.nn.functional.conv1d/2d/3d`` (zero padding): x (B, C_in, *spatial), weight
 (C_out, C_in / groups, *kernel). The backward recomputes the columns instead of keeping them, so a
-forward holds no more memory than its input and output.
+forward holds no more memory than its input and output. im2col/col2im run on the calling thread
+unless ``set_between_gemm_threads`` says otherwise (see normkit.functional.encoding).
 """
 import math
 import operator

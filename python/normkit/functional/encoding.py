@@ -20,9 +20,31 @@ alike, so that every GEMM reads and writes unit-stride rows; anything BLAS canno
 copied once.
 
 float32 and float64 (the same dtype for X, C, s and gradients).
+
+Threads: the core's kernels alternate with the BLAS products, whose thread pool keeps spinning on
+the other cores for a while after each one; a second pool competing for them loses more than it
+gains, so the kernels run on the calling thread unless ``set_between_gemm_threads`` says otherwise.
 """
 from .. import _C
 from .._backend import array_module
+
+# --------------------------------------------------------------------------------------------------
+# Threads
+
+
+def set_between_gemm_threads(threads):
+    """Threads of the CPU kernels that run between BLAS matrix products (this family's, and the
+    convolution's im2col/col2im): 1 (the default) runs them on the calling thread, n > 1 on up to n
+    OpenMP threads, 0 on OpenMP's default. Worth raising where the BLAS runs single-threaded
+    (``OPENBLAS_NUM_THREADS=1``) or leaves cores idle: its spinning thread pool otherwise holds the
+    cores these kernels would use."""
+    _C.set_between_gemm_threads(int(threads))
+
+
+def get_between_gemm_threads():
+    """The count set by ``set_between_gemm_threads``."""
+    return _C.between_gemm_threads()
+
 
 # --------------------------------------------------------------------------------------------------
 # Checks and layouts
@@ -329,5 +351,6 @@ def inspiration_backward(dY, X, weight, G, P, target_grad=False):
 
 
 __all__ = ["aggregate", "aggregate_backward", "encoding", "encoding_backward", "encoding_forward",
-           "gram_matrix", "gram_matrix_backward", "inspiration", "inspiration_backward",
-           "inspiration_forward", "scaled_l2", "scaled_l2_backward", "scaled_l2_forward"]
+           "get_between_gemm_threads", "gram_matrix", "gram_matrix_backward", "inspiration",
+           "inspiration_backward", "inspiration_forward", "scaled_l2", "scaled_l2_backward",
+           "scaled_l2_forward", "set_between_gemm_threads"]
