@@ -2,6 +2,8 @@
 // `dispatch`, so supporting a new dtype or device means changing this file, not every op.
 #pragma once
 
+#include <type_traits>
+
 #include "normkit/tensor.h"
 
 namespace normkit {
@@ -46,6 +48,22 @@ void dispatch(const char* op, const TensorView& x, CpuFn&& cpu, GpuFn&& gpu) {
   }
   NK_CHECK_RUNTIME(x.device == Device::CPU, op, ": no kernel for device ", device_name(x.device));
   dispatch_cpu(op, x.dtype, cpu);
+}
+
+// Runs an op that has only CPU kernels so far, in float32 and float64: cpu(T{}) for those; a CUDA
+// array is a clear RuntimeError, float16 a TypeError.
+template <class CpuFn>
+void dispatch_cpu_float(const char* op, const TensorView& x, CpuFn&& cpu) {
+  NK_CHECK_RUNTIME(x.device == Device::CPU, op, ": only CPU arrays are supported so far (this op has ",
+                   "no CUDA kernel yet), got a ", device_name(x.device), " array");
+  dispatch_cpu(op, x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, Half>) {
+      fail(ErrorKind::Type, op, ": float16 is not supported on the CPU (float32 and float64 are)");
+    } else {
+      cpu(tag);
+    }
+  });
 }
 
 }  // namespace normkit

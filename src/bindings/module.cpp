@@ -32,6 +32,8 @@ PYBIND11_MODULE(_C, m) {
       "Whether x's spatial dims flatten to one strided dim (else the ops need a contiguous copy).");
 
   bind_batchnorm(m);
+  bind_encoding(m);
+  bind_im2col(m);
 }
 
 }  // namespace normkit::bindings

@@ -14,6 +14,24 @@ from .batchnorm import (
     batchnormtrain,
     batchnormtrain_backward,
 )
+from .conv import convolution, convolution_backward, pixel_shuffle, pixel_unshuffle
+from .encoding import (
+    aggregate,
+    aggregate_backward,
+    encoding,
+    encoding_backward,
+    encoding_forward,
+    get_between_gemm_threads,
+    gram_matrix,
+    gram_matrix_backward,
+    inspiration,
+    inspiration_backward,
+    inspiration_forward,
+    scaled_l2,
+    scaled_l2_backward,
+    scaled_l2_forward,
+    set_between_gemm_threads,
+)
 
 __all__ = [
     "batch_norm_backward",
@@ -26,4 +44,25 @@ __all__ = [
     "batchnormeval_backward",
     "batchnormtrain",
     "batchnormtrain_backward",
+    # convolution
+    "convolution",
+    "convolution_backward",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    # the Encoding layer family
+    "aggregate",
+    "aggregate_backward",
+    "encoding",
+    "encoding_backward",
+    "encoding_forward",
+    "get_between_gemm_threads",
+    "gram_matrix",
+    "gram_matrix_backward",
+    "inspiration",
+    "inspiration_backward",
+    "inspiration_forward",
+    "scaled_l2",
+    "scaled_l2_backward",
+    "scaled_l2_forward",
+    "set_between_gemm_threads",
 ]

@@ -1,0 +1,160 @@
+"""N-d convolution over NumPy / CuPy arrays, as im2col (native core) + the array library's GEMM,
+and the pixel shuffle that UpsampleConv2d builds on.
+
+``convolution(x, weight, bias, stride, padding, dilation, groups)`` follows
+``torch.nn.functional.conv1d/2d/3d`` (zero padding): x (B, C_in, *spatial), weight
+(C_out, C_in / groups, *kernel). The backward recomputes the columns instead of keeping them, so a
+forward holds no more memory than its input and output. im2col/col2im run on the calling thread
+unless ``set_between_gemm_threads`` says otherwise (see normkit.functional.encoding).
+"""
+import math
+import operator
+
+from .. import _C
+from .._backend import array_module
+
+
+def _geometry(name, value, dims, minimum):
+    """An int or a sequence of `dims` ints, each >= minimum, as a list."""
+    try:
+        values = [operator.index(value)] * dims if not hasattr(value, "__len__") else [
+            operator.index(v) for v in value]
+    except TypeError:
+        values = None
+    if values is None or len(values) != dims:
+        raise ValueError(f"convolution: {name} must be an int or {dims} ints (one per spatial dim), "
+                         f"got {value!r}")
+    if any(v < minimum for v in values):
+        raise ValueError(f"convolution: {name} must be >= {minimum}, got {value!r}")
+    return values
+
+
+def _check(x, weight, bias, stride, padding, dilation, groups):
+    """Validates a call; returns (xp, stride, padding, dilation, output spatial size)."""
+    xp = array_module(x, "x")
+    if array_module(weight, "weight") is not xp:
+        raise TypeError("convolution: weight and x must both be NumPy or both CuPy arrays")
+    for name, a in (("x", x), ("weight", weight)):
+        if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
+            raise TypeError(f"convolution: {name} has dtype {a.dtype}; float32 or float64 arrays "
+                            f"are supported")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"convolution: weight has dtype {weight.dtype} but x has {x.dtype}")
+    dims = weight.ndim - 2
+    if dims < 1:
+        raise ValueError(f"convolution: weight must have shape (C_out, C_in / groups, *kernel), "
+                         f"got {tuple(weight.shape)}")
+    if x.ndim != dims + 2:
+        raise ValueError(f"convolution: a {dims}-d kernel needs x of shape (B, C_in, {dims} "
+                         f"spatial dims) ({dims + 2}D), got {x.ndim}D input of shape "
+                         f"{tuple(x.shape)}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"convolution: groups must be a positive int, got {groups!r}")
+    C_out, C_group = weight.shape[:2]
+    if C_out % groups:
+        raise ValueError(f"convolution: {C_out} output channels are not divisible by groups="
+                         f"{groups}")
+    if x.shape[1] != C_group * groups:
+        raise ValueError(f"convolution: x has {x.shape[1]} channels but weight {tuple(weight.shape)}"
+                         f" with groups={groups} expects {C_group * groups}")
+    if bias is not None:
+        if array_module(bias, "bias") is not xp or bias.dtype != x.dtype:
+            raise TypeError(f"convolution: bias must be a {x.dtype} array like x")
+        if tuple(bias.shape) != (C_out,):
+            raise ValueError(f"convolution: bias must have shape ({C_out},), got "
+                             f"{tuple(bias.shape)}")
+    stride = _geometry("stride", stride, dims, 1)
+    padding = _geometry("padding", padding, dims, 0)
+    dilation = _geometry("dilation", dilation, dims, 1)
+    kernel = list(weight.shape[2:])
+    out = [_C.conv_output_size(n, k, s, p, d)
+           for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation)]
+    for d, o in enumerate(out):
+        if o < 1:
+            raise ValueError(f"convolution: spatial dim {d} of x has size {x.shape[2 + d]}, smaller "
+                             f"than the kernel's extent {dilation[d] * (kernel[d] - 1) + 1} with "
+                             f"padding {padding[d]} on each side")
+    return xp, stride, padding, dilation, out
+
+
+def _columns(x, kernel, stride, padding, dilation, out, xp):
+    """im2col of x: (B, C_in * prod(kernel), prod(out)). A 1x1 kernel with unit stride and no
+    padding reads x itself."""
+    B, C = x.shape[:2]
+    L = math.prod(out)
+    if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding):
+        return x.reshape(B, C, L)
+    cols = xp.empty((B, C * math.prod(kernel), L), x.dtype)
+    _C.im2col(x, cols, kernel, stride, padding, dilation)
+    return cols
+
+
+def convolution(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """y = weight * x (+ bias), as ``torch.nn.functional.conv{1,2,3}d`` with zero padding."""
+    xp, stride, padding, dilation, out = _check(x, weight, bias, stride, padding, dilation, groups)
+    B = x.shape[0]
+    C_out, C_group = weight.shape[:2]
+    kernel = list(weight.shape[2:])
+    rows = C_group * math.prod(kernel)
+    cols = _columns(x, kernel, stride, padding, dilation, out, xp)
+    L = cols.shape[2]
+    y = xp.matmul(weight.reshape(groups, C_out // groups, rows), cols.reshape(B, groups, rows, L))
+    y = y.reshape((B, C_out) + tuple(out))
+    if bias is not None:
+        y += bias.reshape((1, C_out) + (1,) * len(out))
+    return y
+
+
+def convolution_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1,
+                         input_grad=True, weight_grad=True, bias_grad=True):
+    """Gradients ``(dx, dweight, dbias)`` of ``convolution``; each is None when not asked for
+    (``dbias`` is the sum of dy over all dims but the channels)."""
+    xp, stride, padding, dilation, out = _check(x, weight, None, stride, padding, dilation, groups)
+    B = x.shape[0]
+    C_out, C_group = weight.shape[:2]
+    expected = (B, C_out) + tuple(out)
+    if array_module(dy, "dy") is not xp or dy.dtype != x.dtype:
+        raise TypeError(f"convolution_backward: dy must be a {x.dtype} array like x")
+    if tuple(dy.shape) != expected:
+        raise ValueError(f"convolution_backward: dy must have the output's shape {expected}, got "
+                         f"{tuple(dy.shape)}")
+    kernel = list(weight.shape[2:])
+    rows = C_group * math.prod(kernel)
+    L = math.prod(out)
+    dy_groups = dy.reshape(B, groups, C_out // groups, L)
+    dx = dweight = dbias = None
+    if weight_grad:
+        cols = _columns(x, kernel, stride, padding, dilation, out, xp)
+        dweight = xp.matmul(dy_groups, cols.reshape(B, groups, rows, L).swapaxes(-1, -2))
+        dweight = dweight.sum(axis=0).reshape(weight.shape)
+    if input_grad:
+        w = weight.reshape(groups, C_out // groups, rows)
+        dcols = xp.matmul(w.swapaxes(-1, -2), dy_groups).reshape(B, x.shape[1] * math.prod(kernel), L)
+        if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding):
+            dx = dcols.reshape(x.shape)
+        else:
+            dx = xp.empty(x.shape, x.dtype)
+            _C.col2im(dcols, dx, kernel, stride, padding, dilation)
+    if bias_grad:
+        dbias = dy.sum(axis=(0,) + tuple(range(2, dy.ndim)))
+    return dx, dweight, dbias
+
+
+def pixel_shuffle(x, scale):
+    """(B, C * s^2, H, W) -> (B, C, H * s, W * s): ``out[b, c, h*s + i, w*s + j] =
+    x[b, c*s^2 + i*s + j, h, w]`` (as ``torch.nn.functional.pixel_shuffle``)."""
+    B, Cs, H, W = x.shape
+    C = Cs // (scale * scale)
+    return x.reshape(B, C, scale, scale, H, W).transpose(0, 1, 4, 2, 5, 3).reshape(
+        B, C, H * scale, W * scale)
+
+
+def pixel_unshuffle(y, scale):
+    """The inverse (and adjoint) of ``pixel_shuffle``: (B, C, H * s, W * s) -> (B, C * s^2, H, W)."""
+    B, C, Hs, Ws = y.shape
+    H, W = Hs // scale, Ws // scale
+    return y.reshape(B, C, H, scale, W, scale).transpose(0, 1, 3, 5, 2, 4).reshape(
+        B, C * scale * scale, H, W)
+
+
+__all__ = ["convolution", "convolution_backward", "pixel_shuffle", "pixel_unshuffle"]

@@ -1,0 +1,356 @@
+"""The Encoding layer family (Deep TEN / EncNet / MSG-Net) over NumPy or CuPy arrays.
+
+Notation: X (B, N, D) features, C (K, D) codewords, s (K,) scales,
+``D2[b,i,k] = ||x[b,i] - c[k]||^2``, ``SL = s * D2``, ``A = softmax_k(SL)``,
+``E[b,k] = sum_i A[b,i,k] (x[b,i] - c[k])``.
+
+Every product here is a matrix product, so it runs on the array library's BLAS (``matmul``), and
+the native core does the rest in one fused pass per direction over the (B, N, K) arrays (distances,
+softmax and their gradients); nothing of size B*N*K*D is ever formed, and N is unbounded. Distances
+use ``||x||^2 - 2 x.c + ||c||^2``; where that cancels (|x| >> |x - c|, by more than
+``_C.encoding_cancellation_ratio``) the core recomputes them from the residual, so they keep the
+accuracy of the residual form: they are squared and exponentiated, so their errors would grow. E
+(``A^T X - (sum_i A) c``) and the gradients keep the GEMM form, whose rounding is eps * |x| -- what
+perturbing x by its own rounding gives, and more than the residual form's eps * |x - c| only when
+|x| >> |x - c|. The scale gradient is ``sum dSL * D2``, finite at s = 0 (upstream divides SL by s).
+
+Layout: X may be any (B, N, D) view. A (B, D, N) array seen as (B, N, D) (a layer's input,
+transposed without a copy) keeps N contiguous, and the (B, N, K) arrays are then stored (B, K, N)
+alike, so that every GEMM reads and writes unit-stride rows; anything BLAS cannot read in place is
+copied once.
+
+float32 and float64 (the same dtype for X, C, s and gradients).
+
+Threads: the core's kernels alternate with the BLAS products, whose thread pool keeps spinning on
+the other cores for a while after each one; a second pool competing for them loses more than it
+gains, so the kernels run on the calling thread unless ``set_between_gemm_threads`` says otherwise.
+"""
+from .. import _C
+from .._backend import array_module
+
+# --------------------------------------------------------------------------------------------------
+# Threads
+
+
+def set_between_gemm_threads(threads):
+    """Threads of the CPU kernels that run between BLAS matrix products (this family's, and the
+    convolution's im2col/col2im): 1 (the default) runs them on the calling thread, n > 1 on up to n
+    OpenMP threads, 0 on OpenMP's default. Worth raising where the BLAS runs single-threaded
+    (``OPENBLAS_NUM_THREADS=1``) or leaves cores idle: its spinning thread pool otherwise holds the
+    cores these kernels would use."""
+    _C.set_between_gemm_threads(int(threads))
+
+
+def get_between_gemm_threads():
+    """The count set by ``set_between_gemm_threads``."""
+    return _C.between_gemm_threads()
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks and layouts
+
+
+def _check_float(op, name, a, xp):
+    if array_module(a, name) is not xp:
+        raise TypeError(f"{op}: {name} is a {type(a).__module__} array but X is a "
+                        f"{xp.__name__} array")
+    if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
+        raise TypeError(f"{op}: {name} has dtype {a.dtype}; the encoding ops take float32 or "
+                        f"float64 arrays")
+
+
+def _check_same_dtype(op, ref_name, ref, arrays):
+    for name, a in arrays:
+        if a.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} has dtype {a.dtype} but {ref_name} has {ref.dtype}")
+
+
+def _check_shape(op, name, a, expected, letters):
+    if tuple(a.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} must have shape ({letters}) = {tuple(expected)}, got "
+                         f"{tuple(a.shape)}")
+
+
+def _check_codebook(op, X, C, s):
+    """X (B, N, D), C (K, D), s (K,): same array library and float dtype. Returns (xp, B, N, D, K)."""
+    xp = array_module(X, "X")
+    _check_float(op, "X", X, xp)
+    if X.ndim != 3:
+        raise ValueError(f"{op}: X must have shape (B, N, D), got {X.ndim}D input of shape "
+                         f"{tuple(X.shape)}")
+    B, N, D = X.shape
+    _check_float(op, "C", C, xp)
+    if C.ndim != 2 or C.shape[1] != D:
+        raise ValueError(f"{op}: C (codewords) must have shape (K, D) with D = {D} (from X of "
+                         f"shape {tuple(X.shape)}), got {tuple(C.shape)}")
+    K = C.shape[0]
+    _check_float(op, "s", s, xp)
+    _check_shape(op, "s", s, (K,), "K")
+    _check_same_dtype(op, "X", X, [("C", C), ("s", s)])
+    return xp, B, N, D, K
+
+
+def _check_grad(op, name, g, shape, letters, X, xp):
+    _check_float(op, name, g, xp)
+    _check_shape(op, name, g, shape, letters)
+    _check_same_dtype(op, "X", X, [(name, g)])
+
+
+def _blas_view(a, xp):
+    """(a, n_major): `a` (.., R, M) itself when BLAS can read its matrices in place (unit stride
+    along one of the last two dims), else a contiguous copy. n_major says the unit stride runs
+    along dim -2 (a (B, N, D) view of (B, D, N) storage)."""
+    item = a.itemsize
+    if a.shape[-2] > 1 and a.strides[-2] == item and a.strides[-1] >= a.shape[-2] * item:
+        return a, True
+    if a.strides[-1] == item and a.strides[-2] >= a.shape[-1] * item:
+        return a, False
+    if a.shape[-1] == 1 and a.strides[-2] == item:  # one column: it is contiguous along N
+        return a, True
+    return xp.ascontiguousarray(a), False
+
+
+def _bnk(xp, B, N, K, dtype, n_major):
+    """A new (B, N, K) array stored like X: as (B, K, N) when X is N-major."""
+    if n_major:
+        return xp.empty((B, K, N), dtype).transpose(0, 2, 1)
+    return xp.empty((B, N, K), dtype)
+
+
+def _t(a):
+    return a.swapaxes(-1, -2)
+
+
+def _x_times(X, M, n_major, xp, out=None):
+    """X M^T for M (K, D) or (B, K, D): (B, N, K), computed in X's orientation so that BLAS writes
+    the result in place (``out``, a (B, N, K) view, optional)."""
+    if n_major:
+        res = xp.matmul(M, _t(X), out=None if out is None else _t(out))
+        return _t(res)
+    return xp.matmul(X, _t(M), out=out)
+
+
+def _weights_times(P, Q, n_major, xp):
+    """P Q for P (B, N, J) and Q (J, D) or (B, J, D): (B, N, D) in X's orientation."""
+    if n_major:
+        return _t(xp.matmul(_t(Q), _t(P)))
+    return xp.matmul(P, Q)
+
+
+# --------------------------------------------------------------------------------------------------
+# scaled_l2
+
+
+def scaled_l2_forward(X, C, s):
+    """``SL[b,i,k] = s[k] ||x[b,i] - c[k]||^2`` and what the backward needs: returns ``(SL, D2)``
+    with ``D2 = ||x - c||^2`` (B, N, K)."""
+    op = "scaled_l2"
+    xp, B, N, D, K = _check_codebook(op, X, C, s)
+    X, n_major = _blas_view(X, xp)
+    XC = _x_times(X, C, n_major, xp)
+    D2 = _bnk(xp, B, N, K, X.dtype, n_major)
+    _C.scaled_l2_forward(X, C, s, XC, D2, XC)  # SL over XC
+    return XC, D2
+
+
+def scaled_l2(X, C, s):
+    """``SL[b,i,k] = s[k] ||x[b,i] - c[k]||^2`` for X (B, N, D), C (K, D), s (K,)."""
+    return scaled_l2_forward(X, C, s)[0]
+
+
+def scaled_l2_backward(dSL, X, C, s, D2):
+    """Gradients ``(dX, dC, ds)`` of ``scaled_l2`` given the forward's ``D2``:
+    ``dX = sum_k 2 s g (x - c)``, ``dC = -sum_{b,i} 2 s g (x - c)``, ``ds = sum_{b,i} g D2``."""
+    op = "scaled_l2_backward"
+    xp, B, N, D, K = _check_codebook(op, X, C, s)
+    _check_grad(op, "dSL", dSL, (B, N, K), "B, N, K", X, xp)
+    _check_grad(op, "D2", D2, (B, N, K), "B, N, K", X, xp)
+    X, n_major = _blas_view(X, xp)
+    W = _bnk(xp, B, N, K, X.dtype, n_major)
+    r = xp.empty((B, N), X.dtype)
+    sumW, ds = xp.empty(K, X.dtype), xp.empty(K, X.dtype)
+    _C.scaled_l2_backward(dSL, s, D2, W, r, sumW, ds)
+    dX = _weights_times(W, -C, n_major, xp)
+    _C.add_scaled_features(X, r, dX)
+    dC = sumW[:, None] * C - xp.matmul(_t(W), X).sum(axis=0)
+    return dX, dC, ds
+
+
+# --------------------------------------------------------------------------------------------------
+# aggregate
+
+
+def aggregate(A, X, C):
+    """``E[b,k] = sum_i A[b,i,k] (x[b,i] - c[k])`` for A (B, N, K), X (B, N, D), C (K, D): (B, K, D)."""
+    op = "aggregate"
+    xp = _check_aggregate(op, A, X, C)
+    A, _ = _blas_view(A, xp)
+    X, _ = _blas_view(X, xp)
+    E = xp.matmul(_t(A), X)
+    E -= A.sum(axis=1)[:, :, None] * C
+    return E
+
+
+def aggregate_backward(dE, A, X, C):
+    """Gradients ``(dA, dX, dC)`` of ``aggregate``: ``dA = <g[b,k], x[b,i] - c[k]>``,
+    ``dX = sum_k A g``, ``dC = -sum_b (sum_i A) g``."""
+    op = "aggregate_backward"
+    xp = _check_aggregate(op, A, X, C)
+    B, N, D = X.shape
+    K = C.shape[0]
+    _check_grad(op, "dE", dE, (B, K, D), "B, K, D", X, xp)
+    A, _ = _blas_view(A, xp)
+    X, n_major = _blas_view(X, xp)
+    dA = _x_times(X, dE, n_major, xp)
+    dA -= (dE * C).sum(axis=2)[:, None, :]
+    dX = _weights_times(A, dE, n_major, xp)
+    dC = -(A.sum(axis=1)[:, :, None] * dE).sum(axis=0)
+    return dA, dX, dC
+
+
+def _check_aggregate(op, A, X, C):
+    xp = array_module(X, "X")
+    for name, a in (("A", A), ("X", X), ("C", C)):
+        _check_float(op, name, a, xp)
+    if X.ndim != 3:
+        raise ValueError(f"{op}: X must have shape (B, N, D), got {X.ndim}D input of shape "
+                         f"{tuple(X.shape)}")
+    B, N, D = X.shape
+    if C.ndim != 2 or C.shape[1] != D:
+        raise ValueError(f"{op}: C (codewords) must have shape (K, D) with D = {D} (from X of "
+                         f"shape {tuple(X.shape)}), got {tuple(C.shape)}")
+    _check_shape(op, "A", A, (B, N, C.shape[0]), "B, N, K")
+    _check_same_dtype(op, "X", X, [("A", A), ("C", C)])
+    return xp
+
+
+# --------------------------------------------------------------------------------------------------
+# The Encoding: aggregate(softmax_k(scaled_l2(X, C, s)), X, C), fused
+
+
+def encoding_forward(X, C, s):
+    """The Encoding layer's op on X (B, N, D): returns ``(E, A, D2)``, E (B, K, D) and the
+    assignment weights A and distances D2 (B, N, K) its backward needs."""
+    op = "encoding"
+    xp, B, N, D, K = _check_codebook(op, X, C, s)
+    X, n_major = _blas_view(X, xp)
+    XC = _x_times(X, C, n_major, xp)
+    D2 = _bnk(xp, B, N, K, X.dtype, n_major)
+    sumA = xp.empty((B, K), X.dtype)
+    _C.encoding_forward(X, C, s, XC, D2, XC, sumA)  # A over XC
+    A = XC
+    E = xp.matmul(_t(A), X)
+    E -= sumA[:, :, None] * C
+    return E, A, D2
+
+
+def encoding(X, C, s):
+    """``E[b,k] = sum_i softmax_k(s[k] ||x[b,i] - c[k]||^2) (x[b,i] - c[k])``: (B, K, D)."""
+    return encoding_forward(X, C, s)[0]
+
+
+def encoding_backward(dE, X, C, s, A, D2):
+    """Gradients ``(dX, dC, ds)`` of ``encoding`` given the forward's A and D2."""
+    op = "encoding_backward"
+    xp, B, N, D, K = _check_codebook(op, X, C, s)
+    _check_grad(op, "dE", dE, (B, K, D), "B, K, D", X, xp)
+    _check_grad(op, "A", A, (B, N, K), "B, N, K", X, xp)
+    _check_grad(op, "D2", D2, (B, N, K), "B, N, K", X, xp)
+    X, n_major = _blas_view(X, xp)
+    # [A | W] side by side, so that dX = A dE - W C is one GEMM against [dE; -C].
+    AW = _bnk(xp, B, N, 2 * K, X.dtype, n_major)
+    AW[:, :, :K] = A
+    W = AW[:, :, K:]
+    _x_times(X, dE, n_major, xp, out=W)  # XG = X dE^T, replaced by W in place
+    r = xp.empty((B, N), X.dtype)
+    sumW, sumA, ds = xp.empty(K, X.dtype), xp.empty((B, K), X.dtype), xp.empty(K, X.dtype)
+    _C.encoding_backward(dE, C, s, A, D2, W, W, r, sumW, sumA, ds)
+    dEC = xp.concatenate([dE, xp.broadcast_to(-C, (B, K, D))], axis=1)
+    dX = _weights_times(AW, dEC, n_major, xp)
+    _C.add_scaled_features(X, r, dX)
+    dC = sumW[:, None] * C - xp.matmul(_t(W), X).sum(axis=0) - (sumA[:, :, None] * dE).sum(axis=0)
+    return dX, dC, ds
+
+
+# --------------------------------------------------------------------------------------------------
+# MSG-Net's style layers: the Gram matrix and the Inspiration (CoMatch) layer
+
+
+def _check_maps(op, name, y):
+    xp = array_module(y, name)
+    _check_float(op, name, y, xp)
+    if y.ndim < 3:
+        raise ValueError(f"{op}: {name} must have shape (B, C, H, W) (or (B, C, *spatial)), got "
+                         f"{y.ndim}D input of shape {tuple(y.shape)}")
+    return xp
+
+
+def gram_matrix(y):
+    """``G[b] = F[b] F[b]^T / (C H W)`` with ``F = y.reshape(B, C, H*W)``: (B, C, C)."""
+    xp = _check_maps("gram_matrix", "y", y)
+    B, C = y.shape[:2]
+    F = y.reshape(B, C, -1)
+    return xp.matmul(F, _t(F)) / (C * F.shape[2])
+
+
+def gram_matrix_backward(dG, y):
+    """Gradient of ``gram_matrix`` with respect to y: ``(dG + dG^T) F / (C H W)``, shaped like y."""
+    op = "gram_matrix_backward"
+    xp = _check_maps(op, "y", y)
+    B, C = y.shape[:2]
+    _check_grad(op, "dG", dG, (B, C, C), "B, C, C", y, xp)
+    F = y.reshape(B, C, -1)
+    return (xp.matmul(dG + _t(dG), F) / (C * F.shape[2])).reshape(y.shape)
+
+
+def _check_inspiration(op, X, weight, G):
+    xp = _check_maps(op, "X", X)
+    B, C = X.shape[:2]
+    for name, a in (("weight", weight), ("G", G)):
+        _check_float(op, name, a, xp)
+    _check_shape(op, "weight", weight, (1, C, C), "1, C, C")
+    if G.ndim != 3 or G.shape[1:] != (C, C) or G.shape[0] not in (1, B):
+        raise ValueError(f"{op}: the target G must have shape (1, C, C) or (B, C, C) with "
+                         f"C = {C} and B = {B} (from X of shape {tuple(X.shape)}), got "
+                         f"{tuple(G.shape)}")
+    _check_same_dtype(op, "X", X, [("weight", weight), ("G", G)])
+    return xp
+
+
+def inspiration_forward(X, weight, G):
+    """MSG-Net's CoMatch: ``P = weight G`` (weight (1, C, C) broadcast over G's batch) and
+    ``Y[b] = P[b]^T X[b].reshape(C, H*W)``, shaped like X; G (1 or B, C, C). Returns (Y, P)."""
+    xp = _check_inspiration("inspiration", X, weight, G)
+    B, C = X.shape[:2]
+    P = xp.matmul(weight, G)
+    Y = xp.matmul(_t(P), X.reshape(B, C, -1))
+    return Y.reshape(X.shape), P
+
+
+def inspiration(X, weight, G):
+    """``Y[b] = (weight G[b])^T X[b]`` over X's flattened spatial dims, shaped like X."""
+    return inspiration_forward(X, weight, G)[0]
+
+
+def inspiration_backward(dY, X, weight, G, P, target_grad=False):
+    """Gradients ``(dX, dweight, dG)`` of ``inspiration`` given the forward's P; dG is None unless
+    ``target_grad``."""
+    op = "inspiration_backward"
+    xp = _check_inspiration(op, X, weight, G)
+    B, C = X.shape[:2]
+    _check_grad(op, "dY", dY, X.shape, "B, C, *spatial", X, xp)
+    _check_grad(op, "P", P, G.shape, "1 or B, C, C", X, xp)
+    dYf, Xf = dY.reshape(B, C, -1), X.reshape(B, C, -1)
+    dX = xp.matmul(P, dYf).reshape(X.shape)
+    dP = xp.matmul(Xf, _t(dYf))  # (B, C, C): Y = P^T X
+    if G.shape[0] == 1:
+        dP = dP.sum(axis=0, keepdims=True)
+    dweight = xp.matmul(dP, _t(G)).sum(axis=0, keepdims=True)
+    dG = xp.matmul(_t(weight), dP) if target_grad else None
+    return dX, dweight, dG
+
+
+__all__ = ["aggregate", "aggregate_backward", "encoding", "encoding_backward", "encoding_forward",
+           "get_between_gemm_threads", "gram_matrix", "gram_matrix_backward", "inspiration",
+           "inspiration_backward", "inspiration_forward", "scaled_l2", "scaled_l2_backward",
+           "scaled_l2_forward", "set_between_gemm_threads"]

@@ -1,0 +1,165 @@
+"""Minimal N-d convolution layers (Conv1d/2d/3d, zero padding) over NumPy / CuPy arrays, as
+torch.nn.Conv*d: what the composite layers (UpsampleConv2d, weight-standardized convolutions)
+build on. normkit is not a general framework; these exist so that its layers run."""
+import math
+
+import numpy as np
+
+from .. import functional as F
+from .._backend import array_module, param_dtype, parse_device
+from .module import Module, Parameter
+
+
+def _ntuple(name, value, dims, minimum):
+    values = (value,) * dims if np.ndim(value) == 0 else tuple(value)
+    if len(values) != dims or any(int(v) != v or v < minimum for v in values):
+        raise ValueError(f"{name} must be an int >= {minimum} or {dims} of them, got {value!r}")
+    return tuple(int(v) for v in values)
+
+
+def _float_dtype(cls, dtype):
+    dtype = np.dtype(np.float32 if dtype is None else dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"{cls}: dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _uniform(rng, low, high, shape, dtype):
+    return rng.uniform(low, high, shape).astype(dtype)
+
+
+def accumulate_grad(param, grad):
+    """Adds `grad` to ``param.grad`` (sets it when None), as PyTorch accumulates gradients."""
+    grad = grad.astype(param.dtype, copy=False)
+    param.grad = grad if param.grad is None else param.grad + grad
+
+
+class _SavesInput(Module):
+    """A layer whose backward consumes what its last forward kept (one backward per forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self._saved = None
+
+    def _take_saved(self):
+        if self._saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward: call forward first (each forward "
+                               f"allows one backward)")
+        saved, self._saved = self._saved, None
+        return saved
+
+
+class _ConvNd(_SavesInput):
+    """Convolution over (B, C_in, *spatial) inputs with ``weight`` (C_out, C_in / groups, *kernel)
+    and optional ``bias`` (C_out,), initialized as PyTorch does: U(-b, b) with
+    b = 1 / sqrt(C_in / groups * prod(kernel)). ``rng`` (a numpy Generator or seed) makes the
+    initialization reproducible."""
+
+    _dims = None
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, dtype=None, device=None, rng=None):
+        super().__init__()
+        name = type(self).__name__
+        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                           ("groups", groups)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name}: {arg} must be a positive integer, got {value!r}")
+        if in_channels % groups:
+            raise ValueError(f"{name}: in_channels ({in_channels}) must be divisible by groups "
+                             f"({groups})")
+        if out_channels % groups:
+            raise ValueError(f"{name}: out_channels ({out_channels}) must be divisible by groups "
+                             f"({groups})")
+        d = self._dims
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.kernel_size = _ntuple("kernel_size", kernel_size, d, 1)
+        self.stride = _ntuple("stride", stride, d, 1)
+        self.padding = _ntuple("padding", padding, d, 0)
+        self.dilation = _ntuple("dilation", dilation, d, 1)
+        dtype = _float_dtype(name, dtype)
+        self.weight = Parameter(np.empty((self.out_channels, self.in_channels // self.groups)
+                                         + self.kernel_size, dtype))
+        if bias:
+            self.bias = Parameter(np.empty(self.out_channels, dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters(rng)
+        if device is not None and parse_device(device) != "cpu":
+            self.to(device)
+
+    def reset_parameters(self, rng=None):
+        rng = np.random.default_rng(rng)
+        bound = 1.0 / math.sqrt(self.in_channels // self.groups * math.prod(self.kernel_size))
+        xp = array_module(self.weight.data, "weight")
+        w = _uniform(rng, -bound, bound, self.weight.shape, self.weight.dtype)
+        self.weight.data[...] = xp.asarray(w)
+        if self.bias is not None:
+            self.bias.data[...] = xp.asarray(_uniform(rng, -bound, bound, self.bias.shape,
+                                                      self.bias.dtype))
+
+    def _check_input(self, x):
+        name = type(self).__name__
+        array_module(x, "input")
+        if x.ndim != self._dims + 2:
+            raise ValueError(f"{name}: expected {self._dims + 2}D input (got {x.ndim}D input)")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"{name}({self.in_channels}, ...): input has {x.shape[1]} channels "
+                             f"(shape {tuple(x.shape)})")
+        if x.dtype.kind != "f" or param_dtype(x.dtype) != x.dtype:
+            raise TypeError(f"{name}: input has dtype {x.dtype}; float32 or float64 is supported")
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"{name}: {x.dtype} input needs {x.dtype} parameters, this layer's are "
+                            f"{self.weight.dtype} (convert it with .to(dtype=...))")
+
+    def _conv(self, x):
+        return F.convolution(x, self.weight.data, None if self.bias is None else self.bias.data,
+                             self.stride, self.padding, self.dilation, self.groups)
+
+    def _conv_backward(self, dy, x):
+        dx, dw, db = F.convolution_backward(dy, x, self.weight.data, self.stride, self.padding,
+                                            self.dilation, self.groups,
+                                            bias_grad=self.bias is not None)
+        accumulate_grad(self.weight, dw)
+        if self.bias is not None:
+            accumulate_grad(self.bias, db)
+        return dx
+
+    def forward(self, x):
+        self._check_input(x)
+        y = self._conv(x)
+        self._saved = x
+        return y
+
+    def backward(self, dy):
+        """dx of the last forward; accumulates ``weight.grad`` and ``bias.grad``."""
+        return self._conv_backward(dy, self._take_saved())
+
+    def extra_repr(self):
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}")
+        if any(self.padding):
+            s += f", padding={self.padding}"
+        if any(d != 1 for d in self.dilation):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + (", bias=False" if self.bias is None else "")
+
+
+class Conv1d(_ConvNd):
+    """Convolution over (B, C, L) inputs, as torch.nn.Conv1d (zero padding)."""
+    _dims = 1
+
+
+class Conv2d(_ConvNd):
+    """Convolution over (B, C, H, W) inputs, as torch.nn.Conv2d (zero padding)."""
+    _dims = 2
+
+
+class Conv3d(_ConvNd):
+    """Convolution over (B, C, D, H, W) inputs, as torch.nn.Conv3d (zero padding)."""
+    _dims = 3
+
+
+__all__ = ["Conv1d", "Conv2d", "Conv3d"]
