@@ -34,13 +34,9 @@
 #endif
 #include <unistd.h>
 
+#include "cpu_threads.h"
 #include "normkit/dispatch.h"
 
-#if defined(NORMKIT_ISA_CLONES) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NK_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define NK_HOT
-#endif
 // Small helpers are inlined into each clone, so they take that clone's vector width.
 #define NK_INLINE inline __attribute__((always_inline))
 
@@ -174,15 +170,7 @@ inline bool should_stream(int64_t bytes) {
 
 constexpr int64_t kGrain = 1 << 15;  // elements a thread should have before another one helps
 
-int threads_for(int64_t elements) {
-#ifdef _OPENMP
-  const int64_t wanted = std::max<int64_t>(1, elements / kGrain);
-  return static_cast<int>(std::min<int64_t>(wanted, omp_get_max_threads()));
-#else
-  (void)elements;
-  return 1;
-#endif
-}
+int threads_for(int64_t elements) { return cpu::threads_for(elements, kGrain); }
 
 // Runs body(tid, nthreads) on nthreads threads. Bodies never throw.
 template <class Body>
