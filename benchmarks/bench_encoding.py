@@ -17,7 +17,8 @@ random dE:
 MKL) to N threads; without it each library uses its default (all cores). On a machine shared with
 other work, multi-threaded timings mostly measure the other work: use --threads 1 there.
 
-Time: median over rounds of each variant's median of `repeat` runs, the variants alternating in
+Time: median over rounds of each variant's median of `repeat` runs after a warm-up, each in a fresh
+process (so that no variant's thread pools or heap sway another's), the variants alternating in
 rounds so that drift in the machine's speed hits all alike.
 Memory: peak extra resident memory of one forward + backward, measured in a fresh subprocess per
 variant: after a warm-up run (BLAS buffers, thread pools), the kernel's resident high-water mark
@@ -142,16 +143,20 @@ def median_time(step, repeat):
     return float(np.median(times))
 
 
+def time_variant(variant, shape, repeat):
+    """Runs in the subprocess: the median time of `repeat` steps after a warm-up one."""
+    step = make_step(variant, shape)
+    step()
+    return {"time": median_time(step, repeat)}
+
+
 def times(shape, repeat, rounds):
-    steps = {v: make_step(v, shape) for v in VARIANTS}
-    for step in steps.values():
-        step()  # warm-up
     per_round = {v: [] for v in VARIANTS}
     for _ in range(rounds):
         for v in VARIANTS:
             # the broadcast composition is slow: fewer repeats keep the benchmark short
-            per_round[v].append(median_time(steps[v], max(1, repeat // 2) if v == "broadcast"
-                                            else repeat))
+            n = max(1, repeat // 2) if v == "broadcast" else repeat
+            per_round[v].append(in_subprocess("--time-of", v, shape, n)["time"])
     return {v: float(np.median(t)) for v, t in per_round.items()}
 
 
@@ -189,9 +194,14 @@ def measure_memory(variant, shape):
     return result
 
 
-def memory(variant, shape):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 16))  # carries --threads' settings
-    out = subprocess.run([sys.executable, __file__, "--memory-of", variant,
+def in_subprocess(flag, variant, shape, repeat=1):
+    """Runs this file with `flag` for one variant in a fresh process: no other library's thread
+    pool (OpenBLAS's keeps spinning for ~0.1 s after a product, torch's OpenMP one for less) or
+    heap left over from another variant sways it."""
+    env = dict(os.environ)  # carries --threads' settings
+    if flag == "--memory-of":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)
+    out = subprocess.run([sys.executable, __file__, flag, variant, "--repeat", str(repeat),
                           "--shapes", ",".join(map(str, shape))],
                          env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("{")))
@@ -208,10 +218,14 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="threads of every pool (default: each library's own)")
     parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--time-of", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     if args.memory_of:
         print(json.dumps(measure_memory(args.memory_of, shapes[0])))
+        return
+    if args.time_of:
+        print(json.dumps(time_variant(args.time_of, shapes[0], args.repeat)))
         return
     import normkit as nk
 
@@ -225,7 +239,7 @@ def main():
     print("-" * len(header))
     for shape in shapes:
         t = times(shape, args.repeat, args.rounds)
-        mem = {v: memory(v, shape) for v in VARIANTS}
+        mem = {v: in_subprocess("--memory-of", v, shape) for v in VARIANTS}
         for v in VARIANTS:
             print(f"{','.join(map(str, shape)):>18} {v:>10} {t[v] * 1e3:9.1f} "
                   f"{t[v] / t['normkit']:9.2f} {mem[v]['rss'] / 2**20:8.1f} "

@@ -189,6 +189,36 @@ NK_HOT void distances_tile(const Codebook<T>& cb, int64_t b, int64_t i0, int64_t
   }
 }
 
+// e^x for log(smallest normal) <= x <= 0, the arguments the softmax takes after subtracting the
+// row's maximum, written so that the compiler vectorizes it (libm's exp is a call per value):
+// x = n ln2 + r with |r| <= ln2 / 2 (n rounded by the 1.5 * 2^mantissa trick, ln2 split so that
+// n * ln2_hi is exact), e^r from its Taylor series up to the degree whose remainder is below half
+// an ulp (7 for float, 13 for double), and 2^n written into the exponent bits.
+inline float exp_nonpositive(float x) {
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.0f / 5040;
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = p * r + c;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline double exp_nonpositive(double x) {
+  const double n = (x * 1.44269504088896338700 + 6755399441055744.0) - 6755399441055744.0;
+  const double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+  double p = 1.0 / 6227020800.0;  // 1 / 13!
+  for (const double c : {1.0 / 479001600, 1.0 / 39916800, 1.0 / 3628800, 1.0 / 362880,
+                         1.0 / 40320, 1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5,
+                         1.0, 1.0})
+    p = p * r + c;
+  const int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;
+  double scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
 // A = softmax over k of s[k] * d2 for the tile, written over `a`; adds sum_l A to colsum[k].
 template <class T>
 NK_HOT void softmax_tile(const std::vector<T>& s, int64_t K, int64_t rows, const T* d2, T* a,
@@ -204,14 +234,15 @@ NK_HOT void softmax_tile(const std::vector<T>& s, int64_t K, int64_t rows, const
       mx[l] = std::max(mx[l], o[l]);
     }
   }
-  // Terms below the smallest normal number are flushed to zero instead of asking exp() for them:
-  // next to the row's largest term (1) they change nothing, and libm's underflow path is slow.
+  // Terms below the smallest normal number are flushed to zero: next to the row's largest term
+  // (1) they change nothing. A NaN stays NaN.
   const T floor = std::log(std::numeric_limits<T>::min());
   for (int64_t k = 0; k < K; ++k) {
     T* __restrict o = a + k * kTile;
     for (int64_t l = 0; l < rows; ++l) {
       const T arg = o[l] - mx[l];
-      o[l] = arg < floor ? T(0) : std::exp(arg);
+      const T e = exp_nonpositive(arg >= floor ? arg : floor);
+      o[l] = arg >= floor ? e : (arg < floor ? T(0) : arg);
       total[l] += o[l];
     }
   }

@@ -256,6 +256,27 @@ def test_cancelling_distances_keep_float32_accuracy():
         assert np.all(np.abs(E - tE) <= bound), layout
 
 
+def test_softmax_is_exact_over_the_whole_range_of_exp(dtype):
+    """Two codewords at 0 with scales -1 and 0: A[:, :, 0] = e^-d / (e^-d + 1) with d = x^2 (D = 1)
+    swept over every exponent the softmax evaluates, down to the smallest normal number and past
+    it (where terms are flushed to zero). Compared with float64 from the same rounded d: the
+    softmax's own exp and division add only a few ulps."""
+    tiny = np.finfo(dtype).tiny
+    top = np.sqrt(-np.log(tiny))
+    x = np.concatenate([np.linspace(0, top, 3001), top * np.array([1.001, 1.01, 1.1, 2.0])])
+    X = x.astype(dtype).reshape(1, -1, 1)
+    C = np.zeros((2, 1), dtype)
+    s = np.array([-1.0, 0.0], dtype)
+    _, A, D2 = F.encoding_forward(X, C, s)
+    np.testing.assert_array_equal(D2[..., 0], (X * X)[..., 0])  # exact: the test sees only exp
+    e = np.exp(-D2[..., 0].astype(np.float64))
+    expected = np.where(e < tiny, 0.0, e / (1.0 + e))
+    ulp = np.finfo(dtype).eps
+    np.testing.assert_allclose(A[..., 0], expected, rtol=4 * ulp, atol=0)
+    np.testing.assert_allclose(A[..., 1], 1.0 / (1.0 + e), rtol=4 * ulp, atol=0)
+    assert np.all(A[0, -4:, 0] == 0) and np.all(A[0, :-5, 0] > 0)  # flushed only past the range
+
+
 # --------------------------------------------------------------------------------------------------
 # The core with strides the functional layer never produces
 
