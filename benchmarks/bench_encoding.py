@@ -1,7 +1,8 @@
 """normkit's Encoding layer (forward + backward) against two PyTorch compositions of the same math,
 on the CPU in float32: time and peak extra memory.
 
-    python benchmarks/bench_encoding.py [--threads N] [--repeat 6] [--rounds 3] [--shapes B,D,H,W,K ...]
+    python benchmarks/bench_encoding.py [--threads N] [--repeat 6] [--rounds 3]
+                                        [--shapes B,D,H,W,K ...]
 
 Variants, each computing E (B, K, D) from x (B, D, H, W), then dx, dcodewords and dscale for a
 random dE:

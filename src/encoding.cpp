@@ -198,7 +198,8 @@ inline float exp_nonpositive(float x) {
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
   float p = 1.0f / 5040;
-  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = p * r + c;
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = p * r + c;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
@@ -335,12 +336,14 @@ struct Sizes {
   DType param;
 };
 
-Sizes check_codebook(const char* op, const TensorView& X, const TensorView& C, const TensorView& s) {
+Sizes check_codebook(const char* op, const TensorView& X, const TensorView& C,
+                     const TensorView& s) {
   check_3d(op, X, "X", "B, N, D");
   NK_CHECK_VALUE(C.defined() && C.ndim == 2, op, ": C (codewords) must have shape (K, D)",
                  C.defined() ? ", got " + shape_string(C) : std::string());
-  NK_CHECK_VALUE(C.shape[1] == X.shape[2], op, ": C has ", C.shape[1], " features per codeword but X has ",
-                 X.shape[2], " (X ", shape_string(X), ", C ", shape_string(C), ")");
+  NK_CHECK_VALUE(C.shape[1] == X.shape[2], op, ": C has ", C.shape[1],
+                 " features per codeword but X has ", X.shape[2], " (X ", shape_string(X), ", C ",
+                 shape_string(C), ")");
   const Sizes z{X.shape[0], X.shape[1], X.shape[2], C.shape[0], param_dtype(X.dtype)};
   check_array(op, C, "C", "K, D", {z.K, z.D}, z.param, X, "X");
   check_array(op, s, "s", "K", {z.K}, z.param, X, "X");
@@ -354,7 +357,8 @@ Sizes check_codebook(const char* op, const TensorView& X, const TensorView& C, c
 // The forward pass shared by scaled_l2 (SL = s D2) and the Encoding (A = softmax, sumA).
 
 template <class T>
-Codebook<T> codebook(const TensorView& X, const TensorView& C, const TensorView& s, const Sizes& z) {
+Codebook<T> codebook(const TensorView& X, const TensorView& C, const TensorView& s,
+                     const Sizes& z) {
   Codebook<T> cb{view3<const T>(X), view2<const T>(C), read_vector<T>(s), std::vector<T>(z.K),
                  z.B, z.N, z.D, z.K};
   for (int64_t k = 0; k < z.K; ++k) {

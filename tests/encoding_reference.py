@@ -70,7 +70,8 @@ def torch_op(fn, inputs, grad_out):
 
 
 def numpy_scaled_l2_backward(g, X, C, s):
-    """LAYERS.md's formulas: dX = sum_k 2 s g (x - c), dC = -sum 2 s g (x - c), ds = sum g |x-c|^2."""
+    """LAYERS.md's formulas: dX = sum_k 2 s g (x - c), dC = -sum 2 s g (x - c),
+    ds = sum g |x - c|^2."""
     R = X[:, :, None, :] - C[None, None]
     w = 2 * s * g
     return ((w[..., None] * R).sum(2), -(w[..., None] * R).sum((0, 1)),

@@ -91,7 +91,10 @@ def test_convolution_finite_differences(case):
     w = rng(9).standard_normal(ws)
     b = rng(10).standard_normal(ws[0])
     R = rng(11).standard_normal(F.convolution(x, w, b, stride, padding, dilation, groups).shape)
-    loss = lambda: float((F.convolution(x, w, b, stride, padding, dilation, groups) * R).sum())  # noqa
+
+    def loss():
+        return float((F.convolution(x, w, b, stride, padding, dilation, groups) * R).sum())
+
     dx, dw, db = F.convolution_backward(R, x, w, stride, padding, dilation, groups)
     for name, got, arg in (("dx", dx, x), ("dweight", dw, w), ("dbias", db, b)):
         assert_close(got, fd_grad(loss, arg), 1e-7, 1e-8, name)
@@ -134,7 +137,8 @@ def test_pixel_shuffle_matches_torch():
 @pytest.mark.parametrize("cls,tcls,xs,kw", [
     (nn.Conv1d, torch.nn.Conv1d, (3, 4, 10), dict(kernel_size=3, stride=2, padding=1)),
     (nn.Conv2d, torch.nn.Conv2d, (2, 4, 7, 6), dict(kernel_size=(3, 2), dilation=(1, 2), groups=2)),
-    (nn.Conv3d, torch.nn.Conv3d, (2, 2, 4, 5, 3), dict(kernel_size=2, padding=(1, 0, 1), bias=False)),
+    (nn.Conv3d, torch.nn.Conv3d, (2, 2, 4, 5, 3),
+     dict(kernel_size=2, padding=(1, 0, 1), bias=False)),
 ])
 def test_conv_layers_vs_torch(cls, tcls, xs, kw, dtype):
     layer = cls(xs[1], 6, dtype=dtype, rng=0, **kw)
@@ -156,7 +160,8 @@ def test_conv_layers_vs_torch(cls, tcls, xs, kw, dtype):
         assert_close_dtype(layer.bias.grad, ref.bias.grad.numpy(), dtype, "dbias", factor=2)
     layer(x)
     layer.backward(dy.astype(dtype))  # gradients accumulate
-    assert_close_dtype(layer.weight.grad, 2 * ref.weight.grad.numpy(), dtype, "accumulated", factor=2)
+    assert_close_dtype(layer.weight.grad, 2 * ref.weight.grad.numpy(), dtype, "accumulated",
+                       factor=2)
     with pytest.raises(RuntimeError, match="call forward first"):
         layer.backward(dy.astype(dtype))
 
@@ -178,7 +183,8 @@ def test_conv_layer_initialization():
 def test_convolution_errors():
     x = randn((2, 4, 6, 6), 17, np.float32)
     w = np.ones((6, 2, 3, 3), np.float32) * 0.1
-    with pytest.raises(ValueError, match=r"a 2-d kernel needs x of shape \(B, C_in, 2 spatial dims\)"):
+    with pytest.raises(ValueError, match=r"a 2-d kernel needs x of shape "
+                                         r"\(B, C_in, 2 spatial dims\)"):
         F.convolution(x[0], w)
     with pytest.raises(ValueError, match="x has 4 channels but weight .* with groups=1 expects 2"):
         F.convolution(x, w)
@@ -214,7 +220,8 @@ def test_core_im2col_errors():
     cols.flags.writeable = False
     with pytest.raises(ValueError, match="output cols is read-only"):
         _C.im2col(x, cols, [3, 3], [1, 1], [0, 0], [1, 1])
-    with pytest.raises(ValueError, match=r"cols must have shape .* = \(2, 27, 9\), got \(2, 27, 8\)"):
+    with pytest.raises(ValueError, match=r"cols must have shape .* = \(2, 27, 9\), "
+                                         r"got \(2, 27, 8\)"):
         _C.im2col(x, np.empty((2, 27, 8), np.float32), [3, 3], [1, 1], [0, 0], [1, 1])
     with pytest.raises(TypeError, match="cols has dtype float64 but x has float32"):
         _C.im2col(x, np.empty((2, 27, 9)), [3, 3], [1, 1], [0, 0], [1, 1])
@@ -245,10 +252,14 @@ def test_threaded_im2col_agrees(dtype):
     w = rng(19).standard_normal((6, 3, 3, 3)).astype(dtype)
     dy = rng(20).standard_normal((4, 6, 10, 9)).astype(dtype)
     before = F.get_between_gemm_threads()
-    one = (F.convolution(x, w, None, 2, 1, 1, 2),) + F.convolution_backward(dy, x, w, 2, 1, 1, 2)
+    def run():
+        return (F.convolution(x, w, None, 2, 1, 1, 2),) + F.convolution_backward(dy, x, w, 2, 1,
+                                                                                 1, 2)
+
+    one = run()
     try:
         F.set_between_gemm_threads(0)
-        many = (F.convolution(x, w, None, 2, 1, 1, 2),) + F.convolution_backward(dy, x, w, 2, 1, 1, 2)
+        many = run()
     finally:
         F.set_between_gemm_threads(before)
     for a, b in zip(one, many):

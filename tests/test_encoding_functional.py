@@ -44,7 +44,8 @@ def _problem(shape, layout, dtype, seed=11):
 
 def _check(actual, expected, dtype, what):
     assert actual.dtype == dtype, (what, actual.dtype)
-    assert_close_dtype(actual, expected, dtype, what, factor=1 if dtype == np.float64 else F32_FACTOR)
+    factor = 1 if dtype == np.float64 else F32_FACTOR
+    assert_close_dtype(actual, expected, dtype, what, factor=factor)
 
 
 def _softmax_weights(B, N, K, seed):
@@ -82,9 +83,9 @@ def test_scaled_l2_backward(shape, layout, dtype):
     _, D2 = F.scaled_l2_forward(X, C, s)
     dX, dC, ds = F.scaled_l2_backward(g, X, C, s, D2)
     _, (tdX, tdC, tds) = torch_op(torch_scaled_l2, (X, C, s), g0)
-    ndX, ndC, nds = numpy_scaled_l2_backward(g0, np.asarray(X, np.float64), np.asarray(C, np.float64),
-                                             np.asarray(s, np.float64))
-    for name, got, ref_t, ref_n in (("dX", dX, tdX, ndX), ("dC", dC, tdC, ndC), ("ds", ds, tds, nds)):
+    ndX, ndC, nds = numpy_scaled_l2_backward(g0, *(np.asarray(a, np.float64) for a in (X, C, s)))
+    for name, got, ref_t, ref_n in (("dX", dX, tdX, ndX), ("dC", dC, tdC, ndC),
+                                    ("ds", ds, tds, nds)):
         _check(got, ref_t, dtype, name + " vs torch")
         assert_close(ref_t, ref_n, 1e-12, 1e-12, name + ": the two references disagree")
     assert dX.shape == X.shape and dC.shape == C.shape and ds.shape == s.shape
@@ -108,7 +109,8 @@ def test_aggregate(shape, layout, dtype):
     _check(E, tE, dtype, "E")
     X64, C64 = np.asarray(X, np.float64), np.asarray(C, np.float64)
     ndA, ndX, ndC = numpy_aggregate_backward(gE, np.asarray(A, np.float64), X64, C64)
-    for name, got, ref_t, ref_n in (("dA", dA, tdA, ndA), ("dX", dX, tdX, ndX), ("dC", dC, tdC, ndC)):
+    for name, got, ref_t, ref_n in (("dA", dA, tdA, ndA), ("dX", dX, tdX, ndX),
+                                    ("dC", dC, tdC, ndC)):
         _check(got, ref_t, dtype, name + " vs torch")
         assert_close(ref_t, ref_n, 1e-12, 1e-12, name + ": the two references disagree")
 
@@ -313,20 +315,24 @@ def test_encoding_op_errors():
     with pytest.raises(ValueError, match=r"C \(codewords\) must have shape \(K, D\) with D = 3 .* "
                                          r"got \(4, 2\)"):
         F.encoding(X, C[:, :2], s)
-    with pytest.raises(ValueError, match=r"scaled_l2: s must have shape \(K\) = \(4,\), got \(3,\)"):
+    with pytest.raises(ValueError, match=r"scaled_l2: s must have shape \(K\) = \(4,\), "
+                                         r"got \(3,\)"):
         F.scaled_l2(X, C, s[:3])
     with pytest.raises(TypeError, match="C has dtype float64 but X has float32"):
         F.encoding(X, C.astype(np.float64), s)
-    with pytest.raises(TypeError, match="X has dtype int32; the encoding ops take float32 or float64"):
+    with pytest.raises(TypeError, match="X has dtype int32; the encoding ops take float32 or "
+                                        "float64"):
         F.encoding(X.astype(np.int32), C, s)
     with pytest.raises(TypeError, match="float16"):
         F.encoding(X.astype(np.float16), C.astype(np.float16), s.astype(np.float16))
     with pytest.raises(TypeError, match="X must be a NumPy or CuPy array, got torch.Tensor"):
         F.encoding(torch.ones(2, 5, 3), C, s)
     E, A, D2 = F.encoding_forward(X, C, s)
-    with pytest.raises(ValueError, match=r"dE must have shape \(B, K, D\) = \(2, 4, 3\), got \(2, 3, 4\)"):
+    with pytest.raises(ValueError, match=r"dE must have shape \(B, K, D\) = \(2, 4, 3\), "
+                                         r"got \(2, 3, 4\)"):
         F.encoding_backward(np.ones((2, 3, 4), np.float32), X, C, s, A, D2)
-    with pytest.raises(ValueError, match=r"A must have shape \(B, N, K\) = \(2, 5, 4\), got \(2, 4, 5\)"):
+    with pytest.raises(ValueError, match=r"A must have shape \(B, N, K\) = \(2, 5, 4\), "
+                                         r"got \(2, 4, 5\)"):
         F.encoding_backward(E, X, C, s, A.swapaxes(1, 2), D2)
     with pytest.raises(TypeError, match="D2 has dtype float64 but X has float32"):
         F.scaled_l2_backward(A, X, C, s, D2.astype(np.float64))
@@ -345,7 +351,8 @@ def test_core_encoding_errors():
     with pytest.raises(ValueError, match="encoding_forward: output D2 is read-only"):
         _C.encoding_forward(X, C, s, XC, D2, A, sumA)
     D2 = np.empty((2, 5, 4), np.float32)
-    with pytest.raises(ValueError, match=r"XC must have shape \(B, N, K\) = \(2, 5, 4\), got \(2, 4, 5\)"):
+    with pytest.raises(ValueError, match=r"XC must have shape \(B, N, K\) = \(2, 5, 4\), "
+                                         r"got \(2, 4, 5\)"):
         _C.encoding_forward(X, C, s, XC.swapaxes(1, 2), D2, A, sumA)
     with pytest.raises(ValueError, match=r"sumA must have shape \(B, K\) = \(2, 4\), got \(4,\)"):
         _C.encoding_forward(X, C, s, XC, D2, A, sumA[0])

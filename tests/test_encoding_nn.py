@@ -15,7 +15,8 @@ F32_FACTOR = 10
 
 def _check(actual, expected, dtype, what):
     assert actual.dtype == dtype, (what, actual.dtype)
-    assert_close_dtype(actual, expected, dtype, what, factor=1 if dtype == np.float64 else F32_FACTOR)
+    factor = 1 if dtype == np.float64 else F32_FACTOR
+    assert_close_dtype(actual, expected, dtype, what, factor=factor)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -28,7 +29,8 @@ def _torch_encoding_layer(x, C, s):
     return torch_encoding(x.reshape(B, D, -1).transpose(1, 2), C, s)
 
 
-@pytest.mark.parametrize("shape,layout", [((2, 6, 5, 7), "contiguous"), ((2, 6, 5, 7), "channels_last"),
+@pytest.mark.parametrize("shape,layout", [((2, 6, 5, 7), "contiguous"),
+                                          ((2, 6, 5, 7), "channels_last"),
                                           ((3, 5, 70), "contiguous"), ((1, 4, 1, 1), "contiguous")],
                          ids=["4d", "4d-channels-last", "3d", "4d-one-feature"])
 def test_encoding_layer_vs_torch(shape, layout, dtype):
@@ -103,7 +105,8 @@ def test_encoding_layer_errors():
     with pytest.raises(RuntimeError, match="call forward first"):
         layer.backward(np.ones((2, 4, 6), np.float32))
     layer(randn((2, 6, 3, 3), 2, np.float32))
-    with pytest.raises(ValueError, match=r"dE must have shape \(B, K, D\) = \(2, 4, 6\), got \(2, 6, 4\)"):
+    with pytest.raises(ValueError, match=r"dE must have shape \(B, K, D\) = \(2, 4, 6\), "
+                                         r"got \(2, 6, 4\)"):
         layer.backward(np.ones((2, 6, 4), np.float32))
     with pytest.raises(ValueError, match="K must be a positive integer"):
         nn.Encoding(6, 0)
@@ -166,7 +169,8 @@ def test_gram_matrix_errors():
 
 
 def _torch_inspiration(x, W, G):
-    """Upstream's forward: P = bmm(W.expand_as(G), G); Y = bmm(P^T.expand(B, C, C), X.view(B, C, -1))."""
+    """Upstream's forward: P = bmm(W.expand_as(G), G);
+    Y = bmm(P^T.expand(B, C, C), X.view(B, C, -1)), viewed as X."""
     P = torch.bmm(W.expand_as(G), G)
     B, C = x.shape[:2]
     return torch.bmm(P.transpose(1, 2).expand(B, C, C), x.reshape(B, C, -1)).view_as(x)
@@ -281,7 +285,8 @@ def test_upsample_conv2d_vs_torch(args, scale, dtype):
 def test_upsample_conv2d_finite_differences_and_init():
     layer = nn.UpsampleConv2d(2, 2, 3, stride=2, padding=1, scale_factor=2, dtype=np.float64, rng=8)
     bound = 1 / np.sqrt(2 * 3 * 3)
-    assert np.all(np.abs(layer.weight.data) <= bound) and np.max(np.abs(layer.weight.data)) > 0.8 * bound
+    w = np.abs(layer.weight.data)
+    assert np.all(w <= bound) and np.max(w) > 0.8 * bound
     x = randn((1, 2, 5, 4), 52)
     y = layer(x)
     R = rng(53).standard_normal(y.shape)

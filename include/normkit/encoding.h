@@ -16,8 +16,10 @@
 //             -> dC = sumW c - sum_b W^T X - sum_b sumA g (caller)
 //
 // Distances come from the GEMM form ||x||^2 - 2 x.c + ||c||^2, which cancels when |x| >> |x - c|.
-// Each distance whose operands exceed it kCancellationRatio times is recomputed from the residual
-// x - c, so every D2 carries at most a few bits more rounding than the residual form.
+// Where ||x||^2 + ||c||^2 exceeds a distance kCancellationRatio times, the distances to that
+// codeword are recomputed from the residuals x - c (for the tile of rows at hand), so every D2
+// carries at most a few bits more rounding than the residual form. The CPU kernels' threads:
+// normkit/gemm_threads.h.
 //
 // Layouts: X and every (B, N, K) / (B, N) array may have any strides (a (B, D, N) tensor seen as
 // (B, N, D) is the common case); unit strides along N or K take the fast paths. Outputs may alias

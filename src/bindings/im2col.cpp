@@ -1,4 +1,5 @@
-// Bindings of include/normkit/im2col.h: the geometry comes as sequences of ints, one per spatial dim.
+// Bindings of include/normkit/im2col.h: the geometry comes as sequences of ints, one per spatial
+// dim.
 #include "normkit/im2col.h"
 
 #include <pybind11/stl.h>

@@ -22,8 +22,8 @@ def _geometry(name, value, dims, minimum):
     except TypeError:
         values = None
     if values is None or len(values) != dims:
-        raise ValueError(f"convolution: {name} must be an int or {dims} ints (one per spatial dim), "
-                         f"got {value!r}")
+        raise ValueError(f"convolution: {name} must be an int or {dims} ints (one per spatial "
+                         f"dim), got {value!r}")
     if any(v < minimum for v in values):
         raise ValueError(f"convolution: {name} must be >= {minimum}, got {value!r}")
     return values
@@ -55,8 +55,8 @@ def _check(x, weight, bias, stride, padding, dilation, groups):
         raise ValueError(f"convolution: {C_out} output channels are not divisible by groups="
                          f"{groups}")
     if x.shape[1] != C_group * groups:
-        raise ValueError(f"convolution: x has {x.shape[1]} channels but weight {tuple(weight.shape)}"
-                         f" with groups={groups} expects {C_group * groups}")
+        raise ValueError(f"convolution: x has {x.shape[1]} channels but weight "
+                         f"{tuple(weight.shape)} with groups={groups} expects {C_group * groups}")
     if bias is not None:
         if array_module(bias, "bias") is not xp or bias.dtype != x.dtype:
             raise TypeError(f"convolution: bias must be a {x.dtype} array like x")
@@ -71,9 +71,9 @@ def _check(x, weight, bias, stride, padding, dilation, groups):
            for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation)]
     for d, o in enumerate(out):
         if o < 1:
-            raise ValueError(f"convolution: spatial dim {d} of x has size {x.shape[2 + d]}, smaller "
-                             f"than the kernel's extent {dilation[d] * (kernel[d] - 1) + 1} with "
-                             f"padding {padding[d]} on each side")
+            raise ValueError(f"convolution: spatial dim {d} of x has size {x.shape[2 + d]}, "
+                             f"smaller than the kernel's extent {dilation[d] * (kernel[d] - 1) + 1}"
+                             f" with padding {padding[d]} on each side")
     return xp, stride, padding, dilation, out
 
 
@@ -129,7 +129,8 @@ def convolution_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=
         dweight = dweight.sum(axis=0).reshape(weight.shape)
     if input_grad:
         w = weight.reshape(groups, C_out // groups, rows)
-        dcols = xp.matmul(w.swapaxes(-1, -2), dy_groups).reshape(B, x.shape[1] * math.prod(kernel), L)
+        dcols = xp.matmul(w.swapaxes(-1, -2), dy_groups)
+        dcols = dcols.reshape(B, x.shape[1] * math.prod(kernel), L)
         if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding):
             dx = dcols.reshape(x.shape)
         else:
@@ -150,7 +151,8 @@ def pixel_shuffle(x, scale):
 
 
 def pixel_unshuffle(y, scale):
-    """The inverse (and adjoint) of ``pixel_shuffle``: (B, C, H * s, W * s) -> (B, C * s^2, H, W)."""
+    """The inverse (and adjoint) of ``pixel_shuffle``:
+    (B, C, H * s, W * s) -> (B, C * s^2, H, W)."""
     B, C, Hs, Ws = y.shape
     H, W = Hs // scale, Ws // scale
     return y.reshape(B, C, H, scale, W, scale).transpose(0, 1, 3, 5, 2, 4).reshape(

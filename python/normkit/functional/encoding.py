@@ -72,7 +72,8 @@ def _check_shape(op, name, a, expected, letters):
 
 
 def _check_codebook(op, X, C, s):
-    """X (B, N, D), C (K, D), s (K,): same array library and float dtype. Returns (xp, B, N, D, K)."""
+    """X (B, N, D), C (K, D), s (K,): same array library and float dtype.
+    Returns (xp, B, N, D, K)."""
     xp = array_module(X, "X")
     _check_float(op, "X", X, xp)
     if X.ndim != 3:
@@ -181,7 +182,8 @@ def scaled_l2_backward(dSL, X, C, s, D2):
 
 
 def aggregate(A, X, C):
-    """``E[b,k] = sum_i A[b,i,k] (x[b,i] - c[k])`` for A (B, N, K), X (B, N, D), C (K, D): (B, K, D)."""
+    """``E[b,k] = sum_i A[b,i,k] (x[b,i] - c[k])`` for A (B, N, K), X (B, N, D), C (K, D):
+    (B, K, D)."""
     op = "aggregate"
     xp = _check_aggregate(op, A, X, C)
     A, _ = _blas_view(A, xp)

@@ -72,7 +72,8 @@ class _ConvNd(_SavesInput):
             raise ValueError(f"{name}: out_channels ({out_channels}) must be divisible by groups "
                              f"({groups})")
         d = self._dims
-        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.groups = int(groups)
         self.kernel_size = _ntuple("kernel_size", kernel_size, d, 1)
         self.stride = _ntuple("stride", stride, d, 1)
         self.padding = _ntuple("padding", padding, d, 0)

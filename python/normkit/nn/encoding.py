@@ -125,9 +125,10 @@ class Inspiration(_SavesInput):
         """Sets the target Gram matrix (b, C, C) (an array or torch tensor, copied into the
         layer's dtype and device); ``requires_grad`` asks backward for ``target_grad``."""
         target = _as_numpy(target)
-        if np.ndim(target) != 3 or tuple(target.shape[1:]) != (self.C, self.C) or target.shape[0] < 1:
+        shape = tuple(np.shape(target))
+        if len(shape) != 3 or shape[1:] != (self.C, self.C) or shape[0] < 1:
             raise ValueError(f"Inspiration(C={self.C}).set_target: the target must have shape "
-                             f"(B, {self.C}, {self.C}), got {tuple(np.shape(target))}")
+                             f"(B, {self.C}, {self.C}), got {shape}")
         xp = array_module(self.G, "G")
         self.G = xp.array(target, dtype=self.G.dtype)  # a copy, like the buffer it replaces
         self.target_requires_grad = bool(requires_grad)
@@ -194,8 +195,8 @@ class UpsampleConv2d(_ConvNd):
                              f"{out_channels!r}")
         s = int(scale_factor)
         if int(groups) == groups and groups >= 1 and (out_channels * s * s) % groups:
-            raise ValueError(f"UpsampleConv2d: out_channels * scale_factor^2 ({out_channels * s * s})"
-                             f" must be divisible by groups ({groups})")
+            raise ValueError(f"UpsampleConv2d: out_channels * scale_factor^2 "
+                             f"({out_channels * s * s}) must be divisible by groups ({groups})")
         super().__init__(in_channels, int(out_channels) * s * s, kernel_size, stride, padding,
                          dilation, groups, bias, dtype, None, rng)
         self.out_channels = int(out_channels)
