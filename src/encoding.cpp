@@ -350,8 +350,8 @@ Sizes check_codebook(const char* op, const TensorView& X, const TensorView& C,
   return z;
 }
 
-// The CPU kernels take float32 and float64 (float16 would need float32 GEMMs on the caller's side):
-// dispatch_cpu_float.
+// The kernels take float32 and float64 (float16 would need float32 GEMMs on the caller's side, so
+// callers compute it in float32): dispatch_float.
 
 // ------------------------------------------------------------------------------------------------
 // The forward pass shared by scaled_l2 (SL = s D2) and the Encoding (A = softmax, sumA).
@@ -435,37 +435,46 @@ void store_rows(const T* r, int64_t rows, View2<T> rv, int64_t b, int64_t i0) {
 // ================================================================================================
 // The ops.
 
+// The layout of cuda/encoding.cu: ||c_k||^2, <g[b,k], c[k]>, then three per-k column sums (sumW,
+// ds, sumA) with one partial per warp of 32 rows of each batch.
+int64_t encoding_workspace_size(int64_t B, int64_t N, int64_t K) {
+  NK_CHECK_VALUE(B >= 0 && N >= 0 && K >= 0, "encoding_workspace_size: B, N and K must be >= 0, ",
+                 "got ", B, ", ", N, " and ", K);
+  return K + B * K + 3 * B * ((N + 31) / 32) * K;
+}
+
 void scaled_l2_forward(const TensorView& X, const TensorView& C, const TensorView& s,
-                       const TensorView& XC, const TensorView& D2, const TensorView& SL) {
+                       const TensorView& XC, const TensorView& D2, const TensorView& SL,
+                       const Launch& launch) {
   const char* op = "scaled_l2_forward";
   const Sizes z = check_codebook(op, X, C, s);
   check_array(op, XC, "XC", "B, N, K", {z.B, z.N, z.K}, z.param, X, "X");
   check_array(op, D2, "D2", "B, N, K", {z.B, z.N, z.K}, z.param, X, "X");
   check_array(op, SL, "SL", "B, N, K", {z.B, z.N, z.K}, z.param, X, "X", true);
-  dispatch_cpu_float(op, X, [&](auto tag) {
+  dispatch_float(op, X, [&](auto tag) {
     using T = decltype(tag);
     forward_pass<T>(codebook<T>(X, C, s, z), XC, D2, SL, false, TensorView{});
-  });
+  }, [&] { cuda::scaled_l2_forward(X, C, s, XC, D2, SL, launch); });
 }
 
 void encoding_forward(const TensorView& X, const TensorView& C, const TensorView& s,
                       const TensorView& XC, const TensorView& D2, const TensorView& A,
-                      const TensorView& sumA) {
+                      const TensorView& sumA, const Launch& launch) {
   const char* op = "encoding_forward";
   const Sizes z = check_codebook(op, X, C, s);
   check_array(op, XC, "XC", "B, N, K", {z.B, z.N, z.K}, z.param, X, "X");
   check_array(op, D2, "D2", "B, N, K", {z.B, z.N, z.K}, z.param, X, "X");
   check_array(op, A, "A", "B, N, K", {z.B, z.N, z.K}, z.param, X, "X");
   check_array(op, sumA, "sumA", "B, K", {z.B, z.K}, z.param, X, "X", true);
-  dispatch_cpu_float(op, X, [&](auto tag) {
+  dispatch_float(op, X, [&](auto tag) {
     using T = decltype(tag);
     forward_pass<T>(codebook<T>(X, C, s, z), XC, D2, A, true, sumA);
-  });
+  }, [&] { cuda::encoding_forward(X, C, s, XC, D2, A, sumA, launch); });
 }
 
 void scaled_l2_backward(const TensorView& dSL, const TensorView& s, const TensorView& D2,
                         const TensorView& W, const TensorView& r, const TensorView& sumW,
-                        const TensorView& ds) {
+                        const TensorView& ds, const Launch& launch) {
   const char* op = "scaled_l2_backward";
   check_3d(op, dSL, "dSL", "B, N, K");
   const int64_t B = dSL.shape[0], N = dSL.shape[1], K = dSL.shape[2];
@@ -476,7 +485,7 @@ void scaled_l2_backward(const TensorView& dSL, const TensorView& s, const Tensor
   check_array(op, r, "r", "B, N", {B, N}, dt, dSL, "dSL");
   check_array(op, sumW, "sumW", "K", {K}, dt, dSL, "dSL");
   check_array(op, ds, "ds", "K", {K}, dt, dSL, "dSL");
-  dispatch_cpu_float(op, dSL, [&](auto tag) {
+  dispatch_float(op, dSL, [&](auto tag) {
     using T = decltype(tag);
     const auto sv = read_vector<T>(s);
     const auto gv = view3<const T>(dSL), d2v = view3<const T>(D2);
@@ -499,13 +508,14 @@ void scaled_l2_backward(const TensorView& dSL, const TensorView& s, const Tensor
       }
     });
     write_sums<T>(parts, sumW, ds);
-  });
+  }, [&] { cuda::scaled_l2_backward(dSL, s, D2, W, r, sumW, ds, launch); });
 }
 
 void encoding_backward(const TensorView& G, const TensorView& C, const TensorView& s,
                        const TensorView& A, const TensorView& D2, const TensorView& XG,
                        const TensorView& W, const TensorView& r, const TensorView& sumW,
-                       const TensorView& sumA, const TensorView& ds) {
+                       const TensorView& sumA, const TensorView& ds,
+                       const Launch& launch) {
   const char* op = "encoding_backward";
   check_3d(op, A, "A", "B, N, K");
   const int64_t B = A.shape[0], N = A.shape[1], K = A.shape[2];
@@ -524,7 +534,7 @@ void encoding_backward(const TensorView& G, const TensorView& C, const TensorVie
   check_array(op, sumW, "sumW", "K", {K}, dt, A, "A");
   check_array(op, sumA, "sumA", "B, K", {B, K}, dt, A, "A");
   check_array(op, ds, "ds", "K", {K}, dt, A, "A");
-  dispatch_cpu_float(op, A, [&](auto tag) {
+  dispatch_float(op, A, [&](auto tag) {
     using T = decltype(tag);
     const auto sv = read_vector<T>(s);
     const auto av = view3<const T>(A), d2v = view3<const T>(D2), xgv = view3<const T>(XG);
@@ -591,7 +601,7 @@ void encoding_backward(const TensorView& G, const TensorView& C, const TensorVie
         sa.at(b, k) = T(acc);
       }
     }
-  });
+  }, [&] { cuda::encoding_backward(G, C, s, A, D2, XG, W, r, sumW, sumA, ds, launch); });
 }
 
 namespace {
@@ -607,13 +617,14 @@ NK_HOT void axpy_line(int64_t n, const T* __restrict x, int64_t sx, const T* __r
 }
 }  // namespace
 
-void add_scaled_features(const TensorView& X, const TensorView& r, const TensorView& dX) {
+void add_scaled_features(const TensorView& X, const TensorView& r, const TensorView& dX,
+                         const Launch& launch) {
   const char* op = "add_scaled_features";
   check_3d(op, X, "X", "B, N, D");
   const int64_t B = X.shape[0], N = X.shape[1], D = X.shape[2];
   check_array(op, r, "r", "B, N", {B, N}, param_dtype(X.dtype), X, "X");
   check_array(op, dX, "dX", "B, N, D", {B, N, D}, X.dtype, X, "X");
-  dispatch_cpu_float(op, X, [&](auto tag) {
+  dispatch_float(op, X, [&](auto tag) {
     using T = decltype(tag);
     const auto xv = view3<const T>(X);
     const auto ov = view3<T>(dX);
@@ -644,7 +655,7 @@ void add_scaled_features(const TensorView& X, const TensorView& r, const TensorV
         }
       });
     }
-  });
+  }, [&] { cuda::add_scaled_features(X, r, dX, launch); });
 }
 
 }  // namespace normkit

@@ -131,10 +131,11 @@ void zero_plane(T* base, const Plan& p, const int64_t* strides) {
 
 }  // namespace
 
-void im2col(const TensorView& x, const ConvGeometry& g, const TensorView& cols) {
+void im2col(const TensorView& x, const ConvGeometry& g, const TensorView& cols,
+            const Launch& launch) {
   const char* op = "im2col";
   const Plan p = check(op, x, g, cols);
-  dispatch_cpu_float(op, x, [&](auto tag) {
+  dispatch_float(op, x, [&](auto tag) {
     using T = decltype(tag);
     const int last = p.dims - 1;
     const int64_t* xs = x.strides + 2;
@@ -161,13 +162,14 @@ void im2col(const TensorView& x, const ConvGeometry& g, const TensorView& cols) 
         });
       }
     });
-  });
+  }, [&] { cuda::im2col(x, g, cols, launch); });
 }
 
-void col2im(const TensorView& cols, const ConvGeometry& g, const TensorView& x) {
+void col2im(const TensorView& cols, const ConvGeometry& g, const TensorView& x,
+            const Launch& launch) {
   const char* op = "col2im";
   const Plan p = check(op, x, g, cols);
-  dispatch_cpu_float(op, x, [&](auto tag) {
+  dispatch_float(op, x, [&](auto tag) {
     using T = decltype(tag);
     const int last = p.dims - 1;
     const int64_t* xs = x.strides + 2;
@@ -189,7 +191,7 @@ void col2im(const TensorView& cols, const ConvGeometry& g, const TensorView& x) 
         });
       }
     });
-  });
+  }, [&] { cuda::col2im(cols, g, x, launch); });
 }
 
 }  // namespace normkit

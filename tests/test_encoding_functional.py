@@ -211,6 +211,40 @@ def test_zero_scale_gives_finite_exact_gradients():
 
 
 @pytest.mark.parametrize("layout", ["rows", "n_major"])
+def test_float16_features_compute_in_float32(layout):
+    """float16 X with float32 C and s: the ops compute in float32, E / SL / dX come back in
+    float16 (the float32 result rounded once), A, D2 and the parameter gradients in float32."""
+    X, C, s = _problem((2, 37, 5, 4), layout, np.float16)
+    C, s = C.astype(np.float32), s.astype(np.float32)
+    X32 = X.astype(np.float32)  # exactly the values the float16 call sees
+    gE = rng(7).standard_normal((2, 4, 5)).astype(np.float16)
+    E, A, D2 = F.encoding_forward(X, C, s)
+    dX, dC, ds = F.encoding_backward(gE, X, C, s, A, D2)
+    E32, A32, D232 = F.encoding_forward(X32, C, s)
+    dX32, dC32, ds32 = F.encoding_backward(gE.astype(np.float32), X32, C, s, A32, D232)
+    assert E.dtype == dX.dtype == np.float16
+    assert A.dtype == D2.dtype == dC.dtype == ds.dtype == np.float32
+    np.testing.assert_array_equal(E, E32.astype(np.float16))
+    np.testing.assert_array_equal(dX, dX32.astype(np.float16))
+    for got, ref in ((A, A32), (D2, D232), (dC, dC32), (ds, ds32)):
+        np.testing.assert_array_equal(got, ref)
+    tE, (tdX, _, _) = torch_op(torch_encoding, (X32, C, s), gE.astype(np.float64))
+    assert_close_dtype(E, tE, np.float16, "E", factor=2)
+    assert_close_dtype(dX, tdX, np.float16, "dX", factor=2)
+    SL, D2 = F.scaled_l2_forward(X, C, s)
+    assert SL.dtype == np.float16 and D2.dtype == np.float32
+    g = rng(8).standard_normal(SL.shape).astype(np.float16)
+    dX, dC, ds = F.scaled_l2_backward(g, X, C, s, D2)
+    ref = F.scaled_l2_backward(g.astype(np.float32), X32, C, s, D2)
+    assert dX.dtype == np.float16 and dC.dtype == ds.dtype == np.float32
+    np.testing.assert_array_equal(dX, ref[0].astype(np.float16))
+    np.testing.assert_array_equal(dC, ref[1])
+    E = F.aggregate(A, X, C)
+    assert E.dtype == np.float16
+    np.testing.assert_array_equal(E, F.aggregate(A, X32, C).astype(np.float16))
+
+
+@pytest.mark.parametrize("layout", ["rows", "n_major"])
 def test_encoding_more_than_65536_features(layout):
     B, N, D, K = 1, 70001, 3, 4
     X0 = features((B, N, D), 61, offset=0.1)
@@ -318,12 +352,12 @@ def test_encoding_op_errors():
     with pytest.raises(ValueError, match=r"scaled_l2: s must have shape \(K\) = \(4,\), "
                                          r"got \(3,\)"):
         F.scaled_l2(X, C, s[:3])
-    with pytest.raises(TypeError, match="C has dtype float64 but X has float32"):
+    with pytest.raises(TypeError, match="C must be float32 for float32 X, got float64"):
         F.encoding(X, C.astype(np.float64), s)
-    with pytest.raises(TypeError, match="X has dtype int32; the encoding ops take float32 or "
-                                        "float64"):
+    with pytest.raises(TypeError, match="X has dtype int32; the encoding ops take float16, "
+                                        "float32 or float64"):
         F.encoding(X.astype(np.int32), C, s)
-    with pytest.raises(TypeError, match="float16"):
+    with pytest.raises(TypeError, match="C must be float32 for float16 X, got float16"):
         F.encoding(X.astype(np.float16), C.astype(np.float16), s.astype(np.float16))
     with pytest.raises(TypeError, match="X must be a NumPy or CuPy array, got torch.Tensor"):
         F.encoding(torch.ones(2, 5, 3), C, s)
@@ -334,7 +368,7 @@ def test_encoding_op_errors():
     with pytest.raises(ValueError, match=r"A must have shape \(B, N, K\) = \(2, 5, 4\), "
                                          r"got \(2, 4, 5\)"):
         F.encoding_backward(E, X, C, s, A.swapaxes(1, 2), D2)
-    with pytest.raises(TypeError, match="D2 has dtype float64 but X has float32"):
+    with pytest.raises(TypeError, match="D2 must be float32 for float32 X, got float64"):
         F.scaled_l2_backward(A, X, C, s, D2.astype(np.float64))
     with pytest.raises(ValueError, match=r"aggregate: A must have shape \(B, N, K\) = \(2, 5, 4\)"):
         F.aggregate(A[:, :4], X, C)

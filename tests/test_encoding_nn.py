@@ -56,6 +56,26 @@ def test_encoding_layer_vs_torch(shape, layout, dtype):
     np.testing.assert_array_equal(layer.codewords.data, C)  # a layer never updates its parameters
 
 
+def test_encoding_layer_float16_input_runs_with_float32_parameters():
+    layer = nn.Encoding(5, 3, rng=4)
+    x = randn((2, 5, 4, 3), 5, np.float16)
+    y = layer(x)
+    dy = randn(y.shape, 6, np.float16)
+    dx = layer.backward(dy)
+    assert y.dtype == dx.dtype == np.float16 and dx.shape == x.shape
+    ref = nn.Encoding(5, 3, rng=4)
+    y32 = ref(x.astype(np.float32))
+    dx32 = ref.backward(dy.astype(np.float32))
+    np.testing.assert_array_equal(y, y32.astype(np.float16))
+    np.testing.assert_array_equal(dx, dx32.astype(np.float16))
+    np.testing.assert_array_equal(layer.codewords.grad, ref.codewords.grad)
+    np.testing.assert_array_equal(layer.scale.grad, ref.scale.grad)
+    assert layer.codewords.grad.dtype == np.float32
+    with pytest.raises(TypeError, match="float16 input needs float32 parameters, this layer's "
+                                        "are float64"):
+        nn.Encoding(5, 3, dtype=np.float64)(x)
+
+
 def test_encoding_layer_finite_differences():
     layer = nn.Encoding(3, 4, dtype=np.float64, rng=5)
     x = randn((2, 3, 2, 3), 6)

@@ -50,20 +50,18 @@ void dispatch(const char* op, const TensorView& x, CpuFn&& cpu, GpuFn&& gpu) {
   dispatch_cpu(op, x.dtype, cpu);
 }
 
-// Runs an op that has only CPU kernels so far, in float32 and float64: cpu(T{}) for those; a CUDA
-// array is a clear RuntimeError, float16 a TypeError.
-template <class CpuFn>
-void dispatch_cpu_float(const char* op, const TensorView& x, CpuFn&& cpu) {
-  NK_CHECK_RUNTIME(x.device == Device::CPU, op, ": only CPU arrays are supported so far (this op has ",
-                   "no CUDA kernel yet), got a ", device_name(x.device), " array");
-  dispatch_cpu(op, x.dtype, [&](auto tag) {
+// Runs an op whose CPU kernels take float32 and float64 (float16 is a TypeError there): cpu(T{})
+// for CPU tensors, gpu() for CUDA ones, as `dispatch`.
+template <class CpuFn, class GpuFn>
+void dispatch_float(const char* op, const TensorView& x, CpuFn&& cpu, GpuFn&& gpu) {
+  dispatch(op, x, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, Half>) {
       fail(ErrorKind::Type, op, ": float16 is not supported on the CPU (float32 and float64 are)");
     } else {
       cpu(tag);
     }
-  });
+  }, gpu);
 }
 
 }  // namespace normkit

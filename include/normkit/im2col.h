@@ -5,11 +5,13 @@
 // x is (B, C, *spatial) with any strides; cols is (B, C * prod(kernel), prod(out_spatial)) with
 // any strides, row c * prod(kernel) + (kernel offset, row-major) and column the output position
 // (row-major), which is the order of weight.reshape(O, C/groups * prod(kernel)): groups are
-// contiguous blocks of rows. Padding is zeros.
+// contiguous blocks of rows. Padding is zeros. Dtypes: float32 and float64 on the CPU, every
+// dtype on CUDA, where the ops run on launch.stream (no workspace).
 #pragma once
 
 #include <cstdint>
 
+#include "normkit/launch.h"
 #include "normkit/tensor.h"
 
 namespace normkit {
@@ -30,10 +32,20 @@ int64_t conv_output_size(int64_t n, int64_t kernel, int64_t stride, int64_t padd
                          int64_t dilation);
 
 // cols = the receptive fields of x.
-void im2col(const TensorView& x, const ConvGeometry& geometry, const TensorView& cols);
+void im2col(const TensorView& x, const ConvGeometry& geometry, const TensorView& cols,
+            const Launch& launch = {});
 
 // x = the sum of the columns over the receptive fields they came from (overwrites x): the adjoint
 // of im2col.
-void col2im(const TensorView& cols, const ConvGeometry& geometry, const TensorView& x);
+void col2im(const TensorView& cols, const ConvGeometry& geometry, const TensorView& x,
+            const Launch& launch = {});
+
+// The CUDA kernels behind the ops above (cuda/im2col.cu), called after the ops' checks.
+namespace cuda {
+void im2col(const TensorView& x, const ConvGeometry& geometry, const TensorView& cols,
+            const Launch& launch);
+void col2im(const TensorView& cols, const ConvGeometry& geometry, const TensorView& x,
+            const Launch& launch);
+}  // namespace cuda
 
 }  // namespace normkit

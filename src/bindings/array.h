@@ -9,6 +9,7 @@
 #include <initializer_list>
 #include <memory>
 
+#include "normkit/launch.h"
 #include "normkit/tensor.h"
 
 namespace normkit::bindings {
@@ -36,5 +37,16 @@ Array as_array(py::handle obj, const char* op, const char* name, Access access,
 // Makes `stream` wait (on the device) for the streams that CUDA Array Interface producers asked
 // their consumers to synchronize with. Call with the GIL held, before launching.
 void wait_for_producers(std::initializer_list<const Array*> arrays, uintptr_t stream);
+
+// Runs op(launch) without the GIL on `stream` with `workspace` (None: an undefined view), after
+// making the stream wait for the arrays' producers.
+template <class Op>
+void run(uintptr_t stream, const Array& workspace, std::initializer_list<const Array*> arrays,
+         Op&& op) {
+  wait_for_producers(arrays, stream);
+  const Launch launch{reinterpret_cast<void*>(stream), workspace.view};
+  py::gil_scoped_release release;
+  op(launch);
+}
 
 }  // namespace normkit::bindings

@@ -6,25 +6,10 @@
 // both.
 #include "normkit/batchnorm.h"
 
-#include <initializer_list>
-
 #include "array.h"
 #include "module.h"
 
 namespace normkit::bindings {
-
-namespace {
-
-// Makes the stream wait for the arrays' producers, then runs op(launch) without the GIL.
-template <class Op>
-void run(uintptr_t stream, const Array& workspace, std::initializer_list<const Array*> arrays,
-         Op&& op) {
-  wait_for_producers(arrays, stream);
-  const Launch launch{reinterpret_cast<void*>(stream), workspace.view};
-  without_gil([&] { op(launch); });
-}
-
-}  // namespace
 
 void bind_batchnorm(py::module_& m) {
   const auto stream_arg = py::arg("stream") = uintptr_t(0);

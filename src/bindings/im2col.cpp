@@ -1,5 +1,5 @@
 // Bindings of include/normkit/im2col.h: the geometry comes as sequences of ints, one per spatial
-// dim.
+// dim; `stream` is the cudaStream_t (as an int) GPU work runs on, ignored for CPU arrays.
 #include "normkit/im2col.h"
 
 #include <pybind11/stl.h>
@@ -38,22 +38,32 @@ ConvGeometry geometry(const char* op, const std::vector<int64_t>& kernel,
 void bind_im2col(py::module_& m) {
   m.def("conv_output_size", &conv_output_size, py::arg("n"), py::arg("kernel"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"));
-  m.def("im2col", [](py::handle x, py::handle cols, const std::vector<int64_t>& kernel,
-                     const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
-                     const std::vector<int64_t>& dilation) {
-    const char* op = "im2col";
-    const ConvGeometry g = geometry(op, kernel, stride, padding, dilation);
-    auto X = as_array(x, op, "x", Access::Read), Cols = as_array(cols, op, "cols", Access::Write);
-    without_gil([&] { im2col(X.view, g, Cols.view); });
-  });
-  m.def("col2im", [](py::handle cols, py::handle x, const std::vector<int64_t>& kernel,
-                     const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
-                     const std::vector<int64_t>& dilation) {
-    const char* op = "col2im";
-    const ConvGeometry g = geometry(op, kernel, stride, padding, dilation);
-    auto Cols = as_array(cols, op, "cols", Access::Read), X = as_array(x, op, "x", Access::Write);
-    without_gil([&] { col2im(Cols.view, g, X.view); });
-  });
+  m.def(
+      "im2col",
+      [](py::handle x, py::handle cols, const std::vector<int64_t>& kernel,
+         const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+         const std::vector<int64_t>& dilation, uintptr_t stream) {
+        const char* op = "im2col";
+        const ConvGeometry g = geometry(op, kernel, stride, padding, dilation);
+        auto X = as_array(x, op, "x", Access::Read, stream);
+        auto Cols = as_array(cols, op, "cols", Access::Write, stream);
+        run(stream, Array{}, {&X, &Cols}, [&](const Launch& l) { im2col(X.view, g, Cols.view, l); });
+      },
+      py::arg("x"), py::arg("cols"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
+      py::arg("dilation"), py::arg("stream") = uintptr_t(0));
+  m.def(
+      "col2im",
+      [](py::handle cols, py::handle x, const std::vector<int64_t>& kernel,
+         const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+         const std::vector<int64_t>& dilation, uintptr_t stream) {
+        const char* op = "col2im";
+        const ConvGeometry g = geometry(op, kernel, stride, padding, dilation);
+        auto Cols = as_array(cols, op, "cols", Access::Read, stream);
+        auto X = as_array(x, op, "x", Access::Write, stream);
+        run(stream, Array{}, {&Cols, &X}, [&](const Launch& l) { col2im(Cols.view, g, X.view, l); });
+      },
+      py::arg("cols"), py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
+      py::arg("dilation"), py::arg("stream") = uintptr_t(0));
 }
 
 }  // namespace normkit::bindings

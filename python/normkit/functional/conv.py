@@ -5,13 +5,16 @@ and the pixel shuffle that UpsampleConv2d builds on.
 ``torch.nn.functional.conv1d/2d/3d`` (zero padding): x (B, C_in, *spatial), weight
 (C_out, C_in / groups, *kernel). The backward recomputes the columns instead of keeping them, so a
 forward holds no more memory than its input and output. im2col/col2im run on the calling thread
-unless ``set_between_gemm_threads`` says otherwise (see normkit.functional.encoding).
+unless ``set_between_gemm_threads`` says otherwise (see normkit.functional.encoding); on CuPy arrays
+they run on CuPy's current stream.
+
+Dtypes: float32 and float64; on CuPy also float16 (cuBLAS's half GEMM, col2im sums in float32).
 """
 import math
 import operator
 
 from .. import _C
-from .._backend import array_module
+from .._backend import array_module, launch_args
 
 
 def _geometry(name, value, dims, minimum):
@@ -34,10 +37,11 @@ def _check(x, weight, bias, stride, padding, dilation, groups):
     xp = array_module(x, "x")
     if array_module(weight, "weight") is not xp:
         raise TypeError("convolution: weight and x must both be NumPy or both CuPy arrays")
+    sizes = (4, 8) if xp.__name__ == "numpy" else (2, 4, 8)
     for name, a in (("x", x), ("weight", weight)):
-        if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
+        if a.dtype.kind != "f" or a.dtype.itemsize not in sizes:
             raise TypeError(f"convolution: {name} has dtype {a.dtype}; float32 or float64 arrays "
-                            f"are supported")
+                            f"are supported (and float16 on CuPy)")
     if weight.dtype != x.dtype:
         raise TypeError(f"convolution: weight has dtype {weight.dtype} but x has {x.dtype}")
     dims = weight.ndim - 2
@@ -85,7 +89,7 @@ def _columns(x, kernel, stride, padding, dilation, out, xp):
     if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding):
         return x.reshape(B, C, L)
     cols = xp.empty((B, C * math.prod(kernel), L), x.dtype)
-    _C.im2col(x, cols, kernel, stride, padding, dilation)
+    _C.im2col(x, cols, kernel, stride, padding, dilation, **launch_args(x))
     return cols
 
 
@@ -135,7 +139,7 @@ def convolution_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=
             dx = dcols.reshape(x.shape)
         else:
             dx = xp.empty(x.shape, x.dtype)
-            _C.col2im(dcols, dx, kernel, stride, padding, dilation)
+            _C.col2im(dcols, dx, kernel, stride, padding, dilation, **launch_args(dx))
     if bias_grad:
         dbias = dy.sum(axis=(0,) + tuple(range(2, dy.ndim)))
     return dx, dweight, dbias

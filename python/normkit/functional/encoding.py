@@ -19,14 +19,18 @@ transposed without a copy) keeps N contiguous, and the (B, N, K) arrays are then
 alike, so that every GEMM reads and writes unit-stride rows; anything BLAS cannot read in place is
 copied once.
 
-float32 and float64 (the same dtype for X, C, s and gradients).
+Dtypes: float32 and float64 (the same for X, C, s and everything derived), and float16 X with
+float32 C and s, computed in float32 (the accumulation type of the kernels and the GEMMs): outputs
+in X's role (E, SL, dX) come back in float16; A, D2 and the parameter gradients stay float32.
+
+CuPy arrays run on CuPy's current stream, with a workspace from CuPy's memory pool.
 
 Threads: the core's kernels alternate with the BLAS products, whose thread pool keeps spinning on
 the other cores for a while after each one; a second pool competing for them loses more than it
 gains, so the kernels run on the calling thread unless ``set_between_gemm_threads`` says otherwise.
 """
 from .. import _C
-from .._backend import array_module
+from .._backend import array_module, launch_args, param_dtype
 
 # --------------------------------------------------------------------------------------------------
 # Threads
@@ -54,15 +58,33 @@ def _check_float(op, name, a, xp):
     if array_module(a, name) is not xp:
         raise TypeError(f"{op}: {name} is a {type(a).__module__} array but X is a "
                         f"{xp.__name__} array")
-    if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
-        raise TypeError(f"{op}: {name} has dtype {a.dtype}; the encoding ops take float32 or "
-                        f"float64 arrays")
+    if a.dtype.kind != "f" or a.dtype.itemsize not in (2, 4, 8):
+        raise TypeError(f"{op}: {name} has dtype {a.dtype}; the encoding ops take float16, "
+                        f"float32 or float64 arrays")
 
 
 def _check_same_dtype(op, ref_name, ref, arrays):
     for name, a in arrays:
         if a.dtype != ref.dtype:
             raise TypeError(f"{op}: {name} has dtype {a.dtype} but {ref_name} has {ref.dtype}")
+
+
+def _check_param_dtype(op, X, arrays):
+    """C, s, A, D2 and the like have param_dtype(X.dtype): X's own, float32 for float16 X."""
+    want = param_dtype(X.dtype)
+    for name, a in arrays:
+        if a.dtype != want:
+            raise TypeError(f"{op}: {name} must be {want} for {X.dtype} X, got {a.dtype}")
+
+
+def _compute(a):
+    """`a` in the dtype the ops compute in: float16 -> float32, others as they are."""
+    return a.astype(param_dtype(a.dtype)) if a.dtype.itemsize == 2 else a
+
+
+def _launch(a, B, N, K):
+    """Stream and workspace keywords of the core encoding ops for `a`'s device (none on the CPU)."""
+    return launch_args(a, lambda _: _C.encoding_workspace_size(B, N, K))
 
 
 def _check_shape(op, name, a, expected, letters):
@@ -87,14 +109,18 @@ def _check_codebook(op, X, C, s):
     K = C.shape[0]
     _check_float(op, "s", s, xp)
     _check_shape(op, "s", s, (K,), "K")
-    _check_same_dtype(op, "X", X, [("C", C), ("s", s)])
+    _check_param_dtype(op, X, [("C", C), ("s", s)])
     return xp, B, N, D, K
 
 
-def _check_grad(op, name, g, shape, letters, X, xp):
+def _check_grad(op, name, g, shape, letters, X, xp, param=False):
+    """A gradient in X's dtype, or (param) an array in X's parameter dtype, of `shape`."""
     _check_float(op, name, g, xp)
     _check_shape(op, name, g, shape, letters)
-    _check_same_dtype(op, "X", X, [(name, g)])
+    if param:
+        _check_param_dtype(op, X, [(name, g)])
+    else:
+        _check_same_dtype(op, "X", X, [(name, g)])
 
 
 def _blas_view(a, xp):
@@ -147,11 +173,11 @@ def scaled_l2_forward(X, C, s):
     with ``D2 = ||x - c||^2`` (B, N, K)."""
     op = "scaled_l2"
     xp, B, N, D, K = _check_codebook(op, X, C, s)
-    X, n_major = _blas_view(X, xp)
-    XC = _x_times(X, C, n_major, xp)
-    D2 = _bnk(xp, B, N, K, X.dtype, n_major)
-    _C.scaled_l2_forward(X, C, s, XC, D2, XC)  # SL over XC
-    return XC, D2
+    Xc, n_major = _blas_view(_compute(X), xp)
+    XC = _x_times(Xc, C, n_major, xp)
+    D2 = _bnk(xp, B, N, K, Xc.dtype, n_major)
+    _C.scaled_l2_forward(Xc, C, s, XC, D2, XC, **_launch(Xc, B, N, K))  # SL over XC
+    return XC.astype(X.dtype, copy=False), D2
 
 
 def scaled_l2(X, C, s):
@@ -165,16 +191,17 @@ def scaled_l2_backward(dSL, X, C, s, D2):
     op = "scaled_l2_backward"
     xp, B, N, D, K = _check_codebook(op, X, C, s)
     _check_grad(op, "dSL", dSL, (B, N, K), "B, N, K", X, xp)
-    _check_grad(op, "D2", D2, (B, N, K), "B, N, K", X, xp)
-    X, n_major = _blas_view(X, xp)
-    W = _bnk(xp, B, N, K, X.dtype, n_major)
-    r = xp.empty((B, N), X.dtype)
-    sumW, ds = xp.empty(K, X.dtype), xp.empty(K, X.dtype)
-    _C.scaled_l2_backward(dSL, s, D2, W, r, sumW, ds)
+    _check_grad(op, "D2", D2, (B, N, K), "B, N, K", X, xp, param=True)
+    Xc, n_major = _blas_view(_compute(X), xp)
+    dtype = Xc.dtype
+    W = _bnk(xp, B, N, K, dtype, n_major)
+    r = xp.empty((B, N), dtype)
+    sumW, ds = xp.empty(K, dtype), xp.empty(K, dtype)
+    _C.scaled_l2_backward(_compute(dSL), s, D2, W, r, sumW, ds, **_launch(Xc, B, N, K))
     dX = _weights_times(W, -C, n_major, xp)
-    _C.add_scaled_features(X, r, dX)
-    dC = sumW[:, None] * C - xp.matmul(_t(W), X).sum(axis=0)
-    return dX, dC, ds
+    _C.add_scaled_features(Xc, r, dX, **launch_args(Xc))
+    dC = sumW[:, None] * C - xp.matmul(_t(W), Xc).sum(axis=0)
+    return dX.astype(X.dtype, copy=False), dC, ds
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,10 +214,10 @@ def aggregate(A, X, C):
     op = "aggregate"
     xp = _check_aggregate(op, A, X, C)
     A, _ = _blas_view(A, xp)
-    X, _ = _blas_view(X, xp)
-    E = xp.matmul(_t(A), X)
+    Xc, _ = _blas_view(_compute(X), xp)
+    E = xp.matmul(_t(A), Xc)
     E -= A.sum(axis=1)[:, :, None] * C
-    return E
+    return E.astype(X.dtype, copy=False)
 
 
 def aggregate_backward(dE, A, X, C):
@@ -202,12 +229,13 @@ def aggregate_backward(dE, A, X, C):
     K = C.shape[0]
     _check_grad(op, "dE", dE, (B, K, D), "B, K, D", X, xp)
     A, _ = _blas_view(A, xp)
-    X, n_major = _blas_view(X, xp)
-    dA = _x_times(X, dE, n_major, xp)
+    Xc, n_major = _blas_view(_compute(X), xp)
+    dE = _compute(dE)
+    dA = _x_times(Xc, dE, n_major, xp)
     dA -= (dE * C).sum(axis=2)[:, None, :]
     dX = _weights_times(A, dE, n_major, xp)
     dC = -(A.sum(axis=1)[:, :, None] * dE).sum(axis=0)
-    return dA, dX, dC
+    return dA, dX.astype(X.dtype, copy=False), dC
 
 
 def _check_aggregate(op, A, X, C):
@@ -222,7 +250,7 @@ def _check_aggregate(op, A, X, C):
         raise ValueError(f"{op}: C (codewords) must have shape (K, D) with D = {D} (from X of "
                          f"shape {tuple(X.shape)}), got {tuple(C.shape)}")
     _check_shape(op, "A", A, (B, N, C.shape[0]), "B, N, K")
-    _check_same_dtype(op, "X", X, [("A", A), ("C", C)])
+    _check_param_dtype(op, X, [("A", A), ("C", C)])
     return xp
 
 
@@ -235,15 +263,15 @@ def encoding_forward(X, C, s):
     assignment weights A and distances D2 (B, N, K) its backward needs."""
     op = "encoding"
     xp, B, N, D, K = _check_codebook(op, X, C, s)
-    X, n_major = _blas_view(X, xp)
-    XC = _x_times(X, C, n_major, xp)
-    D2 = _bnk(xp, B, N, K, X.dtype, n_major)
-    sumA = xp.empty((B, K), X.dtype)
-    _C.encoding_forward(X, C, s, XC, D2, XC, sumA)  # A over XC
+    Xc, n_major = _blas_view(_compute(X), xp)
+    XC = _x_times(Xc, C, n_major, xp)
+    D2 = _bnk(xp, B, N, K, Xc.dtype, n_major)
+    sumA = xp.empty((B, K), Xc.dtype)
+    _C.encoding_forward(Xc, C, s, XC, D2, XC, sumA, **_launch(Xc, B, N, K))  # A over XC
     A = XC
-    E = xp.matmul(_t(A), X)
+    E = xp.matmul(_t(A), Xc)
     E -= sumA[:, :, None] * C
-    return E, A, D2
+    return E.astype(X.dtype, copy=False), A, D2
 
 
 def encoding(X, C, s):
@@ -256,22 +284,23 @@ def encoding_backward(dE, X, C, s, A, D2):
     op = "encoding_backward"
     xp, B, N, D, K = _check_codebook(op, X, C, s)
     _check_grad(op, "dE", dE, (B, K, D), "B, K, D", X, xp)
-    _check_grad(op, "A", A, (B, N, K), "B, N, K", X, xp)
-    _check_grad(op, "D2", D2, (B, N, K), "B, N, K", X, xp)
-    X, n_major = _blas_view(X, xp)
+    _check_grad(op, "A", A, (B, N, K), "B, N, K", X, xp, param=True)
+    _check_grad(op, "D2", D2, (B, N, K), "B, N, K", X, xp, param=True)
+    Xc, n_major = _blas_view(_compute(X), xp)
+    dE, dtype = _compute(dE), Xc.dtype
     # [A | W] side by side, so that dX = A dE - W C is one GEMM against [dE; -C].
-    AW = _bnk(xp, B, N, 2 * K, X.dtype, n_major)
+    AW = _bnk(xp, B, N, 2 * K, dtype, n_major)
     AW[:, :, :K] = A
     W = AW[:, :, K:]
-    _x_times(X, dE, n_major, xp, out=W)  # XG = X dE^T, replaced by W in place
-    r = xp.empty((B, N), X.dtype)
-    sumW, sumA, ds = xp.empty(K, X.dtype), xp.empty((B, K), X.dtype), xp.empty(K, X.dtype)
-    _C.encoding_backward(dE, C, s, A, D2, W, W, r, sumW, sumA, ds)
+    _x_times(Xc, dE, n_major, xp, out=W)  # XG = X dE^T, replaced by W in place
+    r = xp.empty((B, N), dtype)
+    sumW, sumA, ds = xp.empty(K, dtype), xp.empty((B, K), dtype), xp.empty(K, dtype)
+    _C.encoding_backward(dE, C, s, A, D2, W, W, r, sumW, sumA, ds, **_launch(Xc, B, N, K))
     dEC = xp.concatenate([dE, xp.broadcast_to(-C, (B, K, D))], axis=1)
     dX = _weights_times(AW, dEC, n_major, xp)
-    _C.add_scaled_features(X, r, dX)
-    dC = sumW[:, None] * C - xp.matmul(_t(W), X).sum(axis=0) - (sumA[:, :, None] * dE).sum(axis=0)
-    return dX, dC, ds
+    _C.add_scaled_features(Xc, r, dX, **launch_args(Xc))
+    dC = sumW[:, None] * C - xp.matmul(_t(W), Xc).sum(axis=0) - (sumA[:, :, None] * dE).sum(axis=0)
+    return dX.astype(X.dtype, copy=False), dC, ds
 
 
 # --------------------------------------------------------------------------------------------------

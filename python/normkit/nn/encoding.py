@@ -6,16 +6,21 @@ import numpy as np
 
 from .. import _C
 from .. import functional as F
-from .._backend import array_module, parse_device
+from .._backend import array_module, param_dtype, parse_device
 from .conv import _ConvNd, _float_dtype, _SavesInput, _uniform, accumulate_grad
 from .module import Parameter, _as_numpy
 
 
-def _check_dtype(layer, x, own):
-    if x.dtype.kind != "f" or x.dtype.itemsize not in (4, 8):
-        raise TypeError(f"{layer}: input has dtype {x.dtype}; float32 or float64 is supported")
-    if x.dtype != own:
-        raise TypeError(f"{layer}: {x.dtype} input needs {x.dtype} parameters, this layer's are "
+def _check_dtype(layer, x, own, mixed=False):
+    """x's dtype must be the parameters' (float32 or float64); with `mixed`, float16 input runs
+    with float32 parameters."""
+    if x.dtype.kind != "f" or x.dtype.itemsize not in ((2, 4, 8) if mixed else (4, 8)):
+        supported = "float16 (with float32 parameters), float32 or float64" if mixed else \
+            "float32 or float64"
+        raise TypeError(f"{layer}: input has dtype {x.dtype}; {supported} is supported")
+    need = param_dtype(x.dtype) if mixed else x.dtype
+    if need != own:
+        raise TypeError(f"{layer}: {x.dtype} input needs {need} parameters, this layer's are "
                         f"{own} (convert it with .to(dtype=...))")
 
 
@@ -26,7 +31,8 @@ class Encoding(_SavesInput):
     ``E[b,k] = sum_i A[b,i,k] (x[b,i] - c[k])`` with ``A = softmax_k(s[k] ||x[b,i] - c[k]||^2)``.
     ``codewords`` (K, D) start U(-1/sqrt(K*D), 1/sqrt(K*D)), ``scale`` (K,) U(-1, 0).
     Any input layout works without a copy when its features or its positions are contiguous
-    (NCHW, channels-last).
+    (NCHW, channels-last). float16 input runs with float32 parameters (computed in float32) and
+    gives float16 output and input gradient.
     """
 
     def __init__(self, D, K, dtype=None, device=None, rng=None):
@@ -58,7 +64,7 @@ class Encoding(_SavesInput):
         if x.shape[1] != self.D:
             raise ValueError(f"Encoding(D={self.D}, K={self.K}): input has {x.shape[1]} features "
                              f"in dim 1 (shape {tuple(x.shape)})")
-        _check_dtype("Encoding", x, self.codewords.dtype)
+        _check_dtype("Encoding", x, self.codewords.dtype, mixed=True)
         X = x.reshape(x.shape[0], self.D, -1).swapaxes(1, 2)  # (B, N, D), a view when it can be
         E, A, D2 = F.encoding_forward(X, self.codewords.data, self.scale.data)
         self._saved = (x.shape, X, A, D2)
