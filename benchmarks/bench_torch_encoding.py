@@ -3,6 +3,7 @@ adapter's costs included: DLPack capsules, output allocation, autograd.Function)
 
     python benchmarks/bench_torch_encoding.py [--repeat 11] [--shapes B,D,H,W,K ...]
                                               [--device cpu|cuda] [--broadcast-limit-mib 512]
+                                              [--between-gemm-threads N]
 
 Variants, float32, x (B, D, H, W) NCHW, codewords C (K, D), scale s (K,):
   normkit     normkit.torch.Encoding: torch's matmul (its BLAS) + the core's fused kernels.
@@ -13,6 +14,10 @@ Ops: forward under no_grad, and forward + backward (dx, dC, ds by torch.autograd
 Prints the median time per call of each variant (sampled in turns in one process, as
 bench_torch.py does, so that the load of a shared machine hits all alike) and peer / normkit
 (> 1: normkit faster). On CUDA each sample ends with a synchronize.
+
+--between-gemm-threads N runs the core's CPU kernels on N OpenMP threads (default 1, the calling
+thread; 0: OpenMP's default). In a torch process they share torch's OpenMP runtime and pool (one
+libgomp is loaded), which also runs torch's BLAS, so more threads there compete with nothing.
 """
 import argparse
 import os
@@ -27,8 +32,9 @@ from bench_torch import paired_times  # noqa: E402
 import normkit  # noqa: E402
 import normkit.torch as nkt  # noqa: E402
 
-# A small shape where per-call overhead shows, then bench_encoding.py's two.
-SHAPES = [(2, 32, 8, 8, 8), (16, 512, 32, 32, 32), (8, 128, 64, 64, 64)]
+# A small shape where per-call overhead shows, a middle one where the broadcast composition fits,
+# then bench_encoding.py's two.
+SHAPES = [(2, 32, 8, 8, 8), (8, 64, 16, 16, 32), (16, 512, 32, 32, 32), (8, 128, 64, 64, 64)]
 
 
 def variants(shape, device, broadcast_limit):
@@ -63,11 +69,15 @@ def main():
     parser.add_argument("--shapes", nargs="*", default=None, help="shapes as B,D,H,W,K")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--broadcast-limit-mib", type=float, default=512)
+    parser.add_argument("--between-gemm-threads", type=int, default=None)
     args = parser.parse_args()
+    if args.between_gemm_threads is not None:
+        normkit.functional.set_between_gemm_threads(args.between_gemm_threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     print(f"normkit {normkit.__version__}, torch {torch.__version__}, {args.device}, "
-          f"{torch.get_num_threads()} torch threads, float32; median ms per call")
+          f"{torch.get_num_threads()} torch threads, {normkit.functional.get_between_gemm_threads()} "
+          f"between-GEMM thread(s) (0: OpenMP's default), float32; median ms per call")
     header = (f"{'B,D,H,W,K':>18} {'op':>8} {'normkit':>9} {'torch-gemm':>10} {'x':>6} "
               f"{'broadcast':>10} {'x':>6}")
     print(header)

@@ -144,18 +144,26 @@ def _bnk(X, K, n_major):
     return X.new_empty((B, N, K))
 
 
+def _batched(M, B):
+    """M (R, S) as (B, R, S) without a copy (stride 0), M itself when it is (B, R, S) already.
+    torch.matmul of a matrix that requires grad by a batch of matrices copies its operands
+    (6x slower than bmm for the Encoding layer's shapes), even under no_grad."""
+    return M.expand(B, *M.shape) if M.dim() == 2 else M
+
+
 def _x_times(X, M, n_major, out=None):
     """X M^T for M (K, D) or (B, K, D): (B, N, K), computed in X's orientation so that BLAS writes
     the result in place (``out``, a (B, N, K) view, optional)."""
     if n_major:
+        M = _batched(M, X.shape[0])
         return torch.matmul(M, X.mT, out=None if out is None else out.mT).mT
-    return torch.matmul(X, M.mT, out=out)
+    return torch.matmul(X, M.mT, out=out)  # a matrix M: one product over all B*N rows
 
 
 def _weights_times(P, Q, n_major):
     """P Q for P (B, N, J) and Q (J, D) or (B, J, D): (B, N, D) in X's orientation."""
     if n_major:
-        return torch.matmul(Q.mT, P.mT).mT
+        return torch.matmul(_batched(Q, P.shape[0]).mT, P.mT).mT
     return torch.matmul(P, Q)
 
 
