@@ -75,9 +75,10 @@ def main():
         normkit.functional.set_between_gemm_threads(args.between_gemm_threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    between = normkit.functional.get_between_gemm_threads()
     print(f"normkit {normkit.__version__}, torch {torch.__version__}, {args.device}, "
-          f"{torch.get_num_threads()} torch threads, {normkit.functional.get_between_gemm_threads()} "
-          f"between-GEMM thread(s) (0: OpenMP's default), float32; median ms per call")
+          f"{torch.get_num_threads()} torch threads, {between} between-GEMM thread(s) (0: "
+          f"OpenMP's default), float32; median ms per call")
     header = (f"{'B,D,H,W,K':>18} {'op':>8} {'normkit':>9} {'torch-gemm':>10} {'x':>6} "
               f"{'broadcast':>10} {'x':>6}")
     print(header)

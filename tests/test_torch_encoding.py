@@ -155,7 +155,7 @@ def test_op_matches_reference_in_every_layout(op, shape, dtype):
 
 
 def test_features_gradient_is_computed_in_their_layout():
-    """dX is produced in X's orientation (a (B, D, N) input's gradient needs no transposing copy)."""
+    """dX is produced in X's orientation (a (B, D, N) input's gradient needs no transposed copy)."""
     values = _values((2, 9, 5, 3), 12)
     for op in ("scaled_l2", "encoding"):
         for layout in ("rows", "n_major"):
@@ -243,7 +243,8 @@ def test_op_errors_name_the_problem():
         nkt.encoding(X[0], C, s)
     with pytest.raises(ValueError, match=r"C \(codewords\) must have shape \(K, D\) with D = 3"):
         nkt.scaled_l2(X, torch.randn(4, 2), s)
-    with pytest.raises(ValueError, match=r"s \(scale\) must have shape \(K,\) = \(4,\), got \(3,\)"):
+    with pytest.raises(ValueError, match=r"s \(scale\) must have shape \(K,\) = \(4,\), got "
+                                         r"\(3,\)"):
         nkt.encoding(X, C, s[:3])
     with pytest.raises(ValueError, match=r"A must have shape \(B, N, K\) = \(2, 5, 4\), got "
                                          r"\(2, 4, 5\)"):

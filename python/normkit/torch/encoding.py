@@ -1,6 +1,6 @@
 """The Encoding layer family of PyTorch-Encoding (encoding.functions / encoding.nn) on torch
-tensors: the ops ``scaled_l2``, ``aggregate`` and ``encoding``, and the modules Encoding (Deep TEN's residual
-encoder) and MSG-Net's GramMatrix, Inspiration and UpsampleConv2d.
+tensors: the ops ``scaled_l2``, ``aggregate`` and ``encoding``, and the modules Encoding (Deep
+TEN's residual encoder) and MSG-Net's GramMatrix, Inspiration and UpsampleConv2d.
 
 Notation as in ``normkit.functional.encoding``: X (B, N, D) features, C (K, D) codewords, s (K,)
 scales, ``D2 = ||x - c||^2``, ``SL = s D2``, ``A = softmax_k(SL)``, ``E = sum_i A (x - c)``.
@@ -274,6 +274,9 @@ def _encoding_forward(X, C, s):
 
 
 class _Encoding(torch.autograd.Function):
+    """``E = aggregate(softmax_k(scaled_l2(X, C, s)), X, C)`` in one forward and one backward pass
+    of the core between torch's products."""
+
     @staticmethod
     def forward(ctx, X, C, s):
         ctx.set_materialize_grads(False)
