@@ -4,6 +4,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+# torch.use_deterministic_algorithms(True) (below) makes cuBLAS calls on CUDA tensors raise unless
+# cuBLAS has a fixed workspace configuration, which it reads when CUDA starts: before any test.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

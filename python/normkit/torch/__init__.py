@@ -6,6 +6,9 @@
     convert_sync_batchnorm   every BatchNorm*d / SyncBatchNorm of a model -> normkit's SyncBatchNorm
     batch_norm, batchnormtrain, batchnormeval, sync_batch_norm   the autograd functions
     TorchCommunicator        normkit's communicator protocol over a torch.distributed group
+    Encoding, GramMatrix, Inspiration, UpsampleConv2d   PyTorch-Encoding's encoding.nn layers
+                             (state_dicts shared with normkit.nn's)
+    scaled_l2, aggregate, encoding                      their autograd functions
 
 Tensors reach the core through DLPack without copies; outputs are allocated by torch.
 """
@@ -18,9 +21,11 @@ except ImportError as e:
 from . import distributed, functional
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .distributed import TorchCommunicator
-from .functional import batch_norm, batchnormeval, batchnormtrain
+from .encoding import Encoding, GramMatrix, Inspiration, UpsampleConv2d
+from .functional import aggregate, batch_norm, batchnormeval, batchnormtrain, encoding, scaled_l2
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "TorchCommunicator",
-           "batch_norm", "batchnormeval", "batchnormtrain", "convert_sync_batchnorm",
-           "distributed", "functional", "sync_batch_norm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Encoding", "GramMatrix", "Inspiration",
+           "SyncBatchNorm", "TorchCommunicator", "UpsampleConv2d", "aggregate", "batch_norm",
+           "batchnormeval", "batchnormtrain", "convert_sync_batchnorm", "distributed", "encoding",
+           "functional", "scaled_l2", "sync_batch_norm"]

@@ -1,4 +1,6 @@
 """Batch norm on torch tensors: ``torch.autograd.Function``s over normkit's core, through DLPack.
+(The Encoding family's ops, ``scaled_l2``, ``aggregate`` and ``encoding``, live in
+``normkit.torch.encoding`` and are exported here too.)
 
 * ``batch_norm`` is ``torch.nn.functional.batch_norm`` (same arguments, same semantics: biased
   variance to normalize, unbiased variance into ``running_var``).
@@ -17,6 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _C
 from ._dlpack import dl, kernel_input, launch, like, param_dtype
+from .encoding import aggregate, encoding, scaled_l2
 
 
 def _wants_grad(*tensors):
@@ -213,4 +216,4 @@ def batchnormeval(input, gamma, beta, mean, std):
     return _normalize_given(input, gamma, beta, mean, std)[1]
 
 
-__all__ = ["batch_norm", "batchnormeval", "batchnormtrain"]
+__all__ = ["aggregate", "batch_norm", "batchnormeval", "batchnormtrain", "encoding", "scaled_l2"]
