@@ -41,6 +41,11 @@ def _launch_encoding(x, B, N, K):
             "workspace": dl(torch.empty(size, dtype=torch.float64, device=x.device))}
 
 
+def _launch_stream(x):
+    """The stream keyword alone, for add_scaled_features (it reduces nothing: no workspace)."""
+    return {"stream": torch.cuda.current_stream(x.device).cuda_stream} if x.is_cuda else {}
+
+
 def _wants_grad(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -167,11 +172,11 @@ def _weights_times(P, Q, n_major):
     return torch.matmul(P, Q)
 
 
-def _features_grad(W, C, X, r, n_major, launch):
+def _features_grad(W, C, X, r, n_major):
     """dX = r x - W C (the distances' gradient), or with W = [A | W] and C = [G; -C] stacked, the
     Encoding's dX = A G - W C + r x in one product."""
     dX = _weights_times(W, C, n_major)
-    _C.add_scaled_features(dl(X), dl(r), dl(dX), **launch())
+    _C.add_scaled_features(dl(X), dl(r), dl(dX), **_launch_stream(X))
     return dX
 
 
@@ -218,13 +223,10 @@ class _ScaledL2(torch.autograd.Function):
         B, N = X.shape[:2]
         K = C.shape[0]
 
-        def launch():
-            return _launch_encoding(X, B, N, K)
-
         W = _bnk(X, K, n_major)
         r, sumW, ds = X.new_empty((B, N)), C.new_empty(K), C.new_empty(K)
-        _C.scaled_l2_backward(dl(dSL), dl(s), dl(D2), dl(W), dl(r), dl(sumW), dl(ds), **launch())
-        dX = _features_grad(W, -C, X, r, n_major, launch) if need_x else None
+        _C.scaled_l2_backward(dl(dSL), dl(s), dl(D2), dl(W), dl(r), dl(sumW), dl(ds), **_launch_encoding(X, B, N, K))
+        dX = _features_grad(W, -C, X, r, n_major) if need_x else None
         dC = _codewords_grad(sumW, C, W, X) if need_c else None
         return dX, dC, (ds if need_s else None)
 
@@ -295,9 +297,6 @@ class _Encoding(torch.autograd.Function):
         B, N, D = X.shape
         K = C.shape[0]
 
-        def launch():
-            return _launch_encoding(X, B, N, K)
-
         if need_x:
             # [A | W] side by side, so that dX = A dE - W C is one product with [dE; -C].
             AW = _bnk(X, 2 * K, n_major)
@@ -309,11 +308,11 @@ class _Encoding(torch.autograd.Function):
         r, sumA = X.new_empty((B, N)), X.new_empty((B, K))
         sumW, ds = C.new_empty(K), C.new_empty(K)
         _C.encoding_backward(dl(dE), dl(C), dl(s), dl(A), dl(D2), dl(W), dl(W), dl(r), dl(sumW),
-                             dl(sumA), dl(ds), **launch())
+                             dl(sumA), dl(ds), **_launch_encoding(X, B, N, K))
         dX = dC = None
         if need_x:
             dEC = torch.cat([dE, (-C).expand(B, K, D)], dim=1)
-            dX = _features_grad(AW, dEC, X, r, n_major, launch)
+            dX = _features_grad(AW, dEC, X, r, n_major)
         if need_c:
             dC = _codewords_grad(sumW, C, W, X) - (sumA.unsqueeze(2) * dE).sum(0)
         return dX, dC, (ds if need_s else None)
