@@ -71,6 +71,26 @@ def test_cuda_array_without_usable_cuda_is_a_runtime_error():
         _C.batch_norm_workspace_size(x)
 
 
+def test_encoding_and_im2col_on_cuda_arrays_without_usable_cuda_are_runtime_errors():
+    """The Encoding and im2col families dispatch CUDA arrays like batch norm: to their CUDA
+    kernels in a CUDA build (here a clear error, with no GPU), never to the CPU kernels."""
+    if normkit.cuda_available():
+        pytest.skip("a GPU is present: CUDA arrays are usable here")
+    expected = ("CUDA cannot run here" if _C.built_with_cuda()
+                else "this build of normkit has no CUDA kernels")
+    B, N, D, K = 2, 5, 3, 4
+    X, XC, D2 = (FakeCudaArray(np.zeros(shape, np.float32))
+                 for shape in ((B, N, D), (B, N, K), (B, N, K)))
+    C, s = FakeCudaArray(np.zeros((K, D), np.float32)), FakeCudaArray(np.zeros(K, np.float32))
+    ws = FakeCudaArray(np.zeros(_C.encoding_workspace_size(B, N, K)))
+    with pytest.raises(RuntimeError, match=expected):
+        _C.scaled_l2_forward(X, C, s, XC, D2, None, workspace=ws)
+    x, cols = FakeCudaArray(np.zeros((1, 2, 5, 5), np.float32)), FakeCudaArray(
+        np.zeros((1, 18, 9), np.float32))
+    with pytest.raises(RuntimeError, match=expected):
+        _C.im2col(x, cols, [3, 3], [1, 1], [0, 0], [1, 1])
+
+
 def test_mpi_cuda_awareness_can_be_forced(monkeypatch):
     from normkit.distributed import mpi_cuda_aware
 
