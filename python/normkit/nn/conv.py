@@ -49,6 +49,20 @@ class _SavesInput(Module):
         return saved
 
 
+def conv_extra_repr(layer):
+    """torch.nn.Conv*d's summary of a convolution layer's geometry (normkit.nn's and
+    normkit.torch's layers alike): the non-default arguments only."""
+    s = (f"{layer.in_channels}, {layer.out_channels}, kernel_size={layer.kernel_size}, "
+         f"stride={layer.stride}")
+    if any(layer.padding):
+        s += f", padding={layer.padding}"
+    if any(d != 1 for d in layer.dilation):
+        s += f", dilation={layer.dilation}"
+    if layer.groups != 1:
+        s += f", groups={layer.groups}"
+    return s + (", bias=False" if layer.bias is None else "")
+
+
 class _ConvNd(_SavesInput):
     """Convolution over (B, C_in, *spatial) inputs with ``weight`` (C_out, C_in / groups, *kernel)
     and optional ``bias`` (C_out,), initialized as PyTorch does: U(-b, b) with
@@ -137,15 +151,7 @@ class _ConvNd(_SavesInput):
         return self._conv_backward(dy, self._take_saved())
 
     def extra_repr(self):
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}")
-        if any(self.padding):
-            s += f", padding={self.padding}"
-        if any(d != 1 for d in self.dilation):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        return s + (", bias=False" if self.bias is None else "")
+        return conv_extra_repr(self)
 
 
 class Conv1d(_ConvNd):

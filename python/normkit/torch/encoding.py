@@ -24,6 +24,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _C
+from ..nn.conv import conv_extra_repr
 from ._dlpack import dl
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -572,17 +573,7 @@ class UpsampleConv2d(_LoadsArrays, torch.nn.Module):
         return torch.nn.functional.pixel_shuffle(y, self.scale_factor).to(x.dtype)
 
     def extra_repr(self):
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}")
-        if any(self.padding):
-            s += f", padding={self.padding}"
-        if any(d != 1 for d in self.dilation):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        return s + f", scale_factor={self.scale_factor}"
+        return conv_extra_repr(self) + f", scale_factor={self.scale_factor}"
 
 
 __all__ = ["Encoding", "GramMatrix", "Inspiration", "UpsampleConv2d", "aggregate", "encoding",
