@@ -915,19 +915,7 @@ cudaStream_t stream_of(const Launch& launch) { return static_cast<cudaStream_t>(
 // The workspace of a reducing op on x, checked against what its plan needs.
 double* workspace(const char* op, const Launch& launch, const TensorView& x, const Plan& plan) {
   const int64_t need = channels_of(plan) * plan.partials_per_channel() * kStatsDoubles;
-  const TensorView& w = launch.workspace;
-  NK_CHECK_VALUE(w.defined(), op, ": CUDA arrays need a workspace of ", need,
-                 " float64 values (batch_norm_workspace_size(x))");
-  NK_CHECK_TYPE(w.device == Device::CUDA && w.device_id == x.device_id, op,
-                ": the workspace is on ", device_name(w.device), ":", w.device_id,
-                " but x is on cuda:", x.device_id);
-  NK_CHECK_TYPE(w.dtype == DType::Float64, op, ": the workspace must be float64, got ",
-                dtype_name(w.dtype));
-  NK_CHECK_VALUE(w.ndim == 1 && (w.shape[0] <= 1 || w.strides[0] == 1), op,
-                 ": the workspace must be a contiguous 1-D array");
-  NK_CHECK_VALUE(w.shape[0] >= need, op, ": the workspace has ", w.shape[0],
-                 " float64 values, the op needs ", need, " (batch_norm_workspace_size(x))");
-  return static_cast<double*>(w.data);
+  return checked_workspace(op, launch.workspace, x, need, "batch_norm_workspace_size(x)");
 }
 
 }  // namespace

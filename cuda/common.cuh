@@ -56,6 +56,24 @@ class DeviceGuard {
   int device_, previous_ = 0;
 };
 
+// The caller's float64 scratch for an op on `ref`'s device, checked: defined, float64, contiguous,
+// on that device and at least `need` values long. `size_fn` names the function that sizes it.
+inline double* checked_workspace(const char* op, const TensorView& w, const TensorView& ref,
+                                 int64_t need, const char* size_fn) {
+  NK_CHECK_VALUE(w.defined(), op, ": CUDA arrays need a workspace of ", need, " float64 values (",
+                 size_fn, ")");
+  NK_CHECK_TYPE(w.device == Device::CUDA && w.device_id == ref.device_id, op,
+                ": the workspace is on ", device_name(w.device), ":", w.device_id,
+                " but the arrays are on cuda:", ref.device_id);
+  NK_CHECK_TYPE(w.dtype == DType::Float64, op, ": the workspace must be float64, got ",
+                dtype_name(w.dtype));
+  NK_CHECK_VALUE(w.ndim == 1 && (w.shape[0] <= 1 || w.strides[0] == 1), op,
+                 ": the workspace must be a contiguous 1-D array");
+  NK_CHECK_VALUE(w.shape[0] >= need, op, ": the workspace has ", w.shape[0],
+                 " float64 values, the op needs ", need, " (", size_fn, ")");
+  return w.ptr<double>();
+}
+
 // --- storage types ----------------------------------------------------------------------------------
 
 // Arithmetic type of a storage type: float32 for float16/bfloat16/float32, float64 for float64. It

@@ -84,19 +84,8 @@ struct Workspace {
 Workspace workspace(const char* op, const Launch& launch, const TensorView& ref, int64_t B,
                     int64_t N, int64_t K) {
   const int64_t need = normkit::encoding_workspace_size(B, N, K);
-  const TensorView& w = launch.workspace;
-  NK_CHECK_VALUE(w.defined(), op, ": CUDA arrays need a workspace of ", need,
-                 " float64 values (encoding_workspace_size(B, N, K))");
-  NK_CHECK_TYPE(w.device == Device::CUDA && w.device_id == ref.device_id, op,
-                ": the workspace is on ", device_name(w.device), ":", w.device_id,
-                " but the arrays are on cuda:", ref.device_id);
-  NK_CHECK_TYPE(w.dtype == DType::Float64, op, ": the workspace must be float64, got ",
-                dtype_name(w.dtype));
-  NK_CHECK_VALUE(w.ndim == 1 && (w.shape[0] <= 1 || w.strides[0] == 1), op,
-                 ": the workspace must be a contiguous 1-D array");
-  NK_CHECK_VALUE(w.shape[0] >= need, op, ": the workspace has ", w.shape[0],
-                 " float64 values, the op needs ", need, " (encoding_workspace_size(B, N, K))");
-  double* base = w.ptr<double>();
+  double* base = checked_workspace(op, launch.workspace, ref, need,
+                                   "encoding_workspace_size(B, N, K)");
   return {base, base + K, base + K + B * K, B * ceil_div(N, kWarp) * K};
 }
 
