@@ -106,7 +106,9 @@ void dispatch_float(const char* op, DType dtype, Fn&& fn) {
 template <class T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
+    v += __shfl_down_sync(0xffffffffu, v, offset);
+  }
   return v;
 }
 
@@ -133,7 +135,8 @@ __device__ TileRow tile_row(int64_t t, int64_t N, int64_t tiles_per_batch, int64
 
 // The warp's sum of `v` (0 from rows past N) into its partial slot for codeword k.
 template <class T>
-__device__ __forceinline__ void warp_partial(T v, double* part, int64_t slot, int64_t K, int64_t k) {
+__device__ __forceinline__ void warp_partial(T v, double* part, int64_t slot, int64_t K,
+                                             int64_t k) {
   v = warp_sum(v);
   if (threadIdx.x % kWarp == 0) part[slot * K + k] = double(v);
 }

@@ -47,7 +47,8 @@ void bind_im2col(py::module_& m) {
         const ConvGeometry g = geometry(op, kernel, stride, padding, dilation);
         auto X = as_array(x, op, "x", Access::Read, stream);
         auto Cols = as_array(cols, op, "cols", Access::Write, stream);
-        run(stream, Array{}, {&X, &Cols}, [&](const Launch& l) { im2col(X.view, g, Cols.view, l); });
+        run(stream, Array{}, {&X, &Cols},
+            [&](const Launch& l) { im2col(X.view, g, Cols.view, l); });
       },
       py::arg("x"), py::arg("cols"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
       py::arg("dilation"), py::arg("stream") = uintptr_t(0));
@@ -60,7 +61,8 @@ void bind_im2col(py::module_& m) {
         const ConvGeometry g = geometry(op, kernel, stride, padding, dilation);
         auto Cols = as_array(cols, op, "cols", Access::Read, stream);
         auto X = as_array(x, op, "x", Access::Write, stream);
-        run(stream, Array{}, {&Cols, &X}, [&](const Launch& l) { col2im(Cols.view, g, X.view, l); });
+        run(stream, Array{}, {&Cols, &X},
+            [&](const Launch& l) { col2im(Cols.view, g, X.view, l); });
       },
       py::arg("cols"), py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
       py::arg("dilation"), py::arg("stream") = uintptr_t(0));

@@ -223,10 +223,10 @@ class _ScaledL2(torch.autograd.Function):
         X, n_major = _blas_view(X)
         B, N = X.shape[:2]
         K = C.shape[0]
-
         W = _bnk(X, K, n_major)
         r, sumW, ds = X.new_empty((B, N)), C.new_empty(K), C.new_empty(K)
-        _C.scaled_l2_backward(dl(dSL), dl(s), dl(D2), dl(W), dl(r), dl(sumW), dl(ds), **_launch_encoding(X, B, N, K))
+        _C.scaled_l2_backward(dl(dSL), dl(s), dl(D2), dl(W), dl(r), dl(sumW), dl(ds),
+                              **_launch_encoding(X, B, N, K))
         dX = _features_grad(W, -C, X, r, n_major) if need_x else None
         dC = _codewords_grad(sumW, C, W, X) if need_c else None
         return dX, dC, (ds if need_s else None)
@@ -297,7 +297,6 @@ class _Encoding(torch.autograd.Function):
         X, n_major = _blas_view(X)
         B, N, D = X.shape
         K = C.shape[0]
-
         if need_x:
             # [A | W] side by side, so that dX = A dE - W C is one product with [dE; -C].
             AW = _bnk(X, 2 * K, n_major)
