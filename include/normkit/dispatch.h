@@ -2,6 +2,8 @@
 // `dispatch`, so supporting a new dtype or device means changing this file, not every op.
 #pragma once
 
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "normkit/tensor.h"
@@ -10,6 +12,29 @@ namespace normkit {
 
 // CPU storage type of float16. Arithmetic on it always happens in float32.
 using Half = _Float16;
+
+// CPU storage type of bfloat16: the upper 16 bits of a float32 (torch's and JAX's layout). The
+// compiler (GCC 12) has no arithmetic on __bf16, so kernels load it as float32 through
+// bf16_to_float (exact) and store through float_to_bf16 (round to nearest even, NaN kept NaN).
+struct BFloat16 {
+  uint16_t bits;
+};
+static_assert(sizeof(BFloat16) == 2, "BFloat16 must be two bytes");
+
+inline float bf16_to_float(BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline BFloat16 float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return BFloat16{static_cast<uint16_t>(u >> 16)};
+}
 
 // Whether this build has the CUDA kernels (NORMKIT_WITH_CUDA is set for the core's sources).
 #ifdef NORMKIT_WITH_CUDA
