@@ -43,16 +43,21 @@ inline constexpr bool kBuiltWithCuda = true;
 inline constexpr bool kBuiltWithCuda = false;
 #endif
 
-// Calls cpu(T{}) with T the CPU storage type of dtype.
-template <class CpuFn>
+// Calls cpu(T{}) with T the CPU storage type of dtype. A family whose CPU kernels take bfloat16
+// (as BFloat16, computing in float32) opts in with kCpuBFloat16 = true; for the others bfloat16
+// stays a TypeError on the CPU, so their kernels are never instantiated for it.
+template <bool kCpuBFloat16 = false, class CpuFn>
 void dispatch_cpu(const char* op, DType dtype, CpuFn&& cpu) {
   switch (dtype) {
     case DType::Float32: return cpu(float{});
     case DType::Float64: return cpu(double{});
     case DType::Float16: return cpu(Half{});
+    case DType::BFloat16:
+      if constexpr (kCpuBFloat16) return cpu(BFloat16{});
+      [[fallthrough]];
     default:
-      fail(ErrorKind::Type, op, ": ", dtype_name(dtype),
-           " is not supported on the CPU (float16, float32 and float64 are)");
+      fail(ErrorKind::Type, op, ": ", dtype_name(dtype), " is not supported on the CPU (",
+           kCpuBFloat16 ? "float16, bfloat16" : "float16", ", float32 and float64 are)");
   }
 }
 
@@ -60,7 +65,7 @@ void dispatch_cpu(const char* op, DType dtype, CpuFn&& cpu) {
 // kernels pick their dtype themselves; every DType has one). In a build without CUDA, a CUDA
 // tensor is a clear RuntimeError, and gpu is never instantiated, so the CUDA entry points it
 // names need not exist.
-template <class CpuFn, class GpuFn>
+template <bool kCpuBFloat16 = false, class CpuFn, class GpuFn>
 void dispatch(const char* op, const TensorView& x, CpuFn&& cpu, GpuFn&& gpu) {
   if (x.device == Device::CUDA) {
     if constexpr (kBuiltWithCuda) {
@@ -72,7 +77,7 @@ void dispatch(const char* op, const TensorView& x, CpuFn&& cpu, GpuFn&& gpu) {
     }
   }
   NK_CHECK_RUNTIME(x.device == Device::CPU, op, ": no kernel for device ", device_name(x.device));
-  dispatch_cpu(op, x.dtype, cpu);
+  dispatch_cpu<kCpuBFloat16>(op, x.dtype, cpu);
 }
 
 // Runs an op whose CPU kernels take float32 and float64 (float16 is a TypeError there): cpu(T{})
