@@ -1,6 +1,7 @@
 """Batch norm on torch tensors: ``torch.autograd.Function``s over normkit's core, through DLPack.
 (The Encoding family's ops, ``scaled_l2``, ``aggregate`` and ``encoding``, live in
-``normkit.torch.encoding`` and are exported here too.)
+``normkit.torch.encoding``, the per-sample family's ``group_norm`` and ``instance_norm`` in
+``normkit.torch.groupnorm``; they are exported here too.)
 
 * ``batch_norm`` is ``torch.nn.functional.batch_norm`` (same arguments, same semantics: biased
   variance to normalize, unbiased variance into ``running_var``).
@@ -20,6 +21,7 @@ from torch.autograd.function import once_differentiable
 from .. import _C
 from ._dlpack import batch_workspace, dl, kernel_input, launch, like, param_dtype
 from .encoding import aggregate, encoding, scaled_l2
+from .groupnorm import group_norm, instance_norm
 
 
 def _wants_grad(*tensors):
@@ -217,4 +219,5 @@ def batchnormeval(input, gamma, beta, mean, std):
     return _normalize_given(input, gamma, beta, mean, std)[1]
 
 
-__all__ = ["aggregate", "batch_norm", "batchnormeval", "batchnormtrain", "encoding", "scaled_l2"]
+__all__ = ["aggregate", "batch_norm", "batchnormeval", "batchnormtrain", "encoding", "group_norm",
+           "instance_norm", "scaled_l2"]
