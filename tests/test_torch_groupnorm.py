@@ -60,16 +60,17 @@ def _grads(y, dy, *inputs):
 
 GROUP_CASES = [((3, 6, 5, 7), 3), ((3, 6, 5, 7), 1), ((2, 5, 9), 5), ((4, 6), 2),
                ((2, 4, 3, 4, 5), 2), ((1, 3, 2, 2), 3)]
+# A 2-D input has one layout here.
+GROUP_LAYOUT_CASES = [(s, g, layout) for s, g in GROUP_CASES
+                      for layout in (LAYOUTS if len(s) > 2 else LAYOUTS[:1])]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("params", ["affine", "weight_only", "none"])
-@pytest.mark.parametrize("shape,groups", GROUP_CASES, ids=[f"{s}-G{g}" for s, g in GROUP_CASES])
-def test_group_norm_matches_torch(shape, groups, params, layout, dtype, device):
-    if len(shape) == 2 and layout != "contiguous":
-        pytest.skip("a 2-D input has one layout here")
+@pytest.mark.parametrize("shape,groups,layout", GROUP_LAYOUT_CASES,
+                         ids=[f"{s}-G{g}-{lay}" for s, g, lay in GROUP_LAYOUT_CASES])
+def test_group_norm_matches_torch(shape, groups, layout, params, dtype, device):
     x, dy, x64, dy64 = _inputs(shape, dtype, device, layout, seed=sum(shape) + groups)
     w, b = _affine(shape[1], device, 7, _param_dtype(dtype))
     b = b if params == "affine" else None
@@ -476,3 +477,14 @@ def test_bad_input_raises_clear_errors():
         nkt.group_norm(x.long(), 2)
     with pytest.raises(TypeError, match="input must be a tensor"):
         nkt.group_norm(x.numpy(), 2)
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_device_mismatches_raise_clear_errors(device):
+    x = torch.randn(2, 6, 4, 4, device=device)
+    with pytest.raises((TypeError, ValueError, RuntimeError), match="weight"):
+        nkt.group_norm(x, 2, torch.ones(6))
+    with pytest.raises(TypeError, match="running_mean is on cpu"):
+        nkt.instance_norm(x, torch.zeros(6), torch.ones(6, device=device))
+    with pytest.raises((TypeError, ValueError, RuntimeError)):
+        nkt.InstanceNorm2d(6, affine=True)(x)  # parameters left on the CPU
