@@ -6,7 +6,10 @@ run by normkit's group-norm kernels (``_C.group_norm_*``) through DLPack.
   norm is group norm with one channel per group, plus running statistics (the batch average of the
   per-instance mean and unbiased variance). Neither rides on a batch norm over a (1, N*C, ...) view.
 * ``GroupNorm``, ``InstanceNorm1d/2d/3d`` are subclasses of torch's modules with ``forward``
-  replaced; ``InstanceBatchNorm2d`` is tllib's IBN layer, for any planes and ratio.
+  replaced; ``InstanceBatchNorm2d`` is tllib's IBN layer, for any planes and ratio. A documented
+  difference from torch: with ``track_running_stats=True`` the instance norms count
+  ``num_batches_tracked`` in training and ``momentum=None`` is the cumulative average (torch does
+  neither), as normkit's batch norms do.
 
 Outputs keep the input's memory format (channels_last stays channels_last; torch's own instance norm
 returns it contiguous). Statistics and parameters are float32 for float16/bfloat16 inputs (float16
@@ -221,7 +224,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                 bool(use_input_stats), momentum)
 
 
-# --- modules ---------------------------------------------------------------------------------------
+# --- modules ------------------------------------------------------------------------------------
 
 class GroupNorm(torch.nn.GroupNorm):
     """``torch.nn.GroupNorm`` over (N, C, *) inputs, run by normkit (a subclass: same constructor,
@@ -261,17 +264,18 @@ class _NormkitInstanceNorm(_CountsBatches):
 
 
 class InstanceNorm1d(_NormkitInstanceNorm, torch.nn.InstanceNorm1d):
-    """``torch.nn.InstanceNorm1d`` over (N, C, L) or unbatched (C, L) inputs, run by normkit."""
+    """``torch.nn.InstanceNorm1d`` over (N, C, L) or unbatched (C, L) inputs, run by normkit
+    (running statistics as in ``_NormkitInstanceNorm``)."""
 
 
 class InstanceNorm2d(_NormkitInstanceNorm, torch.nn.InstanceNorm2d):
     """``torch.nn.InstanceNorm2d`` over (N, C, H, W) (NCHW or channels_last) or unbatched
-    (C, H, W) inputs, run by normkit."""
+    (C, H, W) inputs, run by normkit (running statistics as in ``_NormkitInstanceNorm``)."""
 
 
 class InstanceNorm3d(_NormkitInstanceNorm, torch.nn.InstanceNorm3d):
     """``torch.nn.InstanceNorm3d`` over (N, C, D, H, W) (NCDHW or channels_last_3d) or unbatched
-    (C, D, H, W) inputs, run by normkit."""
+    (C, D, H, W) inputs, run by normkit (running statistics as in ``_NormkitInstanceNorm``)."""
 
 
 class InstanceBatchNorm2d(torch.nn.Module):
