@@ -1,6 +1,6 @@
 """StochNorm1d/2d/3d in normkit.nn and normkit.torch against a float64 NumPy reference that uses
-the same channel draw, batch norm at p = 0 / p = 1, torch compositions, gradcheck, convert_stochnorm,
-seeding and errors."""
+the same channel draw, batch norm at p = 0 / p = 1, torch compositions, gradcheck,
+convert_stochnorm, seeding and errors."""
 import copy
 
 import numpy as np

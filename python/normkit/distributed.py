@@ -46,6 +46,19 @@ def _check_buffer(who, array):
         raise ValueError(f"{who}.allreduce_sum needs a contiguous, writable array")
 
 
+def _to_host(array):
+    return array if isinstance(array, np.ndarray) else array.get()
+
+
+def _like_input(array, host):
+    """`host` (a NumPy array) as the same kind of array as `array`."""
+    if isinstance(array, np.ndarray):
+        return host
+    import cupy
+
+    return cupy.asarray(host)
+
+
 def mpi_cuda_aware():
     """Whether the loaded MPI library reads and writes CUDA device memory itself.
 
@@ -129,6 +142,14 @@ class MPICommunicator:
         self._host_free = stream.record()
         return array
 
+    def allgather(self, array):
+        """The concatenation along axis 0, in rank order, of every rank's `array` (NumPy or
+        CuPy; the leading sizes may differ, the other dims must agree), as the same kind of array.
+        One collective of small host arrays (per-instance statistics): CuPy arrays go through
+        host memory."""
+        parts = self.comm.allgather(_to_host(array))
+        return _like_input(array, np.concatenate(parts, axis=0))
+
     def _staging(self, array):
         """A pinned host array like `array`, reusing one buffer once its last copy is done."""
         import cupyx
@@ -209,6 +230,11 @@ class NCCLCommunicator:
         self._comm.allReduce(array.data.ptr, array.data.ptr, array.size, getattr(nccl, name),
                              nccl.NCCL_SUM, cupy.cuda.get_current_stream().ptr)
         return array
+
+    def allgather(self, array):
+        """As ``MPICommunicator.allgather``, over the bootstrap MPI communicator: what it gathers
+        (per-instance statistics) is small, and NCCL's all-gather needs equal sizes."""
+        return self._mpi.allgather(array)
 
     def split(self, color, key=None):
         """The sub-communicator of the ranks that pass the same `color`: a new NCCL communicator

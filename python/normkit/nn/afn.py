@@ -96,7 +96,8 @@ class AdaptiveFeatureNorm(Module):
     def __init__(self, delta=1.0, *, radius=None, mode="stepwise"):
         super().__init__()
         if mode not in ("stepwise", "hard"):
-            raise ValueError(f"AdaptiveFeatureNorm: mode must be 'stepwise' or 'hard', got {mode!r}")
+            raise ValueError(f"AdaptiveFeatureNorm: mode must be 'stepwise' or 'hard', got "
+                             f"{mode!r}")
         if mode == "hard" and radius is None:
             raise ValueError("AdaptiveFeatureNorm: mode='hard' needs a radius")
         self.delta, self.radius, self.mode = delta, radius, mode
@@ -127,7 +128,9 @@ class AdaptiveFeatureNorm(Module):
         return (dloss * coef * unit).astype(f.dtype)
 
     def extra_repr(self):
-        return f"radius={self.radius}, mode='hard'" if self.mode == "hard" else f"delta={self.delta}"
+        if self.mode == "hard":
+            return f"radius={self.radius}, mode='hard'"
+        return f"delta={self.delta}"
 
 
 class Block(Module):

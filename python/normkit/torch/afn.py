@@ -26,7 +26,8 @@ class AdaptiveFeatureNorm(nn.Module):
     def __init__(self, delta=1.0, *, radius=None, mode="stepwise"):
         super().__init__()
         if mode not in ("stepwise", "hard"):
-            raise ValueError(f"AdaptiveFeatureNorm: mode must be 'stepwise' or 'hard', got {mode!r}")
+            raise ValueError(f"AdaptiveFeatureNorm: mode must be 'stepwise' or 'hard', got "
+                             f"{mode!r}")
         if mode == "hard" and radius is None:
             raise ValueError("AdaptiveFeatureNorm: mode='hard' needs a radius")
         self.delta, self.radius, self.mode = delta, radius, mode

@@ -120,8 +120,9 @@ def stoch_norm(input, running_mean, running_var, weight, bias, s, momentum=0.1, 
             raise ValueError(f"stoch_norm: {name} is required (the s = 0 channels use it)")
         _check_running(name, t, input, pd)
     if not isinstance(s, torch.Tensor) or s.dtype != torch.bool or s.shape != (input.shape[1],):
+        got = f"{s.dtype} of shape {tuple(s.shape)}" if isinstance(s, torch.Tensor) else type(s)
         raise ValueError(f"stoch_norm: s must be a bool tensor of shape ({input.shape[1]},), got "
-                         f"{getattr(s, 'dtype', type(s).__name__)} {tuple(getattr(s, 'shape', ()))}")
+                         f"{got}")
     s = s.to(input.device)
     return _StochNorm.apply(input, weight, bias, running_mean, running_var, s, eps, momentum,
                             comm, "stoch_norm")
