@@ -369,3 +369,10 @@ def test_errors():
     with pytest.raises(ValueError, match="s must be"):
         nkt.stoch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), None, None,
                        torch.ones(3))
+
+
+def test_comm_of_the_wrong_kind():
+    for make in (lambda: nkt.StochNorm2d(3, comm=object()), lambda: nkn.StochNorm2d(3, comm=1),
+                 lambda: nkt.MixStyle(comm=object()), lambda: nkn.MixStyle(comm="world")):
+        with pytest.raises(TypeError, match="comm must be a normkit communicator"):
+            make()

@@ -46,6 +46,19 @@ def _check_buffer(who, array):
         raise ValueError(f"{who}.allreduce_sum needs a contiguous, writable array")
 
 
+def check_communicator(comm, who, needs=("allreduce_sum",)):
+    """A TypeError naming `who` unless `comm` is None or has rank, size and the collectives a
+    layer `needs` (the protocol of this module)."""
+    if comm is None:
+        return None
+    missing = [a for a in ("rank", "size") + tuple(needs) if not hasattr(comm, a)]
+    if missing:
+        raise TypeError(f"{who}: comm must be a normkit communicator (MPICommunicator, "
+                        f"NCCLCommunicator, normkit.torch.TorchCommunicator); "
+                        f"{type(comm).__name__} has no {', '.join(missing)}")
+    return comm
+
+
 def _to_host(array):
     return array if isinstance(array, np.ndarray) else array.get()
 
@@ -246,4 +259,5 @@ class NCCLCommunicator:
         return f"NCCLCommunicator(rank={self.rank}, size={self.size}, debug={self.debug})"
 
 
-__all__ = ["MPICommunicator", "NCCLCommunicator", "debug_from_env", "mpi_cuda_aware"]
+__all__ = ["MPICommunicator", "NCCLCommunicator", "check_communicator", "debug_from_env",
+           "mpi_cuda_aware"]

@@ -11,6 +11,7 @@ import numpy as np
 from ..functional import mixstyle as F
 from ..functional.groupnorm import group_norm_affine
 from .. import random as nk_random
+from ..distributed import check_communicator
 from .module import Module
 
 MODES = ("random", "crossdomain")
@@ -82,7 +83,7 @@ class MixStyle(MixStyleControls, Module):
         self._init_controls(p, alpha, eps, mix)
         nk_random.resolve(generator, "MixStyle")
         self.generator = generator
-        self.comm = comm
+        self.comm = check_communicator(comm, "MixStyle", ("allgather",))
         self._saved = None
         self.last_draw = None  # (perm, lam) of the last mixing call, for inspection
 

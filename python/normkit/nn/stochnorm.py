@@ -10,6 +10,7 @@ import numpy as np
 from .. import functional as F
 from .. import random as nk_random
 from .._backend import array_module
+from ..distributed import check_communicator
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 from .sync_batchnorm import global_backward_sums, global_batch_stats
 
@@ -49,7 +50,7 @@ class _StochNorm(_BatchNorm):
         self.p = check_p(p, type(self).__name__)
         nk_random.resolve(generator, type(self).__name__)
         self.generator = generator
-        self.comm = comm
+        self.comm = check_communicator(comm, type(self).__name__)
         if affine:
             w = self.weight.data
             w[...] = array_module(w).asarray(self._rng().random(self.num_features), w.dtype)

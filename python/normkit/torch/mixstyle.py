@@ -6,6 +6,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _C
+from ..distributed import check_communicator
 from ..nn.mixstyle import (MODES, MixStyleControls, activate_mixstyle, crossdomain_mixstyle,
                            deactivate_mixstyle, random_mixstyle, run_with_mixstyle,
                            run_without_mixstyle)
@@ -137,7 +138,7 @@ class MixStyle(MixStyleControls, torch.nn.Module):
             raise ValueError("MixStyle: pass a process_group or a comm, not both")
         self.generator = generator
         self.process_group = process_group
-        self.comm = comm
+        self.comm = check_communicator(comm, "MixStyle", ("allgather",))
         self.last_draw = None  # (perm, lam) of the last mixing call, for inspection
 
     def _communicator(self):

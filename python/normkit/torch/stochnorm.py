@@ -11,6 +11,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _C
+from ..distributed import check_communicator
 from ._dlpack import dl, kernel_input, launch, like, param_dtype
 from .batchnorm import _NormkitBatchNorm
 from .distributed import TorchCommunicator
@@ -162,7 +163,7 @@ class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.p = _check_p(p, who)
         self.process_group = process_group
-        self.comm = comm
+        self.comm = check_communicator(comm, who)
 
     def reset_parameters(self):
         self.reset_running_stats()
