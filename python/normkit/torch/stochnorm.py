@@ -168,8 +168,10 @@ class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
     def reset_parameters(self):
         self.reset_running_stats()
         if self.affine:
-            with torch.no_grad():
-                self.weight.uniform_(generator=self.generator)
+            where = self.generator.device if self.generator is not None else self.weight.device
+            u = torch.empty(self.weight.shape, dtype=self.weight.dtype, device=where)
+            with torch.no_grad():  # drawn where the generator lives (a CPU one for CUDA layers)
+                self.weight.copy_(u.uniform_(generator=self.generator))
                 self.bias.zero_()
 
     def _check_input_dim(self, input):
