@@ -205,3 +205,15 @@ def test_errors():
         nkt.MixStyle(generator=np.random.default_rng(0))
     with pytest.raises(ValueError, match="one entry per instance"):
         nkt.mixstyle.mixstyle(torch.randn(4, 2, 3), torch.arange(3), torch.rand(3))
+
+
+def test_nn_float16_in_float16_out():
+    x = randn((5, 3, 4, 4), 12, np.float16)
+    layer = nkn.MixStyle(p=1.0, generator=np.random.default_rng(1))
+    y = layer(x)
+    perm, lam = layer.last_draw
+    want, scale = np_formula(x.astype(np.float64), perm, lam)
+    assert y.dtype == np.float16
+    assert_close(y, want, 3e-3, 3e-3)
+    dx = layer.backward(randn(x.shape, 13, np.float16))
+    assert dx.dtype == np.float16 and np.all(np.isfinite(dx))

@@ -101,9 +101,25 @@ def check_mixstyle(kind, mix):
     print(f"rank {rank}: ok mixstyle {kind} {mix}", flush=True)
 
 
+def check_untracked(kind):
+    """track_running_stats=False: synchronized plain batch norm (no draw, no buffers)."""
+    sizes = sizes_for(kind)
+    g = np.random.default_rng(300)
+    x = g.standard_normal((sum(sizes), 3, 5)) * 2 - 1
+    dy = g.standard_normal(x.shape)
+    ref = nkn.BatchNorm1d(3, track_running_stats=False, dtype=np.float64)
+    layer = nkn.StochNorm1d(3, track_running_stats=False, dtype=np.float64, comm=world,
+                            generator=np.random.default_rng(0))
+    layer.load_state_dict(ref.state_dict())
+    close(f"untracked {kind} y", layer(split(sizes, x)), split(sizes, ref(x)))
+    close(f"untracked {kind} dx", layer.backward(split(sizes, dy)), split(sizes, ref.backward(dy)))
+    print(f"rank {rank}: ok stochnorm untracked {kind}", flush=True)
+
+
 for kind in ("uneven", "empty"):
     for p in (0.0, 0.5, 1.0):
         check_stochnorm(kind, p, cl=(p == 0.5))
+    check_untracked(kind)
     for mix in ("random", "crossdomain"):
         check_mixstyle(kind, mix)
 

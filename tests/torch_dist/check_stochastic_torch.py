@@ -102,9 +102,28 @@ def check_mixstyle(kind, mix):
     print(f"rank {rank}: ok mixstyle {kind} {mix}", flush=True)
 
 
+def check_untracked(kind):
+    """track_running_stats=False: synchronized plain batch norm (no draw, no buffers)."""
+    B, mine = slices(kind)
+    g = gen(90)
+    x = torch.randn(B, 3, 5, generator=g) * 2 - 1
+    dy = torch.randn(x.shape, generator=g)
+    ref = torch.nn.BatchNorm1d(3, track_running_stats=False)
+    layer = nkt.StochNorm1d(3, track_running_stats=False, **sync_kwargs())
+    layer.load_state_dict(ref.state_dict())
+    xr, xl = x.clone().requires_grad_(), x[mine].clone().requires_grad_()
+    yr, y = ref(xr), layer(xl)
+    yr.backward(dy)
+    y.backward(dy[mine])
+    close(f"untracked {kind} y", y, yr[mine])
+    close(f"untracked {kind} dx", xl.grad, xr.grad[mine])
+    print(f"rank {rank}: ok stochnorm untracked {kind}", flush=True)
+
+
 for kind in ("uneven", "empty"):
     for p in (0.0, 0.5, 1.0):
         check_stochnorm(kind, p)
+    check_untracked(kind)
     for mix in ("random", "crossdomain"):
         check_mixstyle(kind, mix)
 print(f"rank {rank}: ALL OK", flush=True)
