@@ -691,6 +691,9 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
     const int64_t NG = g.N * g.G, Cg = g.Cg();
     const double M = double(Cg * g.S);
     std::vector<double> m(NG, 0.0), v(NG, 0.0), rs(NG, 0.0);
+    // shifted_affine: y = q (x - shift) + (b - q (mean - shift)) with the shift (a value of the
+    // arithmetic type near the mean) in place of the mean, whose rounding to float32 would move
+    // every y by |mean| * 2^-24 * rstd: x - shift is exact, mean - shift is taken in float64.
     const int nthreads = cpu::threads_for(g.N * g.C * g.S, kGrain);
     if (fuse(g, nthreads)) {
       // A thread owns whole (n, g) blocks and normalizes each right after reducing it, while the
@@ -707,9 +710,10 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
           m[blk] = double(ks) + d;
           v[blk] = std::max(0.0, s2 / M - d * d);
           rs[blk] = 1.0 / std::sqrt(v[blk] + eps);
-          for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
-            run_affine<T>(nullptr, xs.plane(n, c), ys.plane(n, c), g.S, A(0), A(rs[blk] * w[c]),
-                          A(m[blk]), A(b[c]));
+          for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {  // see shifted_affine
+            const double q = rs[blk] * w[c];
+            run_affine<T>(nullptr, xs.plane(n, c), ys.plane(n, c), g.S, A(0), A(q), ks,
+                          A(b[c] - q * d));
           }
         }
       });
@@ -724,12 +728,14 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
       for (int64_t i = 0; i < NG; ++i) rs[i] = 1.0 / std::sqrt(v[i] + eps);
       std::vector<A> q(g.N * g.C), r(g.N * g.C);
       for (int64_t n = 0; n < g.N; ++n) {
-        for (int64_t c = 0; c < g.C; ++c) {
-          q[n * g.C + c] = A(rs[n * g.G + c / Cg] * w[c]);
-          r[n * g.C + c] = A(b[c]);
+        for (int64_t c = 0; c < g.C; ++c) {  // see shifted_affine
+          const int64_t blk = n * g.G + c / Cg;
+          const double qc = rs[blk] * w[c];
+          q[n * g.C + c] = A(qc);
+          r[n * g.C + c] = A(b[c] - qc * (m[blk] - shift[blk]));
         }
       }
-      affine<T>(g, nullptr, xs, ys, std::vector<A>(g.N * g.C, 0), q, per_channel<A>(m, g), r);
+      affine<T>(g, nullptr, xs, ys, std::vector<A>(g.N * g.C, 0), q, ks, r);
     }
     write_nk<A>(mean, g.N, g.G, m);
     write_nk<A>(var, g.N, g.G, v);

@@ -376,3 +376,15 @@ def test_comm_of_the_wrong_kind():
                  lambda: nkt.MixStyle(comm=object()), lambda: nkn.MixStyle(comm="world")):
         with pytest.raises(TypeError, match="comm must be a normkit communicator"):
             make()
+
+
+def test_bias_false_carried_by_convert():
+    sn = nkt.convert_stochnorm(torch.nn.BatchNorm2d(4, bias=False), p=1.0)
+    assert sn.bias is None and sn.weight is not None
+    x = torch.randn(3, 4, 2, 2, requires_grad=True)
+    sn(x).sum().backward()
+    bn = nkn.BatchNorm1d(3, bias=False)
+    snn = nkn.convert_stochnorm(bn, p=1.0)
+    assert snn.bias is None
+    x = randn((5, 3), 1, np.float32)
+    np.testing.assert_allclose(snn(x), bn(x), rtol=1e-6, atol=1e-6)

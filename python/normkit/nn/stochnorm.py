@@ -45,8 +45,9 @@ class _StochNorm(_BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, p=0.5, generator=None, comm=None, dtype=None,
-                 device=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, device)
+                 device=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, device,
+                         bias=bias)
         self.p = check_p(p, type(self).__name__)
         nk_random.resolve(generator, type(self).__name__)
         self.generator = generator
@@ -104,8 +105,7 @@ class _StochNorm(_BatchNorm):
         else:  # synchronized plain batch norm (track_running_stats=False)
             sel_mean, sel_invstd = mean, invstd
             self._mask = xp.ones(C, mean.dtype)
-        w = self.weight.data if self.affine else None
-        b = self.bias.data if self.affine else None
+        w, b = self._weight_bias()
         y = F.batch_norm_normalize(x, sel_mean, sel_invstd, w, b)
         self._saved = (x, sel_mean, sel_invstd, total)
         return y
@@ -162,7 +162,7 @@ def convert_stochnorm(module, p=0.5, generator=None, comm=None):
         src = module.weight.data if module.affine else module.running_mean
         out = kind(module.num_features, module.eps, module.momentum, module.affine,
                    module.track_running_stats, p=p, generator=generator, comm=comm,
-                   dtype=None if src is None else src.dtype)
+                   dtype=None if src is None else src.dtype, bias=module.bias is not None)
         if src is not None and array_module(src) is not np:
             out.to("cuda")
         out.load_state_dict(module.state_dict())  # copies into the new layer's own arrays

@@ -154,13 +154,14 @@ class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, p=0.5, generator=None, process_group=None, comm=None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, bias=True):
         who = type(self).__name__
         _check_generator(generator, who)
         if process_group is not None and comm is not None:
             raise ValueError(f"{who}: pass a process_group or a comm, not both")
         self.generator = generator  # before the base's __init__, whose reset_parameters draws
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)
         self.p = _check_p(p, who)
         self.process_group = process_group
         self.comm = check_communicator(comm, who)
@@ -172,7 +173,8 @@ class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
             u = torch.empty(self.weight.shape, dtype=self.weight.dtype, device=where)
             with torch.no_grad():  # drawn where the generator lives (a CPU one for CUDA layers)
                 self.weight.copy_(u.uniform_(generator=self.generator))
-                self.bias.zero_()
+                if self.bias is not None:
+                    self.bias.zero_()
 
     def _check_input_dim(self, input):
         if input.dim() not in self._expected_ndim:
@@ -260,7 +262,7 @@ def convert_stochnorm(module, p=0.5, generator=None, process_group=None, comm=No
                    module.track_running_stats, p=p, generator=generator,
                    process_group=process_group, comm=comm,
                    device=None if src is None else src.device,
-                   dtype=None if src is None else src.dtype)
+                   dtype=None if src is None else src.dtype, bias=module.bias is not None)
         with torch.no_grad():
             for name, t in list(module.named_parameters()) + list(module.named_buffers()):
                 getattr(out, name).copy_(t)
