@@ -46,6 +46,32 @@ def _check_buffer(who, array):
         raise ValueError(f"{who}.allreduce_sum needs a contiguous, writable array")
 
 
+def check_communicator(comm, who, needs=("allreduce_sum",)):
+    """A TypeError naming `who` unless `comm` is None or has rank, size and the collectives a
+    layer `needs` (the protocol of this module)."""
+    if comm is None:
+        return None
+    missing = [a for a in ("rank", "size") + tuple(needs) if not hasattr(comm, a)]
+    if missing:
+        raise TypeError(f"{who}: comm must be a normkit communicator (MPICommunicator, "
+                        f"NCCLCommunicator, normkit.torch.TorchCommunicator); "
+                        f"{type(comm).__name__} has no {', '.join(missing)}")
+    return comm
+
+
+def _to_host(array):
+    return array if isinstance(array, np.ndarray) else array.get()
+
+
+def _like_input(array, host):
+    """`host` (a NumPy array) as the same kind of array as `array`."""
+    if isinstance(array, np.ndarray):
+        return host
+    import cupy
+
+    return cupy.asarray(host)
+
+
 def mpi_cuda_aware():
     """Whether the loaded MPI library reads and writes CUDA device memory itself.
 
@@ -129,6 +155,14 @@ class MPICommunicator:
         self._host_free = stream.record()
         return array
 
+    def allgather(self, array):
+        """The concatenation along axis 0, in rank order, of every rank's `array` (NumPy or
+        CuPy; the leading sizes may differ, the other dims must agree), as the same kind of array.
+        One collective of small host arrays (per-instance statistics): CuPy arrays go through
+        host memory."""
+        parts = self.comm.allgather(_to_host(array))
+        return _like_input(array, np.concatenate(parts, axis=0))
+
     def _staging(self, array):
         """A pinned host array like `array`, reusing one buffer once its last copy is done."""
         import cupyx
@@ -210,6 +244,11 @@ class NCCLCommunicator:
                              nccl.NCCL_SUM, cupy.cuda.get_current_stream().ptr)
         return array
 
+    def allgather(self, array):
+        """As ``MPICommunicator.allgather``, over the bootstrap MPI communicator: what it gathers
+        (per-instance statistics) is small, and NCCL's all-gather needs equal sizes."""
+        return self._mpi.allgather(array)
+
     def split(self, color, key=None):
         """The sub-communicator of the ranks that pass the same `color`: a new NCCL communicator
         bootstrapped over the MPI split."""
@@ -220,4 +259,5 @@ class NCCLCommunicator:
         return f"NCCLCommunicator(rank={self.rank}, size={self.size}, debug={self.debug})"
 
 
-__all__ = ["MPICommunicator", "NCCLCommunicator", "debug_from_env", "mpi_cuda_aware"]
+__all__ = ["MPICommunicator", "NCCLCommunicator", "check_communicator", "debug_from_env",
+           "mpi_cuda_aware"]

@@ -11,6 +11,44 @@ _layer_ids = itertools.count()  # same sequence on every rank that builds the sa
 _DTYPE_CODES = {np.dtype(np.float16): 1, np.dtype(np.float32): 2, np.dtype(np.float64): 3}
 
 
+def global_batch_stats(comm, x, eps, who):
+    """Per-channel statistics of all ranks' batches of ``comm`` together, with one all-reduce of
+    2C+1 float64 values (count, sum, and sum of squares built from exact per-rank variances):
+    ``(mean, var, invstd, count)``, mean and invstd in the parameter dtype, var (biased) float64.
+    Raises on every rank alike when the global count is at most 1; ``who`` names the layer."""
+    C = x.shape[1]
+    xp = array_module(x)
+    mean, var = F.batch_norm_stats(x)
+    n = float(x.size // C)
+    mean64 = mean.astype(xp.float64)
+    buf = xp.empty(2 * C + 1, xp.float64)
+    buf[0] = n
+    buf[1:C + 1] = n * mean64
+    buf[C + 1:] = n * var.astype(xp.float64) + n * mean64 ** 2
+    comm.allreduce_sum(buf)
+    total = float(buf[0])  # the count check and the backward need it on the host
+    if total <= 1:
+        raise ValueError(f"{who}: expected more than 1 value per channel when training, got "
+                         f"{int(total)} over all {comm.size} ranks (this rank's input has shape "
+                         f"{tuple(x.shape)})")
+    g_mean = buf[1:C + 1] / total
+    g_var = xp.maximum(buf[C + 1:] / total - g_mean ** 2, 0.0)
+    pd = param_dtype(x.dtype)
+    invstd = (1.0 / xp.sqrt(g_var + eps)).astype(pd)
+    return g_mean.astype(pd), g_var, invstd, total
+
+
+def global_backward_sums(comm, dy, x, mean):
+    """This rank's and all ranks' per-channel (sum dy, sum dy * (x - mean)), with one all-reduce
+    of 2C float64 values: ``(local_dy, local_dy_xmu, sum_dy, sum_dy_xmu)`` in mean's dtype."""
+    C = x.shape[1]
+    local_dy, local_dy_xmu = F.batch_norm_backward_reduce(dy, x, mean)
+    xp = array_module(x)
+    buf = xp.concatenate([local_dy, local_dy_xmu]).astype(xp.float64)
+    comm.allreduce_sum(buf)
+    return local_dy, local_dy_xmu, buf[:C].astype(mean.dtype), buf[C:].astype(mean.dtype)
+
+
 class SyncBatchNorm(_BatchNorm):
     """Batch norm whose training statistics are those of all ranks' batches together.
 
@@ -92,26 +130,7 @@ class SyncBatchNorm(_BatchNorm):
         comm = self.comm
         if comm.debug:
             self._check_ranks_agree(x, 0)
-        C = self.num_features
-        xp = array_module(x)
-        mean, var = F.batch_norm_stats(x)
-        n = float(x.size // C)
-        mean64 = mean.astype(xp.float64)
-        buf = xp.empty(2 * C + 1, xp.float64)
-        buf[0] = n
-        buf[1:C + 1] = n * mean64
-        buf[C + 1:] = n * var.astype(xp.float64) + n * mean64 ** 2
-        comm.allreduce_sum(buf)
-        total = float(buf[0])  # the count check and the backward need it on the host
-        if total <= 1:
-            raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
-                             f"training, got {int(total)} over all {comm.size} ranks (this rank's "
-                             f"input has shape {tuple(x.shape)})")
-        g_mean = buf[1:C + 1] / total
-        g_var = xp.maximum(buf[C + 1:] / total - g_mean ** 2, 0.0)
-        pd = param_dtype(x.dtype)
-        invstd = (1.0 / xp.sqrt(g_var + self.eps)).astype(pd)
-        g_mean = g_mean.astype(pd)
+        g_mean, g_var, invstd, total = global_batch_stats(comm, x, self.eps, "SyncBatchNorm")
         if self.track_running_stats:
             self.num_batches_tracked += 1
             m = self._momentum()
@@ -135,13 +154,7 @@ class SyncBatchNorm(_BatchNorm):
         comm = self.comm
         if comm.debug:
             self._check_ranks_agree(x, 1)
-        C = self.num_features
-        local_dy, local_dy_xmu = F.batch_norm_backward_reduce(dy, x, mean)
-        xp = array_module(x)
-        buf = xp.concatenate([local_dy, local_dy_xmu]).astype(xp.float64)
-        comm.allreduce_sum(buf)
-        pd = mean.dtype
-        sum_dy, sum_dy_xmu = buf[:C].astype(pd), buf[C:].astype(pd)
+        local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(comm, dy, x, mean)
         w = self.weight.data if self.affine else None
         dx = F.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count=total)
         self._saved = self._global_count = None

@@ -69,6 +69,22 @@ class TorchCommunicator:
         dist.all_reduce(array, op=dist.ReduceOp.SUM, group=self.group)
         return array
 
+    def allgather(self, array):
+        """The concatenation along dim 0, in rank order, of every rank's ``array`` (a torch tensor
+        or NumPy array; leading sizes may differ), as the same kind of array on its device. One
+        ``all_gather_object`` of small host arrays (per-instance statistics)."""
+        if isinstance(array, torch.Tensor):
+            host = array.detach().cpu().numpy()
+        elif isinstance(array, np.ndarray):
+            host = array
+        else:
+            raise TypeError(f"TorchCommunicator.allgather takes torch tensors or NumPy arrays, "
+                            f"got {type(array).__name__}")
+        parts = [None] * self.size
+        dist.all_gather_object(parts, host, group=self.group)
+        out = np.concatenate(parts, axis=0)
+        return torch.from_numpy(out).to(array.device) if isinstance(array, torch.Tensor) else out
+
     def split(self, color, key=None):
         """The sub-communicator of the ranks that pass the same ``color``, ranked by ``key``
         (default: their rank here). Every rank of this group must call it; each color becomes a new

@@ -27,6 +27,48 @@ def _allreduce(comm, buf):
         buf.copy_(host)
 
 
+def global_batch_stats(comm, x, eps, who):
+    """Per-channel statistics of all ranks' batches of ``comm`` together, with one all-reduce of
+    2C+1 float64 values (count, count * mean and count * (var + mean^2), exact within a rank;
+    uneven and empty batches are weighted by count): ``(mean, var, invstd, count)``, mean and
+    invstd in the parameter dtype, var (biased) float64. Raises on every rank alike when the
+    global count is at most 1; ``who`` names the layer."""
+    C = x.shape[1]
+    pd = param_dtype(x.dtype)
+    mean = torch.empty(C, dtype=pd, device=x.device)
+    var = torch.empty(C, dtype=pd, device=x.device)
+    _C.batch_norm_stats(dl(x), dl(mean), dl(var), **launch(x, batch_workspace))
+    n = float(x.numel() // C) if C else 0.0
+    mean64 = mean.double()
+    buf = torch.empty(2 * C + 1, dtype=torch.float64, device=x.device)
+    buf[0] = n
+    torch.mul(mean64, n, out=buf[1:C + 1])
+    torch.mul(var.double().addcmul_(mean64, mean64), n, out=buf[C + 1:])
+    _allreduce(comm, buf)
+    total = float(buf[0])
+    if total <= 1:
+        raise ValueError(f"{who}: expected more than 1 value per channel when training, got "
+                         f"{int(total)} over all {comm.size} ranks (this rank's input has shape "
+                         f"{tuple(x.shape)})")
+    g_mean = buf[1:C + 1] / total
+    g_var = (buf[C + 1:] / total).sub_(g_mean * g_mean).clamp_(min=0.0)
+    invstd = (g_var + eps).rsqrt().to(pd)
+    return g_mean.to(pd), g_var, invstd, total
+
+
+def global_backward_sums(comm, dy, x, mean):
+    """This rank's and all ranks' per-channel (sum dy, sum dy * (x - mean)), with one all-reduce
+    of 2C float64 values: ``(local_dy, local_dy_xmu, sum_dy, sum_dy_xmu)`` in mean's dtype."""
+    C = x.shape[1]
+    sums = torch.empty(2, C, dtype=mean.dtype, device=x.device)
+    _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(sums[0]), dl(sums[1]),
+                                  **launch(x, batch_workspace))
+    buf = sums.to(torch.float64, copy=True).reshape(-1)  # a copy for float64 too
+    _allreduce(comm, buf)
+    global_sums = buf.to(mean.dtype)
+    return sums[0], sums[1], global_sums[:C], global_sums[C:]
+
+
 class _SyncBatchNorm(torch.autograd.Function):
     """Training batch norm with statistics over all ranks of ``comm``.
 
@@ -42,31 +84,11 @@ class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, comm):
         x = kernel_input(x)
-        C = x.shape[1]
-        pd = param_dtype(x.dtype)
-        mean = torch.empty(C, dtype=pd, device=x.device)
-        var = torch.empty(C, dtype=pd, device=x.device)
-        _C.batch_norm_stats(dl(x), dl(mean), dl(var), **launch(x, batch_workspace))
-        n = float(x.numel() // C) if C else 0.0
-        mean64 = mean.double()
-        buf = torch.empty(2 * C + 1, dtype=torch.float64, device=x.device)
-        buf[0] = n
-        torch.mul(mean64, n, out=buf[1:C + 1])
-        torch.mul(var.double().addcmul_(mean64, mean64), n, out=buf[C + 1:])
-        _allreduce(comm, buf)
-        total = float(buf[0])
-        if total <= 1:
-            raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
-                             f"training, got {int(total)} over all {comm.size} ranks (this rank's "
-                             f"input has shape {tuple(x.shape)})")
-        g_mean = buf[1:C + 1] / total
-        g_var = (buf[C + 1:] / total).sub_(g_mean * g_mean).clamp_(min=0.0)
-        invstd = (g_var + eps).rsqrt_().to(pd)
-        g_mean = g_mean.to(pd)
+        g_mean, g_var, invstd, total = global_batch_stats(comm, x, eps, "SyncBatchNorm")
         if running_mean is not None:
             running_mean.lerp_(g_mean, momentum)
         if running_var is not None:
-            running_var.lerp_(g_var.mul_(total / (total - 1)).to(pd), momentum)
+            running_var.lerp_(g_var.mul_(total / (total - 1)).to(g_mean.dtype), momentum)
         y = torch.empty_like(x)
         _C.batch_norm_normalize(dl(x), dl(g_mean), dl(invstd), dl(weight), dl(bias), dl(y),
                                 **launch(x))
@@ -78,22 +100,15 @@ class _SyncBatchNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
-        C = x.shape[1]
         dy = like(x, dy)
-        sums = torch.empty(2, C, dtype=mean.dtype, device=x.device)
-        local_dy, local_dy_xmu = sums[0], sums[1]
-        _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(local_dy), dl(local_dy_xmu),
-                                      **launch(x, batch_workspace))
-        buf = sums.to(torch.float64, copy=True).reshape(-1)  # a copy for float64 too
-        _allreduce(ctx.comm, buf)
-        global_sums = buf.to(mean.dtype)
+        local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(ctx.comm, dy, x, mean)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = None
         if need_x:
             dx = torch.empty_like(x)
             _C.batch_norm_backward_elemt(dl(dy), dl(x), dl(mean), dl(invstd), dl(weight),
-                                         dl(global_sums[:C]), dl(global_sums[C:]), ctx.total,
-                                         dl(dx), **launch(x))
+                                         dl(sum_dy), dl(sum_dy_xmu), ctx.total, dl(dx),
+                                         **launch(x))
         # weight and bias gradients are this rank's, as in PyTorch (DDP all-reduces them).
         dw = local_dy_xmu * invstd if need_w else None
         db = local_dy.clone() if need_b else None
