@@ -16,6 +16,8 @@
                              convert_model`` is tllib's name for convert_stochnorm)
     AdaptiveFeatureNorm, Block, ImageClassifier         tllib's AFN
     MixStyle, mixstyle, run_with_mixstyle, ...          Dassl's / tllib's MixStyle and helpers
+    models                   IBN-Net (resnet{18,34,50,101}_ibn_{a,b}) and tllib's MixStyle
+                             ResNets (mixstyle_resnet{18,34,50}), released checkpoints from files
 
 Tensors reach the core through DLPack without copies; outputs are allocated by torch.
 """
@@ -25,7 +27,7 @@ except ImportError as e:
     raise ImportError("normkit.torch needs PyTorch: pip install torch (or pip install "
                       f"'normkit[torch]'); importing it failed with: {e}") from e
 
-from . import distributed, functional, mixstyle, stochnorm
+from . import distributed, functional, mixstyle, models, stochnorm
 from .afn import AdaptiveFeatureNorm, Block, ImageClassifier
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .distributed import TorchCommunicator
@@ -45,5 +47,5 @@ __all__ = ["AdaptiveFeatureNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "
            "activate_mixstyle", "aggregate", "batch_norm", "batchnormeval", "batchnormtrain",
            "convert_stochnorm", "convert_sync_batchnorm", "crossdomain_mixstyle",
            "deactivate_mixstyle", "distributed", "encoding", "functional", "group_norm",
-           "instance_norm", "mixstyle", "random_mixstyle", "run_with_mixstyle",
+           "instance_norm", "mixstyle", "models", "random_mixstyle", "run_with_mixstyle",
            "run_without_mixstyle", "scaled_l2", "stoch_norm", "stochnorm", "sync_batch_norm"]
