@@ -61,7 +61,8 @@ inline int64_t last_level_cache_bytes() {
 }
 
 // Whether an op moving `bytes` should stream its output: more than the last-level cache holds, or
-// than NORMKIT_STREAM_MIN_BYTES if set (read once; for tuning, and for tests of the streaming path).
+// than NORMKIT_STREAM_MIN_BYTES if set (read once; for tuning, and for tests of the streaming
+// path).
 inline bool should_stream(int64_t bytes) {
   static const int64_t threshold = [] {
     const char* env = std::getenv("NORMKIT_STREAM_MIN_BYTES");

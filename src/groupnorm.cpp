@@ -460,7 +460,8 @@ std::vector<double> read_nk(const TensorView& t, int64_t N, int64_t K, double ab
   if (!t.defined()) return out;
   const P* data = t.ptr<const P>();
   for (int64_t n = 0; n < N; ++n) {
-    for (int64_t k = 0; k < K; ++k) out[n * K + k] = double(data[n * t.strides[0] + k * t.strides[1]]);
+    const P* row = data + n * t.strides[0];
+    for (int64_t k = 0; k < K; ++k) out[n * K + k] = double(row[k * t.strides[1]]);
   }
   return out;
 }
@@ -469,7 +470,8 @@ template <class P>
 void write_nk(const TensorView& t, int64_t N, int64_t K, const std::vector<double>& values) {
   P* data = t.ptr<P>();
   for (int64_t n = 0; n < N; ++n) {
-    for (int64_t k = 0; k < K; ++k) data[n * t.strides[0] + k * t.strides[1]] = P(values[n * K + k]);
+    P* row = data + n * t.strides[0];
+    for (int64_t k = 0; k < K; ++k) row[k * t.strides[1]] = P(values[n * K + k]);
   }
 }
 

@@ -49,7 +49,7 @@ def pdtype(dtype):
     return np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
 
-# --- float64 references ----------------------------------------------------------------------------
+# --- float64 references ---------------------------------------------------------------------------
 
 def ref_forward(x, G, w, b, eps):
     x = np.asarray(x, np.float64)
