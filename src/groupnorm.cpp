@@ -150,6 +150,12 @@ NK_HOT void run_sums(const T* a, const T* b, int64_t len, acc_t<T> ka, acc_t<T> 
         w2 += ea * (L::load(b + i + kLanes) - kb);
       }
     }
+    if (i + kLanes <= end) {  // short planes (small H*W) would otherwise leave up to 31 scalars
+      const V da = L::load(a + i) - ka;
+      u1 += da;
+      u2 += da * (kSame ? da : L::load(b + i) - kb);
+      i += kLanes;
+    }
     for (; i < end; ++i) {
       const A d = ld(a[i]) - ka;
       t1 += d;
@@ -427,8 +433,10 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
 }
 
 // The shift of a group's statistics: the mean of the first (up to) kPilot values of the group's
-// first channel. Sums of (x - shift) then lose nothing to cancellation when |mean| >> std.
-constexpr int64_t kPilot = 64;
+// first channel. Sums of (x - shift) then lose nothing to cancellation when |mean| >> std (the
+// shift need only be within a few std of the mean). Few values: for small planes (7x7) a longer
+// pilot would cost as much as the statistics themselves.
+constexpr int64_t kPilot = 16;
 
 template <class T>
 double pilot_mean(const Geometry& g, Strided<const T> x, int64_t n, int64_t group) {
