@@ -43,7 +43,7 @@ __device__ void block_sum3(double& a, double& b, double& c) {
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-ws_forward_kernel(const T* __restrict__ w, const acc_t<T>* __restrict__ gain,
+ws_forward_kernel(const T* w, const acc_t<T>* __restrict__ gain,
                   WSConvention convention, double eps, T* w_hat, acc_t<T>* __restrict__ mean,
                   acc_t<T>* __restrict__ rstd, WSRows rows) {
   using A = acc_t<T>;
@@ -67,7 +67,8 @@ ws_forward_kernel(const T* __restrict__ w, const acc_t<T>* __restrict__ gain,
       rstd[r] = A(rs);
     }
     const A scale = A(rs * (gain ? double(gain[r]) : 1.0)), mf = A(m);
-    // w_hat may alias w: each thread reads and writes only its own elements, after the sums.
+    // w_hat may alias w (so neither is __restrict__): each thread reads and writes only its own
+    // elements, after the sums.
     T* y = w_hat + r * rows.sa;
     for (int64_t i = threadIdx.x; i < K; i += kThreads) {
       y[i] = from_acc<T>((to_acc(x[i]) - mf) * scale);

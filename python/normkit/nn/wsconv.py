@@ -1,5 +1,5 @@
-"""Weight-standardized convolutions over NumPy / CuPy arrays (elektronn3's ``wsconv`` module, fixed),
-on normkit's convolution (im2col/col2im + the array library's GEMM) and the core's fused
+"""Weight-standardized convolutions over NumPy / CuPy arrays (elektronn3's ``wsconv`` module,
+fixed), on normkit's convolution (im2col/col2im + the array library's GEMM) and the core's fused
 standardization. Same arguments, keys and conventions as normkit.torch's layers (see
 normkit.functional.wsconv for the formulas):
 
