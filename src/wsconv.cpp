@@ -25,6 +25,24 @@ WSConvention ws_convention(int64_t value) {
 namespace {
 
 constexpr int kLanes = 8;
+
+// Arithmetic type of a storage type: float64 for float64, float32 for float32 and bfloat16.
+template <class T>
+using arith_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Loads and stores of the storage types (bfloat16 through dispatch.h's exact conversions).
+inline float load(float v) { return v; }
+inline double load(double v) { return v; }
+inline float load(BFloat16 v) { return bf16_to_float(v); }
+
+template <class T>
+inline T store(arith_t<T> v) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    return float_to_bf16(v);
+  } else {
+    return v;
+  }
+}
 constexpr int64_t kGrain = 1 << 14;  // values per thread before another one helps
 
 // Whether dims 1.. of t are dense in some order (a row is one contiguous block of K values).
@@ -75,6 +93,12 @@ void check_row(const char* op, const TensorView& t, const char* name, const Tens
                  w.shape[0], ",) (one value per channel of dim 0 of w)");
 }
 
+// float16 has no CPU kernel here (bfloat16, float32 and float64 do).
+[[noreturn]] void fail_half(const char* op) {
+  fail(ErrorKind::Type, op, ": float16 is not supported on the CPU (bfloat16, float32 and "
+       "float64 are; float16 runs on CUDA)");
+}
+
 // The kernels index per-channel arrays densely.
 void check_contiguous_rows(const char* op, const WSRows& rows,
                            std::initializer_list<const TensorView*> arrays) {
@@ -103,24 +127,24 @@ WSRows check_w(const char* op, const TensorView& w, WSConvention convention, dou
   return rows;
 }
 
-template <class T, class A = std::conditional_t<std::is_same_v<T, double>, double, float>>
+template <class T, class A = arith_t<T>>
 NK_HOT void forward_rows(const T* w, const A* gain, WSConvention convention, double eps, T* w_hat,
                          A* mean, A* rstd, WSRows rows, int64_t r0, int64_t r1) {
   const int64_t K = rows.K;
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = w + r * rows.sw;
-    const double shift = x[0];
+    const double shift = load(x[0]);
     double s1[kLanes] = {}, s2[kLanes] = {};
     int64_t i = 0;
     for (; i + kLanes <= K; i += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
-        const double v = double(x[i + l]) - shift;
+        const double v = double(load(x[i + l])) - shift;
         s1[l] += v;
         s2[l] += v * v;
       }
     }
     for (; i < K; ++i) {
-      const double v = double(x[i]) - shift;
+      const double v = double(load(x[i])) - shift;
       s1[0] += v;
       s2[0] += v * v;
     }
@@ -136,11 +160,11 @@ NK_HOT void forward_rows(const T* w, const A* gain, WSConvention convention, dou
     const A scale = A(r_std * (gain ? double(gain[r]) : 1.0));
     const A mf = A(m);
     T* y = w_hat + r * rows.sa;
-    for (int64_t j = 0; j < K; ++j) y[j] = T((A(x[j]) - mf) * scale);
+    for (int64_t j = 0; j < K; ++j) y[j] = store<T>((load(x[j]) - mf) * scale);
   }
 }
 
-template <class T, class A = std::conditional_t<std::is_same_v<T, double>, double, float>>
+template <class T, class A = arith_t<T>>
 NK_HOT void backward_rows(const T* g, const T* w, const A* gain, const A* mean, const A* rstd,
                           WSConvention convention, double eps, T* dw, A* dgain, WSRows rows,
                           int64_t r0, int64_t r1) {
@@ -153,14 +177,14 @@ NK_HOT void backward_rows(const T* g, const T* w, const A* gain, const A* mean, 
     int64_t i = 0;
     for (; i + kLanes <= K; i += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
-        const double c = double(x[i + l]) - m, gv = gr[i + l];
+        const double c = double(load(x[i + l])) - m, gv = load(gr[i + l]);
         sg[l] += gv;
         sgc[l] += gv * c;
         scc[l] += c * c;
       }
     }
     for (; i < K; ++i) {
-      const double c = double(x[i]) - m, gv = gr[i];
+      const double c = double(load(x[i])) - m, gv = load(gr[i]);
       sg[0] += gv;
       sgc[0] += gv * c;
       scc[0] += c * c;
@@ -178,7 +202,9 @@ NK_HOT void backward_rows(const T* g, const T* w, const A* gain, const A* mean, 
     const A a = A(gn * rs), b = A(-gn * rs * rs * rs * k * tgc), mf = A(m);
     const A c0 = A(-gn * rs * tg / double(K));
     T* out = dw + r * rows.sb;
-    for (int64_t j = 0; j < K; ++j) out[j] = T(a * A(gr[j]) + b * (A(x[j]) - mf) + c0);
+    for (int64_t j = 0; j < K; ++j) {
+      out[j] = store<T>(a * load(gr[j]) + b * (load(x[j]) - mf) + c0);
+    }
   }
 }
 
@@ -197,14 +223,18 @@ void ws_standardize_forward(const TensorView& w, const TensorView& gain, WSConve
   check_contiguous_rows(op, rows, {&gain, &mean, &rstd});
   rows.sa = w_hat.strides[0];
   if (rows.R == 0) return;
-  dispatch_float(op, w, [&](auto tag) {
+  dispatch<true>(op, w, [&](auto tag) {
     using T = decltype(tag);
-    using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-    const int nt = cpu::threads_for(rows.R * rows.K, kGrain);
-    cpu::parallel_ranges(nt, rows.R, [&](int, int64_t r0, int64_t r1) {
-      forward_rows<T>(w.ptr<T>(), gain.defined() ? gain.ptr<A>() : nullptr, convention, eps,
-                      w_hat.ptr<T>(), mean.ptr<A>(), rstd.ptr<A>(), rows, r0, r1);
-    });
+    if constexpr (std::is_same_v<T, Half>) {
+      fail_half(op);
+    } else {
+      using A = arith_t<T>;
+      const int nt = cpu::threads_for(rows.R * rows.K, kGrain);
+      cpu::parallel_ranges(nt, rows.R, [&](int, int64_t r0, int64_t r1) {
+        forward_rows<T>(w.ptr<T>(), gain.defined() ? gain.ptr<A>() : nullptr, convention, eps,
+                        w_hat.ptr<T>(), mean.ptr<A>(), rstd.ptr<A>(), rows, r0, r1);
+      });
+    }
   }, [&] { cuda::ws_standardize_forward(w, gain, convention, eps, w_hat, mean, rstd, rows,
                                         launch); });
 }
@@ -228,16 +258,20 @@ void ws_standardize_backward(const TensorView& dw_hat, const TensorView& w,
   rows.sa = dw_hat.strides[0];
   rows.sb = dw.defined() ? dw.strides[0] : 0;
   if (rows.R == 0 || (!dw.defined() && !dgain.defined())) return;
-  dispatch_float(op, w, [&](auto tag) {
+  dispatch<true>(op, w, [&](auto tag) {
     using T = decltype(tag);
-    using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-    const int nt = cpu::threads_for(rows.R * rows.K, kGrain);
-    cpu::parallel_ranges(nt, rows.R, [&](int, int64_t r0, int64_t r1) {
-      backward_rows<T>(dw_hat.ptr<T>(), w.ptr<T>(), gain.defined() ? gain.ptr<A>() : nullptr,
-                       mean.ptr<A>(), rstd.ptr<A>(), convention, eps,
-                       dw.defined() ? dw.ptr<T>() : nullptr,
-                       dgain.defined() ? dgain.ptr<A>() : nullptr, rows, r0, r1);
-    });
+    if constexpr (std::is_same_v<T, Half>) {
+      fail_half(op);
+    } else {
+      using A = arith_t<T>;
+      const int nt = cpu::threads_for(rows.R * rows.K, kGrain);
+      cpu::parallel_ranges(nt, rows.R, [&](int, int64_t r0, int64_t r1) {
+        backward_rows<T>(dw_hat.ptr<T>(), w.ptr<T>(), gain.defined() ? gain.ptr<A>() : nullptr,
+                         mean.ptr<A>(), rstd.ptr<A>(), convention, eps,
+                         dw.defined() ? dw.ptr<T>() : nullptr,
+                         dgain.defined() ? dgain.ptr<A>() : nullptr, rows, r0, r1);
+      });
+    }
   }, [&] { cuda::ws_standardize_backward(dw_hat, w, gain, mean, rstd, convention, eps, dw, dgain,
                                          rows, launch); });
 }

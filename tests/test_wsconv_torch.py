@@ -83,6 +83,28 @@ def test_float32_and_eps_argument():
     assert layer(x).dtype == torch.float32
 
 
+def test_bfloat16_weights_on_the_cpu():
+    """bfloat16 weights standardize with float32 statistics (gain float32 too)."""
+    w = randn(6, 4, 3, 3) * 0.1 + 0.2
+    gn = torch.rand(6, generator=gen, dtype=torch.float64) + 0.5
+    wb = w.bfloat16().requires_grad_()
+    gb = gn.float().requires_grad_()
+    out = nkt.ws_standardize(wb, gb, 1e-4, "nfnet")
+    assert out.dtype == torch.bfloat16
+    w_in = wb.detach().double().requires_grad_()
+    g_in = gb.detach().double().requires_grad_()
+    ref = ref_standardize(w_in, g_in, 1e-4, "nfnet")
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    dy = randn(*w.shape).bfloat16()
+    dw, dg = torch.autograd.grad(out, (wb, gb), dy)
+    dwr, dgr = torch.autograd.grad(ref, (w_in, g_in), dy.double())
+    assert dw.dtype == torch.bfloat16 and dg.dtype == torch.float32
+    torch.testing.assert_close(dw.double(), dwr, rtol=2e-2, atol=2e-2 * dwr.abs().max().item())
+    torch.testing.assert_close(dg.double(), dgr, rtol=1e-4, atol=1e-4 * dgr.abs().max().item())
+    layer = nkt.WSConv2d(4, 6, 3).bfloat16()
+    assert layer(randn(1, 4, 5, 5).bfloat16()).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("convention", ["elektronn3", "nfnet"])
 def test_transposed_layers(dims, convention):

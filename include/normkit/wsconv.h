@@ -15,8 +15,8 @@
 // backward is one pass of sums (of dw_hat, dw_hat * (w - mean) and (w - mean)^2) and one pass
 // writing dw, through mean, var (zero where eps clamps it) and gain.
 //
-// Dtypes: w, w_hat, dw_hat, dw share one dtype (float32/float64 on the CPU, also float16/bfloat16
-// on CUDA); gain, mean, rstd, dgain have param_dtype of it. gain may be undefined (gain 1).
+// Dtypes: w, w_hat, dw_hat, dw share one dtype (bfloat16/float32/float64 on the CPU, also float16
+// on CUDA); gain, mean, rstd, dgain have param_dtype of it (float32 for 16-bit weights). gain may be undefined (gain 1).
 // Layout: within a row any dense order of dims 1.. (contiguous and channels-last weights), the
 // same for every weight-shaped argument; rows at any stride. w_hat may alias w (in place).
 // On CUDA tensors the ops run on launch.stream, without a workspace.

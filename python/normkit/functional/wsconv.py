@@ -10,8 +10,8 @@ ConvTranspose weight, as torch stores both) is standardized over all its other d
 * ``"nfnet"``: rstd = 1 / sqrt(max(var_biased * prod(w.shape[1:]), eps)) (unit-norm filters);
 * ``"timm"``: rstd = 1 / sqrt(var_biased + eps) (timm's StdConv2d, BiT).
 
-Dtypes: float32 and float64 (on CuPy also float16, with float32 statistics); ``gain`` (or None for
-1), ``mean`` and ``rstd`` have the parameter dtype. On CuPy arrays the ops run on CuPy's current
+Dtypes: float32 and float64 (on CuPy also float16, with float32 statistics; normkit.torch also
+passes bfloat16); ``gain`` (or None for 1), ``mean`` and ``rstd`` have the parameter dtype. On CuPy arrays the ops run on CuPy's current
 stream.
 """
 from .. import _C
