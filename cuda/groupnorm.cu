@@ -924,12 +924,6 @@ MapArgs<P> map_args(const TensorView& x, const TensorView& mean) {
 // Nothing to do for an empty tensor (and nothing to reduce over without samples or channels).
 bool empty_ncs(const TensorView& x) { return x.shape[0] == 0 || x.shape[1] == 0; }
 
-int64_t elements(const TensorView& x) {
-  int64_t n = 1;
-  for (int d = 0; d < x.ndim; ++d) n *= x.shape[d];
-  return n;
-}
-
 }  // namespace
 
 // ================================================================================================
@@ -958,7 +952,7 @@ void group_norm_stats(const TensorView& x, const TensorView& mean, const TensorV
 
 void group_norm_affine(const TensorView& x, const TensorView& mean, const TensorView& scale,
                        const TensorView& shift, const TensorView& y, const Launch& launch) {
-  if (elements(x) == 0) return;
+  if (x.numel() == 0) return;
   DeviceGuard guard(x.device_id);
   const Plan plan =
       make_plan({&x, &y}, mean.shape[1], Work::Map, dtype_size(x.dtype), x.device_id);
@@ -986,7 +980,7 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
     using T = decltype(tag);
     using P = acc_t<T>;
     launch_moments<T>(stats, groups, ws, mean, var, rstd, eps, stream_of(launch));
-    if (elements(x) == 0) return;
+    if (x.numel() == 0) return;
     MapArgs<P> args = map_args<P>(x, mean);
     args.m1 = matrix<const P>(rstd);
     args.weight = matrix<const P>(weight);
@@ -1014,7 +1008,7 @@ void group_norm_backward_reduce(const TensorView& dy, const TensorView& x, const
 void group_norm_backward_elemt(const TensorView& dy, const TensorView& x, const TensorView& mean,
                                const TensorView& a, const TensorView& b, const TensorView& c,
                                const TensorView& dx, const Launch& launch) {
-  if (elements(x) == 0) return;
+  if (x.numel() == 0) return;
   DeviceGuard guard(x.device_id);
   const Plan plan =
       make_plan({&dy, &x, &dx}, mean.shape[1], Work::Map, dtype_size(x.dtype), x.device_id);
@@ -1049,7 +1043,7 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
     }
     launch_sums<T, true>(sums, groups, ws, mean, sum_dy, sum_dy_xmu, weight, rstd,
                          stream_of(launch));
-    if (elements(x) == 0) return;
+    if (x.numel() == 0) return;
     const Plan map = make_plan({&dy, &x, &dx}, groups, Work::Map, item, x.device_id);
     MapArgs<P> args = map_args<P>(x, mean);
     args.m1 = matrix<const P>(rstd);
