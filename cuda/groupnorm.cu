@@ -549,21 +549,24 @@ __global__ void __launch_bounds__(kThreads)
     finalize_moments(const double* __restrict__ ws, int64_t outputs, int64_t M, int64_t G,
                      Matrix<P> mean, Matrix<P> var, Matrix<P> rstd, double eps) {
   const int lane = threadIdx.x & 31;
-  const int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  if (o >= outputs) return;  // whole warps leave together
-  Moments<double> m = Moments<double>::zero();
-  for (int64_t i = lane; i < M; i += 32) {
-    const double* p = ws + (o * M + i) * kPartialDoubles;
-    m.merge(p[0], p[1], p[2]);
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  // Whole warps step together, so every lane takes part in the shuffles.
+  for (int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; o < outputs;
+       o += warps) {
+    Moments<double> m = Moments<double>::zero();
+    for (int64_t i = lane; i < M; i += 32) {
+      const double* p = ws + (o * M + i) * kPartialDoubles;
+      m.merge(p[0], p[1], p[2]);
+    }
+    m = warp_reduce(m);
+    if (lane != 0) continue;
+    const int64_t n = o / G, g = o - n * G;
+    // An empty group gives mean 0 and var 0, as on the CPU.
+    const double v = m.n > 0 ? fmax(m.m2 / m.n, 0.0) : 0.0;
+    mean.set(n, g, m.n > 0 ? m.mean : 0.0);
+    var.set(n, g, v);
+    if (rstd.data) rstd.set(n, g, 1.0 / sqrt(v + eps));
   }
-  m = warp_reduce(m);
-  if (lane != 0) return;
-  const int64_t n = o / G, g = o - n * G;
-  // An empty group gives mean 0 and var 0, as on the CPU.
-  const double v = m.n > 0 ? fmax(m.m2 / m.n, 0.0) : 0.0;
-  mean.set(n, g, m.n > 0 ? m.mean : 0.0);
-  var.set(n, g, v);
-  if (rstd.data) rstd.set(n, g, 1.0 / sqrt(v + eps));
 }
 
 // Each lane takes channels of the group and merges their P partials in order into sum_dy and
@@ -577,30 +580,32 @@ __global__ void __launch_bounds__(kThreads)
                   Matrix<const P> weight, Matrix<const P> rstd, double count,
                   double* __restrict__ coef) {
   const int lane = threadIdx.x & 31;
-  const int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  if (o >= N * G) return;  // whole warps leave together
-  const int64_t n = o / G, g = o - n * G, C = G * Cg;
-  Sums weighted = Sums::zero();
-  for (int64_t i = lane; i < Cg; i += 32) {
-    const int64_t c = g * Cg + i;
-    const double* p = partials + (n * C + c) * per_channel * kPartialDoubles;
-    Sums s = Sums::zero();
-    for (int64_t q = 0; q < per_channel; ++q) {
-      s.merge({p[q * kPartialDoubles], p[q * kPartialDoubles + 1]});
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5, C = G * Cg;
+  for (int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; o < N * G;
+       o += warps) {
+    const int64_t n = o / G, g = o - n * G;
+    Sums weighted = Sums::zero();
+    for (int64_t i = lane; i < Cg; i += 32) {
+      const int64_t c = g * Cg + i;
+      const double* p = partials + (n * C + c) * per_channel * kPartialDoubles;
+      Sums s = Sums::zero();
+      for (int64_t q = 0; q < per_channel; ++q) {
+        s.merge({p[q * kPartialDoubles], p[q * kPartialDoubles + 1]});
+      }
+      sum_dy.set(n, c, s.s1);
+      sum_dy_xmu.set(n, c, s.s2);
+      if constexpr (kFused) {
+        const double w = weight.at(c, 1.0);
+        weighted.merge({w * s.s1, w * s.s2});
+      }
     }
-    sum_dy.set(n, c, s.s1);
-    sum_dy_xmu.set(n, c, s.s2);
     if constexpr (kFused) {
-      const double w = weight.at(c, 1.0);
-      weighted.merge({w * s.s1, w * s.s2});
+      weighted = warp_reduce(weighted);
+      if (lane != 0) continue;
+      const double r = rstd.at(n, g, 0.0);
+      coef[o * kCoefDoubles] = count > 0 ? -r * r * r * weighted.s2 / count : 0.0;
+      coef[o * kCoefDoubles + 1] = count > 0 ? -r * weighted.s1 / count : 0.0;
     }
-  }
-  if constexpr (kFused) {
-    weighted = warp_reduce(weighted);
-    if (lane != 0) return;
-    const double r = rstd.at(n, g, 0.0);
-    coef[o * kCoefDoubles] = count > 0 ? -r * r * r * weighted.s2 / count : 0.0;
-    coef[o * kCoefDoubles + 1] = count > 0 ? -r * weighted.s1 / count : 0.0;
   }
 }
 
