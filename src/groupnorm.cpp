@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_stream.h"
 #include "cpu_threads.h"
 #include "normkit/dispatch.h"
 
@@ -162,20 +163,37 @@ NK_HOT void run_sums(const T* a, const T* b, int64_t len, acc_t<T> ka, acc_t<T> 
 }
 
 // out = p * u + q * (v - m) + r over len contiguous values; u may be null (p ignored).
+// `stream`: streaming stores (float32/float64; see cpu_stream.h), for outputs beyond the LLC.
 template <class T>
 NK_HOT void run_affine(const T* u, const T* v, T* out, int64_t len, acc_t<T> p, acc_t<T> q,
-                       acc_t<T> m, acc_t<T> r) {
+                       acc_t<T> m, acc_t<T> r, bool stream) {
   using L = Lanes<T>;
+  auto one = [&](int64_t i) {
+    out[i] = u ? st<T>(p * ld(u[i]) + q * (ld(v[i]) - m) + r) : st<T>(q * (ld(v[i]) - m) + r);
+  };
   int64_t i = 0;
+  if constexpr (cpu::kCanStream<T>) {
+    if (stream) {
+      for (; i < len && reinterpret_cast<uintptr_t>(out + i) % 16; ++i) one(i);
+      if (u) {
+        for (; i + kLanes <= len; i += kLanes) {
+          cpu::stream_store(out + i, p * L::load(u + i) + q * (L::load(v + i) - m) + r);
+        }
+      } else {
+        for (; i + kLanes <= len; i += kLanes) {
+          cpu::stream_store(out + i, q * (L::load(v + i) - m) + r);
+        }
+      }
+    }
+  }
   if (u) {
     for (; i + kLanes <= len; i += kLanes) {
       L::store(out + i, p * L::load(u + i) + q * (L::load(v + i) - m) + r);
     }
-    for (; i < len; ++i) out[i] = st<T>(p * ld(u[i]) + q * (ld(v[i]) - m) + r);
   } else {
     for (; i + kLanes <= len; i += kLanes) L::store(out + i, q * (L::load(v + i) - m) + r);
-    for (; i < len; ++i) out[i] = st<T>(q * (ld(v[i]) - m) + r);
   }
+  for (; i < len; ++i) one(i);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -373,6 +391,7 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
   const int64_t NC = g.N * g.C;
   if (NC * g.S == 0) return;
   const int nthreads = cpu::threads_for(NC * g.S, kGrain);
+  const bool stream = cpu::should_stream((u ? 3 : 2) * NC * g.S * int64_t(sizeof(T)));
   cpu::parallel_ranges(nthreads, g.layout == Layout::ChannelsLast ? g.N * g.S : NC * g.S,
                        [&](int, int64_t e0, int64_t e1) {
     if (g.layout == Layout::ChannelsLast) {
@@ -393,7 +412,8 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
       const T* vr = v.plane(n, c);
       T* o = out.plane(n, c);
       if (g.layout == Layout::Planar) {
-        run_affine<T>(ur ? ur + s0 : nullptr, vr + s0, o + s0, s1 - s0, p[i], q[i], m[i], r[i]);
+        run_affine<T>(ur ? ur + s0 : nullptr, vr + s0, o + s0, s1 - s0, p[i], q[i], m[i], r[i],
+                      stream);
         return;
       }
       for (int64_t s = s0; s < s1; ++s) {
@@ -402,6 +422,7 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
         o[s * out.sS] = st<T>(value);
       }
     });
+    if (stream) cpu::stream_fence();
   });
 }
 
@@ -712,6 +733,7 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
     if (fuse(g, nthreads)) {
       // A thread owns whole (n, g) blocks and normalizes each right after reducing it, while the
       // block is still in cache: x crosses the memory bus once.
+      const bool stream = cpu::should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)));
       cpu::parallel_ranges(nthreads, NG, [&](int, int64_t b0, int64_t b1) {
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t n = blk / g.G, j = blk % g.G;
@@ -727,9 +749,10 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
           for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {  // see shifted_affine
             const double q = rs[blk] * w[c];
             run_affine<T>(nullptr, xs.plane(n, c), ys.plane(n, c), g.S, A(0), A(q), ks,
-                          A(b[c] - q * d));
+                          A(b[c] - q * d), stream);
           }
         }
+        if (stream) cpu::stream_fence();
       });
     } else if (fuse_rows(g, nthreads)) {
       // Channels-last: a thread owns whole samples (contiguous runs of S rows of C) and
@@ -865,6 +888,7 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
     const int nthreads = cpu::threads_for(g.N * g.C * g.S, kGrain);
     if (fuse(g, nthreads)) {
       // As in the forward: each block's dx is written while its dy and x are in cache.
+      const bool stream = cpu::should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)));
       cpu::parallel_ranges(nthreads, g.N * g.G, [&](int, int64_t b0, int64_t b1) {
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t n = blk / g.G, j = blk % g.G;
@@ -876,9 +900,10 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
           const BlockGrad bg = block_grad(g, n, j, rs[blk], w, s1.data(), s2.data());
           for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
             run_affine<T>(dys.plane(n, c), xs.plane(n, c), dxs.plane(n, c), g.S,
-                          A(rs[blk] * w[c]), A(bg.b), A(m[blk]), A(bg.c));
+                          A(rs[blk] * w[c]), A(bg.b), A(m[blk]), A(bg.c), stream);
           }
         }
+        if (stream) cpu::stream_fence();
       });
     } else if (fuse_rows(g, nthreads)) {
       // Channels-last, as in the forward: a thread owns whole samples.
