@@ -1,12 +1,15 @@
-"""normkit.torch.BatchNorm2d vs torch.nn.BatchNorm2d, both called as torch modules.
+"""normkit.torch's norm layers vs torch.nn's (BatchNorm2d, InstanceNorm2d, GroupNorm), both
+called as torch modules.
 
-    python benchmarks/bench_torch.py [--repeat 15] [--shapes 32,64,56,56 ...] [--device cpu]
+    python benchmarks/bench_torch.py [--layer batchnorm|instancenorm|groupnorm] [--repeat 15]
+                                     [--shapes 32,64,56,56 ...] [--device cpu]
 
 For the shapes of bench_batchnorm.py plus a small one, where the adapter's per-call overhead
 (DLPack capsules, output allocation, autograd.Function) shows, and each layout (NCHW,
 channels_last): train forward (under no_grad), train forward+backward (autograd: dx, dweight,
-dbias) and eval forward, in float32. Prints the median time per call of each module (the two run
-in the same process, sampled in turns), torch/normkit (> 1: normkit faster) and the
+dbias) and, for batch norm, eval forward, in float32. InstanceNorm2d is affine (weight and bias
+gradients), GroupNorm has min(32, C) groups. Prints the median time per call of each module
+(the two run in the same process, sampled in turns), torch/normkit (> 1: normkit faster) and the
 difference in microseconds (normkit - torch: the adapter's overhead where the kernels take no
 time). On CUDA (where torch and normkit both have it) each timing includes a synchronize.
 """
@@ -20,6 +23,15 @@ import normkit
 import normkit.torch as nkt
 
 SHAPES = [(8, 16, 8, 8), (32, 64, 56, 56), (64, 256, 14, 14), (8, 32, 128, 128)]
+# name: (normkit class, torch class, constructor arguments for C channels, ops)
+LAYERS = {
+    "batchnorm": (nkt.BatchNorm2d, torch.nn.BatchNorm2d, lambda C: ((C,), {}),
+                  ("train fwd", "train fwd+bwd", "eval fwd")),
+    "instancenorm": (nkt.InstanceNorm2d, torch.nn.InstanceNorm2d,
+                     lambda C: ((C,), {"affine": True}), ("train fwd", "train fwd+bwd")),
+    "groupnorm": (nkt.GroupNorm, torch.nn.GroupNorm, lambda C: ((min(32, C), C), {}),
+                  ("train fwd", "train fwd+bwd")),
+}
 
 
 def paired_times(fns, repeat, sync):
@@ -47,7 +59,7 @@ def paired_times(fns, repeat, sync):
     return [float(np.median(t)) for t in times]
 
 
-def cases(shape, channels_last, device, repeat):
+def cases(layer, shape, channels_last, device, repeat):
     g = torch.Generator().manual_seed(0)
     C = shape[1]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -55,9 +67,11 @@ def cases(shape, channels_last, device, repeat):
     dy = torch.randn(shape, generator=g).to(device).contiguous(memory_format=fmt)
     xg = x.clone().requires_grad_()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    nk_cls, torch_cls, arguments, ops = LAYERS[layer]
+    args, kwargs = arguments(C)
     modules = {}
-    for name, cls in (("normkit", nkt.BatchNorm2d), ("torch", torch.nn.BatchNorm2d)):
-        bn = cls(C).to(device)
+    for name, cls in (("normkit", nk_cls), ("torch", torch_cls)):
+        bn = cls(*args, **kwargs).to(device)
         with torch.no_grad():
             bn.weight.copy_(torch.rand(C, generator=g) + 0.5)
             bn.bias.copy_(torch.randn(C, generator=g))
@@ -77,8 +91,9 @@ def cases(shape, channels_last, device, repeat):
         with torch.no_grad():
             bn(x)
 
-    for op, fn in (("train fwd", train_fwd), ("train fwd+bwd", train_fwd_bwd),
-                   ("eval fwd", eval_fwd)):
+    fns = {"train fwd": train_fwd, "train fwd+bwd": train_fwd_bwd, "eval fwd": eval_fwd}
+    for op in ops:
+        fn = fns[op]
         nk_t, torch_t = paired_times([lambda: fn(modules["normkit"]), lambda: fn(modules["torch"])],
                                      repeat, sync)
         yield op, nk_t, torch_t
@@ -86,6 +101,7 @@ def cases(shape, channels_last, device, repeat):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", choices=list(LAYERS), default="batchnorm")
     parser.add_argument("--repeat", type=int, default=21)
     parser.add_argument("--shapes", nargs="*", default=None,
                         help="shapes as N,C,H,W (default: the small one and the three of "
@@ -97,7 +113,7 @@ def main():
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     devices = [args.device] if args.device else (
         ["cpu"] + (["cuda"] if torch.cuda.is_available() and normkit.cuda_available() else []))
-    print(f"normkit {normkit.__version__}, torch {torch.__version__}, "
+    print(f"{args.layer}: normkit {normkit.__version__}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, float32; median times per call")
     header = (f"{'device':>6} {'shape':>18} {'layout':>6} {'op':>14} {'normkit ms':>10} "
               f"{'torch ms':>9} {'torch/nk':>8} {'nk-torch us':>11}")
@@ -107,7 +123,8 @@ def main():
         for shape in shapes:
             for channels_last in (False, True):
                 layout = "NHWC" if channels_last else "NCHW"
-                for op, nk_t, torch_t in cases(shape, channels_last, device, args.repeat):
+                for op, nk_t, torch_t in cases(args.layer, shape, channels_last, device,
+                                                    args.repeat):
                     print(f"{device:>6} {str(shape):>18} {layout:>6} {op:>14} {nk_t * 1e3:10.3f} "
                           f"{torch_t * 1e3:9.3f} {torch_t / nk_t:8.2f} "
                           f"{(nk_t - torch_t) * 1e6:11.1f}", flush=True)

@@ -8,7 +8,8 @@ import normkit.torch as nkt
 def test_exports():
     for name in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "TorchCommunicator",
                  "batch_norm", "batchnormeval", "batchnormtrain", "convert_sync_batchnorm",
-                 "sync_batch_norm"):
+                 "sync_batch_norm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
+                 "InstanceNorm3d", "InstanceBatchNorm2d", "group_norm", "instance_norm"):
         assert name in nkt.__all__ and getattr(nkt, name) is not None, name
 
 

@@ -5,6 +5,9 @@
                              torch.distributed group (gloo) or a normkit communicator (MPI)
     convert_sync_batchnorm   every BatchNorm*d / SyncBatchNorm of a model -> normkit's SyncBatchNorm
     batch_norm, batchnormtrain, batchnormeval, sync_batch_norm   the autograd functions
+    InstanceNorm1d/2d/3d, GroupNorm   torch.nn.InstanceNorm*d / GroupNorm (subclasses)
+    InstanceBatchNorm2d      tllib's IBN layer (IN.* / BN.* keys) for any planes and ratio
+    instance_norm, group_norm         their autograd functions (torch.nn.functional's signatures)
     TorchCommunicator        normkit's communicator protocol over a torch.distributed group
     Encoding, GramMatrix, Inspiration, UpsampleConv2d   PyTorch-Encoding's encoding.nn layers
                              (state_dicts shared with normkit.nn's)
@@ -25,13 +28,16 @@ from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .distributed import TorchCommunicator
 from .encoding import Encoding, GramMatrix, Inspiration, UpsampleConv2d
 from .functional import aggregate, batch_norm, batchnormeval, batchnormtrain, encoding, scaled_l2
+from .groupnorm import (GroupNorm, InstanceBatchNorm2d, InstanceNorm1d, InstanceNorm2d,
+                        InstanceNorm3d, group_norm, instance_norm)
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
 from .wsconv import (FWS, WSConv1d, WSConv2d, WSConv3d, WSConvTranspose2d, WSConvTranspose3d,
                      ws_standardize)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Encoding", "FWS", "GramMatrix",
-           "Inspiration", "SyncBatchNorm", "TorchCommunicator", "UpsampleConv2d", "WSConv1d",
+           "GroupNorm", "Inspiration", "InstanceBatchNorm2d", "InstanceNorm1d", "InstanceNorm2d",
+           "InstanceNorm3d", "SyncBatchNorm", "TorchCommunicator", "UpsampleConv2d", "WSConv1d",
            "WSConv2d", "WSConv3d", "WSConvTranspose2d", "WSConvTranspose3d", "aggregate",
-           "batch_norm", "batchnormeval", "batchnormtrain", "convert_sync_batchnorm",
-           "distributed", "encoding", "functional", "scaled_l2", "sync_batch_norm",
+           "batch_norm", "batchnormeval", "batchnormtrain", "convert_sync_batchnorm", "distributed",
+           "encoding", "functional", "group_norm", "instance_norm", "scaled_l2", "sync_batch_norm",
            "ws_standardize"]

@@ -19,17 +19,30 @@ def dl(t):
     return None if t is None else to_dlpack(t)
 
 
-def launch(x, reduces=False):
+def launch(x, workspace_size=None):
     """Keyword arguments that run a core op on ``x``'s device: none for CPU tensors; for CUDA
     tensors torch's current stream on that device and, for ops that reduce over ``x``, a float64
-    workspace from torch's caching allocator (so the op neither allocates nor synchronizes)."""
+    workspace from torch's caching allocator (so the op neither allocates nor synchronizes).
+
+    ``workspace_size`` is the reducing op family's size query, a function of ``x``'s capsule:
+    ``batch_workspace``, or ``group_workspace(groups)``."""
     if not x.is_cuda:
         return {}
     args = {"stream": torch.cuda.current_stream(x.device).cuda_stream}
-    if reduces:
-        size = _C.batch_norm_workspace_size(to_dlpack(x))
+    if workspace_size is not None:
+        size = workspace_size(to_dlpack(x))
         args["workspace"] = to_dlpack(torch.empty(size, dtype=torch.float64, device=x.device))
     return args
+
+
+def batch_workspace(capsule):
+    """The workspace size query of the batch-norm ops, for ``launch``."""
+    return _C.batch_norm_workspace_size(capsule)
+
+
+def group_workspace(groups):
+    """The workspace size query of the group-norm ops for ``groups`` groups, for ``launch``."""
+    return lambda capsule: _C.group_norm_workspace_size(capsule, groups)
 
 
 def param_dtype(dtype):

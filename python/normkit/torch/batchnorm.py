@@ -12,7 +12,21 @@ from . import functional as F
 from ._dlpack import param_dtype
 
 
-class _NormkitBatchNorm:
+class _CountsBatches:
+    """Running statistics of torch's ``_NormBase`` layers as normkit updates them."""
+
+    def _momentum_step(self):
+        """Counts a training batch; returns the factor of its statistics in the running ones
+        (momentum, or 1 / num_batches_tracked for momentum=None: the cumulative average)."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+
+class _NormkitBatchNorm(_CountsBatches):
     """The forward of torch's ``_BatchNorm`` with normkit's ``batch_norm`` in place of torch's."""
 
     def _check_input(self, input):
@@ -25,16 +39,6 @@ class _NormkitBatchNorm:
             raise TypeError(f"{type(self).__name__}: {input.dtype} input needs "
                             f"{param_dtype(input.dtype)} parameters, this layer's are {own.dtype} "
                             f"(convert it with .to(dtype))")
-
-    def _momentum_step(self):
-        """Counts a training batch; returns the factor of its statistics in the running ones
-        (momentum, or 1 / num_batches_tracked for momentum=None: the cumulative average)."""
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        return factor
 
     def _uses_batch_stats(self):
         """Batch statistics in training, and in eval when there are no running ones."""

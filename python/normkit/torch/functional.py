@@ -1,6 +1,7 @@
 """Batch norm on torch tensors: ``torch.autograd.Function``s over normkit's core, through DLPack.
 (The Encoding family's ops, ``scaled_l2``, ``aggregate`` and ``encoding``, live in
-``normkit.torch.encoding`` and are exported here too.)
+``normkit.torch.encoding``, the per-sample family's ``group_norm`` and ``instance_norm`` in
+``normkit.torch.groupnorm``; they are exported here too.)
 
 * ``batch_norm`` is ``torch.nn.functional.batch_norm`` (same arguments, same semantics: biased
   variance to normalize, unbiased variance into ``running_var``).
@@ -18,8 +19,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _C
-from ._dlpack import dl, kernel_input, launch, like, param_dtype
+from ._dlpack import batch_workspace, dl, kernel_input, launch, like, param_dtype
 from .encoding import aggregate, encoding, scaled_l2
+from .groupnorm import group_norm, instance_norm
 
 
 def _wants_grad(*tensors):
@@ -54,7 +56,7 @@ def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
     var = torch.empty(C, dtype=pd, device=x.device)
     invstd = torch.empty(C, dtype=pd, device=x.device)
     _C.batch_norm_forward_train(dl(x), dl(weight), dl(bias), float(eps), dl(y), dl(mean), dl(var),
-                                dl(invstd), **launch(x, reduces=True))
+                                dl(invstd), **launch(x, batch_workspace))
     if running_mean is not None and n:
         running_mean.lerp_(mean, momentum)
     if running_var is not None and n:
@@ -115,7 +117,8 @@ class _BatchNorm(torch.autograd.Function):
             # One fused pass: the sums (which the parameter gradients are) and dx through the batch
             # statistics.
             _C.batch_norm_backward_train(dl(dy), dl(x), dl(mean), dl(invstd), dl(weight), dl(dx),
-                                         dl(sum_dy), dl(sum_dy_xmu), **launch(x, reduces=True))
+                                         dl(sum_dy), dl(sum_dy_xmu),
+                                         **launch(x, batch_workspace))
         else:
             # Running statistics are constants: dx = weight * invstd * dy.
             if need_x:
@@ -123,7 +126,7 @@ class _BatchNorm(torch.autograd.Function):
                                              None, 0.0, dl(dx), **launch(x))
             if need_w or need_b:
                 _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(sum_dy), dl(sum_dy_xmu),
-                                              **launch(x, reduces=True))
+                                              **launch(x, batch_workspace))
         dw, db = _param_grads(sum_dy, sum_dy_xmu, invstd, need_w, need_b)
         return dx, dw, db, None, None, None, None, None
 
@@ -189,7 +192,7 @@ class _BatchNormGiven(torch.autograd.Function):
         if need_g or need_b or need_m or need_s:
             sum_dy, sum_dy_xmu = torch.empty_like(mean), torch.empty_like(mean)
             _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(sum_dy), dl(sum_dy_xmu),
-                                          **launch(x, reduces=True))
+                                          **launch(x, batch_workspace))
             scale = gamma * invstd
             if need_m:
                 dm = -scale * sum_dy
@@ -216,4 +219,5 @@ def batchnormeval(input, gamma, beta, mean, std):
     return _normalize_given(input, gamma, beta, mean, std)[1]
 
 
-__all__ = ["aggregate", "batch_norm", "batchnormeval", "batchnormtrain", "encoding", "scaled_l2"]
+__all__ = ["aggregate", "batch_norm", "batchnormeval", "batchnormtrain", "encoding", "group_norm",
+           "instance_norm", "scaled_l2"]

@@ -7,7 +7,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _C
-from ._dlpack import dl, kernel_input, launch, like, param_dtype
+from ._dlpack import batch_workspace, dl, kernel_input, launch, like, param_dtype
 from .batchnorm import _NormkitBatchNorm
 from .distributed import TorchCommunicator
 from .functional import _check_running
@@ -46,7 +46,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         pd = param_dtype(x.dtype)
         mean = torch.empty(C, dtype=pd, device=x.device)
         var = torch.empty(C, dtype=pd, device=x.device)
-        _C.batch_norm_stats(dl(x), dl(mean), dl(var), **launch(x, reduces=True))
+        _C.batch_norm_stats(dl(x), dl(mean), dl(var), **launch(x, batch_workspace))
         n = float(x.numel() // C) if C else 0.0
         mean64 = mean.double()
         buf = torch.empty(2 * C + 1, dtype=torch.float64, device=x.device)
@@ -83,7 +83,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         sums = torch.empty(2, C, dtype=mean.dtype, device=x.device)
         local_dy, local_dy_xmu = sums[0], sums[1]
         _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(local_dy), dl(local_dy_xmu),
-                                      **launch(x, reduces=True))
+                                      **launch(x, batch_workspace))
         buf = sums.to(torch.float64, copy=True).reshape(-1)  # a copy for float64 too
         _allreduce(ctx.comm, buf)
         global_sums = buf.to(mean.dtype)
