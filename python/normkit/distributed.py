@@ -6,13 +6,26 @@ The protocol is small on purpose; anything with these members works with normkit
     allreduce_sum(array)        in-place sum of `array` over all processes
     split(color, key=None)      the sub-communicator of the processes passing the same color
 
+A collective that some rank never joins must not hang the job. normkit's communicators give up
+after ``timeout`` seconds (default ``NORMKIT_SYNC_TIMEOUT``, else 300: room for a slow training
+step) with a ``SyncTimeoutError`` (a RuntimeError), which the layers re-raise naming themselves and
+the call; and an uncaught exception on any rank ends the whole job (``abort_on_exception``, on by
+default: an excepthook that aborts, as ``python -m mpi4py`` does), so that the ranks still waiting
+do not wait for their own timeouts. A communicator whose collective timed out is unusable after it
+(its ranks no longer agree on what the next collective is).
+
 ``MPICommunicator`` wraps any mpi4py communicator (``pip install normkit[mpi]`` brings mpi4py and an
 Open MPI) and sums NumPy or CuPy arrays. ``NCCLCommunicator`` sums CuPy arrays with NCCL on CuPy's
 current stream (``pip install normkit[cuda]``). The torch.distributed communicator comes with the
 PyTorch adapters.
 """
 import ctypes
+import itertools
+import math
 import os
+import sys
+import threading
+import time
 
 import numpy as np
 
@@ -31,6 +44,188 @@ def _mpi():
 def debug_from_env():
     """Whether NORMKIT_SYNC_DEBUG asks for the cross-rank consistency checks."""
     return os.environ.get("NORMKIT_SYNC_DEBUG", "0").lower() not in ("", "0", "false", "no")
+
+
+DEFAULT_SYNC_TIMEOUT = 300.0
+
+
+def sync_timeout(timeout=None):
+    """The collective timeout in seconds: ``timeout`` if given, else NORMKIT_SYNC_TIMEOUT, else
+    300. ``math.inf`` waits forever."""
+    where = "timeout"
+    if timeout is None:
+        env = os.environ.get("NORMKIT_SYNC_TIMEOUT")
+        if env is None:
+            return DEFAULT_SYNC_TIMEOUT
+        where = "NORMKIT_SYNC_TIMEOUT"
+        try:
+            timeout = float(env)
+        except ValueError:
+            raise ValueError(f"NORMKIT_SYNC_TIMEOUT must be a number of seconds, got {env!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
+    timeout = float(timeout)
+    if not timeout > 0:  # also NaN
+        raise ValueError(f"{where} must be a positive number of seconds (inf: no timeout), got "
+                         f"{timeout}")
+    return timeout
+
+
+class SyncTimeoutError(RuntimeError):
+    """A collective that not every rank joined within the communicator's timeout."""
+
+
+def timeout_message(comm, count, timeout):
+    return (f"{comm!r}: an all-reduce of {count} values was not joined by every rank within "
+            f"{timeout:g} s (the communicator's timeout=, or NORMKIT_SYNC_TIMEOUT): some rank did "
+            f"not make the same call (eval mode, a skipped forward or backward, an error before "
+            f"it, a different model); NORMKIT_SYNC_DEBUG=1 says which ranks differ")
+
+
+def collective(comm, array, who):
+    """``comm.allreduce_sum(array)`` for the layer call ``who`` (e.g. "SyncBatchNorm(4)
+    forward"): a timeout or an MPI error is re-raised as a RuntimeError naming it."""
+    try:
+        return comm.allreduce_sum(array)
+    except SyncTimeoutError as e:
+        raise SyncTimeoutError(f"{who}: {e}") from None
+    except RuntimeError as e:
+        if type(e).__module__.startswith("mpi4py"):  # e.g. MPI_ERR_TRUNCATE: lengths differ
+            raise RuntimeError(f"{who}: the ranks' all-reduces differ in length (ranks call "
+                               f"layers with different channel counts, or different layers), "
+                               f"{comm!r}: {e}; NORMKIT_SYNC_DEBUG=1 says which ranks differ"
+                               ) from None
+        raise
+
+
+def abort_from_env():
+    """Whether NORMKIT_SYNC_ABORT (default on) asks for the job-ending excepthook."""
+    return os.environ.get("NORMKIT_SYNC_ABORT", "1").lower() not in ("", "0", "false", "no")
+
+
+_hook_lock = threading.Lock()
+_abort_hooks = {}  # name -> the function ending the job, called after the traceback is printed
+
+
+def install_abort_hook(name, end_job):
+    """Makes an uncaught exception end the whole job: sys.excepthook (and threading's) print the
+    traceback as before, then call every registered ``end_job()`` (MPI's Abort, a process
+    group's abort). Installed once per process; later calls only register."""
+    with _hook_lock:
+        first = not _abort_hooks
+        _abort_hooks[name] = end_job
+        if not first:
+            return
+        previous, previous_thread = sys.excepthook, threading.excepthook
+
+        def hook(kind, value, tb):
+            previous(kind, value, tb)
+            _end_job()
+
+        def thread_hook(args):
+            previous_thread(args)
+            if args.exc_type is not SystemExit:
+                _end_job()
+
+        sys.excepthook, threading.excepthook = hook, thread_hook
+
+
+def _end_job():
+    sys.stderr.flush()
+    sys.stdout.flush()
+    for end_job in list(_abort_hooks.values()):
+        end_job()
+
+
+def _poll(test, deadline):
+    """Calls ``test()`` until it returns True or time.monotonic() passes ``deadline``, sleeping
+    a little more each round (from 0 to 1 ms) so that a fast collective costs no sleep and a long
+    wait costs little CPU. Returns whether it completed."""
+    pause = 0.0
+    while not test():
+        if time.monotonic() > deadline:
+            return test()
+        time.sleep(pause)
+        pause = min(1e-3, pause * 2 if pause else 1e-5)
+    return True
+
+
+_first_calls = itertools.count()  # the order in which layers first check in (debug mode)
+
+
+def next_layer_order():
+    """The next layer's ordinal in the order of first synchronized calls in this process: the
+    same on every rank that runs the same model, however many layers each rank constructed."""
+    return next(_first_calls)
+
+
+_DTYPE_NAMES = ("other", "float16", "bfloat16", "float32", "float64")
+
+
+def dtype_code(dtype):
+    """A small integer per dtype name (NumPy, CuPy or torch dtypes) for the cross-rank checks."""
+    name = str(dtype).replace("torch.", "")
+    return _DTYPE_NAMES.index(name) if name in _DTYPE_NAMES else 0
+
+
+def debug_fields(layer_order, features, x, training, phase, call):
+    """The fields the debug check compares, with how to show each value."""
+    shape = getattr(x, "shape", ())
+    return [("layer (order of first call)", layer_order, str),
+            ("num_features", features, str),
+            ("input channels", shape[1] if len(shape) >= 2 else -1, str),
+            ("dtype", dtype_code(getattr(x, "dtype", None)), lambda v: _DTYPE_NAMES[v]),
+            ("mode", int(bool(training)), lambda v: ("eval", "train")[v]),
+            ("call", ("forward", "backward").index(phase), lambda v: ("forward", "backward")[v]),
+            ("call number", call, str)]
+
+
+def check_ranks_agree(comm, who, fields):
+    """The debug mode's check: one all-reduce of a (size, len(fields)) table in which each rank
+    fills its row, so every rank sees every rank's values and raises the same error, saying
+    which ranks differ in what. ``fields``: (name, integer value, value -> text) triples."""
+    table = np.zeros((comm.size, len(fields)), np.float64)
+    table[comm.rank] = [value for _, value, _ in fields]
+    collective(comm, table.reshape(-1), f"{who} (debug check)")
+    differ = []
+    for j, (name, _, show) in enumerate(fields):
+        column = table[:, j].astype(np.int64)
+        if (column != column[0]).any():
+            groups = {}
+            for r, v in enumerate(column.tolist()):
+                groups.setdefault(v, []).append(r)
+            differ.append(f"{name}: " + "; ".join(
+                f"{show(v)} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
+                for v, rs in groups.items()))
+    if differ:
+        raise RuntimeError(f"{who}: ranks of {comm!r} differ in " + " | ".join(differ) +
+                           " (every rank must call the same synchronized layers in the same "
+                           "order, mode and direction, on inputs of the same channels and dtype)")
+
+
+_HASH_PRIME = 1048573  # < 2^20: sums of values and squares stay exact in float64 to 8192 ranks
+
+
+def agreement_header(channels, dtype, phase):
+    """Four float64 values a synchronized layer puts in front of its one all-reduce, so that
+    without the debug check every rank still detects a call that differs in channels, dtype or
+    direction (see ``ranks_disagree``): (a, a^2, b, b^2) for a = channels, b = dtype and phase."""
+    a = float(channels % _HASH_PRIME)
+    b = float(dtype_code(dtype) * 2 + ("forward", "backward").index(phase))
+    return [a, a * a, b, b * b]
+
+
+def ranks_disagree(header, size, channels, dtype, phase):
+    """Whether the summed header shows a rank whose call differs from this one: all values
+    equal to v iff sum(v) == size * v and sum(v^2) == size * v^2 (exact for small integers)."""
+    mine = agreement_header(channels, dtype, phase)
+    return any(float(header[i]) != size * mine[i] for i in range(4))
+
+
+def disagreement_message(who, comm):
+    return (f"{who}: the ranks of {comm!r} made different calls at this collective (channels, "
+            f"dtype, or forward against backward differ); NORMKIT_SYNC_DEBUG=1 (or the "
+            f"communicator's debug=True) says which ranks differ in what")
 
 
 def _is_cupy(array):
@@ -84,16 +279,28 @@ class MPICommunicator:
     layers check, with one extra small collective per call, that every rank calls the same layer
     with the same channel count, dtype and layout, and raise the same clear error on every rank
     instead of hanging or computing garbage.
+
+    ``timeout`` (seconds, default ``NORMKIT_SYNC_TIMEOUT`` or 300; ``math.inf``: none): each
+    all-reduce is a nonblocking ``Iallreduce`` polled until that deadline, then a
+    ``SyncTimeoutError``. ``abort_on_exception`` (default ``NORMKIT_SYNC_ABORT``, on): an
+    uncaught exception on this rank calls ``MPI.COMM_WORLD.Abort``, which ends every rank.
     """
 
-    def __init__(self, comm=None, debug=None, cuda_aware=None):
+    def __init__(self, comm=None, debug=None, cuda_aware=None, timeout=None,
+                 abort_on_exception=None):
         MPI = _mpi()
         self._MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.debug = debug_from_env() if debug is None else bool(debug)
+        self.timeout = sync_timeout(timeout)
+        abort = abort_from_env() if abort_on_exception is None else bool(abort_on_exception)
+        self.abort_on_exception = abort
+        if abort:
+            install_abort_hook("mpi", lambda: MPI.COMM_WORLD.Abort(1))
         self._cuda_aware = cuda_aware
         self._host = None        # pinned staging buffer of device sums (bytes)
         self._host_free = None   # CUDA event: the last copy out of the staging buffer is done
+        self._broken = None      # the message of a timed-out collective
 
     @property
     def rank(self):
@@ -113,21 +320,37 @@ class MPICommunicator:
         """Sums `array` (a contiguous NumPy or CuPy array) over all ranks, in place."""
         _check_buffer("MPICommunicator", array)
         if isinstance(array, np.ndarray):
-            self.comm.Allreduce(self._MPI.IN_PLACE, array, op=self._MPI.SUM)
+            self._allreduce(array)
             return array
         import cupy
 
         stream = cupy.cuda.get_current_stream()
         if self.cuda_aware:
             stream.synchronize()
-            self.comm.Allreduce(self._MPI.IN_PLACE, array, op=self._MPI.SUM)
+            self._allreduce(array)
             return array
         host = self._staging(array)
         array.get(out=host, stream=stream)  # waits for the stream: the sum is in `host` now
-        self.comm.Allreduce(self._MPI.IN_PLACE, host, op=self._MPI.SUM)
+        self._allreduce(host)
         array.set(host, stream=stream)
         self._host_free = stream.record()
         return array
+
+    def _allreduce(self, buf):
+        """In-place sum of ``buf`` (host, or device memory for a CUDA-aware MPI) within the
+        timeout. A timed-out request stays posted (MPI cannot cancel a collective): the
+        communicator refuses further use."""
+        if self._broken:
+            raise SyncTimeoutError(f"{self!r} is unusable after a timed-out collective "
+                                   f"({self._broken})")
+        MPI = self._MPI
+        if math.isinf(self.timeout):
+            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            return
+        request = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        if not _poll(request.Test, time.monotonic() + self.timeout):
+            self._broken = timeout_message(self, buf.size, self.timeout)
+            raise SyncTimeoutError(self._broken)
 
     def _staging(self, array):
         """A pinned host array like `array`, reusing one buffer once its last copy is done."""
@@ -143,10 +366,12 @@ class MPICommunicator:
         """The sub-communicator of the ranks that pass the same `color` (ordered by `key`, then
         by rank). It inherits this communicator's debug and CUDA settings."""
         sub = self.comm.Split(int(color), self.rank if key is None else int(key))
-        return MPICommunicator(sub, debug=self.debug, cuda_aware=self._cuda_aware)
+        return MPICommunicator(sub, debug=self.debug, cuda_aware=self._cuda_aware,
+                               timeout=self.timeout, abort_on_exception=self.abort_on_exception)
 
     def __repr__(self):
-        return f"MPICommunicator(rank={self.rank}, size={self.size}, debug={self.debug})"
+        return (f"MPICommunicator(rank={self.rank}, size={self.size}, debug={self.debug}, "
+                f"timeout={self.timeout:g})")
 
 
 _NCCL_TYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64",
@@ -172,15 +397,27 @@ class NCCLCommunicator:
     id and broadcasts it. Each rank uses CuPy's current device when the communicator is made
     (select it first, e.g. ``cupy.cuda.Device(local_rank).use()``); NCCL takes one rank per GPU.
     NumPy arrays (the layers' small debug checks) are summed over MPI instead.
+
+    ``timeout`` and ``abort_on_exception`` as ``MPICommunicator``'s. With a finite timeout each
+    all-reduce records a CUDA event after it and polls the event until the deadline; on timeout
+    the NCCL communicator is aborted (freeing the stream) and a ``SyncTimeoutError`` raised. That
+    wait costs a host synchronization per collective: ``timeout=math.inf`` leaves the stream
+    unsynchronized (CUDA-graph capture) and the hang possible. (No GPU was at hand to run this.)
     """
 
-    def __init__(self, comm=None, debug=None):
+    def __init__(self, comm=None, debug=None, timeout=None, abort_on_exception=None):
         nccl = _nccl()
         self._nccl_module = nccl
-        self._mpi = MPICommunicator(comm, debug)
+        self._mpi = MPICommunicator(comm, debug, timeout=timeout,
+                                    abort_on_exception=abort_on_exception)
         uid = nccl.get_unique_id() if self._mpi.rank == 0 else None
         uid = self._mpi.comm.bcast(uid, root=0)
         self._comm = nccl.NcclCommunicator(self._mpi.size, uid, self._mpi.rank)
+        self._broken = None
+
+    @property
+    def timeout(self):
+        return self._mpi.timeout
 
     @property
     def debug(self):
@@ -205,19 +442,32 @@ class NCCLCommunicator:
             raise TypeError(f"NCCLCommunicator.allreduce_sum: no NCCL type for {array.dtype}")
         import cupy
 
+        if self._broken:
+            raise SyncTimeoutError(f"{self!r} is unusable after a timed-out collective "
+                                   f"({self._broken})")
         nccl = self._nccl_module
+        stream = cupy.cuda.get_current_stream()
         self._comm.allReduce(array.data.ptr, array.data.ptr, array.size, getattr(nccl, name),
-                             nccl.NCCL_SUM, cupy.cuda.get_current_stream().ptr)
+                             nccl.NCCL_SUM, stream.ptr)
+        if not math.isinf(self.timeout):
+            done = stream.record()
+            if not _poll(lambda: done.done, time.monotonic() + self.timeout):
+                self._broken = timeout_message(self, array.size, self.timeout)
+                self._comm.abort()  # ends the kernel waiting for the other ranks
+                raise SyncTimeoutError(self._broken)
         return array
 
     def split(self, color, key=None):
         """The sub-communicator of the ranks that pass the same `color`: a new NCCL communicator
         bootstrapped over the MPI split."""
         sub = self._mpi.split(color, key)
-        return NCCLCommunicator(sub.comm, debug=self.debug)
+        return NCCLCommunicator(sub.comm, debug=self.debug, timeout=self.timeout,
+                                abort_on_exception=self._mpi.abort_on_exception)
 
     def __repr__(self):
-        return f"NCCLCommunicator(rank={self.rank}, size={self.size}, debug={self.debug})"
+        return (f"NCCLCommunicator(rank={self.rank}, size={self.size}, debug={self.debug}, "
+                f"timeout={self.timeout:g})")
 
 
-__all__ = ["MPICommunicator", "NCCLCommunicator", "debug_from_env", "mpi_cuda_aware"]
+__all__ = ["MPICommunicator", "NCCLCommunicator", "SyncTimeoutError", "debug_from_env",
+           "mpi_cuda_aware", "sync_timeout"]
