@@ -71,7 +71,11 @@ def sync_timeout(timeout=None):
     return timeout
 
 
-class SyncTimeoutError(RuntimeError):
+class CollectiveError(RuntimeError):
+    """A collective that failed (the ranks' calls did not match, a peer went away)."""
+
+
+class SyncTimeoutError(CollectiveError):
     """A collective that not every rank joined within the communicator's timeout."""
 
 
@@ -82,20 +86,19 @@ def timeout_message(comm, count, timeout):
             f"it, a different model); NORMKIT_SYNC_DEBUG=1 says which ranks differ")
 
 
+def failure_message(comm, count, error):
+    return (f"{comm!r}: an all-reduce of {count} values failed ({error}); the ranks' calls may "
+            f"differ in length (layers of different channel counts) or a rank may have ended; "
+            f"NORMKIT_SYNC_DEBUG=1 says which ranks differ")
+
+
 def collective(comm, array, who):
     """``comm.allreduce_sum(array)`` for the layer call ``who`` (e.g. "SyncBatchNorm(4)
-    forward"): a timeout or an MPI error is re-raised as a RuntimeError naming it."""
+    forward"): a timeout or failure is re-raised naming it."""
     try:
         return comm.allreduce_sum(array)
-    except SyncTimeoutError as e:
-        raise SyncTimeoutError(f"{who}: {e}") from None
-    except RuntimeError as e:
-        if type(e).__module__.startswith("mpi4py"):  # e.g. MPI_ERR_TRUNCATE: lengths differ
-            raise RuntimeError(f"{who}: the ranks' all-reduces differ in length (ranks call "
-                               f"layers with different channel counts, or different layers), "
-                               f"{comm!r}: {e}; NORMKIT_SYNC_DEBUG=1 says which ranks differ"
-                               ) from None
-        raise
+    except CollectiveError as e:
+        raise type(e)(f"{who}: {e}") from None
 
 
 def abort_from_env():
@@ -341,14 +344,19 @@ class MPICommunicator:
         timeout. A timed-out request stays posted (MPI cannot cancel a collective): the
         communicator refuses further use."""
         if self._broken:
-            raise SyncTimeoutError(f"{self!r} is unusable after a timed-out collective "
-                                   f"({self._broken})")
+            raise CollectiveError(f"{self!r} is unusable after a failed collective "
+                                  f"({self._broken})")
         MPI = self._MPI
         if math.isinf(self.timeout):
             self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
             return
-        request = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        if not _poll(request.Test, time.monotonic() + self.timeout):
+        try:
+            request = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            done = _poll(request.Test, time.monotonic() + self.timeout)
+        except MPI.Exception as e:  # e.g. MPI_ERR_TRUNCATE: the ranks' lengths differ
+            self._broken = failure_message(self, buf.size, e.Get_error_string())
+            raise CollectiveError(self._broken) from None
+        if not done:
             self._broken = timeout_message(self, buf.size, self.timeout)
             raise SyncTimeoutError(self._broken)
 
@@ -443,8 +451,8 @@ class NCCLCommunicator:
         import cupy
 
         if self._broken:
-            raise SyncTimeoutError(f"{self!r} is unusable after a timed-out collective "
-                                   f"({self._broken})")
+            raise CollectiveError(f"{self!r} is unusable after a failed collective "
+                                  f"({self._broken})")
         nccl = self._nccl_module
         stream = cupy.cuda.get_current_stream()
         self._comm.allReduce(array.data.ptr, array.data.ptr, array.size, getattr(nccl, name),
@@ -469,5 +477,5 @@ class NCCLCommunicator:
                 f"timeout={self.timeout:g})")
 
 
-__all__ = ["MPICommunicator", "NCCLCommunicator", "SyncTimeoutError", "debug_from_env",
-           "mpi_cuda_aware", "sync_timeout"]
+__all__ = ["CollectiveError", "MPICommunicator", "NCCLCommunicator", "SyncTimeoutError",
+           "debug_from_env", "mpi_cuda_aware", "sync_timeout"]

@@ -153,6 +153,13 @@ def extra_layer(comm):
 CASES = [train_eval, skip_backward, extra_forward, raise_before, channels, extra_layer]
 
 
+def say(line):
+    """One write per line: print() writes the newline apart, which unbuffered output (torchrun)
+    lets the other ranks' lines split."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def report():
     control = new_comm(False, timeout=120)
     extra_layer(new_comm(False))  # a warm-up: no rank's first call (imports) may take a timeout
@@ -169,11 +176,11 @@ def report():
             outcome = f"ERROR {type(e).__name__}: {e}"
         took = time.monotonic() - start
         mode = "debug" if debug else "plain"
-        print(f"rank {rank}: {case.__name__}/{mode}: {outcome} ({took:.1f} s)", flush=True)
+        say(f"rank {rank}: {case.__name__}/{mode}: {outcome} ({took:.1f} s)")
         control.allreduce_sum(np.zeros(1))  # the next case starts on every rank together
-    print(f"rank {rank}: REPORT DONE", flush=True)
-    sys.stdout.flush()
-    os._exit(0)  # timed-out requests stay posted: an orderly MPI/gloo shutdown could wait on them
+    say(f"rank {rank}: REPORT DONE")
+    os._exit(0)  # timed-out requests stay posted: an orderly shutdown could wait on them (mpiexec
+    # calls this exit abnormal, without MPI_Finalize: the test reads "REPORT DONE" instead)
 
 
 if WHAT == "report":

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..distributed import (SyncTimeoutError, abort_from_env, debug_from_env, install_abort_hook,
-                           sync_timeout, timeout_message)
+from ..distributed import (CollectiveError, SyncTimeoutError, abort_from_env, debug_from_env,
+                           failure_message, install_abort_hook, sync_timeout, timeout_message)
 
 
 def _end_job():
@@ -103,8 +103,8 @@ class TorchCommunicator:
         """The sum, waited for within the timeout (the work handle's wait(timeout) blocks the
         host until the collective is done, also on NCCL)."""
         if self._broken:
-            raise SyncTimeoutError(f"{self!r} is unusable after a timed-out collective "
-                                   f"({self._broken})")
+            raise CollectiveError(f"{self!r} is unusable after a failed collective "
+                                  f"({self._broken})")
         if math.isinf(self.timeout):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
             return
@@ -112,9 +112,10 @@ class TorchCommunicator:
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         try:
             work.wait(timeout=datetime.timedelta(seconds=self.timeout))
-        except RuntimeError:  # the backends' timeout errors (DistBackendError and others)
-            if time.monotonic() - start < self.timeout:
-                raise  # another failure of the backend
+        except RuntimeError as e:  # the backends' errors (DistBackendError and others)
+            if time.monotonic() - start < self.timeout:  # a failure, not the timeout
+                self._broken = failure_message(self, tensor.numel(), e)
+                raise CollectiveError(self._broken) from None
             self._broken = timeout_message(self, tensor.numel(), self.timeout)
             raise SyncTimeoutError(self._broken) from None
 
