@@ -29,8 +29,8 @@ ENV.pop("NORMKIT_SYNC_DEBUG", None)
 
 def _mpiexec():
     exe = shutil.which("mpiexec")
-    missing = [what for what, ok in (("mpiexec", exe), ("mpi4py", importlib.util.find_spec("mpi4py")))
-               if not ok]
+    found = (("mpiexec", exe), ("mpi4py", importlib.util.find_spec("mpi4py")))
+    missing = [what for what, ok in found if not ok]
     if missing:
         reason = f"{' and '.join(missing)} not found (pip install 'normkit[mpi]')"
         if os.environ.get("NORMKIT_REQUIRE_MPI") == "1":

@@ -79,15 +79,15 @@ class SyncTimeoutError(CollectiveError):
     """A collective that not every rank joined within the communicator's timeout."""
 
 
-def timeout_message(comm, count, timeout):
-    return (f"{comm!r}: an all-reduce of {count} values was not joined by every rank within "
+def timeout_message(comm, count, timeout, what="all-reduce"):
+    return (f"{comm!r}: an {what} of {count} values was not joined by every rank within "
             f"{timeout:g} s (the communicator's timeout=, or NORMKIT_SYNC_TIMEOUT): some rank did "
             f"not make the same call (eval mode, a skipped forward or backward, an error before "
             f"it, a different model); NORMKIT_SYNC_DEBUG=1 says which ranks differ")
 
 
-def failure_message(comm, count, error):
-    return (f"{comm!r}: an all-reduce of {count} values failed ({error}); the ranks' calls may "
+def failure_message(comm, count, error, what="all-reduce"):
+    return (f"{comm!r}: an {what} of {count} values failed ({error}); the ranks' calls may "
             f"differ in length (layers of different channel counts) or a rank may have ended; "
             f"NORMKIT_SYNC_DEBUG=1 says which ranks differ")
 
@@ -244,6 +244,32 @@ def _check_buffer(who, array):
         raise ValueError(f"{who}.allreduce_sum needs a contiguous, writable array")
 
 
+def check_communicator(comm, who, needs=("allreduce_sum",)):
+    """A TypeError naming `who` unless `comm` is None or has rank, size and the collectives a
+    layer `needs` (the protocol of this module)."""
+    if comm is None:
+        return None
+    missing = [a for a in ("rank", "size") + tuple(needs) if not hasattr(comm, a)]
+    if missing:
+        raise TypeError(f"{who}: comm must be a normkit communicator (MPICommunicator, "
+                        f"NCCLCommunicator, normkit.torch.TorchCommunicator); "
+                        f"{type(comm).__name__} has no {', '.join(missing)}")
+    return comm
+
+
+def _to_host(array):
+    return array if isinstance(array, np.ndarray) else array.get()
+
+
+def _like_input(array, host):
+    """`host` (a NumPy array) as the same kind of array as `array`."""
+    if isinstance(array, np.ndarray):
+        return host
+    import cupy
+
+    return cupy.asarray(host)
+
+
 def mpi_cuda_aware():
     """Whether the loaded MPI library reads and writes CUDA device memory itself.
 
@@ -339,25 +365,50 @@ class MPICommunicator:
         self._host_free = stream.record()
         return array
 
+    def allgather(self, array):
+        """The concatenation along axis 0, in rank order, of every rank's `array` (NumPy or
+        CuPy; the leading sizes may differ, the other dims and the dtype must agree), as the same
+        kind of array. Two small collectives of host arrays (the leading sizes, then the data:
+        per-instance statistics), each within the timeout; CuPy arrays go through host memory."""
+        host = np.ascontiguousarray(_to_host(array))
+        mine, sizes = np.array([host.shape[0]], np.int64), np.zeros(self.size, np.int64)
+        self._wait(lambda: self.comm.Iallgather(mine, sizes), self.size, "all-gather")
+        row_bytes = int(np.prod(host.shape[1:], dtype=np.int64)) * host.itemsize
+        out = np.empty((int(sizes.sum()),) + host.shape[1:], host.dtype)
+        counts = sizes * row_bytes  # as bytes: any dtype, float16 too
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self._wait(lambda: self.comm.Iallgatherv(
+            [host.reshape(-1).view(np.uint8), self._MPI.BYTE],
+            [out.reshape(-1).view(np.uint8), (counts, displs), self._MPI.BYTE]), out.size,
+            "all-gather")
+        return _like_input(array, out)
+
     def _allreduce(self, buf):
         """In-place sum of ``buf`` (host, or device memory for a CUDA-aware MPI) within the
-        timeout. A timed-out request stays posted (MPI cannot cancel a collective): the
+        timeout."""
+        MPI = self._MPI
+        if math.isinf(self.timeout) and not self._broken:
+            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            return
+        self._wait(lambda: self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), buf.size,
+                   "all-reduce")
+
+    def _wait(self, start, count, what):
+        """Starts a nonblocking collective (``start()`` returns its request) and polls it until
+        the timeout. A timed-out request stays posted (MPI cannot cancel a collective): the
         communicator refuses further use."""
         if self._broken:
             raise CollectiveError(f"{self!r} is unusable after a failed collective "
                                   f"({self._broken})")
         MPI = self._MPI
-        if math.isinf(self.timeout):
-            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-            return
         try:
-            request = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            request = start()
             done = _poll(request.Test, time.monotonic() + self.timeout)
         except MPI.Exception as e:  # e.g. MPI_ERR_TRUNCATE: the ranks' lengths differ
-            self._broken = failure_message(self, buf.size, e.Get_error_string())
+            self._broken = failure_message(self, count, e.Get_error_string(), what)
             raise CollectiveError(self._broken) from None
         if not done:
-            self._broken = timeout_message(self, buf.size, self.timeout)
+            self._broken = timeout_message(self, count, self.timeout, what)
             raise SyncTimeoutError(self._broken)
 
     def _staging(self, array):
@@ -465,6 +516,11 @@ class NCCLCommunicator:
                 raise SyncTimeoutError(self._broken)
         return array
 
+    def allgather(self, array):
+        """As ``MPICommunicator.allgather``, over the bootstrap MPI communicator: what it gathers
+        (per-instance statistics) is small, and NCCL's all-gather needs equal sizes."""
+        return self._mpi.allgather(array)
+
     def split(self, color, key=None):
         """The sub-communicator of the ranks that pass the same `color`: a new NCCL communicator
         bootstrapped over the MPI split."""
@@ -478,4 +534,4 @@ class NCCLCommunicator:
 
 
 __all__ = ["CollectiveError", "MPICommunicator", "NCCLCommunicator", "SyncTimeoutError",
-           "debug_from_env", "mpi_cuda_aware", "sync_timeout"]
+           "check_communicator", "debug_from_env", "mpi_cuda_aware", "sync_timeout"]

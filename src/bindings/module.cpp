@@ -33,6 +33,7 @@ PYBIND11_MODULE(_C, m) {
 
   bind_batchnorm(m);
   bind_encoding(m);
+  bind_groupnorm(m);
   bind_im2col(m);
 }
 

@@ -14,6 +14,16 @@ from .batchnorm import (
     batchnormtrain,
     batchnormtrain_backward,
 )
+from .groupnorm import (
+    group_norm_affine,
+    group_norm_backward,
+    group_norm_backward_elemt,
+    group_norm_backward_reduce,
+    group_norm_forward,
+    group_norm_stats,
+    instance_norm_backward,
+    instance_norm_forward,
+)
 from .conv import convolution, convolution_backward, pixel_shuffle, pixel_unshuffle
 from .encoding import (
     aggregate,
@@ -44,6 +54,15 @@ __all__ = [
     "batchnormeval_backward",
     "batchnormtrain",
     "batchnormtrain_backward",
+    # per-sample statistics: group norm, instance norm
+    "group_norm_affine",
+    "group_norm_backward",
+    "group_norm_backward_elemt",
+    "group_norm_backward_reduce",
+    "group_norm_forward",
+    "group_norm_stats",
+    "instance_norm_backward",
+    "instance_norm_forward",
     # convolution
     "convolution",
     "convolution_backward",

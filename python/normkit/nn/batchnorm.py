@@ -13,13 +13,14 @@ class _BatchNorm(Module):
     ``running_var`` (unbiased) with ``momentum`` (None: the cumulative average over
     ``num_batches_tracked``). Eval normalizes with the running statistics, or with batch statistics
     when ``track_running_stats=False``. ``dtype`` is the parameters' dtype (float32 or float64);
-    float16 inputs run with float32 parameters.
+    float16 inputs run with float32 parameters. ``bias=False`` (keyword-only, as in torch 2.13)
+    with ``affine=True`` gives a weight and no bias.
     """
 
     _expected_ndim = ()  # allowed input ndims; empty means any >= 2
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=None, device=None):
+                 track_running_stats=True, dtype=None, device=None, *, bias=True):
         super().__init__()
         if int(num_features) != num_features or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -35,7 +36,10 @@ class _BatchNorm(Module):
         C = self.num_features
         if affine:
             self.weight = Parameter(np.ones(C, dtype))
-            self.bias = Parameter(np.zeros(C, dtype))
+            if bias:
+                self.bias = Parameter(np.zeros(C, dtype))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -61,7 +65,8 @@ class _BatchNorm(Module):
         self.reset_running_stats()
         if self.affine:
             self.weight.data[...] = 1
-            self.bias.data[...] = 0
+            if self.bias is not None:
+                self.bias.data[...] = 0
 
     def _check_input(self, x):
         array_module(x, "input")
@@ -96,8 +101,7 @@ class _BatchNorm(Module):
         update = self.training and self.track_running_stats
         if update:
             self.num_batches_tracked += 1
-        w = self.weight.data if self.affine else None
-        b = self.bias.data if self.affine else None
+        w, b = self._weight_bias()
         y, mean, invstd = F.batch_norm_forward(
             x, w, b,
             self.running_mean if update or not use_batch_stats else None,
@@ -119,6 +123,10 @@ class _BatchNorm(Module):
         self._accumulate_grads(dw, db)
         return dx
 
+    def _weight_bias(self):
+        """The affine parameters' arrays, None for those the layer lacks."""
+        return tuple(None if p is None else p.data for p in (self.weight, self.bias))
+
     def _check_dy(self, dy, x):
         array_module(dy, "dy")
         if tuple(dy.shape) != tuple(x.shape):
@@ -130,6 +138,8 @@ class _BatchNorm(Module):
         if not self.affine:
             return
         for p, g in ((self.weight, dweight), (self.bias, dbias)):
+            if p is None:
+                continue
             g = g.astype(p.dtype, copy=False)
             p.grad = g if p.grad is None else p.grad + g
 
@@ -141,7 +151,8 @@ class _BatchNorm(Module):
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}")
 
 
 class BatchNorm1d(_BatchNorm):

@@ -1,6 +1,4 @@
 """SyncBatchNorm: batch norm over the union of all ranks' batches, one collective per pass."""
-import numpy as np
-
 from .. import distributed as D
 from .. import functional as F
 from .._backend import array_module, param_dtype
@@ -12,6 +10,80 @@ _HEADER = 4  # the agreement header in front of every all-reduce (distributed.ag
 # standard deviations from the batch's global mean, float64 cancellation could cost more than
 # 1e-14 relative, and the forward sums again about the global mean it just found.
 _SHIFT_TOLERANCE = 10.0
+
+
+def _forward_sums(comm, x, mean64, var64, n, shift, who):
+    """The forward's all-reduce: (count, sum n (mean - shift), sum n (var + (mean - shift)^2))
+    over all ranks, after the agreement header, which is checked."""
+    xp = array_module(x)
+    C = x.shape[1]
+    buf = xp.empty(_HEADER + 1 + 2 * C, xp.float64)
+    buf[:_HEADER] = xp.asarray(D.agreement_header(C, x.dtype, "forward"))
+    buf[_HEADER] = n
+    d = mean64 - shift
+    buf[_HEADER + 1:_HEADER + 1 + C] = n * d
+    buf[_HEADER + 1 + C:] = n * (var64 + d * d)
+    D.collective(comm, buf, f"{who} forward")
+    if D.ranks_disagree(buf[:_HEADER].tolist(), comm.size, C, x.dtype, "forward"):
+        raise RuntimeError(D.disagreement_message(f"{who} forward", comm))
+    return float(buf[_HEADER]), buf[_HEADER + 1:_HEADER + 1 + C], buf[_HEADER + 1 + C:]
+
+
+def global_batch_stats(comm, x, eps, who, shift=None):
+    """Per-channel statistics of all ranks' batches of ``comm`` together, with one all-reduce of
+    2C+5 float64 values (the agreement header, the count, and about a shift K common to all
+    ranks the sums of count * (mean - K) and count * (var + (mean - K)^2), from exact per-rank
+    variances): ``(mean, var, invstd, count)``, mean and invstd in the parameter dtype, var
+    (biased) float64. ``shift`` (a float64 array of C values, the same on every rank, e.g. the
+    last global mean; default zeros) is K, overwritten with this batch's global mean. When K is
+    far from it (|mean - K| > 10 std: float64 cancellation could cost more than ~1e-14), the sums
+    are taken again about the mean just found, a second all-reduce. Raises on every rank alike
+    when the global count is at most 1; ``who`` names the layer in errors."""
+    C = x.shape[1]
+    xp = array_module(x)
+    mean, var = F.batch_norm_stats(x)
+    n = float(x.size // C)
+    mean64, var64 = mean.astype(xp.float64), var.astype(xp.float64)
+    K = xp.zeros(C, xp.float64) if shift is None else shift
+    total, s1, s2 = _forward_sums(comm, x, mean64, var64, n, K, who)
+    if total <= 1:
+        raise ValueError(f"{who}: expected more than 1 value per channel when training, got "
+                         f"{int(total)} over all {comm.size} ranks (this rank's input has shape "
+                         f"{tuple(x.shape)})")
+    d_mean = s1 / total
+    d_var = s2 / total - d_mean ** 2
+    if bool((d_mean ** 2 > _SHIFT_TOLERANCE ** 2 * xp.maximum(d_var, 0.0)).any()):
+        K = K + d_mean  # the same on every rank: it came out of the collective
+        total, s1, s2 = _forward_sums(comm, x, mean64, var64, n, K, who)
+        d_mean = s1 / total
+        d_var = s2 / total - d_mean ** 2
+    g_mean = K + d_mean
+    g_var = xp.maximum(d_var, 0.0)
+    if shift is not None:
+        shift[...] = g_mean
+    pd = param_dtype(x.dtype)
+    invstd = (1.0 / xp.sqrt(g_var + eps)).astype(pd)
+    return g_mean.astype(pd), g_var, invstd, total
+
+
+def global_backward_sums(comm, dy, x, mean, who):
+    """This rank's and all ranks' per-channel (sum dy, sum dy * (x - mean)), with one all-reduce
+    of 2C+5 float64 values (the agreement header, a slot where the forward has its count, the
+    sums): ``(local_dy, local_dy_xmu, sum_dy, sum_dy_xmu)`` in mean's dtype."""
+    C = x.shape[1]
+    local_dy, local_dy_xmu = F.batch_norm_backward_reduce(dy, x, mean)
+    xp = array_module(x)
+    buf = xp.empty(_HEADER + 1 + 2 * C, xp.float64)
+    buf[:_HEADER] = xp.asarray(D.agreement_header(C, x.dtype, "backward"))
+    buf[_HEADER] = 0.0  # where the forward's count goes: both calls have one length
+    buf[_HEADER + 1:_HEADER + 1 + C] = local_dy
+    buf[_HEADER + 1 + C:] = local_dy_xmu
+    D.collective(comm, buf, f"{who} backward")
+    if D.ranks_disagree(buf[:_HEADER].tolist(), comm.size, C, x.dtype, "backward"):
+        raise RuntimeError(D.disagreement_message(f"{who} backward", comm))
+    pd = mean.dtype
+    return (local_dy, local_dy_xmu, buf[_HEADER + 1:_HEADER + 1 + C].astype(pd),
+            buf[_HEADER + 1 + C:].astype(pd))
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -57,8 +129,9 @@ class SyncBatchNorm(_BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, comm=None, sync_param_grads=False, dtype=None,
-                 device=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, device)
+                 device=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, device,
+                         bias=bias)
         self._comm = comm
         self.sync_param_grads = sync_param_grads
         self._layer_order = None  # set by the first debug check: the order of first calls
@@ -76,8 +149,9 @@ class SyncBatchNorm(_BatchNorm):
     def comm(self, value):
         self._comm = value
 
-    def _who(self, phase):
-        return f"SyncBatchNorm({self.num_features}) {phase}"
+    def _who(self, phase=None):
+        name = f"SyncBatchNorm({self.num_features})"
+        return name if phase is None else f"{name} {phase}"
 
     def _debug_comm(self):
         """The communicator of the debug checks, or None without them. Eval mode makes the default
@@ -98,22 +172,6 @@ class SyncBatchNorm(_BatchNorm):
         self._debug_calls[i] += 1
         D.check_ranks_agree(comm, self._who(phase), fields)
 
-    def _sums(self, comm, x, mean64, var64, n, shift):
-        """The forward's all-reduce: (header, count, sum n (mean - shift), sum n (var +
-        (mean - shift)^2)) over all ranks, checked for agreement."""
-        xp = array_module(x)
-        C = self.num_features
-        buf = xp.empty(_HEADER + 1 + 2 * C, xp.float64)
-        buf[:_HEADER] = xp.asarray(D.agreement_header(C, x.dtype, "forward"))
-        buf[_HEADER] = n
-        d = mean64 - shift
-        buf[_HEADER + 1:_HEADER + 1 + C] = n * d
-        buf[_HEADER + 1 + C:] = n * (var64 + d * d)
-        D.collective(comm, buf, self._who("forward"))
-        if D.ranks_disagree(buf[:_HEADER].tolist(), comm.size, C, x.dtype, "forward"):
-            raise RuntimeError(D.disagreement_message(self._who("forward"), comm))
-        return float(buf[_HEADER]), buf[_HEADER + 1:_HEADER + 1 + C], buf[_HEADER + 1 + C:]
-
     def forward(self, x):
         self._global_count = None
         debug = self._debug_comm()
@@ -123,32 +181,11 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(x)
         self._check_input(x)
         comm = self.comm
-        C = self.num_features
         xp = array_module(x)
-        mean, var = F.batch_norm_stats(x)
-        n = float(x.size // C)
-        mean64, var64 = mean.astype(xp.float64), var.astype(xp.float64)
         shift = self._shift  # None at first, or after the layer moved to another array type
-        if shift is None or type(shift) is not type(mean64):
-            shift = xp.zeros(C, xp.float64)
-        total, s1, s2 = self._sums(comm, x, mean64, var64, n, shift)
-        if total <= 1:
-            raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
-                             f"training, got {int(total)} over all {comm.size} ranks (this rank's "
-                             f"input has shape {tuple(x.shape)})")
-        d_mean = s1 / total
-        d_var = s2 / total - d_mean ** 2
-        if bool((d_mean ** 2 > _SHIFT_TOLERANCE ** 2 * xp.maximum(d_var, 0.0)).any()):
-            shift = shift + d_mean  # the same on every rank: it came out of the collective
-            total, s1, s2 = self._sums(comm, x, mean64, var64, n, shift)
-            d_mean = s1 / total
-            d_var = s2 / total - d_mean ** 2
-        g_mean = shift + d_mean
-        g_var = xp.maximum(d_var, 0.0)
-        self._shift = g_mean
-        pd = param_dtype(x.dtype)
-        invstd = (1.0 / xp.sqrt(g_var + self.eps)).astype(pd)
-        g_mean = g_mean.astype(pd)
+        if shift is None or array_module(shift) is not xp:
+            shift = self._shift = xp.zeros(self.num_features, xp.float64)
+        g_mean, g_var, invstd, total = global_batch_stats(comm, x, self.eps, self._who(), shift)
         if self.track_running_stats:
             self.num_batches_tracked += 1
             m = self._momentum()
@@ -156,8 +193,7 @@ class SyncBatchNorm(_BatchNorm):
             self.running_mean += m * g_mean
             self.running_var *= 1.0 - m
             self.running_var += m * g_var * (total / (total - 1))
-        w = self.weight.data if self.affine else None
-        b = self.bias.data if self.affine else None
+        w, b = self._weight_bias()
         y = F.batch_norm_normalize(x, g_mean, invstd, w, b)
         self._saved = (x, g_mean, invstd, True)
         self._global_count = total
@@ -173,21 +209,8 @@ class SyncBatchNorm(_BatchNorm):
         total = self._global_count
         self._check_dy(dy, x)
         comm = self.comm
-        C = self.num_features
-        local_dy, local_dy_xmu = F.batch_norm_backward_reduce(dy, x, mean)
-        xp = array_module(x)
-        buf = xp.empty(_HEADER + 1 + 2 * C, xp.float64)
-        buf[:_HEADER] = xp.asarray(D.agreement_header(C, x.dtype, "backward"))
-        buf[_HEADER] = 0.0  # where the forward's count goes: both calls have one length
-        buf[_HEADER + 1:_HEADER + 1 + C] = local_dy
-        buf[_HEADER + 1 + C:] = local_dy_xmu
-        who = self._who("backward")
-        D.collective(comm, buf, who)
-        if D.ranks_disagree(buf[:_HEADER].tolist(), comm.size, C, x.dtype, "backward"):
-            raise RuntimeError(D.disagreement_message(who, comm))
-        pd = mean.dtype
-        sum_dy = buf[_HEADER + 1:_HEADER + 1 + C].astype(pd)
-        sum_dy_xmu = buf[_HEADER + 1 + C:].astype(pd)
+        local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(comm, dy, x, mean,
+                                                                          self._who())
         w = self.weight.data if self.affine else None
         dx = F.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count=total)
         self._saved = self._global_count = None
@@ -206,7 +229,7 @@ def convert_sync_batchnorm(module, comm=None, sync_param_grads=False):
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats, comm=comm,
-                             sync_param_grads=sync_param_grads)
+                             sync_param_grads=sync_param_grads, bias=module.bias is not None)
         for name, p in module._parameters.items():
             sync._parameters[name] = p
         for name, b in module._buffers.items():

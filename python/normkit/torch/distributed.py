@@ -99,6 +99,33 @@ class TorchCommunicator:
         self._allreduce(array)
         return array
 
+    def allgather(self, array):
+        """The concatenation along dim 0, in rank order, of every rank's ``array`` (a torch tensor
+        or NumPy array; leading sizes may differ, the other dims and the dtype must agree), as the
+        same kind of array on its device. Two all-reduces within the timeout (of the leading
+        sizes, then of a zero table each rank fills its rows of: adding zeros is exact) of small
+        arrays (per-instance statistics)."""
+        if isinstance(array, torch.Tensor):
+            host = array.detach().cpu()
+        elif isinstance(array, np.ndarray):
+            host = torch.from_numpy(np.ascontiguousarray(array))
+        else:
+            raise TypeError(f"TorchCommunicator.allgather takes torch tensors or NumPy arrays, "
+                            f"got {type(array).__name__}")
+        device = self._device()
+        sizes = torch.zeros(self.size, dtype=torch.int64, device=device)
+        sizes[self.rank] = host.shape[0]
+        self._allreduce(sizes)
+        sizes = sizes.tolist()
+        table = torch.zeros((sum(sizes),) + tuple(host.shape[1:]), dtype=host.dtype,
+                            device=device)
+        start = sum(sizes[:self.rank])
+        table[start:start + host.shape[0]] = host
+        self._allreduce(table)
+        if isinstance(array, torch.Tensor):
+            return table.to(array.device)
+        return table.cpu().numpy()
+
     def _allreduce(self, tensor):
         """The sum, waited for within the timeout (the work handle's wait(timeout) blocks the
         host until the collective is done, also on NCCL)."""

@@ -41,9 +41,9 @@ def _check_header(buf, comm, C, dtype, phase, who):
         raise RuntimeError(D.disagreement_message(who, comm))
 
 
-def _sums(comm, x, mean64, var64, n, shift, who):
+def _forward_sums(comm, x, mean64, var64, n, shift, who):
     """The forward's all-reduce: (count, sum n (mean - shift), sum n (var + (mean - shift)^2))
-    over all ranks, after the agreement header."""
+    over all ranks, after the agreement header, which is checked."""
     C = mean64.shape[0]
     buf = torch.empty(_HEADER + 1 + 2 * C, dtype=torch.float64, device=x.device)
     _header(buf, C, x.dtype, "forward")
@@ -51,9 +51,64 @@ def _sums(comm, x, mean64, var64, n, shift, who):
     d = mean64 - shift
     torch.mul(d, n, out=buf[_HEADER + 1:_HEADER + 1 + C])
     torch.mul(var64 + d * d, n, out=buf[_HEADER + 1 + C:])
-    _allreduce(comm, buf, who)
-    _check_header(buf, comm, C, x.dtype, "forward", who)
+    _allreduce(comm, buf, f"{who} forward")
+    _check_header(buf, comm, C, x.dtype, "forward", f"{who} forward")
     return float(buf[_HEADER]), buf[_HEADER + 1:_HEADER + 1 + C], buf[_HEADER + 1 + C:]
+
+
+def global_batch_stats(comm, x, eps, who, shift=None):
+    """Per-channel statistics of all ranks' batches of ``comm`` together, with one all-reduce of
+    2C+5 float64 values (the agreement header, the count, and about a shift K common to all
+    ranks count * (mean - K) and count * (var + (mean - K)^2), exact within a rank; uneven and
+    empty batches are weighted by count): ``(mean, var, invstd, count)``, mean and invstd in the
+    parameter dtype, var (biased) float64. ``shift`` (float64, C values, the same on every rank;
+    default zeros) is K, overwritten with this batch's global mean; a K further than 10 std from
+    it takes a second all-reduce about the mean just found (as ``normkit.nn``'s). Raises on every
+    rank alike when the global count is at most 1; ``who`` names the layer."""
+    C = x.shape[1]
+    pd = param_dtype(x.dtype)
+    mean = torch.empty(C, dtype=pd, device=x.device)
+    var = torch.empty(C, dtype=pd, device=x.device)
+    _C.batch_norm_stats(dl(x), dl(mean), dl(var), **launch(x, reduces=True))
+    n = float(x.numel() // C) if C else 0.0
+    mean64, var64 = mean.double(), var.double()
+    K = torch.zeros(C, dtype=torch.float64, device=x.device) if shift is None else shift
+    total, s1, s2 = _forward_sums(comm, x, mean64, var64, n, K, who)
+    if total <= 1:
+        raise ValueError(f"{who}: expected more than 1 value per channel when training, got "
+                         f"{int(total)} over all {comm.size} ranks (this rank's input has shape "
+                         f"{tuple(x.shape)})")
+    d_mean = s1 / total
+    d_var = s2 / total - d_mean * d_mean
+    if bool((d_mean * d_mean > _SHIFT_TOLERANCE ** 2 * d_var.clamp(min=0.0)).any()):
+        K = K + d_mean  # the same on every rank: it came out of the collective
+        total, s1, s2 = _forward_sums(comm, x, mean64, var64, n, K, who)
+        d_mean = s1 / total
+        d_var = s2 / total - d_mean * d_mean
+    g_mean = K + d_mean
+    g_var = d_var.clamp_(min=0.0)
+    if shift is not None:
+        shift.copy_(g_mean)
+    invstd = (g_var + eps).rsqrt().to(pd)
+    return g_mean.to(pd), g_var, invstd, total
+
+
+def global_backward_sums(comm, dy, x, mean, who):
+    """This rank's and all ranks' per-channel (sum dy, sum dy * (x - mean)), with one all-reduce
+    of 2C+5 float64 values (the agreement header, a slot where the forward has its count, the
+    sums): ``(local_dy, local_dy_xmu, sum_dy, sum_dy_xmu)`` in mean's dtype."""
+    C = x.shape[1]
+    sums = torch.empty(2, C, dtype=mean.dtype, device=x.device)
+    _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(sums[0]), dl(sums[1]),
+                                  **launch(x, reduces=True))
+    buf = torch.empty(_HEADER + 1 + 2 * C, dtype=torch.float64, device=x.device)
+    _header(buf, C, x.dtype, "backward")
+    buf[_HEADER] = 0.0  # where the forward's count goes: both calls have one length
+    buf[_HEADER + 1:].copy_(sums.reshape(-1))
+    _allreduce(comm, buf, f"{who} backward")
+    _check_header(buf, comm, C, x.dtype, "backward", f"{who} backward")
+    global_sums = buf[_HEADER + 1:].to(mean.dtype)
+    return sums[0], sums[1], global_sums[:C], global_sums[C:]
 
 
 class _SyncBatchNorm(torch.autograd.Function):
@@ -72,67 +127,32 @@ class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, comm, shift, who):
         x = kernel_input(x)
-        C = x.shape[1]
-        pd = param_dtype(x.dtype)
-        mean = torch.empty(C, dtype=pd, device=x.device)
-        var = torch.empty(C, dtype=pd, device=x.device)
-        _C.batch_norm_stats(dl(x), dl(mean), dl(var), **launch(x, reduces=True))
-        n = float(x.numel() // C) if C else 0.0
-        mean64, var64 = mean.double(), var.double()
-        K = torch.zeros(C, dtype=torch.float64, device=x.device) if shift is None else shift
-        total, s1, s2 = _sums(comm, x, mean64, var64, n, K, f"{who} forward")
-        if total <= 1:
-            raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
-                             f"training, got {int(total)} over all {comm.size} ranks (this rank's "
-                             f"input has shape {tuple(x.shape)})")
-        d_mean = s1 / total
-        d_var = s2 / total - d_mean * d_mean
-        if bool((d_mean * d_mean > _SHIFT_TOLERANCE ** 2 * d_var.clamp(min=0.0)).any()):
-            K = K + d_mean  # the same on every rank: it came out of the collective
-            total, s1, s2 = _sums(comm, x, mean64, var64, n, K, f"{who} forward")
-            d_mean = s1 / total
-            d_var = s2 / total - d_mean * d_mean
-        g_mean = K + d_mean
-        g_var = d_var.clamp_(min=0.0)
-        if shift is not None:
-            shift.copy_(g_mean)
-        invstd = (g_var + eps).rsqrt_().to(pd)
-        g_mean = g_mean.to(pd)
+        g_mean, g_var, invstd, total = global_batch_stats(comm, x, eps, who, shift)
         if running_mean is not None:
             running_mean.lerp_(g_mean, momentum)
         if running_var is not None:
-            running_var.lerp_(g_var.mul_(total / (total - 1)).to(pd), momentum)
+            running_var.lerp_(g_var.mul_(total / (total - 1)).to(g_mean.dtype), momentum)
         y = torch.empty_like(x)
         _C.batch_norm_normalize(dl(x), dl(g_mean), dl(invstd), dl(weight), dl(bias), dl(y),
                                 **launch(x))
         ctx.save_for_backward(x, weight, g_mean, invstd)
-        ctx.total, ctx.comm, ctx.who = total, comm, f"{who} backward"
+        ctx.total, ctx.comm, ctx.who = total, comm, who
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
-        C = x.shape[1]
         dy = like(x, dy)
-        sums = torch.empty(2, C, dtype=mean.dtype, device=x.device)
-        local_dy, local_dy_xmu = sums[0], sums[1]
-        _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(local_dy), dl(local_dy_xmu),
-                                      **launch(x, reduces=True))
-        buf = torch.empty(_HEADER + 1 + 2 * C, dtype=torch.float64, device=x.device)
-        _header(buf, C, x.dtype, "backward")
-        buf[_HEADER] = 0.0  # where the forward's count goes: both calls have one length
-        buf[_HEADER + 1:].copy_(sums.reshape(-1))
-        _allreduce(ctx.comm, buf, ctx.who)
-        _check_header(buf, ctx.comm, C, x.dtype, "backward", ctx.who)
-        global_sums = buf[_HEADER + 1:].to(mean.dtype)
+        local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(ctx.comm, dy, x, mean,
+                                                                          ctx.who)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = None
         if need_x:
             dx = torch.empty_like(x)
             _C.batch_norm_backward_elemt(dl(dy), dl(x), dl(mean), dl(invstd), dl(weight),
-                                         dl(global_sums[:C]), dl(global_sums[C:]), ctx.total,
-                                         dl(dx), **launch(x))
+                                         dl(sum_dy), dl(sum_dy_xmu), ctx.total, dl(dx),
+                                         **launch(x))
         # weight and bias gradients are this rank's, as in PyTorch (DDP all-reduces them).
         dw = local_dy_xmu * invstd if need_w else None
         db = local_dy.clone() if need_b else None
