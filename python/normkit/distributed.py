@@ -111,26 +111,22 @@ _abort_hooks = {}  # name -> the function ending the job, called after the trace
 
 
 def install_abort_hook(name, end_job):
-    """Makes an uncaught exception end the whole job: sys.excepthook (and threading's) print the
-    traceback as before, then call every registered ``end_job()`` (MPI's Abort, a process
-    group's abort). Installed once per process; later calls only register."""
+    """Makes an uncaught exception end the whole job: sys.excepthook prints the traceback as
+    before, then calls every registered ``end_job()`` (MPI's Abort, a process group's abort), as
+    ``python -m mpi4py`` does. Installed once per process; later calls only register. (An error
+    in another thread leaves the main thread running; its next collective times out.)"""
     with _hook_lock:
         first = not _abort_hooks
         _abort_hooks[name] = end_job
         if not first:
             return
-        previous, previous_thread = sys.excepthook, threading.excepthook
+        previous = sys.excepthook
 
         def hook(kind, value, tb):
             previous(kind, value, tb)
             _end_job()
 
-        def thread_hook(args):
-            previous_thread(args)
-            if args.exc_type is not SystemExit:
-                _end_job()
-
-        sys.excepthook, threading.excepthook = hook, thread_hook
+        sys.excepthook = hook
 
 
 def _end_job():
@@ -312,7 +308,8 @@ class MPICommunicator:
     ``timeout`` (seconds, default ``NORMKIT_SYNC_TIMEOUT`` or 300; ``math.inf``: none): each
     all-reduce is a nonblocking ``Iallreduce`` polled until that deadline, then a
     ``SyncTimeoutError``. ``abort_on_exception`` (default ``NORMKIT_SYNC_ABORT``, on): an
-    uncaught exception on this rank calls ``MPI.COMM_WORLD.Abort``, which ends every rank.
+    uncaught exception on this rank calls ``MPI.COMM_WORLD.Abort``, which ends every rank (the
+    hook is the process's: once a communicator installed it, it stays).
     """
 
     def __init__(self, comm=None, debug=None, cuda_aware=None, timeout=None,
