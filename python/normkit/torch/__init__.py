@@ -14,6 +14,10 @@
     scaled_l2, aggregate, encoding                      their autograd functions
     WSConv1d/2d/3d, WSConvTranspose2d/3d, FWS           elektronn3's weight-standardized
                              convolutions (fixed; state_dicts interchange), ws_standardize
+    StochNorm1d/2d/3d, convert_stochnorm, stoch_norm    tllib's StochNorm (``stochnorm.
+                             convert_model`` is tllib's name for convert_stochnorm)
+    AdaptiveFeatureNorm, Block, ImageClassifier         tllib's AFN
+    MixStyle, mixstyle, run_with_mixstyle, ...          Dassl's / tllib's MixStyle and helpers
 
 Tensors reach the core through DLPack without copies; outputs are allocated by torch.
 """
@@ -23,21 +27,29 @@ except ImportError as e:
     raise ImportError("normkit.torch needs PyTorch: pip install torch (or pip install "
                       f"'normkit[torch]'); importing it failed with: {e}") from e
 
-from . import distributed, functional
+from . import distributed, functional, mixstyle, stochnorm
+from .afn import AdaptiveFeatureNorm, Block, ImageClassifier
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .distributed import TorchCommunicator
 from .encoding import Encoding, GramMatrix, Inspiration, UpsampleConv2d
+from .mixstyle import (MixStyle, activate_mixstyle, crossdomain_mixstyle, deactivate_mixstyle,
+                       random_mixstyle, run_with_mixstyle, run_without_mixstyle)
 from .functional import aggregate, batch_norm, batchnormeval, batchnormtrain, encoding, scaled_l2
 from .groupnorm import (GroupNorm, InstanceBatchNorm2d, InstanceNorm1d, InstanceNorm2d,
                         InstanceNorm3d, group_norm, instance_norm)
+from .stochnorm import StochNorm1d, StochNorm2d, StochNorm3d, convert_stochnorm, stoch_norm
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
 from .wsconv import (FWS, WSConv1d, WSConv2d, WSConv3d, WSConvTranspose2d, WSConvTranspose3d,
                      ws_standardize)
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Encoding", "FWS", "GramMatrix",
-           "GroupNorm", "Inspiration", "InstanceBatchNorm2d", "InstanceNorm1d", "InstanceNorm2d",
-           "InstanceNorm3d", "SyncBatchNorm", "TorchCommunicator", "UpsampleConv2d", "WSConv1d",
-           "WSConv2d", "WSConv3d", "WSConvTranspose2d", "WSConvTranspose3d", "aggregate",
-           "batch_norm", "batchnormeval", "batchnormtrain", "convert_sync_batchnorm", "distributed",
-           "encoding", "functional", "group_norm", "instance_norm", "scaled_l2", "sync_batch_norm",
-           "ws_standardize"]
+__all__ = ["AdaptiveFeatureNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Block",
+           "Encoding", "FWS", "GramMatrix", "GroupNorm", "ImageClassifier", "Inspiration",
+           "InstanceBatchNorm2d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+           "MixStyle", "StochNorm1d", "StochNorm2d", "StochNorm3d", "SyncBatchNorm",
+           "TorchCommunicator", "UpsampleConv2d", "WSConv1d", "WSConv2d", "WSConv3d",
+           "WSConvTranspose2d", "WSConvTranspose3d", "activate_mixstyle", "aggregate",
+           "batch_norm", "batchnormeval", "batchnormtrain", "convert_stochnorm",
+           "convert_sync_batchnorm", "crossdomain_mixstyle", "deactivate_mixstyle", "distributed",
+           "encoding", "functional", "group_norm", "instance_norm", "mixstyle", "random_mixstyle",
+           "run_with_mixstyle", "run_without_mixstyle", "scaled_l2", "stoch_norm", "stochnorm",
+           "sync_batch_norm", "ws_standardize"]

@@ -1,0 +1,32 @@
+"""The process-wide random generator of normkit.nn's stochastic layers.
+
+Layers given ``generator=`` (a ``numpy.random.Generator``) draw from it; the others draw from this
+module's generator, which ``normkit.manual_seed(seed)`` reseeds. Global NumPy and Python random
+state are never used, so seeding normkit reproduces its layers' draws whatever else the program
+draws.
+"""
+import numpy as np
+
+_default = np.random.default_rng()
+
+
+def manual_seed(seed):
+    """Reseeds the default generator of normkit.nn's stochastic layers; returns it."""
+    global _default
+    _default = np.random.default_rng(seed)
+    return _default
+
+
+def default_generator():
+    """The generator that layers without their own ``generator=`` draw from."""
+    return _default
+
+
+def resolve(generator, who):
+    """``generator`` if it is a ``numpy.random.Generator``, the default one if it is None."""
+    if generator is None:
+        return _default
+    if not isinstance(generator, np.random.Generator):
+        raise TypeError(f"{who}: generator must be a numpy.random.Generator (e.g. "
+                        f"numpy.random.default_rng(seed)), got {type(generator).__name__}")
+    return generator

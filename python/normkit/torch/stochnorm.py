@@ -1,0 +1,279 @@
+"""StochNorm1d/2d/3d: tllib's stochastic normalization (``tllib.normalization.stochnorm``) run by
+normkit's split batch-norm ops, on CPU and CUDA tensors, optionally synchronized across ranks.
+
+Drop-in for tllib's: same constructor (plus ``generator``, ``process_group``, ``comm``), the same
+``p`` attribute, parameters and buffers, and tllib's state dicts (which lack
+``num_batches_tracked``) load. ``convert_model`` is tllib's name for ``convert_stochnorm``.
+"""
+import copy
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import _C
+from ..distributed import check_communicator
+from ._dlpack import batch_workspace, dl, kernel_input, launch, like, param_dtype
+from .batchnorm import _NormkitBatchNorm
+from .distributed import TorchCommunicator
+from .functional import _check_running
+from .sync_batchnorm import global_backward_sums, global_batch_stats
+
+
+def _check_p(p, who):
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{who}: p must be a probability in [0, 1], got {p!r}")
+    return float(p)
+
+
+def _check_generator(generator, who):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{who}: generator must be a torch.Generator, got "
+                        f"{type(generator).__name__}")
+
+
+def draw_channels(C, p, generator, device):
+    """s: C Bernoulli(p) draws as a bool tensor on ``device``, from ``generator`` (torch's default
+    generator when None). Drawn where the generator lives, so a CPU generator serves CUDA layers."""
+    where = generator.device if generator is not None else "cpu"
+    return (torch.rand(C, generator=generator, device=where) < p).to(device)
+
+
+def _local_batch_stats(x, eps, who):
+    C = x.shape[1]
+    total = float(x.numel() // C) if C else 0.0
+    if total <= 1:
+        raise ValueError(f"{who}: expected more than 1 value per channel when training, got "
+                         f"input of shape {tuple(x.shape)}")
+    pd = param_dtype(x.dtype)
+    mean = torch.empty(C, dtype=pd, device=x.device)
+    var = torch.empty(C, dtype=pd, device=x.device)
+    _C.batch_norm_stats(dl(x), dl(mean), dl(var), **launch(x, batch_workspace))
+    return mean, var, (var.double() + eps).rsqrt().to(pd), total
+
+
+class _StochNorm(torch.autograd.Function):
+    """Training StochNorm with the channel draw ``s`` given: s = 1 channels use the batch (global
+    with ``comm``) statistics, s = 0 channels the running ones from before this call's update.
+
+    Forward: one statistics pass (plus one all-reduce with ``comm``), running-stat update, one
+    normalize pass with the selected per-channel mean/invstd. Backward: one reduction pass (plus
+    one all-reduce), then one elementwise pass with the sums zeroed on s = 0 channels, whose
+    statistics are constants there. Grads are materialized: a synchronized rank must join the
+    backward collective even when its own output gradient is undefined."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, s, eps, momentum, comm, who):
+        x = kernel_input(x)
+        if comm is None:
+            mean, var, invstd, total = _local_batch_stats(x, eps, who)
+        else:
+            mean, var, invstd, total = global_batch_stats(comm, x, eps, who)
+        sel_mean = torch.where(s, mean, running_mean)
+        sel_invstd = torch.where(s, invstd, (running_var.double() + eps).rsqrt().to(mean.dtype))
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_((var * (total / (total - 1))).to(mean.dtype), momentum)
+        y = torch.empty_like(x)
+        _C.batch_norm_normalize(dl(x), dl(sel_mean), dl(sel_invstd), dl(weight), dl(bias), dl(y),
+                                **launch(x))
+        ctx.save_for_backward(x, weight, sel_mean, sel_invstd, s)
+        ctx.total, ctx.comm, ctx.who = total, comm, who
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, invstd, s = ctx.saved_tensors
+        dy = like(x, dy)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.comm is None:
+            local_dy = torch.empty_like(mean)
+            local_dy_xmu = torch.empty_like(mean)
+            _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(local_dy), dl(local_dy_xmu),
+                                          **launch(x, batch_workspace))
+            sum_dy, sum_dy_xmu = local_dy, local_dy_xmu
+        else:
+            local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(
+                ctx.comm, dy, x, mean, ctx.who)
+        dx = None
+        if need_x:
+            dx = torch.empty_like(x)
+            keep = s.to(mean.dtype)
+            _C.batch_norm_backward_elemt(dl(dy), dl(x), dl(mean), dl(invstd), dl(weight),
+                                         dl(sum_dy * keep), dl(sum_dy_xmu * keep), ctx.total,
+                                         dl(dx), **launch(x))
+        dw = local_dy_xmu * invstd if need_w else None
+        db = local_dy.clone() if need_b else None
+        return dx, dw, db, None, None, None, None, None, None, None
+
+
+def stoch_norm(input, running_mean, running_var, weight, bias, s, momentum=0.1, eps=1e-5,
+               comm=None):
+    """Training StochNorm of ``input`` (N, C, *) for a given channel draw ``s`` (a bool tensor of
+    shape (C,)): channels with s True are normalized with the batch statistics (of all ranks of
+    ``comm`` when given), the others with ``running_mean``/``running_var`` as they are on entry;
+    then the running statistics are updated in place with the batch ones and ``momentum``."""
+    if input.dim() < 2:
+        raise ValueError(f"stoch_norm: expected input of shape (N, C, ...), got {input.dim()}D "
+                         f"input")
+    pd = param_dtype(input.dtype)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            raise ValueError(f"stoch_norm: {name} is required (the s = 0 channels use it)")
+        _check_running(name, t, input, pd)
+    if not isinstance(s, torch.Tensor) or s.dtype != torch.bool or s.shape != (input.shape[1],):
+        got = f"{s.dtype} of shape {tuple(s.shape)}" if isinstance(s, torch.Tensor) else type(s)
+        raise ValueError(f"stoch_norm: s must be a bool tensor of shape ({input.shape[1]},), got "
+                         f"{got}")
+    s = s.to(input.device)
+    return _StochNorm.apply(input, weight, bias, running_mean, running_var, s, eps, momentum,
+                            comm, "stoch_norm")
+
+
+class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
+    """Batch norm whose channels each pick, per training call, the batch statistics (probability
+    ``p``) or the running statistics, as tllib's ``StochNorm*d``.
+
+    Training: s = one Bernoulli(p) draw per channel per call from ``generator`` (a
+    ``torch.Generator``; torch's default generator when None, so ``torch.manual_seed`` reproduces a
+    run), shared by every sample and position. s = 1 channels are normalized with the batch
+    statistics and get batch norm's full gradient; s = 0 channels use the running statistics as
+    they were before this call's update, forward and backward (dx = weight * dy / sqrt(rv + eps)).
+    Running statistics are updated once per call as in batch norm. Eval: running statistics.
+    ``track_running_stats=False``: batch statistics always. Init: weight U(0, 1), bias 0.
+
+    Synchronized with ``comm`` (a normkit communicator) or ``process_group`` (torch.distributed):
+    the batch statistics are those of all ranks' batches, as ``SyncBatchNorm`` (one all-reduce
+    forward, one backward, uneven and empty batches), and every rank must pass a generator seeded
+    alike (or seed torch's default one alike) so that all draw the same s; no collective is spent
+    on the draw. Without either, a local layer (also under torch.distributed).
+
+    Differences from tllib, all fixes: 3d training works, CPU works, ``momentum=None`` (cumulative
+    average) and ``num_batches_tracked`` work, tllib's backward reads the already-updated running
+    statistics (this one matches its forward), float16 input gives float16 output.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, p=0.5, generator=None, process_group=None, comm=None,
+                 device=None, dtype=None, *, bias=True):
+        who = type(self).__name__
+        _check_generator(generator, who)
+        if process_group is not None and comm is not None:
+            raise ValueError(f"{who}: pass a process_group or a comm, not both")
+        self.generator = generator  # before the base's __init__, whose reset_parameters draws
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)
+        self.p = _check_p(p, who)
+        self.process_group = process_group
+        self.comm = check_communicator(comm, who)
+
+    def reset_parameters(self):
+        self.reset_running_stats()
+        if self.affine:
+            where = self.generator.device if self.generator is not None else self.weight.device
+            u = torch.empty(self.weight.shape, dtype=self.weight.dtype, device=where)
+            with torch.no_grad():  # drawn where the generator lives (a CPU one for CUDA layers)
+                self.weight.copy_(u.uniform_(generator=self.generator))
+                if self.bias is not None:
+                    self.bias.zero_()
+
+    def _check_input_dim(self, input):
+        if input.dim() not in self._expected_ndim:
+            expected = " or ".join(f"{d}D" for d in self._expected_ndim)
+            raise ValueError(f"{type(self).__name__}: expected {expected} input (got "
+                             f"{input.dim()}D input)")
+
+    def _communicator(self):
+        if self.comm is not None:
+            return self.comm
+        if self.process_group is not None:
+            return TorchCommunicator(self.process_group)
+        return None
+
+    def forward(self, input):
+        self._check_input(input)
+        comm = self._communicator() if self.training else None
+        if comm is not None and comm.size == 1:
+            comm = None
+        if not (self.training and self.track_running_stats):
+            if comm is None:  # eval, or plain batch norm without running statistics
+                return super().forward(input)
+            s = torch.ones(self.num_features, dtype=torch.bool, device=input.device)
+            # no running stats to select or update: scratch ones, never read (s is all ones)
+            rm = torch.zeros(self.num_features, dtype=param_dtype(input.dtype),
+                             device=input.device)
+            return _StochNorm.apply(input, self.weight, self.bias, rm, torch.ones_like(rm), s,
+                                    self.eps, 0.0, comm, type(self).__name__)
+        s = draw_channels(self.num_features, self.p, self.generator, input.device)
+        factor = self._momentum_step()
+        return _StochNorm.apply(input, self.weight, self.bias, self.running_mean,
+                                self.running_var, s, self.eps, factor, comm, type(self).__name__)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", p={self.p}"
+
+    def __deepcopy__(self, memo):
+        for handle in (self.comm, self.process_group, self.generator):
+            if handle is not None:
+                memo[id(handle)] = handle
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+    def __getstate__(self):
+        return dict(self.__dict__, comm=None, process_group=None, generator=None)
+
+
+class StochNorm1d(_StochNormBase):
+    """tllib's ``StochNorm1d`` over (N, C) or (N, C, L) inputs, run by normkit."""
+    _expected_ndim = (2, 3)
+
+
+class StochNorm2d(_StochNormBase):
+    """tllib's ``StochNorm2d`` over (N, C, H, W) inputs (NCHW or channels_last), run by normkit."""
+    _expected_ndim = (4,)
+
+
+class StochNorm3d(_StochNormBase):
+    """tllib's ``StochNorm3d`` over (N, C, D, H, W) inputs, run by normkit (tllib's cannot
+    train)."""
+    _expected_ndim = (5,)
+
+
+def _stoch_kind(module):
+    for bn, kind in ((torch.nn.BatchNorm1d, StochNorm1d), (torch.nn.BatchNorm2d, StochNorm2d),
+                     (torch.nn.BatchNorm3d, StochNorm3d)):
+        if isinstance(module, bn):
+            return kind
+    return None
+
+
+def convert_stochnorm(module, p=0.5, generator=None, process_group=None, comm=None):
+    """Replaces every ``torch.nn.BatchNorm1d/2d/3d`` (normkit's included) of ``module``'s tree by
+    a StochNorm1d/2d/3d holding COPIES of its weight, bias, running statistics and
+    num_batches_tracked, with the same eps, momentum, affine, track_running_stats, device, dtype
+    and train/eval mode, and the given ``p`` (0 and 1 included). Returns the converted module (a
+    new one when ``module`` itself is a batch norm)."""
+    _check_p(p, "convert_stochnorm")
+    kind = _stoch_kind(module)
+    if kind is not None:
+        src = module.weight if module.affine else module.running_mean
+        out = kind(module.num_features, module.eps, module.momentum, module.affine,
+                   module.track_running_stats, p=p, generator=generator,
+                   process_group=process_group, comm=comm,
+                   device=None if src is None else src.device,
+                   dtype=None if src is None else src.dtype, bias=module.bias is not None)
+        with torch.no_grad():
+            for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+                getattr(out, name).copy_(t)
+        out.train(module.training)
+        return out
+    for name, child in module.named_children():
+        module.add_module(name, convert_stochnorm(child, p, generator, process_group, comm))
+    return module
+
+
+convert_model = convert_stochnorm  # tllib's name
+
+__all__ = ["StochNorm1d", "StochNorm2d", "StochNorm3d", "convert_model", "convert_stochnorm",
+           "draw_channels", "stoch_norm"]
