@@ -12,7 +12,11 @@ def cuda_available():
 
 
 def array_module(x, name="x"):
-    """numpy or cupy, whichever `x` belongs to; a TypeError naming `name` for anything else."""
+    """numpy or cupy, whichever `x` belongs to; a TypeError naming `name` for anything else
+    (masked arrays too: the kernels would read the masked values)."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a NumPy masked array; the kernels read every value, masked "
+                        f"or not: pass x.filled(...) or x.compressed() as you mean it")
     if isinstance(x, np.ndarray):
         return np
     if type(x).__module__.split(".")[0] == "cupy":
@@ -53,6 +57,19 @@ def launch_args(x, workspace_size=None):
     if workspace_size is not None:
         args["workspace"] = cupy.empty(workspace_size(x), cupy.float64)
     return args
+
+
+def check_eps(op, eps, training):
+    """eps as torch.nn.functional.batch_norm takes it: positive in training, >= 0 in eval (a
+    constant channel with eps = 0 then gives inf or NaN, as in torch); a float either way."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if training and not eps > 0:
+        raise ValueError(f"{op}: eps must be positive during training, got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"{op}: eps must be non-negative, got {eps}")
+    return eps
 
 
 def writeable(a):

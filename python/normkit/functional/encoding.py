@@ -29,6 +29,8 @@ Threads: the core's kernels alternate with the BLAS products, whose thread pool 
 the other cores for a while after each one; a second pool competing for them loses more than it
 gains, so the kernels run on the calling thread unless ``set_between_gemm_threads`` says otherwise.
 """
+import math
+
 from .. import _C
 from .._backend import array_module, launch_args, param_dtype
 
@@ -316,12 +318,23 @@ def _check_maps(op, name, y):
     return xp
 
 
+def _features(y):
+    """y (B, C, *spatial) as F (B, C, prod(spatial)); explicit sizes, since reshape(B, C, -1)
+    cannot infer the last one of an empty array."""
+    return y.reshape(y.shape[0], y.shape[1], math.prod(y.shape[2:]))
+
+
+def _gram_scale(F):
+    """The divisor C * H * W of the Gram matrix; 1 for empty maps, whose Gram matrix is the empty
+    sum 0 (not 0 / 0)."""
+    return max(F.shape[1] * F.shape[2], 1)
+
+
 def gram_matrix(y):
     """``G[b] = F[b] F[b]^T / (C H W)`` with ``F = y.reshape(B, C, H*W)``: (B, C, C)."""
     xp = _check_maps("gram_matrix", "y", y)
-    B, C = y.shape[:2]
-    F = y.reshape(B, C, -1)
-    return xp.matmul(F, _t(F)) / (C * F.shape[2])
+    F = _features(y)
+    return xp.matmul(F, _t(F)) / _gram_scale(F)
 
 
 def gram_matrix_backward(dG, y):
@@ -330,8 +343,8 @@ def gram_matrix_backward(dG, y):
     xp = _check_maps(op, "y", y)
     B, C = y.shape[:2]
     _check_grad(op, "dG", dG, (B, C, C), "B, C, C", y, xp)
-    F = y.reshape(B, C, -1)
-    return (xp.matmul(dG + _t(dG), F) / (C * F.shape[2])).reshape(y.shape)
+    F = _features(y)
+    return (xp.matmul(dG + _t(dG), F) / _gram_scale(F)).reshape(y.shape)
 
 
 def _check_inspiration(op, X, weight, G):

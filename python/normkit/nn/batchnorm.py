@@ -82,10 +82,11 @@ class _BatchNorm(Module):
                             f"{param_dtype(x.dtype)} parameters, this layer's are {own} "
                             f"(convert it with .to(dtype=...))")
 
-    def _momentum(self):
-        """The factor of this training step's statistics in the running ones."""
+    def _momentum(self, ahead=0):
+        """The factor of this training step's statistics in the running ones; `ahead`: batches
+        to count in beyond num_batches_tracked (1 before the counter is incremented)."""
         if self.momentum is None:
-            count = self.num_batches_tracked
+            count = self.num_batches_tracked + ahead
             # on a GPU the counter stays there: no host round trip in a training step
             return 1.0 / float(count) if isinstance(count, np.ndarray) else 1.0 / count
         return self.momentum
@@ -94,15 +95,18 @@ class _BatchNorm(Module):
         self._check_input(x)
         use_batch_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
-        if update:
-            self.num_batches_tracked += 1
         w = self.weight.data if self.affine else None
         b = self.bias.data if self.affine else None
+        # The counter moves only once the forward has passed its checks (momentum=None reads the
+        # count this batch will make).
         y, mean, invstd = F.batch_norm_forward(
             x, w, b,
             self.running_mean if update or not use_batch_stats else None,
             self.running_var if update or not use_batch_stats else None,
-            training=use_batch_stats, momentum=self._momentum() if update else 0.0, eps=self.eps)
+            training=use_batch_stats, momentum=self._momentum(1) if update else 0.0,
+            eps=self.eps)
+        if update:
+            self.num_batches_tracked += 1
         self._saved = (x, mean, invstd, use_batch_stats)
         return y
 

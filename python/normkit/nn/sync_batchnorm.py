@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 
 from .. import functional as F
-from .._backend import array_module, param_dtype
+from .._backend import array_module, check_eps, param_dtype
 from .batchnorm import _BatchNorm
 
 _layer_ids = itertools.count()  # same sequence on every rank that builds the same model
@@ -88,6 +88,7 @@ class SyncBatchNorm(_BatchNorm):
         if not self._synchronized():
             return super().forward(x)
         self._check_input(x)
+        check_eps("SyncBatchNorm", self.eps, True)
         comm = self.comm
         if comm.debug:
             self._check_ranks_agree(x, 0)
@@ -112,8 +113,8 @@ class SyncBatchNorm(_BatchNorm):
         invstd = (1.0 / xp.sqrt(g_var + self.eps)).astype(pd)
         g_mean = g_mean.astype(pd)
         if self.track_running_stats:
+            m = self._momentum(1)
             self.num_batches_tracked += 1
-            m = self._momentum()
             self.running_mean *= 1.0 - m
             self.running_mean += m * g_mean
             self.running_var *= 1.0 - m

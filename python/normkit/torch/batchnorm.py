@@ -26,15 +26,16 @@ class _NormkitBatchNorm:
                             f"{param_dtype(input.dtype)} parameters, this layer's are {own.dtype} "
                             f"(convert it with .to(dtype))")
 
-    def _momentum_step(self):
-        """Counts a training batch; returns the factor of its statistics in the running ones
-        (momentum, or 1 / num_batches_tracked for momentum=None: the cumulative average)."""
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        return factor
+    def _counts(self):
+        """Whether this forward counts a training batch in num_batches_tracked."""
+        return self.training and self.track_running_stats and self.num_batches_tracked is not None
+
+    def _momentum_factor(self):
+        """The factor of this batch's statistics in the running ones: momentum, or for
+        momentum=None 1 / (the count including this batch): the cumulative average."""
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / (float(self.num_batches_tracked) + 1) if self._counts() else 0.0
 
     def _uses_batch_stats(self):
         """Batch statistics in training, and in eval when there are no running ones."""
@@ -42,12 +43,15 @@ class _NormkitBatchNorm:
 
     def forward(self, input):
         self._check_input(input)
-        factor = self._momentum_step()
-        # Running statistics are updated only when tracked, and read only in eval.
+        # Running statistics are updated only when tracked, and read only in eval. The counter
+        # moves only after the op has passed its checks.
         pass_running = not self.training or self.track_running_stats
-        return F.batch_norm(input, self.running_mean if pass_running else None,
-                            self.running_var if pass_running else None, self.weight, self.bias,
-                            self._uses_batch_stats(), factor, self.eps)
+        y = F.batch_norm(input, self.running_mean if pass_running else None,
+                         self.running_var if pass_running else None, self.weight, self.bias,
+                         self._uses_batch_stats(), self._momentum_factor(), self.eps)
+        if self._counts():
+            self.num_batches_tracked.add_(1)
+        return y
 
 
 class BatchNorm1d(_NormkitBatchNorm, torch.nn.BatchNorm1d):

@@ -10,7 +10,7 @@ from .. import _C
 from ._dlpack import dl, kernel_input, launch, like, param_dtype
 from .batchnorm import _NormkitBatchNorm
 from .distributed import TorchCommunicator
-from .functional import _check_running
+from .functional import _check_running, check_eps
 
 
 def _allreduce(comm, buf):
@@ -109,6 +109,7 @@ def sync_batch_norm(input, weight, bias, running_mean, running_var, eps, momentu
                          f"{input.dim()}D input")
     _check_running("running_mean", running_mean, input, param_dtype(input.dtype))
     _check_running("running_var", running_var, input, param_dtype(input.dtype))
+    check_eps(eps, True)
     return _SyncBatchNorm.apply(input, weight, bias, running_mean, running_var, eps, momentum,
                                 comm)
 
@@ -162,10 +163,13 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
         if comm is None or comm.size == 1:
             return super().forward(input)
         self._check_input(input)
-        factor = self._momentum_step()
         track = self.track_running_stats
-        return sync_batch_norm(input, self.weight, self.bias, self.running_mean if track else None,
-                               self.running_var if track else None, self.eps, factor, comm)
+        y = sync_batch_norm(input, self.weight, self.bias, self.running_mean if track else None,
+                            self.running_var if track else None, self.eps,
+                            self._momentum_factor(), comm)
+        if self._counts():
+            self.num_batches_tracked.add_(1)
+        return y
 
     def __deepcopy__(self, memo):
         for handle in (self.comm, self.process_group):
