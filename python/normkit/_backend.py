@@ -1,6 +1,9 @@
 """Array-library plumbing shared by the functional ops and the layers: which library an array
 belongs to (NumPy or CuPy), dtypes of parameters, layouts the kernels can read, devices, and the
 stream and workspace GPU ops run with."""
+import math
+import numbers
+
 import numpy as np
 
 from . import _C
@@ -70,6 +73,18 @@ def check_eps(op, eps, training):
     if not eps >= 0:
         raise ValueError(f"{op}: eps must be non-negative, got {eps}")
     return eps
+
+
+def check_num_features(layer, num_features):
+    """`num_features` as a positive int (an integral float is taken too); a TypeError for what is
+    not a number (None, strings, bools), a ValueError for inf, NaN, fractions and values < 1."""
+    value = num_features
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, numbers.Real)):
+        raise TypeError(f"{layer}: num_features must be a positive integer, got "
+                        f"{type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value != int(value) or value < 1:
+        raise ValueError(f"{layer}: num_features must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def writeable(a):

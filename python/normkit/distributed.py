@@ -72,6 +72,17 @@ def mpi_cuda_aware():
     return False
 
 
+def check_communicator(layer, comm):
+    """`comm` itself when it has the communicator protocol (``rank``, ``size``,
+    ``allreduce_sum``), or None; a TypeError naming the layer otherwise (a string such as
+    ``"world"`` is not a communicator)."""
+    if comm is None or all(hasattr(comm, a) for a in ("rank", "size", "allreduce_sum")):
+        return comm
+    raise TypeError(f"{layer}: comm must be a communicator (MPICommunicator(), NCCLCommunicator(), "
+                    f"normkit.torch's TorchCommunicator, or anything with rank, size and "
+                    f"allreduce_sum), got {type(comm).__name__} {comm!r}")
+
+
 class MPICommunicator:
     """A communicator over an mpi4py communicator (default ``MPI.COMM_WORLD``).
 

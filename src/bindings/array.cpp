@@ -1,6 +1,7 @@
 #include "array.h"
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "normkit/device.h"
@@ -175,7 +176,16 @@ Array from_capsule(py::object capsule, const char* op, const char* name) {
   return a;
 }
 
+// Whether obj (a torch tensor) has a lazy negation or conjugation bit set, which a DLPack capsule
+// cannot carry: its exported values would be read with the wrong sign.
+bool has_lazy_bit(py::handle obj, const char* method) {
+  return py::hasattr(obj, method) && obj.attr(method)().cast<bool>();
+}
+
 Array from_dlpack(py::handle obj, const char* op, const char* name, uintptr_t stream) {
+  NK_CHECK_VALUE(!has_lazy_bit(obj, "is_neg") && !has_lazy_bit(obj, "is_conj"), op, ": ", name,
+                 " has torch's negative or conjugate bit set, which DLPack drops (the values ",
+                 "would be read with the wrong sign); pass t.resolve_neg().resolve_conj()");
   bool cuda = false;
   if (py::hasattr(obj, "__dlpack_device__")) {
     const py::tuple device = obj.attr("__dlpack_device__")();
@@ -190,10 +200,23 @@ Array from_dlpack(py::handle obj, const char* op, const char* name, uintptr_t st
 
 }  // namespace
 
+// Whether obj is a NumPy masked array (or a subclass), whose buffer holds the masked values too.
+// Plain ndarrays, the common case, are told apart by their type's name without an attribute
+// lookup.
+bool is_masked_array(py::handle obj) {
+  if (std::strcmp(Py_TYPE(obj.ptr())->tp_name, "numpy.ndarray") == 0) return false;
+  return py::hasattr(obj, "_mask") && py::hasattr(obj, "filled");
+}
+
 Array as_array(py::handle obj, const char* op, const char* name, Access access,
                uintptr_t stream) {
   if (obj.is_none()) return Array{};
-  if (PyObject_CheckBuffer(obj.ptr())) return from_buffer(obj, op, name, access);
+  if (PyObject_CheckBuffer(obj.ptr())) {
+    NK_CHECK_TYPE(!is_masked_array(obj), op, ": ", name, " is a NumPy masked array; the ",
+                  "kernels would read its masked values too: pass x.filled(...) or ",
+                  "x.compressed()");
+    return from_buffer(obj, op, name, access);
+  }
   if (PyCapsule_CheckExact(obj.ptr())) {
     return from_capsule(py::reinterpret_borrow<py::object>(obj), op, name);
   }

@@ -108,14 +108,14 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     x = kernel_input(x)
     xp = array_module(x)
     eps = check_eps("batch_norm_forward", eps, training)
+    _check_running("running_mean", running_mean, x)
+    _check_running("running_var", running_var, x)
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm_forward: eval mode (training=False) needs running_mean "
                              "and running_var")
         invstd = _invstd(running_var, eps)
         return batch_norm_normalize(x, running_mean, invstd, weight, bias), running_mean, invstd
-    _check_running("running_mean", running_mean, x)
-    _check_running("running_var", running_var, x)
     n = _count(x)
     if n <= 1:
         raise ValueError(f"batch_norm_forward: expected more than 1 value per channel when "

@@ -30,6 +30,7 @@ the other cores for a while after each one; a second pool competing for them los
 gains, so the kernels run on the calling thread unless ``set_between_gemm_threads`` says otherwise.
 """
 import math
+import numbers
 
 from .. import _C
 from .._backend import array_module, launch_args, param_dtype
@@ -38,12 +39,27 @@ from .._backend import array_module, launch_args, param_dtype
 # Threads
 
 
+_MAX_THREADS = 4096  # more than any machine's cores; a larger count is a mistake, not a setting
+
+
 def set_between_gemm_threads(threads):
     """Threads of the CPU kernels that run between BLAS matrix products (this family's, and the
     convolution's im2col/col2im): 1 (the default) runs them on the calling thread, n > 1 on up to n
     OpenMP threads, 0 on OpenMP's default. Worth raising where the BLAS runs single-threaded
     (``OPENBLAS_NUM_THREADS=1``) or leaves cores idle: its spinning thread pool otherwise holds the
-    cores these kernels would use."""
+    cores these kernels would use.
+
+    Parameters
+    ----------
+    threads : int
+        0 to 4096: 0 for OpenMP's default, else the most threads these kernels use.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
+        raise TypeError(f"set_between_gemm_threads: threads must be an int, got "
+                        f"{type(threads).__name__} {threads!r}")
+    if not 0 <= threads <= _MAX_THREADS:
+        raise ValueError(f"set_between_gemm_threads: threads must be 0 (OpenMP's default) to "
+                         f"{_MAX_THREADS}, got {threads}")
     _C.set_between_gemm_threads(int(threads))
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import functional as F
-from .._backend import array_module, param_dtype, parse_device
+from .._backend import array_module, check_num_features, param_dtype, parse_device
 from .module import Module, Parameter
 
 
@@ -21,8 +21,7 @@ class _BatchNorm(Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=None, device=None):
         super().__init__()
-        if int(num_features) != num_features or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        num_features = check_num_features(type(self).__name__, num_features)
         dtype = np.dtype(np.float32 if dtype is None else dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"{type(self).__name__}: dtype must be float32 or float64 (float16 "

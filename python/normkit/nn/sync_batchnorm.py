@@ -5,6 +5,7 @@ import numpy as np
 
 from .. import functional as F
 from .._backend import array_module, check_eps, param_dtype
+from ..distributed import check_communicator
 from .batchnorm import _BatchNorm
 
 _layer_ids = itertools.count()  # same sequence on every rank that builds the same model
@@ -45,7 +46,7 @@ class SyncBatchNorm(_BatchNorm):
                  track_running_stats=True, comm=None, sync_param_grads=False, dtype=None,
                  device=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, device)
-        self._comm = comm
+        self._comm = check_communicator(type(self).__name__, comm)
         self.sync_param_grads = sync_param_grads
         self._layer_id = next(_layer_ids)
         self._calls = 0

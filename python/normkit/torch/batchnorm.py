@@ -9,11 +9,17 @@ checkpoints without ``num_batches_tracked`` included), ``isinstance`` checks of 
 import torch
 
 from . import functional as F
+from .._backend import check_num_features
 from ._dlpack import param_dtype
 
 
 class _NormkitBatchNorm:
     """The forward of torch's ``_BatchNorm`` with normkit's ``batch_norm`` in place of torch's."""
+
+    def __init__(self, num_features, *args, **kwargs):
+        # torch's own message for a bad num_features is torch.empty's ("argument 'size' must be
+        # tuple of ints"): name the argument instead.
+        super().__init__(check_num_features(type(self).__name__, num_features), *args, **kwargs)
 
     def _check_input(self, input):
         self._check_input_dim(input)
