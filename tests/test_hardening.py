@@ -371,3 +371,31 @@ def test_comm_must_be_a_communicator(layer):
 def test_meta_and_sparse_tensors_are_type_errors(make):
     with pytest.raises(TypeError, match="normkit takes strided CPU and CUDA tensors"):
         nkt.batch_norm(make(), None, None, training=True)
+
+
+# --- rough edges -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+                                  "Conv2d", "Encoding", "Inspiration", "UpsampleConv2d"])
+def test_nn_layers_take_device_then_dtype_as_torch(name):
+    import inspect
+    params = list(inspect.signature(getattr(nk.nn, name)).parameters)
+    assert params.index("device") + 1 == params.index("dtype")
+    if hasattr(torch.nn, name):
+        torch_params = list(inspect.signature(getattr(torch.nn, name)).parameters)
+        assert torch_params.index("device") < torch_params.index("dtype")
+
+
+def test_nn_batchnorm_positional_device_and_dtype():
+    bn = nk.nn.BatchNorm1d(3, 1e-5, 0.1, True, True, "cpu", np.float64)
+    assert bn.weight.dtype == np.float64 and bn.running_var.dtype == np.float64
+    assert nk.nn.BatchNorm1d(3, dtype=np.float64, device="cpu").weight.dtype == np.float64
+
+
+@pytest.mark.parametrize("obj", [nk.nn.BatchNorm1d, nk.nn.BatchNorm2d, nk.nn.BatchNorm3d,
+                                 F.batch_norm_forward, F.set_between_gemm_threads,
+                                 nk.nn.Module.load_state_dict])
+def test_help_documents_parameters(obj):
+    import pydoc
+    text = pydoc.render_doc(obj)
+    assert "Parameters\n" in text and "----------" in text

@@ -101,9 +101,29 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
                        training=True, momentum=0.1, eps=1e-5):
     """Batch norm forward, as ``torch.nn.functional.batch_norm``.
 
-    Returns ``(y, mean, invstd)``: the statistics used (batch ones in training, running ones in
-    eval) are what ``batch_norm_backward`` needs. In training, ``running_mean``/``running_var``
-    (if given) are updated in place with ``momentum`` and the unbiased batch variance.
+    In training, ``running_mean``/``running_var`` (if given) are updated in place with
+    ``momentum`` and the unbiased batch variance.
+
+    Parameters
+    ----------
+    x : NumPy or CuPy array (N, C, *)
+        float16, float32 or float64; any layout (channels-last takes its own fast path).
+    weight, bias : arrays (C,) or None
+        The affine parameters, of the parameter dtype (float32 for float16 input).
+    running_mean, running_var : arrays (C,) or None
+        Updated in place in training; normalize in eval (then required).
+    training : bool
+        Batch statistics (True) or the running ones (False).
+    momentum : float
+        Factor of the batch statistics in the running ones.
+    eps : float
+        Added to the variance; positive in training, non-negative in eval (as in torch).
+
+    Returns
+    -------
+    y : array like x
+    mean, invstd : arrays (C,)
+        The statistics used, which ``batch_norm_backward`` needs.
     """
     x = kernel_input(x)
     xp = array_module(x)

@@ -6,6 +6,28 @@ from .._backend import array_module, check_num_features, param_dtype, parse_devi
 from .module import Module, Parameter
 
 
+_PARAMETERS = """
+    Parameters
+    ----------
+    num_features : int
+        C, the channels of the (N, C, *) input.
+    eps : float
+        Added to the variance before its square root; must be positive in training (as in torch).
+    momentum : float or None
+        Factor of each batch's statistics in the running ones; None: their cumulative average.
+    affine : bool
+        Whether the layer has a learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool
+        Whether the layer keeps ``running_mean``, ``running_var`` and ``num_batches_tracked``;
+        without them eval normalizes with batch statistics too.
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        Of the parameters and buffers: float32 (the default) or float64; float16 inputs run with
+        float32 ones.
+"""
+
+
 class _BatchNorm(Module):
     """Batch norm over (N, C, *) inputs, statistics per channel.
 
@@ -19,7 +41,7 @@ class _BatchNorm(Module):
     _expected_ndim = ()  # allowed input ndims; empty means any >= 2
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=None, device=None):
+                 track_running_stats=True, device=None, dtype=None):
         super().__init__()
         num_features = check_num_features(type(self).__name__, num_features)
         dtype = np.dtype(np.float32 if dtype is None else dtype)
@@ -148,17 +170,22 @@ class _BatchNorm(Module):
 
 
 class BatchNorm1d(_BatchNorm):
-    """Batch norm over (N, C) or (N, C, L) inputs."""
+    __doc__ = """Batch norm over (N, C) or (N, C, L) inputs, as torch.nn.BatchNorm1d.
+""" + _PARAMETERS
     _expected_ndim = (2, 3)
 
 
 class BatchNorm2d(_BatchNorm):
-    """Batch norm over (N, C, H, W) inputs (NCHW or channels-last NHWC strides)."""
+    __doc__ = """Batch norm over (N, C, H, W) inputs (NCHW or channels-last NHWC strides), as
+    torch.nn.BatchNorm2d.
+""" + _PARAMETERS
     _expected_ndim = (4,)
 
 
 class BatchNorm3d(_BatchNorm):
-    """Batch norm over (N, C, D, H, W) inputs (NCDHW or channels-last NDHWC strides)."""
+    __doc__ = """Batch norm over (N, C, D, H, W) inputs (NCDHW or channels-last NDHWC strides), as
+    torch.nn.BatchNorm3d.
+""" + _PARAMETERS
     _expected_ndim = (5,)
 
 

@@ -72,7 +72,7 @@ class _ConvNd(_SavesInput):
     _dims = None
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, dtype=None, device=None, rng=None):
+                 groups=1, bias=True, device=None, dtype=None, rng=None):
         super().__init__()
         name = type(self).__name__
         for arg, value in (("in_channels", in_channels), ("out_channels", out_channels),

@@ -43,9 +43,10 @@ class SyncBatchNorm(_BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, comm=None, sync_param_grads=False, dtype=None,
-                 device=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, device)
+                 track_running_stats=True, comm=None, sync_param_grads=False, device=None,
+                 dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype)
         self._comm = check_communicator(type(self).__name__, comm)
         self.sync_param_grads = sync_param_grads
         self._layer_id = next(_layer_ids)
