@@ -30,7 +30,7 @@ def _ones(C, dtype=np.float32):
     return np.full(C, 1.25, dtype)
 
 
-# --- crashes and undefined behaviour ---------------------------------------------------------------
+# --- crashes and undefined behaviour -------------------------------------------------------------
 
 @pytest.mark.skipif(SANITIZED, reason="RLIMIT_AS cannot be set under AddressSanitizer")
 def test_failed_allocation_inside_threaded_kernels_is_memory_error():
@@ -113,7 +113,7 @@ def test_misaligned_buffers_give_exact_results(dtype, layout):
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
 
 
-# --- silent wrong answers --------------------------------------------------------------------------
+# --- silent wrong answers ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["planar", "channels_last"])
 def test_nan_in_the_input_propagates_to_mean_and_variance(layout):
@@ -316,7 +316,7 @@ def test_eps_zero_matches_torch():
     np.testing.assert_array_equal(np.isnan(y), torch.isnan(ref).numpy())
 
 
-# --- unclear errors --------------------------------------------------------------------------------
+# --- unclear errors ------------------------------------------------------------------------------
 
 def test_running_stats_errors_name_the_running_stat():
     x = _x()
@@ -373,7 +373,7 @@ def test_meta_and_sparse_tensors_are_type_errors(make):
         nkt.batch_norm(make(), None, None, training=True)
 
 
-# --- rough edges -----------------------------------------------------------------------------------
+# --- rough edges ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
                                   "Conv2d", "Encoding", "Inspiration", "UpsampleConv2d"])

@@ -1,5 +1,5 @@
-"""Property tests (hypothesis): shapes, strides, offsets, layouts, dtypes and values drawn at random,
-every CPU op family compared with a plain float64 NumPy reference. Few examples each and no
+"""Property tests (hypothesis): shapes, strides, offsets, layouts, dtypes and values drawn at
+random, every CPU op family compared with a plain float64 NumPy reference. Few examples each and no
 deadline: the point is breadth of input, the other test files cover each op in depth."""
 import numpy as np
 import pytest

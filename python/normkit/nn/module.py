@@ -52,7 +52,8 @@ def _checked_value(key, value, target):
     if tuple(arr.shape) != tuple(target.shape):
         raise RuntimeError(f"load_state_dict: {key} has shape {tuple(arr.shape)}, "
                            f"expected {tuple(target.shape)}")
-    if target.dtype.kind in "iu" and arr.dtype.kind == "f" and not bool(xp.all(arr == xp.round(arr))):
+    integral = arr.dtype.kind != "f" or bool(xp.all(arr == xp.round(arr)))
+    if target.dtype.kind in "iu" and not integral:
         raise ValueError(f"load_state_dict: {key} is an integer buffer ({target.dtype}), got the "
                          f"non-integral value(s) {arr}")
     return arr
