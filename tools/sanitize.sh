@@ -8,9 +8,10 @@
 # Python itself is not sanitized, so libasan must be loaded first (LD_PRELOAD), and libstdc++ with
 # it so that C++ exceptions thrown by the core unwind through ASan's interceptors instead of
 # aborting. One ISA (NORMKIT_ISA_CLONES=OFF): the clones are the same source at other vector
-# widths, and three sanitized copies of every hot loop would triple the build. Leak checking is off: CPython keeps its objects to the end. The MPI, torchrun and GPU
-# tests are not run here (they launch other processes or need a GPU); everything they call on the
-# CPU is exercised by the test files that are.
+# widths, and three sanitized copies of every hot loop would triple the build. Leak checking is
+# off: CPython keeps its objects to the end. The MPI, torchrun and GPU tests are not run here
+# (they launch other processes or need a GPU); everything they call on the CPU is exercised by
+# the test files that are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +20,8 @@ flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-fr
 generator=()
 if command -v ninja >/dev/null 2>&1; then generator=(-G Ninja); fi
 cmake -S . -B "$build" "${generator[@]}" -DNORMKIT_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DNORMKIT_ISA_CLONES=OFF -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined" \
+  -DNORMKIT_ISA_CLONES=OFF -DCMAKE_CXX_FLAGS="$flags" \
+  -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined" \
   -DPython_EXECUTABLE="$(command -v python)" -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" \
   >/dev/null
 cmake --build "$build" --target _C
@@ -29,6 +31,12 @@ pkg="$(mktemp -d)"
 trap 'rm -rf "$pkg"' EXIT
 cp -r python/normkit "$pkg/normkit"
 cp "$build"/_C*.so "$pkg/normkit/"
+# An editable install of normkit (a development checkout) hooks the import system ahead of
+# PYTHONPATH; drop its finder in every process, test subprocesses included.
+cat >"$pkg/sitecustomize.py" <<'PY'
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "normkit" not in type(f).__module__]
+PY
 
 export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
 export NORMKIT_SANITIZED=1

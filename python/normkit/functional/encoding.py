@@ -58,8 +58,8 @@ def set_between_gemm_threads(threads):
         raise TypeError(f"set_between_gemm_threads: threads must be an int, got "
                         f"{type(threads).__name__} {threads!r}")
     if not 0 <= threads <= _MAX_THREADS:
-        raise ValueError(f"set_between_gemm_threads: threads must be 0 (OpenMP's default) to "
-                         f"{_MAX_THREADS}, got {threads}")
+        raise ValueError(f"set_between_gemm_threads: threads must be >= 0 (0: OpenMP's default) "
+                         f"and at most {_MAX_THREADS}, got {threads}")
     _C.set_between_gemm_threads(int(threads))
 
 
