@@ -92,8 +92,9 @@ def test_convolution_with_huge_padding_is_a_clear_error():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["planar", "channels_last"])
 def test_misaligned_buffers_give_exact_results(dtype, layout):
-    """Arrays starting one byte into their buffer: every load is unaligned (UBSan flagged the
-    vector loads of the statistics and affine kernels; tools/sanitize.sh runs this test)."""
+    """Arrays starting one byte into their buffer: every access would be misaligned (undefined
+    behaviour that UBSan flags; tools/sanitize.sh runs this test). normkit.functional reads an
+    aligned copy; the core refuses them with a clear error."""
     shape = (3, 5, 7, 9)
     itemsize = np.dtype(dtype).itemsize
     src = randn(shape, 1, np.float64)
@@ -111,6 +112,8 @@ def test_misaligned_buffers_give_exact_results(dtype, layout):
     y = F.batch_norm_normalize(x, mean, 1 / np.sqrt(var + 1e-5))
     ref = (x64 - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-5)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="not aligned"):
+        _C.batch_norm_stats(x, np.empty(5, dtype), np.empty(5, dtype))
 
 
 # --- silent wrong answers ------------------------------------------------------------------------

@@ -38,11 +38,14 @@ def param_dtype(dtype):
 
 
 def kernel_input(x, name="x"):
-    """`x` itself when the kernels can read its strides, else one contiguous copy of it."""
+    """`x` itself when the kernels can read its strides and it is aligned to its items, else one
+    contiguous copy of it."""
     xp = array_module(x, name)
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (N, C, ...), got {x.ndim}D input of shape "
                          f"{tuple(x.shape)}")
+    if not getattr(x.flags, "aligned", True):  # a view at a byte offset: the core refuses it
+        return x.copy()  # (ascontiguousarray returns a contiguous x itself, misaligned)
     if x.ndim >= 3 and not x.flags.c_contiguous and not _C.ncs_collapsible(x):
         return xp.ascontiguousarray(x)
     return x

@@ -208,6 +208,18 @@ bool is_masked_array(py::handle obj) {
   return py::hasattr(obj, "_mask") && py::hasattr(obj, "filled");
 }
 
+// The kernels read and write whole elements (vector loads go through memcpy, scalars do not):
+// an array that does not start on a multiple of its item size (a NumPy view at a byte offset)
+// would make every scalar access undefined behaviour. Refused here; normkit.functional passes an
+// aligned copy of such inputs instead.
+Array aligned(Array a, const char* op, const char* name) {
+  const TensorView& v = a.view;
+  NK_CHECK_VALUE(reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0, op, ": ", name,
+                 " is not aligned to its ", dtype_size(v.dtype), "-byte items; pass an aligned ",
+                 "copy (numpy.require(a, requirements='A'))");
+  return a;
+}
+
 Array as_array(py::handle obj, const char* op, const char* name, Access access,
                uintptr_t stream) {
   if (obj.is_none()) return Array{};
@@ -215,15 +227,17 @@ Array as_array(py::handle obj, const char* op, const char* name, Access access,
     NK_CHECK_TYPE(!is_masked_array(obj), op, ": ", name, " is a NumPy masked array; the ",
                   "kernels would read its masked values too: pass x.filled(...) or ",
                   "x.compressed()");
-    return from_buffer(obj, op, name, access);
+    return aligned(from_buffer(obj, op, name, access), op, name);
   }
   if (PyCapsule_CheckExact(obj.ptr())) {
-    return from_capsule(py::reinterpret_borrow<py::object>(obj), op, name);
+    return aligned(from_capsule(py::reinterpret_borrow<py::object>(obj), op, name), op, name);
   }
   if (py::hasattr(obj, "__cuda_array_interface__")) {
-    return from_cuda_array_interface(obj, op, name, access);
+    return aligned(from_cuda_array_interface(obj, op, name, access), op, name);
   }
-  if (py::hasattr(obj, "__dlpack__")) return from_dlpack(obj, op, name, stream);
+  if (py::hasattr(obj, "__dlpack__")) {
+    return aligned(from_dlpack(obj, op, name, stream), op, name);
+  }
   fail(ErrorKind::Type, op, ": ", name, " must be an array (buffer protocol, CUDA Array ",
        "Interface, DLPack or a DLPack capsule), got ",
        std::string(py::str(py::type::of(obj).attr("__name__"))));
