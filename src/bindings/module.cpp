@@ -33,7 +33,9 @@ PYBIND11_MODULE(_C, m) {
 
   bind_batchnorm(m);
   bind_encoding(m);
+  bind_groupnorm(m);
   bind_im2col(m);
+  bind_wsconv(m);
 }
 
 }  // namespace normkit::bindings

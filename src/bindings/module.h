@@ -16,6 +16,8 @@ void without_gil(F&& f) {
 // One registration function per op family.
 void bind_batchnorm(py::module_& m);
 void bind_encoding(py::module_& m);
+void bind_groupnorm(py::module_& m);
 void bind_im2col(py::module_& m);
+void bind_wsconv(py::module_& m);
 
 }  // namespace normkit::bindings

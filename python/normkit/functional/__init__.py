@@ -14,7 +14,27 @@ from .batchnorm import (
     batchnormtrain,
     batchnormtrain_backward,
 )
-from .conv import convolution, convolution_backward, pixel_shuffle, pixel_unshuffle
+from .groupnorm import (
+    group_norm_affine,
+    group_norm_backward,
+    group_norm_backward_elemt,
+    group_norm_backward_reduce,
+    group_norm_forward,
+    group_norm_stats,
+    instance_norm_backward,
+    instance_norm_forward,
+)
+from .conv import (
+    conv_transpose,
+    conv_transpose_backward,
+    conv_transpose_output_padding,
+    convolution,
+    convolution_backward,
+    pad,
+    pad_backward,
+    pixel_shuffle,
+    pixel_unshuffle,
+)
 from .encoding import (
     aggregate,
     aggregate_backward,
@@ -32,6 +52,7 @@ from .encoding import (
     scaled_l2_forward,
     set_between_gemm_threads,
 )
+from .wsconv import ws_standardize, ws_standardize_backward
 
 __all__ = [
     "batch_norm_backward",
@@ -44,9 +65,23 @@ __all__ = [
     "batchnormeval_backward",
     "batchnormtrain",
     "batchnormtrain_backward",
+    # per-sample statistics: group norm, instance norm
+    "group_norm_affine",
+    "group_norm_backward",
+    "group_norm_backward_elemt",
+    "group_norm_backward_reduce",
+    "group_norm_forward",
+    "group_norm_stats",
+    "instance_norm_backward",
+    "instance_norm_forward",
     # convolution
+    "conv_transpose",
+    "conv_transpose_backward",
+    "conv_transpose_output_padding",
     "convolution",
     "convolution_backward",
+    "pad",
+    "pad_backward",
     "pixel_shuffle",
     "pixel_unshuffle",
     # the Encoding layer family
@@ -65,4 +100,7 @@ __all__ = [
     "scaled_l2_backward",
     "scaled_l2_forward",
     "set_between_gemm_threads",
+    # weight standardization
+    "ws_standardize",
+    "ws_standardize_backward",
 ]

@@ -35,13 +35,14 @@ class _BatchNorm(Module):
     ``running_var`` (unbiased) with ``momentum`` (None: the cumulative average over
     ``num_batches_tracked``). Eval normalizes with the running statistics, or with batch statistics
     when ``track_running_stats=False``. ``dtype`` is the parameters' dtype (float32 or float64);
-    float16 inputs run with float32 parameters.
+    float16 inputs run with float32 parameters. ``bias=False`` (keyword-only, as in torch 2.13)
+    with ``affine=True`` gives a weight and no bias.
     """
 
     _expected_ndim = ()  # allowed input ndims; empty means any >= 2
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None):
+                 track_running_stats=True, device=None, dtype=None, *, bias=True):
         super().__init__()
         num_features = check_num_features(type(self).__name__, num_features)
         dtype = np.dtype(np.float32 if dtype is None else dtype)
@@ -56,7 +57,10 @@ class _BatchNorm(Module):
         C = self.num_features
         if affine:
             self.weight = Parameter(np.ones(C, dtype))
-            self.bias = Parameter(np.zeros(C, dtype))
+            if bias:
+                self.bias = Parameter(np.zeros(C, dtype))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -82,7 +86,8 @@ class _BatchNorm(Module):
         self.reset_running_stats()
         if self.affine:
             self.weight.data[...] = 1
-            self.bias.data[...] = 0
+            if self.bias is not None:
+                self.bias.data[...] = 0
 
     def _check_input(self, x):
         array_module(x, "input")
@@ -116,8 +121,7 @@ class _BatchNorm(Module):
         self._check_input(x)
         use_batch_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
-        w = self.weight.data if self.affine else None
-        b = self.bias.data if self.affine else None
+        w, b = self._weight_bias()
         # The counter moves only once the forward has passed its checks (momentum=None reads the
         # count this batch will make).
         y, mean, invstd = F.batch_norm_forward(
@@ -144,6 +148,10 @@ class _BatchNorm(Module):
         self._accumulate_grads(dw, db)
         return dx
 
+    def _weight_bias(self):
+        """The affine parameters' arrays, None for those the layer lacks."""
+        return tuple(None if p is None else p.data for p in (self.weight, self.bias))
+
     def _check_dy(self, dy, x):
         array_module(dy, "dy")
         if tuple(dy.shape) != tuple(x.shape):
@@ -155,6 +163,8 @@ class _BatchNorm(Module):
         if not self.affine:
             return
         for p, g in ((self.weight, dweight), (self.bias, dbias)):
+            if p is None:
+                continue
             g = g.astype(p.dtype, copy=False)
             p.grad = g if p.grad is None else p.grad + g
 
@@ -166,7 +176,8 @@ class _BatchNorm(Module):
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}")
 
 
 class BatchNorm1d(_BatchNorm):

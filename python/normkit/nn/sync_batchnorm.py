@@ -44,9 +44,9 @@ class SyncBatchNorm(_BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, comm=None, sync_param_grads=False, device=None,
-                 dtype=None):
+                 dtype=None, *, bias=True):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
-                         dtype=dtype)
+                         dtype=dtype, bias=bias)
         self._comm = check_communicator(type(self).__name__, comm)
         self.sync_param_grads = sync_param_grads
         self._layer_id = next(_layer_ids)
@@ -121,8 +121,7 @@ class SyncBatchNorm(_BatchNorm):
             self.running_mean += m * g_mean
             self.running_var *= 1.0 - m
             self.running_var += m * g_var * (total / (total - 1))
-        w = self.weight.data if self.affine else None
-        b = self.bias.data if self.affine else None
+        w, b = self._weight_bias()
         y = F.batch_norm_normalize(x, g_mean, invstd, w, b)
         self._saved = (x, g_mean, invstd, True)
         self._global_count = total
@@ -163,7 +162,7 @@ def convert_sync_batchnorm(module, comm=None, sync_param_grads=False):
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats, comm=comm,
-                             sync_param_grads=sync_param_grads)
+                             sync_param_grads=sync_param_grads, bias=module.bias is not None)
         for name, p in module._parameters.items():
             sync._parameters[name] = p
         for name, b in module._buffers.items():

@@ -9,6 +9,8 @@
     Encoding, GramMatrix, Inspiration, UpsampleConv2d   PyTorch-Encoding's encoding.nn layers
                              (state_dicts shared with normkit.nn's)
     scaled_l2, aggregate, encoding                      their autograd functions
+    WSConv1d/2d/3d, WSConvTranspose2d/3d, FWS           elektronn3's weight-standardized
+                             convolutions (fixed; state_dicts interchange), ws_standardize
 
 Tensors reach the core through DLPack without copies; outputs are allocated by torch.
 """
@@ -24,8 +26,12 @@ from .distributed import TorchCommunicator
 from .encoding import Encoding, GramMatrix, Inspiration, UpsampleConv2d
 from .functional import aggregate, batch_norm, batchnormeval, batchnormtrain, encoding, scaled_l2
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
+from .wsconv import (FWS, WSConv1d, WSConv2d, WSConv3d, WSConvTranspose2d, WSConvTranspose3d,
+                     ws_standardize)
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Encoding", "GramMatrix", "Inspiration",
-           "SyncBatchNorm", "TorchCommunicator", "UpsampleConv2d", "aggregate", "batch_norm",
-           "batchnormeval", "batchnormtrain", "convert_sync_batchnorm", "distributed", "encoding",
-           "functional", "scaled_l2", "sync_batch_norm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Encoding", "FWS", "GramMatrix",
+           "Inspiration", "SyncBatchNorm", "TorchCommunicator", "UpsampleConv2d", "WSConv1d",
+           "WSConv2d", "WSConv3d", "WSConvTranspose2d", "WSConvTranspose3d", "aggregate",
+           "batch_norm", "batchnormeval", "batchnormtrain", "convert_sync_batchnorm",
+           "distributed", "encoding", "functional", "scaled_l2", "sync_batch_norm",
+           "ws_standardize"]

@@ -1,0 +1,968 @@
+// Per-sample statistics (group norm, instance norm): the argument checks (shared by both devices),
+// dispatch, and the CPU kernels. The CUDA kernels are in cuda/groupnorm.cu; they receive arguments
+// checked here.
+//
+// Every op reduces to two kernel shapes over the tensor seen as (N, C, S), with coefficients per
+// (sample, channel) plane, so that one pair serves group norm (a group's coefficients repeated over
+// its channels) and instance norm (G = C):
+//   pair sums   s1[n,c] = sum (a - ka[n,c]),  s2[n,c] = sum (a - ka[n,c]) * (b - kb[n,c])
+//                 statistics: a = b = x, ka = kb = a shift per (n, g) (the mean of the group's
+//                 first values), so the sums stay exact when |mean| >> std, and the plane sums of
+//                 a group add up to the group's shifted sums; backward: a = dy, ka = 0, b = x,
+//                 kb = mean[n,g].
+//   affine      out = p[n,c] * u + q[n,c] * (v - m[n,c]) + r[n,c]
+//                 normalize: u absent, v = x;  backward: u = dy, v = x.
+// Inner loops accumulate in float32 lanes (float64 for float64 data) and flush into float64 every
+// few thousand values. Work is split among threads as contiguous ranges of the tensor in memory
+// order (whole planes, or parts of one when N*C is small and S large), each thread summing into
+// its own float64 partials, merged in thread order: results depend only on the thread count.
+//
+// Layouts: "planar" (each (n, c) plane a contiguous run of S values: NCHW), "channels-last" (rows
+// of C contiguous channels per (n, s): NHWC, and (N, C)), and a generic strided path. For a
+// contiguous channels-first input the single-process forward and backward are fused per (n, g)
+// block: a thread reduces the block and writes its output right after, while it is in cache.
+#include "normkit/groupnorm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_stream.h"
+#include "cpu_threads.h"
+#include "normkit/dispatch.h"
+
+#define NK_INLINE inline __attribute__((always_inline))
+
+namespace normkit {
+namespace {
+
+// Arithmetic type of a storage type: float64 for float64, float32 for everything else. It is also
+// the dtype of parameters and statistics (param_dtype).
+template <class T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+constexpr int kLanes = 16;
+constexpr int64_t kFlushEvery = 2048;  // values per float32 lane block before flushing to float64
+constexpr int64_t kFlushRows = 64;     // channels-last rows per float32 block
+constexpr int64_t kGrain = 1 << 15;    // elements a thread should have before another one helps
+
+// ------------------------------------------------------------------------------------------------
+// Loads and stores of storage type T as its arithmetic type, scalar and kLanes at a time.
+
+template <class T>
+NK_INLINE acc_t<T> ld(T v) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    return bf16_to_float(v);
+  } else {
+    return acc_t<T>(v);
+  }
+}
+
+template <class T>
+NK_INLINE T st(acc_t<T> v) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    return float_to_bf16(v);
+  } else {
+    return T(v);
+  }
+}
+
+template <class T>
+struct Lanes {
+  using A = acc_t<T>;
+  typedef A V __attribute__((vector_size(kLanes * sizeof(A))));
+  typedef uint16_t U16 __attribute__((vector_size(kLanes * 2)));
+  typedef uint32_t U32 __attribute__((vector_size(kLanes * 4)));
+
+  NK_INLINE static V load(const T* p) {
+    V v;
+    if constexpr (std::is_same_v<T, A>) {
+      std::memcpy(&v, p, sizeof v);
+    } else if constexpr (std::is_same_v<T, BFloat16>) {
+      U16 h;  // bfloat16 is the upper half of a float32
+      std::memcpy(&h, p, sizeof h);
+      const U32 w = __builtin_convertvector(h, U32) << 16;
+      std::memcpy(&v, &w, sizeof v);
+    } else {
+      typedef T Stored __attribute__((vector_size(kLanes * sizeof(T))));
+      Stored s;
+      std::memcpy(&s, p, sizeof s);
+      v = __builtin_convertvector(s, V);
+    }
+    return v;
+  }
+
+  NK_INLINE static void store(T* p, const V& v) {
+    if constexpr (std::is_same_v<T, A>) {
+      std::memcpy(p, &v, sizeof v);
+    } else if constexpr (std::is_same_v<T, BFloat16>) {
+      // float_to_bf16 on every lane: round to nearest even, NaN kept a (quiet) NaN
+      U32 u;
+      std::memcpy(&u, &v, sizeof u);
+      const U32 nan = (U32)((u & 0x7fffffffu) > 0x7f800000u);
+      const U32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+      const U32 quiet = (u >> 16) | 0x40u;
+      const U16 h = __builtin_convertvector((nan & quiet) | (~nan & rounded), U16);
+      std::memcpy(p, &h, sizeof h);
+    } else {
+      typedef T Stored __attribute__((vector_size(kLanes * sizeof(T))));
+      const Stored s = __builtin_convertvector(v, Stored);
+      std::memcpy(p, &s, sizeof s);
+    }
+  }
+};
+
+template <class V>
+NK_INLINE double hsum(const V& v) {
+  double sum = 0;
+  for (int l = 0; l < kLanes; ++l) sum += double(v[l]);
+  return sum;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Contiguous runs (planar layout): one (n, c) plane, or part of one.
+
+// s1 += sum (a - ka), s2 += sum (a - ka) (b - kb) over len contiguous values. kSame: b is a.
+template <class T, bool kSame>
+NK_HOT void run_sums(const T* a, const T* b, int64_t len, acc_t<T> ka, acc_t<T> kb, double* s1,
+                     double* s2) {
+  using A = acc_t<T>;
+  using L = Lanes<T>;
+  using V = typename L::V;
+  double d1 = 0, d2 = 0;
+  for (int64_t i0 = 0; i0 < len; i0 += kFlushEvery) {
+    const int64_t end = std::min(len, i0 + kFlushEvery);
+    V u1 = {}, u2 = {}, w1 = {}, w2 = {};  // two chains hide the add latency
+    A t1 = 0, t2 = 0;
+    int64_t i = i0;
+    for (; i + 2 * kLanes <= end; i += 2 * kLanes) {
+      const V da = L::load(a + i) - ka, ea = L::load(a + i + kLanes) - ka;
+      u1 += da;
+      w1 += ea;
+      if constexpr (kSame) {
+        u2 += da * da;
+        w2 += ea * ea;
+      } else {
+        u2 += da * (L::load(b + i) - kb);
+        w2 += ea * (L::load(b + i + kLanes) - kb);
+      }
+    }
+    if (i + kLanes <= end) {  // short planes (small H*W) would otherwise leave up to 31 scalars
+      const V da = L::load(a + i) - ka;
+      u1 += da;
+      u2 += da * (kSame ? da : L::load(b + i) - kb);
+      i += kLanes;
+    }
+    for (; i < end; ++i) {
+      const A d = ld(a[i]) - ka;
+      t1 += d;
+      t2 += d * (kSame ? d : ld(b[i]) - kb);
+    }
+    d1 += hsum(u1 + w1) + double(t1);
+    d2 += hsum(u2 + w2) + double(t2);
+  }
+  *s1 += d1;
+  *s2 += d2;
+}
+
+// out = p * u + q * (v - m) + r over len contiguous values; u may be null (p ignored).
+// `stream`: streaming stores (float32/float64; see cpu_stream.h), for outputs beyond the LLC.
+template <class T>
+NK_HOT void run_affine(const T* u, const T* v, T* out, int64_t len, acc_t<T> p, acc_t<T> q,
+                       acc_t<T> m, acc_t<T> r, bool stream) {
+  using L = Lanes<T>;
+  auto one = [&](int64_t i) {
+    out[i] = u ? st<T>(p * ld(u[i]) + q * (ld(v[i]) - m) + r) : st<T>(q * (ld(v[i]) - m) + r);
+  };
+  int64_t i = 0;
+  if constexpr (cpu::kCanStream<T>) {
+    if (stream) {
+      for (; i < len && reinterpret_cast<uintptr_t>(out + i) % 16; ++i) one(i);
+      if (u) {
+        for (; i + kLanes <= len; i += kLanes) {
+          cpu::stream_store(out + i, p * L::load(u + i) + q * (L::load(v + i) - m) + r);
+        }
+      } else {
+        for (; i + kLanes <= len; i += kLanes) {
+          cpu::stream_store(out + i, q * (L::load(v + i) - m) + r);
+        }
+      }
+    }
+  }
+  if (u) {
+    for (; i + kLanes <= len; i += kLanes) {
+      L::store(out + i, p * L::load(u + i) + q * (L::load(v + i) - m) + r);
+    }
+  } else {
+    for (; i + kLanes <= len; i += kLanes) L::store(out + i, q * (L::load(v + i) - m) + r);
+  }
+  for (; i < len; ++i) one(i);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Channels-last rows: `rows` consecutive positions s of one sample, C contiguous channels each.
+
+// The rows are walked in chunks of kFlushRows, and within a chunk one run of kLanes channels at a
+// time down all its rows, so that run's accumulators stay in registers (the chunk stays in L1).
+template <class T>
+NK_HOT void rows_sums(const T* a, const T* b, int64_t sa, int64_t sb, int64_t rows, int64_t C,
+                      const acc_t<T>* __restrict ka, const acc_t<T>* __restrict kb,
+                      double* __restrict s1, double* __restrict s2) {
+  using A = acc_t<T>;
+  using L = Lanes<T>;
+  using V = typename L::V;
+  for (int64_t r0 = 0; r0 < rows; r0 += kFlushRows) {
+    const int64_t r1 = std::min(rows, r0 + kFlushRows);
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes) {
+      const V k1 = Lanes<A>::load(ka + c), k2 = Lanes<A>::load(kb + c);
+      V u1 = {}, u2 = {};
+      for (int64_t r = r0; r < r1; ++r) {
+        const V d = L::load(a + r * sa + c) - k1;
+        u1 += d;
+        u2 += d * (L::load(b + r * sb + c) - k2);
+      }
+      for (int l = 0; l < kLanes; ++l) {
+        s1[c + l] += double(u1[l]);
+        s2[c + l] += double(u2[l]);
+      }
+    }
+    for (; c < C; ++c) {
+      A t1 = 0, t2 = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        const A d = ld(a[r * sa + c]) - ka[c];
+        t1 += d;
+        t2 += d * (ld(b[r * sb + c]) - kb[c]);
+      }
+      s1[c] += double(t1);
+      s2[c] += double(t2);
+    }
+  }
+}
+
+template <class T>
+NK_HOT void rows_affine(const T* u, const T* v, T* out, int64_t su, int64_t sv, int64_t so,
+                        int64_t rows, int64_t C, const acc_t<T>* __restrict p,
+                        const acc_t<T>* __restrict q, const acc_t<T>* __restrict m,
+                        const acc_t<T>* __restrict r) {
+  for (int64_t k = 0; k < rows; ++k) {
+    const T* __restrict vv = v + k * sv;
+    T* __restrict o = out + k * so;
+    if (u) {
+      const T* __restrict uu = u + k * su;
+      for (int64_t c = 0; c < C; ++c) {
+        o[c] = st<T>(p[c] * ld(uu[c]) + q[c] * (ld(vv[c]) - m[c]) + r[c]);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) o[c] = st<T>(q[c] * (ld(vv[c]) - m[c]) + r[c]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Geometry and the two shapes over a whole tensor.
+
+enum class Layout { Planar, ChannelsLast, Generic };
+
+// A typed tensor seen as (N, C, S).
+template <class T>
+struct Strided {
+  T* data;
+  int64_t sN, sC, sS;
+  T* plane(int64_t n, int64_t c) const { return data + n * sN + c * sC; }
+};
+
+template <class T>
+Strided<T> strided(const TensorView& t, const NCSView& v) {
+  return {t.ptr<T>(), v.sN, v.sC, v.sS};
+}
+
+// Each tensor of a call may have its own strides; a layout is a fast path when all share it.
+Layout choose_layout(std::initializer_list<const NCSView*> views) {
+  const NCSView& a = **views.begin();
+  bool planar = a.S > 1, channels_last = true;
+  for (const NCSView* v : views) {
+    planar = planar && v->sS == 1;
+    channels_last = channels_last && (v->C <= 1 || v->sC == 1);
+  }
+  if (planar) return Layout::Planar;
+  if (channels_last) return Layout::ChannelsLast;
+  return a.S <= 1 ? Layout::Planar : Layout::Generic;  // S <= 1: every plane is one value
+}
+
+struct Geometry {
+  Layout layout;
+  int64_t N, C, S, G;
+  int64_t Cg() const { return C / G; }
+};
+
+// Calls f(n, c, s0, s1) for the parts [s0, s1) of the (n, c) planes that values [e0, e1) of the
+// N*C*S plane space (plane i = n*C + c, in planar memory order) cover.
+template <class F>
+void for_plane_pieces(const Geometry& g, int64_t e0, int64_t e1, F&& f) {
+  if (g.S == 0) return;
+  int64_t i = e0 / g.S, s0 = e0 % g.S;
+  for (int64_t e = e0; e < e1; ++i, s0 = 0) {
+    const int64_t s1 = std::min(g.S, s0 + (e1 - e));
+    f(i / g.C, i % g.C, s0, s1);
+    e += s1 - s0;
+  }
+}
+
+// Per-plane pair sums (see the top of the file) of a against b; ka, kb, s1, s2 are N*C, n-major.
+template <class T>
+void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b, bool same,
+               const std::vector<acc_t<T>>& ka, const std::vector<acc_t<T>>& kb,
+               std::vector<double>& s1, std::vector<double>& s2) {
+  const int64_t NC = g.N * g.C;
+  s1.assign(NC, 0.0);
+  s2.assign(NC, 0.0);
+  if (NC * g.S == 0) return;
+  const int nthreads = cpu::threads_for(NC * g.S, kGrain);
+  // Thread t's partial sums cover planes [first[t], first[t] + size): the planes it touches.
+  std::vector<int64_t> first(nthreads, 0);
+  std::vector<std::vector<double>> part(nthreads);
+  cpu::parallel_ranges(nthreads, g.layout == Layout::ChannelsLast ? g.N * g.S : NC * g.S,
+                       [&](int tid, int64_t e0, int64_t e1) {
+    if (e0 >= e1) return;
+    if (g.layout == Layout::ChannelsLast) {
+      const int64_t n0 = e0 / g.S, n1 = (e1 - 1) / g.S;
+      first[tid] = n0 * g.C;
+      std::vector<double>& p = part[tid];
+      p.assign(2 * (n1 - n0 + 1) * g.C, 0.0);
+      for (int64_t n = n0; n <= n1; ++n) {
+        const int64_t r0 = std::max(e0, n * g.S) - n * g.S;
+        const int64_t r1 = std::min(e1, (n + 1) * g.S) - n * g.S;
+        double* p1 = p.data() + 2 * (n - n0) * g.C;
+        rows_sums<T>(a.data + n * a.sN + r0 * a.sS, b.data + n * b.sN + r0 * b.sS, a.sS, b.sS,
+                     r1 - r0, g.C, ka.data() + n * g.C, kb.data() + n * g.C, p1, p1 + g.C);
+      }
+      return;
+    }
+    const int64_t i0 = e0 / g.S, i1 = (e1 - 1) / g.S;
+    first[tid] = i0;
+    std::vector<double>& p = part[tid];
+    p.assign(2 * (i1 - i0 + 1), 0.0);
+    for_plane_pieces(g, e0, e1, [&](int64_t n, int64_t c, int64_t s0, int64_t s1) {
+      const int64_t i = n * g.C + c;
+      double* out1 = p.data() + 2 * (i - i0);
+      const T* ar = a.plane(n, c);
+      const T* br = b.plane(n, c);
+      if (g.layout == Layout::Planar) {
+        if (same) {
+          run_sums<T, true>(ar + s0, ar + s0, s1 - s0, ka[i], ka[i], out1, out1 + 1);
+        } else {
+          run_sums<T, false>(ar + s0, br + s0, s1 - s0, ka[i], kb[i], out1, out1 + 1);
+        }
+        return;
+      }
+      double t1 = 0, t2 = 0;  // generic strides: scalar, in float64
+      for (int64_t s = s0; s < s1; ++s) {
+        const double d = double(ld(ar[s * a.sS])) - double(ka[i]);
+        t1 += d;
+        t2 += d * (double(ld(br[s * b.sS])) - double(kb[i]));
+      }
+      out1[0] += t1;
+      out1[1] += t2;
+    });
+  });
+  for (int t = 0; t < nthreads; ++t) {
+    const std::vector<double>& p = part[t];
+    if (p.empty()) continue;
+    if (g.layout == Layout::ChannelsLast) {
+      for (size_t j = 0; j < p.size() / (2 * g.C); ++j) {
+        for (int64_t c = 0; c < g.C; ++c) {
+          s1[first[t] + j * g.C + c] += p[2 * j * g.C + c];
+          s2[first[t] + j * g.C + c] += p[(2 * j + 1) * g.C + c];
+        }
+      }
+    } else {
+      for (size_t j = 0; j < p.size() / 2; ++j) {
+        s1[first[t] + j] += p[2 * j];
+        s2[first[t] + j] += p[2 * j + 1];
+      }
+    }
+  }
+}
+
+// out = p * u + q * (v - m) + r with per-plane coefficients (N*C, n-major); u may be absent.
+template <class T>
+void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, Strided<T> out,
+            const std::vector<acc_t<T>>& p, const std::vector<acc_t<T>>& q,
+            const std::vector<acc_t<T>>& m, const std::vector<acc_t<T>>& r) {
+  using A = acc_t<T>;
+  const int64_t NC = g.N * g.C;
+  if (NC * g.S == 0) return;
+  const int nthreads = cpu::threads_for(NC * g.S, kGrain);
+  const bool stream = cpu::should_stream((u ? 3 : 2) * NC * g.S * int64_t(sizeof(T)));
+  cpu::parallel_ranges(nthreads, g.layout == Layout::ChannelsLast ? g.N * g.S : NC * g.S,
+                       [&](int, int64_t e0, int64_t e1) {
+    if (g.layout == Layout::ChannelsLast) {
+      while (e0 < e1) {
+        const int64_t n = e0 / g.S, s0 = e0 % g.S, s1 = std::min(g.S, s0 + (e1 - e0));
+        const int64_t k = n * g.C;
+        rows_affine<T>(u ? u->data + n * u->sN + s0 * u->sS : nullptr,
+                       v.data + n * v.sN + s0 * v.sS, out.data + n * out.sN + s0 * out.sS,
+                       u ? u->sS : 0, v.sS, out.sS, s1 - s0, g.C, p.data() + k, q.data() + k,
+                       m.data() + k, r.data() + k);
+        e0 += s1 - s0;
+      }
+      return;
+    }
+    for_plane_pieces(g, e0, e1, [&](int64_t n, int64_t c, int64_t s0, int64_t s1) {
+      const int64_t i = n * g.C + c;
+      const T* ur = u ? u->plane(n, c) : nullptr;
+      const T* vr = v.plane(n, c);
+      T* o = out.plane(n, c);
+      if (g.layout == Layout::Planar) {
+        run_affine<T>(ur ? ur + s0 : nullptr, vr + s0, o + s0, s1 - s0, p[i], q[i], m[i], r[i],
+                      stream);
+        return;
+      }
+      for (int64_t s = s0; s < s1; ++s) {
+        A value = q[i] * (ld(vr[s * v.sS]) - m[i]) + r[i];
+        if (ur) value += p[i] * ld(ur[s * u->sS]);
+        o[s * out.sS] = st<T>(value);
+      }
+    });
+    if (stream) cpu::stream_fence();
+  });
+}
+
+// The shift of a group's statistics: the mean of the first (up to) kPilot values of the group's
+// first channel. Sums of (x - shift) then lose nothing to cancellation when |mean| >> std (the
+// shift need only be within a few std of the mean). Few values: for small planes (7x7) a longer
+// pilot would cost as much as the statistics themselves.
+constexpr int64_t kPilot = 16;
+
+template <class T>
+double pilot_mean(const Geometry& g, Strided<const T> x, int64_t n, int64_t group) {
+  const int64_t count = std::min(kPilot, g.S);
+  if (count == 0) return 0.0;
+  const T* plane = x.plane(n, group * g.Cg());
+  double sum = 0;
+  for (int64_t s = 0; s < count; ++s) sum += double(ld(plane[s * x.sS]));
+  return sum / double(count);
+}
+
+// Whether the single-process forward/backward fuse their passes per (n, g) block: planar blocks,
+// enough of them to give every thread whole blocks.
+bool fuse(const Geometry& g, int nthreads) {
+  return g.layout == Layout::Planar && g.N * g.G >= nthreads && g.S > 0;
+}
+
+// The same for channels-last tensors, by whole samples.
+bool fuse_rows(const Geometry& g, int nthreads) {
+  return g.layout == Layout::ChannelsLast && g.N >= nthreads && g.S > 0;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Small (N, K) arrays of the param dtype, read into / written from n-major float64 vectors.
+
+template <class P>
+std::vector<double> read_nk(const TensorView& t, int64_t N, int64_t K, double absent) {
+  std::vector<double> out(N * K, absent);
+  if (!t.defined()) return out;
+  const P* data = t.ptr<const P>();
+  for (int64_t n = 0; n < N; ++n) {
+    const P* row = data + n * t.strides[0];
+    for (int64_t k = 0; k < K; ++k) out[n * K + k] = double(row[k * t.strides[1]]);
+  }
+  return out;
+}
+
+template <class P>
+void write_nk(const TensorView& t, int64_t N, int64_t K, const std::vector<double>& values) {
+  P* data = t.ptr<P>();
+  for (int64_t n = 0; n < N; ++n) {
+    P* row = data + n * t.strides[0];
+    for (int64_t k = 0; k < K; ++k) row[k * t.strides[1]] = P(values[n * K + k]);
+  }
+}
+
+template <class P>
+std::vector<double> read_channels(const TensorView& t, int64_t C, double absent) {
+  std::vector<double> out(C, absent);
+  if (!t.defined()) return out;
+  const P* data = t.ptr<const P>();
+  for (int64_t c = 0; c < C; ++c) out[c] = double(data[c * t.strides[0]]);
+  return out;
+}
+
+// A per-group (N, G) vector spread over the channels of each group: (N, C).
+template <class A>
+std::vector<A> per_channel(const std::vector<double>& v, const Geometry& g) {
+  std::vector<A> out(g.N * g.C);
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t c = 0; c < g.C; ++c) out[n * g.C + c] = A(v[n * g.G + c / g.Cg()]);
+  }
+  return out;
+}
+
+template <class A>
+std::vector<A> narrow(const std::vector<double>& v) {
+  return std::vector<A>(v.begin(), v.end());
+}
+
+// Group moments from shifted plane sums: mean and biased var per (n, g).
+void group_moments(const Geometry& g, const std::vector<double>& shift,
+                   const std::vector<double>& s1, const std::vector<double>& s2,
+                   std::vector<double>& mean, std::vector<double>& var) {
+  const double M = double(g.Cg() * g.S);
+  mean.assign(g.N * g.G, 0.0);
+  var.assign(g.N * g.G, 0.0);
+  if (M <= 0) return;
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t k = 0; k < g.G; ++k) {
+      double t1 = 0, t2 = 0;
+      for (int64_t c = k * g.Cg(); c < (k + 1) * g.Cg(); ++c) {
+        t1 += s1[n * g.C + c];
+        t2 += s2[n * g.C + c];
+      }
+      const double d = t1 / M;
+      mean[n * g.G + k] = shift[n * g.G + k] + d;
+      var[n * g.G + k] = std::max(0.0, t2 / M - d * d);
+    }
+  }
+}
+
+// Coefficients of dx = a * dy + b * (x - mean) + c through the statistics of one (n, g) block:
+// with xhat = (x - mean) * rstd and M values per group,
+//   dx = rstd * (w dy - mean(w dy) - xhat * mean(w dy xhat))
+// so a = rstd * w[c], b = -rstd^3 * sum_c w sum_dy_xmu / M, c = -rstd * sum_c w sum_dy / M.
+struct BlockGrad {
+  double b, c;
+};
+
+BlockGrad block_grad(const Geometry& g, int64_t n, int64_t k, double rstd,
+                     const std::vector<double>& w, const double* s1, const double* s2) {
+  const double M = double(g.Cg() * g.S);
+  if (M <= 0) return {0.0, 0.0};
+  double a1 = 0, a2 = 0;
+  for (int64_t j = 0; j < g.Cg(); ++j) {
+    const int64_t c = k * g.Cg() + j;
+    a1 += w[c] * s1[n * g.C + c];
+    a2 += w[c] * s2[n * g.C + c];
+  }
+  return {-rstd * rstd * rstd * a2 / M, -rstd * a1 / M};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Checks shared by the ops.
+
+std::string shape_string(const TensorView& t) {
+  std::string s = "(";
+  for (int d = 0; d < t.ndim; ++d) s += (d ? ", " : "") + std::to_string(t.shape[d]);
+  return s + (t.ndim == 1 ? ",)" : ")");
+}
+
+struct Checked {
+  NCSView x;
+  DType param;
+};
+
+Checked check_input(const char* op, const TensorView& x) {
+  NK_CHECK_VALUE(x.defined(), op, ": x is required");
+  NK_CHECK_VALUE(x.ndim >= 2, op, ": x must have shape (N, C, ...), got ", x.ndim, " dim(s)");
+  return {as_ncs(x, "x"), param_dtype(x.dtype)};
+}
+
+void check_same_device(const char* op, const TensorView& t, const char* name, const TensorView& x) {
+  NK_CHECK_TYPE(t.device == x.device && t.device_id == x.device_id, op, ": ", name, " is on ",
+                device_name(t.device), ":", t.device_id, " but x is on ", device_name(x.device),
+                ":", x.device_id);
+}
+
+// An output must not write one element through two indices (a broadcast view would race).
+void check_output(const char* op, const TensorView& t, const char* name) {
+  if (!t.defined() || t.numel() == 0) return;
+  for (int d = 0; d < t.ndim; ++d) {
+    NK_CHECK_VALUE(t.shape[d] <= 1 || t.strides[d] != 0, op, ": output ", name,
+                   " is a broadcast view (stride 0 in dim ", d, "); pass an array that owns ",
+                   "every element");
+  }
+}
+
+// A tensor shaped like x, of its dtype, on its device.
+NCSView check_like_x(const char* op, const TensorView& t, const char* name, const TensorView& x) {
+  NK_CHECK_VALUE(t.defined(), op, ": ", name, " is required");
+  check_same_device(op, t, name, x);
+  NK_CHECK_TYPE(t.dtype == x.dtype, op, ": ", name, " has dtype ", dtype_name(t.dtype),
+                " but x has ", dtype_name(x.dtype));
+  bool same = t.ndim == x.ndim;
+  for (int d = 0; same && d < x.ndim; ++d) same = t.shape[d] == x.shape[d];
+  NK_CHECK_VALUE(same, op, ": ", name, " has shape ", shape_string(t), " but x has shape ",
+                 shape_string(x));
+  return as_ncs(t, name);
+}
+
+void check_param_array(const char* op, const TensorView& t, const char* name, const TensorView& x,
+                       DType param) {
+  check_same_device(op, t, name, x);
+  NK_CHECK_TYPE(t.dtype == param, op, ": ", name, " must be ", dtype_name(param), " for ",
+                dtype_name(x.dtype), " input, got ", dtype_name(t.dtype));
+}
+
+// The number of groups G, checked: a positive divisor of C.
+int64_t check_groups(const char* op, int64_t groups, int64_t C) {
+  NK_CHECK_VALUE(groups >= 1, op, ": the number of groups must be >= 1, got ", groups);
+  NK_CHECK_VALUE(C % groups == 0, op, ": the ", C, " channels of x are not divisible into ",
+                 groups, " groups");
+  return groups;
+}
+
+// `mean` (N, G) fixes G; returns the geometry of the call.
+Geometry check_mean(const char* op, const TensorView& mean, const char* name, const TensorView& x,
+                    const Checked& k) {
+  NK_CHECK_VALUE(mean.defined(), op, ": ", name, " is required");
+  check_param_array(op, mean, name, x, k.param);
+  NK_CHECK_VALUE(mean.ndim == 2 && mean.shape[0] == k.x.N, op, ": ", name,
+                 " must have shape (N, G) = (", k.x.N, ", G), got ", shape_string(mean));
+  const int64_t G = check_groups(op, mean.shape[1], k.x.C);
+  return {Layout::Planar, k.x.N, k.x.C, k.x.S, G};
+}
+
+// An (N, K) array of the param dtype (K = G or C); absent allowed when `optional`.
+void check_nk(const char* op, const TensorView& t, const char* name, const TensorView& x,
+              const Checked& k, int64_t K, const char* what, bool optional) {
+  if (!t.defined()) {
+    NK_CHECK_VALUE(optional, op, ": ", name, " is required");
+    return;
+  }
+  check_param_array(op, t, name, x, k.param);
+  NK_CHECK_VALUE(t.ndim == 2 && t.shape[0] == k.x.N && t.shape[1] == K, op, ": ", name,
+                 " must have shape ", what, " = (", k.x.N, ", ", K, "), got ", shape_string(t));
+}
+
+void check_channels(const char* op, const TensorView& t, const char* name, const TensorView& x,
+                    const Checked& k) {
+  if (!t.defined()) return;
+  check_param_array(op, t, name, x, k.param);
+  NK_CHECK_VALUE(t.ndim == 1 && t.shape[0] == k.x.C, op, ": ", name, " must have shape (",
+                 k.x.C, ",) to match the channels of x, got ", shape_string(t));
+}
+
+template <class T>
+Strided<const T> in(const TensorView& t, const NCSView& v) {
+  return {t.ptr<const T>(), v.sN, v.sC, v.sS};
+}
+
+}  // namespace
+
+// ================================================================================================
+// The ops.
+
+int64_t group_norm_workspace_size(const TensorView& x, int64_t groups) {
+  const char* op = "group_norm_workspace_size";
+  const Checked k = check_input(op, x);
+  check_groups(op, groups, k.x.C);
+  if (x.device != Device::CUDA) return 0;
+  int64_t size = 0;
+  dispatch<true>(op, x, [](auto) {}, [&] { size = cuda::group_norm_workspace_size(x, groups); });
+  return size;
+}
+
+void group_norm_stats(const TensorView& x, const TensorView& mean, const TensorView& var,
+                      const Launch& launch) {
+  const char* op = "group_norm_stats";
+  const Checked k = check_input(op, x);
+  Geometry g = check_mean(op, mean, "mean", x, k);
+  check_nk(op, var, "var", x, k, g.G, "(N, G)", false);
+  check_output(op, mean, "mean");
+  check_output(op, var, "var");
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    g.layout = choose_layout({&k.x});
+    const auto xs = in<T>(x, k.x);
+    std::vector<double> shift(g.N * g.G), s1, s2, m, v;
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t j = 0; j < g.G; ++j) shift[n * g.G + j] = double(A(pilot_mean(g, xs, n, j)));
+    }
+    const auto ks = per_channel<A>(shift, g);
+    pair_sums<T>(g, xs, xs, true, ks, ks, s1, s2);
+    group_moments(g, shift, s1, s2, m, v);
+    write_nk<A>(mean, g.N, g.G, m);
+    write_nk<A>(var, g.N, g.G, v);
+  }, [&] { cuda::group_norm_stats(x, mean, var, launch); });
+}
+
+void group_norm_affine(const TensorView& x, const TensorView& mean, const TensorView& scale,
+                       const TensorView& shift, const TensorView& y, const Launch& launch) {
+  const char* op = "group_norm_affine";
+  const Checked k = check_input(op, x);
+  Geometry g = check_mean(op, mean, "mean", x, k);
+  check_nk(op, scale, "scale", x, k, g.C, "(N, C)", false);
+  check_nk(op, shift, "shift", x, k, g.C, "(N, C)", false);
+  const NCSView yv = check_like_x(op, y, "y", x);
+  check_output(op, y, "y");
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    g.layout = choose_layout({&k.x, &yv});
+    const auto m = per_channel<A>(read_nk<A>(mean, g.N, g.G, 0), g);
+    affine<T>(g, nullptr, in<T>(x, k.x), strided<T>(y, yv), std::vector<A>(g.N * g.C, 0),
+              narrow<A>(read_nk<A>(scale, g.N, g.C, 0)), m,
+              narrow<A>(read_nk<A>(shift, g.N, g.C, 0)));
+  }, [&] { cuda::group_norm_affine(x, mean, scale, shift, y, launch); });
+}
+
+void group_norm_forward(const TensorView& x, const TensorView& weight, const TensorView& bias,
+                        double eps, const TensorView& y, const TensorView& mean,
+                        const TensorView& var, const TensorView& rstd, const Launch& launch) {
+  const char* op = "group_norm_forward";
+  const Checked k = check_input(op, x);
+  Geometry g = check_mean(op, mean, "mean", x, k);
+  check_nk(op, var, "var", x, k, g.G, "(N, G)", false);
+  check_nk(op, rstd, "rstd", x, k, g.G, "(N, G)", false);
+  check_channels(op, weight, "weight", x, k);
+  check_channels(op, bias, "bias", x, k);
+  check_output(op, mean, "mean");
+  check_output(op, var, "var");
+  check_output(op, rstd, "rstd");
+  NK_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  const NCSView yv = check_like_x(op, y, "y", x);
+  check_output(op, y, "y");
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    g.layout = choose_layout({&k.x, &yv});
+    const auto xs = in<T>(x, k.x);
+    const auto ys = strided<T>(y, yv);
+    const auto w = read_channels<A>(weight, g.C, 1), b = read_channels<A>(bias, g.C, 0);
+    const int64_t NG = g.N * g.G, Cg = g.Cg();
+    const double M = double(Cg * g.S);
+    std::vector<double> m(NG, 0.0), v(NG, 0.0), rs(NG, 0.0);
+    // shifted_affine: y = q (x - shift) + (b - q (mean - shift)) with the shift (a value of the
+    // arithmetic type near the mean) in place of the mean, whose rounding to float32 would move
+    // every y by |mean| * 2^-24 * rstd: x - shift is exact, mean - shift is taken in float64.
+    const int nthreads = cpu::threads_for(g.N * g.C * g.S, kGrain);
+    if (fuse(g, nthreads)) {
+      // A thread owns whole (n, g) blocks and normalizes each right after reducing it, while the
+      // block is still in cache: x crosses the memory bus once.
+      const bool stream = cpu::should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)));
+      cpu::parallel_ranges(nthreads, NG, [&](int, int64_t b0, int64_t b1) {
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t n = blk / g.G, j = blk % g.G;
+          const A ks = A(pilot_mean(g, xs, n, j));
+          double s1 = 0, s2 = 0;
+          for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
+            run_sums<T, true>(xs.plane(n, c), xs.plane(n, c), g.S, ks, ks, &s1, &s2);
+          }
+          const double d = s1 / M;
+          m[blk] = double(ks) + d;
+          v[blk] = std::max(0.0, s2 / M - d * d);
+          rs[blk] = 1.0 / std::sqrt(v[blk] + eps);
+          for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {  // see shifted_affine
+            const double q = rs[blk] * w[c];
+            run_affine<T>(nullptr, xs.plane(n, c), ys.plane(n, c), g.S, A(0), A(q), ks,
+                          A(b[c] - q * d), stream);
+          }
+        }
+        if (stream) cpu::stream_fence();
+      });
+    } else if (fuse_rows(g, nthreads)) {
+      // Channels-last: a thread owns whole samples (contiguous runs of S rows of C) and
+      // normalizes each right after reducing it, while it is still in cache.
+      cpu::parallel_ranges(nthreads, g.N, [&](int, int64_t n0, int64_t n1) {
+        std::vector<A> ks(g.C), q(g.C), r(g.C), zero(g.C, A(0));
+        std::vector<double> kg(g.G), s1(g.C), s2(g.C);
+        for (int64_t n = n0; n < n1; ++n) {
+          for (int64_t j = 0; j < g.G; ++j) kg[j] = double(A(pilot_mean(g, xs, n, j)));
+          for (int64_t c = 0; c < g.C; ++c) ks[c] = A(kg[c / Cg]);
+          std::fill(s1.begin(), s1.end(), 0.0);
+          std::fill(s2.begin(), s2.end(), 0.0);
+          const T* xn = xs.data + n * xs.sN;
+          rows_sums<T>(xn, xn, xs.sS, xs.sS, g.S, g.C, ks.data(), ks.data(), s1.data(), s2.data());
+          for (int64_t j = 0; j < g.G; ++j) {
+            double t1 = 0, t2 = 0;
+            for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) t1 += s1[c], t2 += s2[c];
+            const double d = t1 / M;
+            const int64_t blk = n * g.G + j;
+            m[blk] = kg[j] + d;
+            v[blk] = std::max(0.0, t2 / M - d * d);
+            rs[blk] = 1.0 / std::sqrt(v[blk] + eps);
+          }
+          for (int64_t c = 0; c < g.C; ++c) {  // see shifted_affine
+            const int64_t blk = n * g.G + c / Cg;
+            const double qc = rs[blk] * w[c];
+            q[c] = A(qc);
+            r[c] = A(b[c] - qc * (m[blk] - kg[c / Cg]));
+          }
+          rows_affine<T>(nullptr, xn, ys.data + n * ys.sN, 0, xs.sS, ys.sS, g.S, g.C,
+                         zero.data(), q.data(), ks.data(), r.data());
+        }
+      });
+    } else {
+      std::vector<double> shift(NG), s1, s2;
+      for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t j = 0; j < g.G; ++j) shift[n * g.G + j] = double(A(pilot_mean(g, xs, n, j)));
+      }
+      const auto ks = per_channel<A>(shift, g);
+      pair_sums<T>(g, xs, xs, true, ks, ks, s1, s2);
+      group_moments(g, shift, s1, s2, m, v);
+      for (int64_t i = 0; i < NG; ++i) rs[i] = 1.0 / std::sqrt(v[i] + eps);
+      std::vector<A> q(g.N * g.C), r(g.N * g.C);
+      for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t c = 0; c < g.C; ++c) {  // see shifted_affine
+          const int64_t blk = n * g.G + c / Cg;
+          const double qc = rs[blk] * w[c];
+          q[n * g.C + c] = A(qc);
+          r[n * g.C + c] = A(b[c] - qc * (m[blk] - shift[blk]));
+        }
+      }
+      affine<T>(g, nullptr, xs, ys, std::vector<A>(g.N * g.C, 0), q, ks, r);
+    }
+    write_nk<A>(mean, g.N, g.G, m);
+    write_nk<A>(var, g.N, g.G, v);
+    write_nk<A>(rstd, g.N, g.G, rs);
+  }, [&] { cuda::group_norm_forward(x, weight, bias, eps, y, mean, var, rstd, launch); });
+}
+
+void group_norm_backward_reduce(const TensorView& dy, const TensorView& x, const TensorView& mean,
+                                const TensorView& sum_dy, const TensorView& sum_dy_xmu,
+                                const Launch& launch) {
+  const char* op = "group_norm_backward_reduce";
+  const Checked k = check_input(op, x);
+  const NCSView dyv = check_like_x(op, dy, "dy", x);
+  Geometry g = check_mean(op, mean, "mean", x, k);
+  check_nk(op, sum_dy, "sum_dy", x, k, g.C, "(N, C)", false);
+  check_nk(op, sum_dy_xmu, "sum_dy_xmu", x, k, g.C, "(N, C)", false);
+  check_output(op, sum_dy, "sum_dy");
+  check_output(op, sum_dy_xmu, "sum_dy_xmu");
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    g.layout = choose_layout({&k.x, &dyv});
+    std::vector<double> s1, s2;
+    pair_sums<T>(g, in<T>(dy, dyv), in<T>(x, k.x), false, std::vector<A>(g.N * g.C, 0),
+                 per_channel<A>(read_nk<A>(mean, g.N, g.G, 0), g), s1, s2);
+    write_nk<A>(sum_dy, g.N, g.C, s1);
+    write_nk<A>(sum_dy_xmu, g.N, g.C, s2);
+  }, [&] { cuda::group_norm_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, launch); });
+}
+
+void group_norm_backward_elemt(const TensorView& dy, const TensorView& x, const TensorView& mean,
+                               const TensorView& a, const TensorView& b, const TensorView& c,
+                               const TensorView& dx, const Launch& launch) {
+  const char* op = "group_norm_backward_elemt";
+  const Checked k = check_input(op, x);
+  const NCSView dyv = check_like_x(op, dy, "dy", x);
+  const NCSView dxv = check_like_x(op, dx, "dx", x);
+  check_output(op, dx, "dx");
+  Geometry g = check_mean(op, mean, "mean", x, k);
+  check_nk(op, a, "a", x, k, g.C, "(N, C)", false);
+  check_nk(op, b, "b", x, k, g.G, "(N, G)", true);
+  check_nk(op, c, "c", x, k, g.G, "(N, G)", true);
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    g.layout = choose_layout({&k.x, &dyv, &dxv});
+    const auto dys = in<T>(dy, dyv);
+    affine<T>(g, &dys, in<T>(x, k.x), strided<T>(dx, dxv), narrow<A>(read_nk<A>(a, g.N, g.C, 0)),
+              per_channel<A>(read_nk<A>(b, g.N, g.G, 0), g),
+              per_channel<A>(read_nk<A>(mean, g.N, g.G, 0), g),
+              per_channel<A>(read_nk<A>(c, g.N, g.G, 0), g));
+  }, [&] { cuda::group_norm_backward_elemt(dy, x, mean, a, b, c, dx, launch); });
+}
+
+void group_norm_backward(const TensorView& dy, const TensorView& x, const TensorView& mean,
+                         const TensorView& rstd, const TensorView& weight, const TensorView& dx,
+                         const TensorView& sum_dy, const TensorView& sum_dy_xmu,
+                         const Launch& launch) {
+  const char* op = "group_norm_backward";
+  const Checked k = check_input(op, x);
+  const NCSView dyv = check_like_x(op, dy, "dy", x);
+  const NCSView dxv = dx.defined() ? check_like_x(op, dx, "dx", x) : dyv;
+  check_output(op, dx, "dx");
+  Geometry g = check_mean(op, mean, "mean", x, k);
+  check_nk(op, rstd, "rstd", x, k, g.G, "(N, G)", false);
+  check_channels(op, weight, "weight", x, k);
+  check_nk(op, sum_dy, "sum_dy", x, k, g.C, "(N, C)", false);
+  check_nk(op, sum_dy_xmu, "sum_dy_xmu", x, k, g.C, "(N, C)", false);
+  check_output(op, sum_dy, "sum_dy");
+  check_output(op, sum_dy_xmu, "sum_dy_xmu");
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    g.layout = choose_layout({&k.x, &dyv, &dxv});
+    const int64_t Cg = g.Cg();
+    const auto m = read_nk<A>(mean, g.N, g.G, 0), rs = read_nk<A>(rstd, g.N, g.G, 0);
+    const auto w = read_channels<A>(weight, g.C, 1);
+    const auto xs = in<T>(x, k.x), dys = in<T>(dy, dyv);
+    const auto dxs = dx.defined() ? strided<T>(dx, dxv) : Strided<T>{nullptr, 0, 0, 0};
+    std::vector<double> s1(g.N * g.C, 0.0), s2(g.N * g.C, 0.0);
+    const int nthreads = cpu::threads_for(g.N * g.C * g.S, kGrain);
+    if (fuse(g, nthreads)) {
+      // As in the forward: each block's dx is written while its dy and x are in cache.
+      const bool stream = cpu::should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)));
+      cpu::parallel_ranges(nthreads, g.N * g.G, [&](int, int64_t b0, int64_t b1) {
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t n = blk / g.G, j = blk % g.G;
+          for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
+            run_sums<T, false>(dys.plane(n, c), xs.plane(n, c), g.S, A(0), A(m[blk]),
+                               &s1[n * g.C + c], &s2[n * g.C + c]);
+          }
+          if (!dxs.data) continue;
+          const BlockGrad bg = block_grad(g, n, j, rs[blk], w, s1.data(), s2.data());
+          for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
+            run_affine<T>(dys.plane(n, c), xs.plane(n, c), dxs.plane(n, c), g.S,
+                          A(rs[blk] * w[c]), A(bg.b), A(m[blk]), A(bg.c), stream);
+          }
+        }
+        if (stream) cpu::stream_fence();
+      });
+    } else if (fuse_rows(g, nthreads)) {
+      // Channels-last, as in the forward: a thread owns whole samples.
+      const auto mc = per_channel<A>(m, g);
+      cpu::parallel_ranges(nthreads, g.N, [&](int, int64_t n0, int64_t n1) {
+        std::vector<A> zero(g.C, A(0)), p(g.C), q(g.C), r(g.C);
+        for (int64_t n = n0; n < n1; ++n) {
+          const T* dyn = dys.data + n * dys.sN;
+          const T* xn = xs.data + n * xs.sN;
+          rows_sums<T>(dyn, xn, dys.sS, xs.sS, g.S, g.C, zero.data(), mc.data() + n * g.C,
+                       s1.data() + n * g.C, s2.data() + n * g.C);
+          if (!dxs.data) continue;
+          for (int64_t j = 0; j < g.G; ++j) {
+            const int64_t blk = n * g.G + j;
+            const BlockGrad bg = block_grad(g, n, j, rs[blk], w, s1.data(), s2.data());
+            for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
+              p[c] = A(rs[blk] * w[c]);
+              q[c] = A(bg.b);
+              r[c] = A(bg.c);
+            }
+          }
+          rows_affine<T>(dyn, xn, dxs.data + n * dxs.sN, dys.sS, xs.sS, dxs.sS, g.S, g.C,
+                         p.data(), q.data(), mc.data() + n * g.C, r.data());
+        }
+      });
+    } else {
+      pair_sums<T>(g, dys, xs, false, std::vector<A>(g.N * g.C, 0), per_channel<A>(m, g), s1,
+                   s2);
+      if (dxs.data) {
+        std::vector<A> p(g.N * g.C), q(g.N * g.C), r(g.N * g.C);
+        for (int64_t n = 0; n < g.N; ++n) {
+          for (int64_t j = 0; j < g.G; ++j) {
+            const int64_t blk = n * g.G + j;
+            const BlockGrad bg = block_grad(g, n, j, rs[blk], w, s1.data(), s2.data());
+            for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
+              p[n * g.C + c] = A(rs[blk] * w[c]);
+              q[n * g.C + c] = A(bg.b);
+              r[n * g.C + c] = A(bg.c);
+            }
+          }
+        }
+        affine<T>(g, &dys, xs, dxs, p, q, per_channel<A>(m, g), r);
+      }
+    }
+    write_nk<A>(sum_dy, g.N, g.C, s1);
+    write_nk<A>(sum_dy_xmu, g.N, g.C, s2);
+  }, [&] {
+    cuda::group_norm_backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xmu, launch);
+  });
+}
+
+}  // namespace normkit

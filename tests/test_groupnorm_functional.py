@@ -1,0 +1,355 @@
+"""normkit.functional's per-sample statistics ops (group norm, instance norm) against a float64
+NumPy reference and torch's F.group_norm / F.instance_norm: every layout, dtype and odd shape,
+finite differences in float64, exactness at |mean| >> std, bfloat16 through DLPack, and the
+errors of bad input. The `dev` parameter runs each test on NumPy and (marked `gpu`) on CuPy."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import normkit
+import normkit.functional as F
+from gpu_helpers import gpu_skip_reason, to_gpu, to_host
+from helpers import assert_close, assert_close_dtype, fd_grad, make_layout, randn, rng
+
+DEVICES = ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))])]
+
+# (shape, groups): C not a multiple of 16, N*G = 1, a spatial size of 2, (N, C) input (S = 1)
+CASES = [
+    ((4, 6, 5, 7), 3),
+    ((3, 10, 7), 5),
+    ((2, 6, 2), 6),
+    ((1, 4, 2), 1),
+    ((2, 3, 4, 5, 3), 3),
+    ((5, 12), 4),
+    ((2, 20, 9, 11), 20),
+]
+IDS = [f"{'x'.join(map(str, s))}-G{g}" for s, g in CASES]
+TOL16 = 4.0  # float16 results are rounded to float16 twice (input and output)
+
+
+def layouts(ndim):
+    if ndim == 2:
+        return ["contiguous", "fortran", "strided"]
+    out = ["contiguous", "channels_last", "strided", "channel_slice"]
+    return out + (["non_collapsible"] if ndim >= 4 else [])
+
+
+def dev_array(a, dev):
+    return to_gpu(a) if dev == "gpu" else a
+
+
+def same_layout(a, b):
+    """Same strides wherever they matter (dims of size > 1)."""
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.strides, b.strides) if n > 1)
+
+
+def pdtype(dtype):
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+# --- float64 references ---------------------------------------------------------------------------
+
+def ref_forward(x, G, w, b, eps):
+    x = np.asarray(x, np.float64)
+    N, C = x.shape[:2]
+    xg = x.reshape(N, G, -1)
+    mean = xg.mean(axis=2)
+    var = ((xg - mean[..., None]) ** 2).mean(axis=2)
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = ((xg - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+    bshape = (1, C) + (1,) * (x.ndim - 2)
+    y = xhat * (1.0 if w is None else np.asarray(w, np.float64).reshape(bshape))
+    y = y + (0.0 if b is None else np.asarray(b, np.float64).reshape(bshape))
+    return y, mean, var, rstd
+
+
+def ref_backward(dy, x, G, w, eps):
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    N, C = x.shape[:2]
+    _, mean, _, rstd = ref_forward(x, G, None, None, eps)
+    xhat = ((x.reshape(N, G, -1) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+    bshape = (1, C) + (1,) * (x.ndim - 2)
+    g = dy * (1.0 if w is None else np.asarray(w, np.float64).reshape(bshape))
+    gg, xh = g.reshape(N, G, -1), xhat.reshape(N, G, -1)
+    dx = rstd[..., None] * (gg - gg.mean(axis=2, keepdims=True)
+                            - xh * (gg * xh).mean(axis=2, keepdims=True))
+    red = (0,) + tuple(range(2, x.ndim))
+    return dx.reshape(x.shape), (dy * xhat).sum(axis=red), dy.sum(axis=red)
+
+
+def test_reference_matches_torch():
+    x, dy = randn((3, 6, 5, 4), 1), randn((3, 6, 5, 4), 2)
+    w, b = rng(3).standard_normal(6), rng(4).standard_normal(6)
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    ty = TF.group_norm(tx, 2, tw, tb, 1e-5)
+    ty.backward(torch.tensor(dy))
+    y = ref_forward(x, 2, w, b, 1e-5)[0]
+    dx, dw, db = ref_backward(dy, x, 2, w, 1e-5)
+    for got, want in ((y, ty), (dx, tx.grad), (dw, tw.grad), (db, tb.grad)):
+        assert_close(got, want.detach().numpy(), 1e-12, 1e-12)
+
+
+def _conditioning(x, dy, G, w, dx_ref):
+    """How much worse than the usual tolerance torch's own float32 dx is on this input (at least
+    1): groups of two values make dx a difference of nearly equal terms, in any implementation."""
+    if x.dtype == np.float64:
+        return 1.0
+    tx = torch.tensor(x.astype(np.float32), requires_grad=True)
+    tw = None if w is None else torch.tensor(w.astype(np.float32))
+    TF.group_norm(tx, G, tw).backward(torch.tensor(dy.astype(np.float32)))
+    err = np.abs(tx.grad.numpy() - dx_ref).max() / max(np.abs(dx_ref).max(), 1e-30)
+    return max(1.0, 2 * err / 1e-5)
+
+
+# --- the fused ops -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("affine", ["wb", "w", "none"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=["f16", "f32", "f64"])
+@pytest.mark.parametrize("shape,G", CASES, ids=IDS)
+def test_forward_backward(shape, G, dtype, affine, dev):
+    C = shape[1]
+    x0 = randn(shape, 10, dtype, offset=0.5)
+    dy0 = randn(shape, 11, dtype)
+    w = (rng(12).uniform(0.5, 1.5, C) * rng(13).choice([-1, 1], C)).astype(pdtype(dtype))
+    b = rng(14).uniform(-1, 1, C).astype(pdtype(dtype))
+    w = None if affine == "none" else w
+    b = b if affine == "wb" else None
+    factor = TOL16 if dtype == np.float16 else 1.0
+    y_ref, m_ref, _, r_ref = ref_forward(x0, G, w, b, 1e-5)
+    dx_ref, dw_ref, db_ref = ref_backward(dy0, x0, G, w, 1e-5)
+    dx_factor = 4 * factor * _conditioning(x0, dy0, G, w, dx_ref)
+    for layout in layouts(len(shape)):
+        x = dev_array(make_layout(x0, layout), dev)
+        dy = dev_array(make_layout(dy0, "contiguous" if layout != "contiguous" else
+                                   layouts(len(shape))[1]), dev)
+        wd, bd = dev_array(w, dev), dev_array(b, dev)
+        y, mean, rstd = F.group_norm_forward(x, G, wd, bd, eps=1e-5)
+        assert y.dtype == dtype and mean.dtype == pdtype(dtype) and mean.shape == (shape[0], G)
+        assert_close_dtype(to_host(y), y_ref, dtype, f"{layout}: y", factor)
+        assert_close_dtype(to_host(mean), m_ref, dtype, f"{layout}: mean", factor)
+        assert_close_dtype(to_host(rstd), r_ref, dtype, f"{layout}: rstd", factor)
+        dx, dw, db = F.group_norm_backward(dy, x, mean, rstd, wd, bd)
+        assert dx.dtype == dtype
+        assert_close_dtype(to_host(dx), dx_ref, dtype, f"{layout}: dx", dx_factor)
+        if w is None:
+            assert dw is None
+        else:
+            assert_close_dtype(to_host(dw), dw_ref, dtype, f"{layout}: dweight", 4 * factor)
+        if b is None:
+            assert db is None
+        else:
+            assert_close_dtype(to_host(db), db_ref, dtype, f"{layout}: dbias", 4 * factor)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,G", CASES, ids=IDS)
+def test_split_ops(shape, G, dtype, dev):
+    """stats -> affine and backward_reduce -> backward_elemt compose into the fused ops."""
+    C, N = shape[1], shape[0]
+    x0, dy0 = randn(shape, 20, dtype), randn(shape, 21, dtype)
+    x = dev_array(make_layout(x0, "channels_last" if len(shape) > 2 else "fortran"), dev)
+    dy = dev_array(dy0, dev)
+    _, m_ref, v_ref, r_ref = ref_forward(x0, G, None, None, 1e-5)
+    mean, var = F.group_norm_stats(x, G)
+    assert_close_dtype(to_host(mean), m_ref, dtype, "mean")
+    assert_close_dtype(to_host(var), v_ref, dtype, "var")
+    scale0 = rng(22).standard_normal((N, C)).astype(dtype)
+    shift0 = rng(23).standard_normal((N, C)).astype(dtype)
+    y = F.group_norm_affine(x, mean, dev_array(scale0, dev), dev_array(shift0, dev))
+    mc = np.repeat(m_ref, C // G, axis=1).reshape((N, C) + (1,) * (len(shape) - 2))
+    bs = (N, C) + (1,) * (len(shape) - 2)
+    want = (x0.astype(np.float64) - mc) * scale0.reshape(bs) + shift0.reshape(bs)
+    assert_close_dtype(to_host(y), want, dtype, "affine")
+    assert same_layout(to_host(y), to_host(x))
+    sum_dy, sum_dy_xmu = F.group_norm_backward_reduce(dy, x, mean)
+    red = tuple(range(2, len(shape)))
+    assert_close_dtype(to_host(sum_dy), dy0.astype(np.float64).sum(axis=red), dtype, "sum_dy")
+    assert_close_dtype(to_host(sum_dy_xmu),
+                       (dy0.astype(np.float64) * (x0 - mc)).sum(axis=red), dtype, "sum_dy_xmu")
+    a0 = rng(24).standard_normal((N, C)).astype(dtype)
+    b0 = rng(25).standard_normal((N, G)).astype(dtype)
+    c0 = rng(26).standard_normal((N, G)).astype(dtype)
+    dx = F.group_norm_backward_elemt(dy, x, mean, *(dev_array(v, dev) for v in (a0, b0, c0)))
+    sp = lambda v: np.repeat(v, C // G, axis=1).reshape(bs)  # noqa: E731
+    want = a0.reshape(bs) * dy0 + sp(b0) * (x0 - mc) + sp(c0)
+    assert_close_dtype(to_host(dx), want, dtype, "backward_elemt")
+    dx = F.group_norm_backward_elemt(dy, x, mean, dev_array(a0, dev))
+    assert_close_dtype(to_host(dx), a0.reshape(bs) * dy0, dtype, "backward_elemt without b, c")
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("shape,layout", [((1, 2, 300007), "contiguous"),
+                                          ((1, 3, 401, 257), "channels_last")])
+def test_split_reduction_one_huge_block(shape, layout, dev):
+    """N*G = 1 with a large spatial extent: the reduction of one block is split among threads."""
+    x0 = randn(shape, 30, np.float32, offset=3.0)
+    dy0 = randn(shape, 31, np.float32)
+    x, dy = dev_array(make_layout(x0, layout), dev), dev_array(make_layout(dy0, layout), dev)
+    y, mean, rstd = F.group_norm_forward(x, 1)
+    y_ref, m_ref, _, r_ref = ref_forward(x0, 1, None, None, 1e-5)
+    assert_close_dtype(to_host(y), y_ref, np.float32)
+    assert_close_dtype(to_host(mean), m_ref, np.float32)
+    dx, _, _ = F.group_norm_backward(dy, x, mean, rstd)
+    assert_close_dtype(to_host(dx), ref_backward(dy0, x0, 1, None, 1e-5)[0], np.float32,
+                       factor=4)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_exact_when_mean_dominates(layout, dev):
+    """|mean| = 1e4 with std 1 in float32: shifted sums keep the variance exact."""
+    x0 = (rng(40).standard_normal((3, 8, 17, 19)) + 1e4).astype(np.float32)
+    x = dev_array(make_layout(x0, layout), dev)
+    mean, var = F.group_norm_stats(x, 4)
+    _, m_ref, v_ref, _ = ref_forward(x0, 4, None, None, 0)
+    np.testing.assert_allclose(to_host(mean), m_ref, rtol=1e-7)
+    np.testing.assert_allclose(to_host(var), v_ref, rtol=1e-5)
+    y, _, _ = F.group_norm_forward(x, 4)
+    assert_close(to_host(y), ref_forward(x0, 4, None, None, 1e-5)[0], 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_finite_differences(layout):
+    """float64 gradients of sum(y * r) match central differences in x, weight and bias."""
+    shape, G = (2, 4, 3, 5), 2
+    x = make_layout(randn(shape, 50), layout).copy(order="K")
+    r = randn(shape, 51)
+    w, b = rng(52).standard_normal(4), rng(53).standard_normal(4)
+    loss = lambda: float((F.group_norm_forward(x, G, w, b)[0] * r).sum())  # noqa: E731
+    _, mean, rstd = F.group_norm_forward(x, G, w, b)
+    dx, dw, db = F.group_norm_backward(r, x, mean, rstd, w, b)
+    assert_close(dx, fd_grad(loss, x), 1e-6, 1e-6, "dx")
+    assert_close(dw, fd_grad(loss, w), 1e-6, 1e-6, "dweight")
+    assert_close(db, fd_grad(loss, b), 1e-6, 1e-6, "dbias")
+
+
+# --- instance norm -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("use_input_stats", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(4, 5, 7, 6), (3, 7, 2), (2, 3, 4, 3, 5)])
+def test_instance_norm_against_torch(shape, dtype, use_input_stats, dev):
+    C = shape[1]
+    x0, dy0 = randn(shape, 60, dtype), randn(shape, 61, dtype)
+    w = rng(62).uniform(0.5, 1.5, C).astype(dtype)
+    b = rng(63).uniform(-1, 1, C).astype(dtype)
+    rm0 = rng(64).uniform(-1, 1, C).astype(dtype)
+    rv0 = rng(65).uniform(0.5, 2, C).astype(dtype)
+    tx = torch.tensor(x0, requires_grad=True)
+    tw, tb = torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True)
+    trm, trv = torch.tensor(rm0), torch.tensor(rv0)
+    ty = TF.instance_norm(tx, trm, trv, tw, tb, use_input_stats, 0.3, 1e-5)
+    ty.backward(torch.tensor(dy0))
+    x = dev_array(make_layout(x0, "channels_last"), dev)
+    rm, rv = dev_array(rm0.copy(), dev), dev_array(rv0.copy(), dev)
+    wd, bd = dev_array(w, dev), dev_array(b, dev)
+    y, mean, rstd = F.instance_norm_forward(x, rm, rv, wd, bd, use_input_stats, 0.3, 1e-5)
+    assert_close_dtype(to_host(y), ty.detach().numpy(), dtype, "y")
+    assert same_layout(to_host(y), to_host(x))  # channels-last in, channels-last out
+    assert_close_dtype(to_host(rm), trm.numpy(), dtype, "running_mean")
+    assert_close_dtype(to_host(rv), trv.numpy(), dtype, "running_var")
+    dx, dw, db = F.instance_norm_backward(dev_array(dy0, dev), x, mean, rstd, wd,
+                                          use_input_stats, bd)
+    assert_close_dtype(to_host(dx), tx.grad.numpy(), dtype, "dx", 4)
+    assert_close_dtype(to_host(dw), tw.grad.numpy(), dtype, "dweight", 4)
+    assert_close_dtype(to_host(db), tb.grad.numpy(), dtype, "dbias", 4)
+
+
+def test_instance_norm_is_group_norm_with_g_equal_c():
+    x = randn((3, 5, 6, 7), 70)
+    y1 = F.instance_norm_forward(x)[0]
+    y2 = F.group_norm_forward(x, 5)[0]
+    np.testing.assert_array_equal(y1, y2)
+    assert_close(y1, TF.instance_norm(torch.tensor(x)).numpy(), 1e-12, 1e-12)
+
+
+# --- bfloat16 through DLPack (NumPy has no bfloat16): torch CPU tensors into the core ------------
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bfloat16_through_dlpack(layout):
+    shape, G = (3, 6, 9, 13), 3
+    x32 = torch.tensor(randn(shape, 80, np.float32, offset=2.0)).to(torch.bfloat16)
+    dy32 = torch.tensor(randn(shape, 81, np.float32)).to(torch.bfloat16)
+    if layout == "channels_last":
+        x32 = x32.contiguous(memory_format=torch.channels_last)
+    xf, dyf = x32.float().numpy(), dy32.float().numpy()  # the exact bfloat16 values
+    w = torch.tensor(rng(82).uniform(0.5, 1.5, 6).astype(np.float32))
+    b = torch.tensor(rng(83).uniform(-1, 1, 6).astype(np.float32))
+    y = torch.empty_like(x32)
+    mean, var, rstd = (torch.empty(3, G) for _ in range(3))
+    normkit._C.group_norm_forward(x32, w, b, 1e-5, y, mean, var, rstd)
+    y_ref, m_ref, v_ref, r_ref = ref_forward(xf, G, w.numpy(), b.numpy(), 1e-5)
+    assert y.stride() == x32.stride()
+    assert_close(y.float().numpy(), y_ref, 1e-2, 1e-2, "y")  # bfloat16 has 8 mantissa bits
+    assert_close(mean.numpy(), m_ref, 1e-5, 1e-5, "mean")
+    assert_close(var.numpy(), v_ref, 1e-5, 1e-5, "var")
+    dx = torch.empty_like(x32)
+    sum_dy, sum_dy_xmu = torch.empty(3, 6), torch.empty(3, 6)
+    normkit._C.group_norm_backward(dy32, x32, mean, rstd, w, dx, sum_dy, sum_dy_xmu)
+    dx_ref, _, _ = ref_backward(dyf, xf, G, w.numpy(), 1e-5)
+    assert_close(dx.float().numpy(), dx_ref, 2e-2, 2e-2, "dx")
+    assert_close(sum_dy.numpy(), dyf.astype(np.float64).sum(axis=(2, 3)), 1e-5, 1e-5, "sum_dy")
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+def test_errors():
+    x = randn((2, 6, 4, 5), 90, np.float32)
+    with pytest.raises(ValueError, match="not divisible into 4 groups"):
+        F.group_norm_forward(x, 4)
+    with pytest.raises(ValueError, match="num_groups"):
+        F.group_norm_stats(x, 0)
+    with pytest.raises(ValueError, match=r"shape \(N, C, \.\.\.\)"):
+        F.group_norm_forward(x[0, 0, 0], 1)
+    with pytest.raises(TypeError, match="weight must be float32"):
+        F.group_norm_forward(x, 3, np.ones(6, np.float64))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        F.group_norm_forward(x, 3, np.ones(5, np.float32))
+    with pytest.raises(TypeError, match="NumPy or CuPy"):
+        F.group_norm_forward(x.tolist(), 3)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        F.instance_norm_forward(randn((3, 4, 1, 1), 91))
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        F.instance_norm_forward(randn((3, 4), 91))
+    mean, var = F.group_norm_stats(x, 3)
+    with pytest.raises(TypeError, match="dy has dtype float64 but x has float32"):
+        F.group_norm_backward_reduce(x.astype(np.float64), x, mean)
+    with pytest.raises(ValueError, match="dy has shape"):
+        F.group_norm_backward_reduce(x[:1], x, mean)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        F.group_norm_affine(x, mean, np.ones((2, 3), np.float32), np.ones((2, 6), np.float32))
+    out = np.empty_like(x)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        F.group_norm_affine(x, mean, np.ones((2, 6), np.float32), np.ones((2, 6), np.float32),
+                            out=out)
+    with pytest.raises(ValueError, match="broadcast view"):
+        normkit._C.group_norm_stats(x, np.lib.stride_tricks.as_strided(
+            np.zeros(3, np.float32), (2, 3), (0, 4), writeable=True), var)
+    with pytest.raises(ValueError, match=r"mean must have shape \(N, G\)"):
+        normkit._C.group_norm_stats(x, np.zeros((3, 3), np.float32), var)
+    with pytest.raises(ValueError, match="not divisible into 4 groups"):
+        normkit._C.group_norm_stats(x, np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32))
+    rm = np.zeros(6, np.float64)
+    with pytest.raises(TypeError, match="running_mean must be float32"):
+        F.instance_norm_forward(x, rm, np.ones(6, np.float32))
+    ro = np.zeros(6, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        F.instance_norm_forward(x, ro, np.ones(6, np.float32))
+    with pytest.raises(ValueError, match="use_input_stats=False needs"):
+        F.instance_norm_forward(x, use_input_stats=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))
+def test_device_mismatch():
+    x = to_gpu(randn((2, 6, 4, 5), 92, np.float32))
+    with pytest.raises(TypeError, match="weight is on cpu"):
+        F.group_norm_forward(x, 3, np.ones(6, np.float32))
