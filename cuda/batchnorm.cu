@@ -524,7 +524,9 @@ __global__ void __launch_bounds__(kThreads)
   m = warp_reduce(m);
   if (lane != 0) return;
   // An empty batch gives mean 0 and var 0, as on the CPU.
-  const double v = m.n > 0 ? fmax(m.m2 / m.n, 0.0) : 0.0;
+  // Rounding can leave m2 slightly negative; a NaN must stay NaN (fmax would drop it), as in torch.
+  const double q = m.n > 0 ? m.m2 / m.n : 0.0;
+  const double v = q < 0 ? 0.0 : q;
   mean.set(c, m.n > 0 ? m.mean : 0.0);
   var.set(c, v);
   if (invstd.data) invstd.set(c, 1.0 / sqrt(v + eps));

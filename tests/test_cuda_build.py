@@ -77,7 +77,7 @@ def test_encoding_and_im2col_on_cuda_arrays_without_usable_cuda_are_runtime_erro
     if normkit.cuda_available():
         pytest.skip("a GPU is present: CUDA arrays are usable here")
     expected = ("CUDA cannot run here" if _C.built_with_cuda()
-                else "this build of normkit has no CUDA kernels")
+                else "this build of normkit has none")
     B, N, D, K = 2, 5, 3, 4
     X, XC, D2 = (FakeCudaArray(np.zeros(shape, np.float32))
                  for shape in ((B, N, D), (B, N, K), (B, N, K)))

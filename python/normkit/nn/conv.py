@@ -92,7 +92,7 @@ class _ConvNd(_SavesInput):
     _dims = None
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, dtype=None, device=None, rng=None, *,
+                 groups=1, bias=True, device=None, dtype=None, rng=None, *,
                  padding_mode="zeros"):
         super().__init__()
         name = type(self).__name__

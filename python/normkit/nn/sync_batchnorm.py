@@ -1,7 +1,8 @@
 """SyncBatchNorm: batch norm over the union of all ranks' batches, one collective per pass."""
 from .. import distributed as D
 from .. import functional as F
-from .._backend import array_module, param_dtype
+from .._backend import array_module, check_eps, param_dtype
+from ..distributed import check_communicator
 from .batchnorm import _BatchNorm
 
 _HEADER = 4  # the agreement header in front of every all-reduce (distributed.agreement_header)
@@ -128,11 +129,11 @@ class SyncBatchNorm(_BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, comm=None, sync_param_grads=False, dtype=None,
-                 device=None, *, bias=True):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, device,
-                         bias=bias)
-        self._comm = comm
+                 track_running_stats=True, comm=None, sync_param_grads=False, device=None,
+                 dtype=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype, bias=bias)
+        self._comm = check_communicator(type(self).__name__, comm)
         self.sync_param_grads = sync_param_grads
         self._layer_order = None  # set by the first debug check: the order of first calls
         self._debug_calls = [0, 0]  # debug checks made so far: forward, backward
@@ -180,6 +181,7 @@ class SyncBatchNorm(_BatchNorm):
         if not (self.training and self.comm.size > 1):
             return super().forward(x)
         self._check_input(x)
+        check_eps("SyncBatchNorm", self.eps, True)
         comm = self.comm
         xp = array_module(x)
         shift = self._shift  # None at first, or after the layer moved to another array type
@@ -187,8 +189,8 @@ class SyncBatchNorm(_BatchNorm):
             shift = self._shift = xp.zeros(self.num_features, xp.float64)
         g_mean, g_var, invstd, total = global_batch_stats(comm, x, self.eps, self._who(), shift)
         if self.track_running_stats:
+            m = self._momentum(1)
             self.num_batches_tracked += 1
-            m = self._momentum()
             self.running_mean *= 1.0 - m
             self.running_mean += m * g_mean
             self.running_var *= 1.0 - m

@@ -69,7 +69,8 @@ class _WSConvNd(_WSMixin, _ConvNd):
                  dtype=None, device=None, rng=None):
         rng = np.random.default_rng(rng)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, dtype, None, rng, padding_mode=padding_mode)
+                         groups, bias, device=None, dtype=dtype, rng=rng,
+                         padding_mode=padding_mode)
         self._init_ws(convention, eps, self.out_channels, self.weight.dtype, rng)
         if device is not None and parse_device(device) != "cpu":
             self.to(device)

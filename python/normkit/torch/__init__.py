@@ -24,8 +24,8 @@ Tensors reach the core through DLPack without copies; outputs are allocated by t
 try:
     import torch  # noqa: F401
 except ImportError as e:
-    raise ImportError("normkit.torch needs PyTorch: pip install torch (or pip install "
-                      f"'normkit[torch]'); importing it failed with: {e}") from e
+    raise ImportError("normkit.torch needs PyTorch: pip install torch (the 'torch' extra; "
+                      f"'.[torch]' in a source checkout); importing it failed with: {e}") from e
 
 from . import distributed, functional, mixstyle, stochnorm
 from .afn import AdaptiveFeatureNorm, Block, ImageClassifier

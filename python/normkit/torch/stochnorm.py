@@ -204,9 +204,10 @@ class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
             return _StochNorm.apply(input, self.weight, self.bias, rm, torch.ones_like(rm), s,
                                     self.eps, 0.0, comm, type(self).__name__)
         s = draw_channels(self.num_features, self.p, self.generator, input.device)
-        factor = self._momentum_step()
-        return _StochNorm.apply(input, self.weight, self.bias, self.running_mean,
-                                self.running_var, s, self.eps, factor, comm, type(self).__name__)
+        y = _StochNorm.apply(input, self.weight, self.bias, self.running_mean, self.running_var,
+                             s, self.eps, self._momentum_factor(), comm, type(self).__name__)
+        self._count_batch()
+        return y
 
     def extra_repr(self):
         return super().extra_repr() + f", p={self.p}"

@@ -10,8 +10,9 @@ from .. import _C
 from .. import distributed as D
 from ._dlpack import batch_workspace, dl, kernel_input, launch, like, param_dtype
 from .batchnorm import _NormkitBatchNorm
+from ..distributed import check_communicator
 from .distributed import TorchCommunicator
-from .functional import _check_running
+from .functional import _check_running, check_eps
 
 _HEADER = 4  # the agreement header in front of every all-reduce (distributed.agreement_header)
 _SHIFT_TOLERANCE = 10.0  # as normkit.nn.SyncBatchNorm's: a shift further off sums again
@@ -174,6 +175,7 @@ def sync_batch_norm(input, weight, bias, running_mean, running_var, eps, momentu
                          f"{input.dim()}D input")
     _check_running("running_mean", running_mean, input, param_dtype(input.dtype))
     _check_running("running_var", running_var, input, param_dtype(input.dtype))
+    check_eps(eps, True)
     if shift is not None and (shift.dtype != torch.float64 or shift.shape != (input.shape[1],)
                               or shift.device != input.device):
         raise ValueError(f"sync_batch_norm: shift must be a float64 tensor of {input.shape[1]} "
@@ -218,7 +220,7 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias)
         self.process_group = process_group
-        self.comm = comm
+        self.comm = check_communicator(type(self).__name__, comm)
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -273,12 +275,12 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
             y = super().forward(input)
         else:
             self._check_input(input)
-            factor = self._momentum_step()
             track = self.track_running_stats
             y = sync_batch_norm(input, self.weight, self.bias,
                                 self.running_mean if track else None,
-                                self.running_var if track else None, self.eps, factor, comm,
-                                self._sync_shift(input))
+                                self.running_var if track else None, self.eps,
+                                self._momentum_factor(), comm, self._sync_shift(input))
+            self._count_batch()
         if debug is not None and y.requires_grad:
             # Runs before this layer's backward (and its all-reduce), on every rank that has one.
             meta = torch.empty((0,) + tuple(input.shape[1:2]), dtype=input.dtype, device="meta")
