@@ -187,90 +187,6 @@ Plan make_plan(std::initializer_list<const TensorView*> tensors, int64_t item_si
 // ------------------------------------------------------------------------------------------------
 // Device building blocks.
 
-// Moments of a set of values: count, mean, and M2 = sum (x - mean)^2. Plain data (no
-// constructors), so that it can live in shared memory.
-template <class A>
-struct Moments {
-  A n, mean, m2;
-
-  __device__ static Moments zero() { return {A(0), A(0), A(0)}; }
-  // Chan et al.'s merge of another set's moments into these.
-  __device__ void merge(A bn, A bmean, A bm2) {
-    if (bn == A(0)) return;
-    const A total = n + bn, f = bn / total, delta = bmean - mean;
-    mean += delta * f;
-    m2 += bm2 + delta * delta * n * f;
-    n = total;
-  }
-  __device__ void merge(const Moments& b) { merge(b.n, b.mean, b.m2); }
-  __device__ Moments shfl_down(int offset) const {
-    return {__shfl_down_sync(0xffffffffu, n, offset), __shfl_down_sync(0xffffffffu, mean, offset),
-            __shfl_down_sync(0xffffffffu, m2, offset)};
-  }
-};
-
-// The backward's pair sums.
-struct Sums {
-  double s1, s2;
-
-  __device__ static Sums zero() { return {0.0, 0.0}; }
-  __device__ void merge(const Sums& b) {
-    s1 += b.s1;
-    s2 += b.s2;
-  }
-  __device__ Sums shfl_down(int offset) const {
-    return {__shfl_down_sync(0xffffffffu, s1, offset), __shfl_down_sync(0xffffffffu, s2, offset)};
-  }
-};
-
-// Tree reduction over a full warp; lane 0 holds the result, combined in a fixed order.
-template <class R>
-__device__ R warp_reduce(R value) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) value.merge(value.shfl_down(offset));
-  return value;
-}
-
-// Reduction over a 1-D block of kThreads; thread 0 holds the result. Every thread must call it.
-template <class R>
-__device__ R block_reduce(R value, R* scratch /* kThreads / 32 */) {
-  value = warp_reduce(value);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) scratch[warp] = value;
-  __syncthreads();
-  if (warp == 0) {
-    value = lane < kThreads / 32 ? scratch[lane] : R::zero();
-    value = warp_reduce(value);
-  }
-  __syncthreads();  // the scratch is reused by the block's next work item
-  return value;
-}
-
-// Reduction over the y threads of a 2-D block, separately for each x thread: scratch[ty * Wv + tx]
-// holds each thread's value; afterwards scratch[tx] holds the column's result. Every thread of
-// the block must call it.
-template <class R>
-__device__ void column_reduce(R* scratch) {
-  const int tx = threadIdx.x, ty = threadIdx.y, Wv = blockDim.x, R_ = blockDim.y;
-  int p = 1;
-  while (2 * p <= R_) p *= 2;
-  __syncthreads();
-  if (ty < R_ - p) scratch[ty * Wv + tx].merge(scratch[(ty + p) * Wv + tx]);
-  __syncthreads();
-  for (int h = p / 2; h > 0; h /= 2) {
-    if (ty < h) scratch[ty * Wv + tx].merge(scratch[(ty + h) * Wv + tx]);
-    __syncthreads();
-  }
-}
-
-// The work item's range of vectors within a channel of Lv vectors split into G near-equal parts.
-__device__ __forceinline__ void item_range(int64_t g, int64_t Lv, int64_t G, int64_t* begin,
-                                           int64_t* end) {
-  const int64_t q = Lv / G, r = Lv % G;
-  *begin = g * q + (g < r ? g : r);
-  *end = *begin + q + (g < r ? 1 : 0);
-}
-
 // Walks vector j of a channel's rows, kThreads vectors per step, without dividing.
 struct RowWalk {
   int64_t n, sv;
@@ -366,7 +282,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     total.merge(fast.n, fast.mean, fast.m2);
-    total = block_reduce(total, scratch);
+    total = block_reduce<kThreads>(total, scratch);
     if (threadIdx.x == 0) {
       double* out = ws + w * kStatsDoubles;
       out[0] = total.n;
@@ -512,7 +428,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     total.s1 += fast1;
     total.s2 += fast2;
-    total = block_reduce(total, scratch);
+    total = block_reduce<kThreads>(total, scratch);
     if (threadIdx.x == 0) {
       ws[w * kStatsDoubles] = total.s1;
       ws[w * kStatsDoubles + 1] = total.s2;
@@ -608,7 +524,9 @@ __global__ void __launch_bounds__(kThreads)
   m = warp_reduce(m);
   if (lane != 0) return;
   // An empty batch gives mean 0 and var 0, as on the CPU.
-  const double v = m.n > 0 ? fmax(m.m2 / m.n, 0.0) : 0.0;
+  // Rounding can leave m2 slightly negative; a NaN must stay NaN (fmax would drop it), as in torch.
+  const double q = m.n > 0 ? m.m2 / m.n : 0.0;
+  const double v = q < 0 ? 0.0 : q;
   mean.set(c, m.n > 0 ? m.mean : 0.0);
   var.set(c, v);
   if (invstd.data) invstd.set(c, 1.0 / sqrt(v + eps));

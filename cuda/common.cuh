@@ -1,5 +1,5 @@
 // Helpers shared by the CUDA kernels: error checks, the current device, storage types and their
-// conversions, aligned vector loads and stores.
+// conversions, aligned vector loads and stores, and the building blocks of block reductions.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -123,6 +123,93 @@ void dispatch_dtype(DType dtype, Fn&& fn) {
     case DType::Float64: return fn(double{});
   }
   fail(ErrorKind::Type, "normkit: no CUDA kernel for dtype ", dtype_name(dtype));
+}
+
+// --- block reductions ----------------------------------------------------------------------------
+
+// Moments of a set of values: count, mean, and M2 = sum (x - mean)^2. Plain data (no
+// constructors), so that it can live in shared memory.
+template <class A>
+struct Moments {
+  A n, mean, m2;
+
+  __device__ static Moments zero() { return {A(0), A(0), A(0)}; }
+  // Chan et al.'s merge of another set's moments into these.
+  __device__ void merge(A bn, A bmean, A bm2) {
+    if (bn == A(0)) return;
+    const A total = n + bn, f = bn / total, delta = bmean - mean;
+    mean += delta * f;
+    m2 += bm2 + delta * delta * n * f;
+    n = total;
+  }
+  __device__ void merge(const Moments& b) { merge(b.n, b.mean, b.m2); }
+  __device__ Moments shfl_down(int offset) const {
+    return {__shfl_down_sync(0xffffffffu, n, offset), __shfl_down_sync(0xffffffffu, mean, offset),
+            __shfl_down_sync(0xffffffffu, m2, offset)};
+  }
+};
+
+// The backward's pair sums.
+struct Sums {
+  double s1, s2;
+
+  __device__ static Sums zero() { return {0.0, 0.0}; }
+  __device__ void merge(const Sums& b) {
+    s1 += b.s1;
+    s2 += b.s2;
+  }
+  __device__ Sums shfl_down(int offset) const {
+    return {__shfl_down_sync(0xffffffffu, s1, offset), __shfl_down_sync(0xffffffffu, s2, offset)};
+  }
+};
+
+// Tree reduction over a full warp; lane 0 holds the result, combined in a fixed order.
+template <class R>
+__device__ R warp_reduce(R value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value.merge(value.shfl_down(offset));
+  return value;
+}
+
+// Reduction over a 1-D block of kBlockThreads; thread 0 holds the result. Every thread must call
+// it.
+template <int kBlockThreads, class R>
+__device__ R block_reduce(R value, R* scratch /* kBlockThreads / 32 */) {
+  value = warp_reduce(value);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) scratch[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < kBlockThreads / 32 ? scratch[lane] : R::zero();
+    value = warp_reduce(value);
+  }
+  __syncthreads();  // the scratch is reused by the block's next work item
+  return value;
+}
+
+// Reduction over the y threads of a 2-D block, separately for each x thread: scratch[ty * Wv + tx]
+// holds each thread's value; afterwards scratch[tx] holds the column's result. Every thread of
+// the block must call it.
+template <class R>
+__device__ void column_reduce(R* scratch) {
+  const int tx = threadIdx.x, ty = threadIdx.y, Wv = blockDim.x, R_ = blockDim.y;
+  int p = 1;
+  while (2 * p <= R_) p *= 2;
+  __syncthreads();
+  if (ty < R_ - p) scratch[ty * Wv + tx].merge(scratch[(ty + p) * Wv + tx]);
+  __syncthreads();
+  for (int h = p / 2; h > 0; h /= 2) {
+    if (ty < h) scratch[ty * Wv + tx].merge(scratch[(ty + h) * Wv + tx]);
+    __syncthreads();
+  }
+}
+
+// The work item's range of vectors within a run of Lv vectors split into G near-equal parts.
+__device__ __forceinline__ void item_range(int64_t g, int64_t Lv, int64_t G, int64_t* begin,
+                                           int64_t* end) {
+  const int64_t q = Lv / G, r = Lv % G;
+  *begin = g * q + (g < r ? g : r);
+  *end = *begin + q + (g < r ? 1 : 0);
 }
 
 }  // namespace normkit::cuda

@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -29,11 +28,8 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__x86_64__)
-#include <emmintrin.h>
-#endif
-#include <unistd.h>
 
+#include "cpu_stream.h"
 #include "cpu_threads.h"
 #include "normkit/dispatch.h"
 
@@ -42,6 +38,11 @@
 
 namespace normkit {
 namespace {
+
+using cpu::kCanStream;
+using cpu::should_stream;
+using cpu::stream_fence;
+using cpu::stream_store;
 
 // Arithmetic type of a storage type: float32 for float16/float32, float64 for float64. It is also
 // the dtype of parameters and statistics (param_dtype).
@@ -108,61 +109,6 @@ NK_INLINE double hsum(V v) {
   double lanes[kLanes];
   std::memcpy(lanes, &wide, sizeof lanes);
   return hsum_wide<double, kLanes>(lanes);
-}
-
-// Non-temporal ("streaming") stores write an output straight to memory instead of first reading
-// each line into cache (write-allocate), a third less traffic for y = f(x), a quarter for
-// dx = f(dy, x). Worth it only when the op's data is far larger than the last-level cache, so that
-// the output would be evicted before anyone reads it. SSE2 16-byte stores exist in every x86-64
-// clone; the write-combining buffers merge them into whole lines.
-#if defined(__x86_64__)
-template <class T>
-constexpr bool kCanStream = std::is_same_v<T, float> || std::is_same_v<T, double>;
-#else
-template <class T>
-constexpr bool kCanStream = false;
-#endif
-
-template <class T>
-NK_INLINE void stream_store(T* dst, const typename Lanes<T>::V& value) {
-#if defined(__x86_64__)
-  for (size_t j = 0; j < sizeof value / 16; ++j) {
-    __m128i part;
-    std::memcpy(&part, reinterpret_cast<const char*>(&value) + 16 * j, 16);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst) + j, part);
-  }
-#else
-  std::memcpy(dst, &value, sizeof value);
-#endif
-}
-
-inline void stream_fence() {
-#if defined(__x86_64__)
-  _mm_sfence();  // streaming stores are weakly ordered: publish them before the threads join
-#endif
-}
-
-// The last-level cache of the CPU this process runs on. Linux's sysfs first: in a virtual machine,
-// sysconf can report the host's whole L3 (384 MiB here) rather than the slice this CPU shares.
-inline int64_t last_level_cache_bytes() {
-  if (std::FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
-    long kib = 0;
-    const bool ok = std::fscanf(f, "%ldK", &kib) == 1 && kib > 0;
-    std::fclose(f);
-    if (ok) return int64_t(kib) << 10;
-  }
-  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-  return l3 > 0 ? int64_t(l3) : int64_t(32) << 20;
-}
-
-// Whether an op moving `bytes` should stream its output: more than the last-level cache holds, or
-// than NORMKIT_STREAM_MIN_BYTES if set (read once; for tuning, and for tests of the streaming path).
-inline bool should_stream(int64_t bytes) {
-  static const int64_t threshold = [] {
-    const char* env = std::getenv("NORMKIT_STREAM_MIN_BYTES");
-    return env && *env ? int64_t(std::strtoll(env, nullptr, 10)) : last_level_cache_bytes();
-  }();
-  return bytes > threshold;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -709,8 +655,21 @@ std::vector<double> widen(const std::vector<A>& v) {
 
 // The shift of the statistics' sums: the mean of each channel's first (up to) kPilot values. Sums
 // of (x - shift) then lose nothing to cancellation when |mean| >> std, and one outlier among the
-// first values moves the shift by only 1/kPilot of its distance.
+// first values moves the shift by only 1/kPilot of its distance. When the first values are
+// unrepresentative of the rest (sorted data, a zeroed border), the shift lands far from the mean:
+// the lanes then round (x - shift)^2 ~ d^2 + var (d = mean - shift), so var keeps its digits only
+// while d^2 stays within kReshift times var. Past that the sums are taken again around the mean
+// they gave, in float64 lanes: the data has shown itself hard (the outliers' squares round in
+// float32 lanes too), and the rare second pass is worth being exact.
 constexpr int64_t kPilot = 64;
+template <class A>
+constexpr double kReshift = std::is_same_v<A, double> ? 1e6 : 1.0;
+
+template <class A>
+bool needs_reshift(double shift, double mean, double var) {
+  const double d = mean - shift;
+  return d * d > kReshift<A> * var;  // false for NaN: there is nothing to recover
+}
 
 template <class T>
 std::vector<double> pilot_means(const Geometry& g, Strided<const T> x) {
@@ -736,8 +695,26 @@ void moments(const std::vector<double>& shift, const std::vector<double>& s1,
   for (size_t c = 0; c < C; ++c) {
     const double d = s1[c] / M;
     mean[c] = shift[c] + d;
-    var[c] = std::max(0.0, s2[c] / M - d * d);
+    const double v = s2[c] / M - d * d;
+    var[c] = v < 0 ? 0.0 : v;  // rounding can go below 0; NaN stays NaN, as in torch
   }
+}
+
+// Per-channel mean and biased var of x, shifted sums re-taken around the mean where the first
+// shift proved too far from it (see kReshift).
+template <class T, class A>
+void channel_moments(const Geometry& g, Strided<const T> xs, std::vector<double>& mean,
+                     std::vector<double>& var) {
+  const std::vector<A> shift = narrow<A>(pilot_means(g, xs));
+  std::vector<double> s1, s2;
+  pair_sums<T, A>(g, xs, xs, shift, shift, s1, s2);
+  moments(widen(shift), s1, s2, double(g.N * g.S), mean, var);
+  bool again = false;
+  for (int64_t c = 0; c < g.C; ++c) again = again || needs_reshift<A>(shift[c], mean[c], var[c]);
+  if (!again) return;
+  const std::vector<double> around = mean;
+  pair_sums<T, double>(g, xs, xs, around, around, s1, s2);
+  moments(around, s1, s2, double(g.N * g.S), mean, var);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -782,17 +759,6 @@ NCSView check_like_x(const char* op, const TensorView& t, const char* name, cons
   return as_ncs(t, name);
 }
 
-// An output must not write one element through two indices: a broadcast view (stride 0 in a dim
-// of size > 1) would make threads race and leave an arbitrary value behind.
-void check_output(const char* op, const TensorView& t, const char* name) {
-  if (t.numel() == 0) return;  // empty arrays may carry any strides
-  for (int d = 0; d < t.ndim; ++d) {
-    NK_CHECK_VALUE(t.shape[d] <= 1 || t.strides[d] != 0, op, ": output ", name,
-                   " is a broadcast view (stride 0 in dim ", d, "); pass an array that owns ",
-                   "every element");
-  }
-}
-
 // A per-channel vector (C,) of the param dtype. Absent is allowed when `optional`.
 void check_channels(const char* op, const TensorView& t, const char* name, const TensorView& x,
                     int64_t C, DType param, bool optional) {
@@ -832,18 +798,13 @@ void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorV
   const Checked k = check_input(op, x);
   check_channels(op, mean, "mean", x, k.C, k.param, false);
   check_channels(op, var, "var", x, k.C, k.param, false);
-  check_output(op, mean, "mean");
-  check_output(op, var, "var");
+  check_output_memory(op, {{mean, "mean", false}, {var, "var", false}}, {{x, "x", true}});
   dispatch(op, x, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x}), k.x.N, k.x.C, k.x.S};
-    const auto xs = in<T>(x, k.x);
-    const auto shift = pilot_means(g, xs);
-    std::vector<double> s1, s2, m, v;
-    const auto ks = narrow<A>(shift);
-    pair_sums<T, A>(g, xs, xs, ks, ks, s1, s2);
-    moments(widen(ks), s1, s2, double(g.N * g.S), m, v);
+    std::vector<double> m, v;
+    channel_moments<T, A>(g, in<T>(x, k.x), m, v);
     write_channels<A>(mean, m);
     write_channels<A>(var, v);
   }, [&] { cuda::batch_norm_stats(x, mean, var, launch); });
@@ -859,7 +820,9 @@ void batch_norm_normalize(const TensorView& x, const TensorView& mean, const Ten
   check_channels(op, weight, "weight", x, k.C, k.param, true);
   check_channels(op, bias, "bias", x, k.C, k.param, true);
   const NCSView yv = check_like_x(op, y, "y", x);
-  check_output(op, y, "y");
+  check_output_memory(op, {{y, "y", true}},
+                      {{x, "x", true}, {mean, "mean", false}, {invstd, "invstd", false},
+                       {weight, "weight", false}, {bias, "bias", false}});
   dispatch(op, x, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -884,12 +847,11 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
   check_channels(op, mean, "mean", x, k.C, k.param, false);
   check_channels(op, var, "var", x, k.C, k.param, false);
   check_channels(op, invstd, "invstd", x, k.C, k.param, false);
-  check_output(op, mean, "mean");
-  check_output(op, var, "var");
-  check_output(op, invstd, "invstd");
-  NK_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  NK_CHECK_VALUE(eps > 0, op, ": eps must be positive in training (as in torch), got ", eps);
   const NCSView yv = check_like_x(op, y, "y", x);
-  check_output(op, y, "y");
+  check_output_memory(op, {{y, "y", true}, {mean, "mean", false}, {var, "var", false},
+                           {invstd, "invstd", false}},
+                      {{x, "x", true}, {weight, "weight", false}, {bias, "bias", false}});
   dispatch(op, x, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -898,7 +860,6 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
     const auto ys = strided<T>(y, yv);
     const auto w = read_channels<A>(weight, k.C, 1), b = read_channels<A>(bias, k.C, 0);
     const double M = double(g.N * g.S);
-    const auto shift = pilot_means(g, xs);
     std::vector<double> m(k.C, 0.0), v(k.C, 0.0), is(k.C, 0.0);
 
     const int nthreads = threads_for(g.N * g.C * g.S);
@@ -906,16 +867,25 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
       // Fused: a thread owns whole channels, normalizing each right after reducing it, while its
       // rows are still in cache, so x crosses the memory bus once.
       const bool stream = should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)));
+      const auto shift = pilot_means(g, xs);
       parallel(nthreads, [&](int tid, int nt) {
         int64_t c0, c1;
         split_range(g.C, tid, nt, &c0, &c1);
         for (int64_t c = c0; c < c1; ++c) {
-          double s1 = 0, s2 = 0;
           const A ks = A(shift[c]);
+          double s1 = 0, s2 = 0;
           planar_pair_sums<T, A>(xs.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, ks, ks, &s1, &s2);
-          const double d = s1 / M;
-          m[c] = double(ks) + d;
-          v[c] = std::max(0.0, s2 / M - d * d);
+          double k = double(ks), d = s1 / M, var = s2 / M - d * d;
+          if (needs_reshift<A>(k, k + d, var)) {  // as in channel_moments
+            k += d;
+            s1 = s2 = 0;
+            planar_pair_sums<T, double>(xs.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, k, k, &s1,
+                                        &s2);
+            d = s1 / M;
+            var = s2 / M - d * d;
+          }
+          m[c] = k + d;
+          v[c] = var < 0 ? 0.0 : var;  // as in moments()
           is[c] = 1.0 / std::sqrt(v[c] + eps);
           planar_affine<T>(nullptr, xs.row(0, c), ys.row(0, c), xs.sN, g.N, g.S, A(0),
                            A(is[c] * w[c]), A(m[c]), A(b[c]), stream);
@@ -923,10 +893,8 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
         if (stream) stream_fence();
       });
     } else {
-      std::vector<double> s1, s2, q(k.C);
-      const auto ks = narrow<A>(shift);
-      pair_sums<T, A>(g, xs, xs, ks, ks, s1, s2);
-      moments(widen(ks), s1, s2, M, m, v);
+      std::vector<double> q(k.C);
+      channel_moments<T, A>(g, xs, m, v);
       for (int64_t c = 0; c < k.C; ++c) {
         is[c] = 1.0 / std::sqrt(v[c] + eps);
         q[c] = is[c] * w[c];
@@ -949,8 +917,8 @@ void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const
   check_channels(op, mean, "mean", x, k.C, k.param, false);
   check_channels(op, sum_dy, "sum_dy", x, k.C, k.param, false);
   check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, false);
-  check_output(op, sum_dy, "sum_dy");
-  check_output(op, sum_dy_xmu, "sum_dy_xmu");
+  check_output_memory(op, {{sum_dy, "sum_dy", false}, {sum_dy_xmu, "sum_dy_xmu", false}},
+                      {{dy, "dy", true}, {x, "x", true}, {mean, "mean", false}});
   dispatch(op, x, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -991,12 +959,16 @@ void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const 
   const Checked k = check_input(op, x);
   const NCSView dyv = check_like_x(op, dy, "dy", x);
   const NCSView dxv = check_like_x(op, dx, "dx", x);
-  check_output(op, dx, "dx");
   check_channels(op, mean, "mean", x, k.C, k.param, false);
   check_channels(op, invstd, "invstd", x, k.C, k.param, false);
   check_channels(op, weight, "weight", x, k.C, k.param, true);
   check_channels(op, sum_dy, "sum_dy", x, k.C, k.param, true);
   check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, true);
+  check_output_memory(op, {{dx, "dx", true}},
+                      {{dy, "dy", true}, {x, "x", true}, {mean, "mean", false},
+                       {invstd, "invstd", false}, {weight, "weight", false},
+                       {sum_dy, "sum_dy", false}, {sum_dy_xmu, "sum_dy_xmu", false}});
+  NK_CHECK_VALUE(std::isfinite(count), op, ": count must be finite, got ", count);
   NK_CHECK_VALUE(sum_dy.defined() == sum_dy_xmu.defined(), op,
                  ": pass both sum_dy and sum_dy_xmu (training) or neither (eval)");
   NK_CHECK_VALUE(!sum_dy.defined() || count >= double(k.x.N * k.x.S), op, ": count (", count,
@@ -1026,14 +998,15 @@ void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const 
   const Checked k = check_input(op, x);
   const NCSView dyv = check_like_x(op, dy, "dy", x);
   const NCSView dxv = dx.defined() ? check_like_x(op, dx, "dx", x) : dyv;
-  if (dx.defined()) check_output(op, dx, "dx");
   check_channels(op, mean, "mean", x, k.C, k.param, false);
   check_channels(op, invstd, "invstd", x, k.C, k.param, false);
   check_channels(op, weight, "weight", x, k.C, k.param, true);
   check_channels(op, sum_dy, "sum_dy", x, k.C, k.param, false);
   check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, false);
-  check_output(op, sum_dy, "sum_dy");
-  check_output(op, sum_dy_xmu, "sum_dy_xmu");
+  check_output_memory(op, {{dx, "dx", true}, {sum_dy, "sum_dy", false},
+                           {sum_dy_xmu, "sum_dy_xmu", false}},
+                      {{dy, "dy", true}, {x, "x", true}, {mean, "mean", false},
+                       {invstd, "invstd", false}, {weight, "weight", false}});
   dispatch(op, x, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;

@@ -28,6 +28,18 @@ constexpr int64_t kGrain = 1 << 14;  // (B, N, K) elements a thread should have 
 
 using cpu::parallel_ranges;
 
+// Every thread's scratch, allocated before the threads start: an exception (std::bad_alloc) thrown
+// inside an OpenMP region would terminate the process instead of reaching the caller.
+template <class T>
+struct Scratch {
+  std::vector<T> memory;
+  size_t per_thread;
+  Scratch(int nthreads, int64_t values)
+      : memory(static_cast<size_t>(nthreads) * static_cast<size_t>(values)),
+        per_thread(static_cast<size_t>(values)) {}
+  T* of(int tid) { return memory.data() + static_cast<size_t>(tid) * per_thread; }
+};
+
 int threads_for(int64_t elements) { return cpu::threads_between_gemms(elements, kGrain); }
 
 // ------------------------------------------------------------------------------------------------
@@ -378,9 +390,9 @@ void forward_pass(const Codebook<T>& cb, const TensorView& XC, const TensorView&
   const View3<T> outv = out.defined() ? view3<T>(out) : View3<T>{};
   const int nthreads = threads_for(cb.B * cb.N * std::max<int64_t>(K, 1) * 4);
   std::vector<double> colsums(static_cast<size_t>(nthreads) * cb.B * K, 0.0);
+  Scratch<T> scratch(nthreads, 2 * K * kTile + kTile);
   parallel_ranges(nthreads, tiles, [&](int tid, int64_t first, int64_t last) {
-    std::vector<T> scratch(2 * K * kTile + kTile);
-    T *d2 = scratch.data(), *o = d2 + K * kTile, *x2 = o + K * kTile;
+    T *d2 = scratch.of(tid), *o = d2 + K * kTile, *x2 = o + K * kTile;
     double* colsum = colsums.data() + static_cast<size_t>(tid) * cb.B * K;
     for (int64_t t = first; t < last; ++t) {
       const int64_t b = t / per_batch, i0 = (t % per_batch) * kTile;
@@ -451,6 +463,8 @@ void scaled_l2_forward(const TensorView& X, const TensorView& C, const TensorVie
   check_array(op, XC, "XC", "B, N, K", {z.B, z.N, z.K}, z.param, X, "X");
   check_array(op, D2, "D2", "B, N, K", {z.B, z.N, z.K}, z.param, X, "X");
   check_array(op, SL, "SL", "B, N, K", {z.B, z.N, z.K}, z.param, X, "X", true);
+  check_output_memory(op, {{D2, "D2", false}, {SL, "SL", true}},
+                      {{X, "X", false}, {C, "C", false}, {s, "s", false}, {XC, "XC", true}});
   dispatch_float(op, X, [&](auto tag) {
     using T = decltype(tag);
     forward_pass<T>(codebook<T>(X, C, s, z), XC, D2, SL, false, TensorView{});
@@ -466,6 +480,8 @@ void encoding_forward(const TensorView& X, const TensorView& C, const TensorView
   check_array(op, D2, "D2", "B, N, K", {z.B, z.N, z.K}, z.param, X, "X");
   check_array(op, A, "A", "B, N, K", {z.B, z.N, z.K}, z.param, X, "X");
   check_array(op, sumA, "sumA", "B, K", {z.B, z.K}, z.param, X, "X", true);
+  check_output_memory(op, {{D2, "D2", false}, {A, "A", true}, {sumA, "sumA", false}},
+                      {{X, "X", false}, {C, "C", false}, {s, "s", false}, {XC, "XC", true}});
   dispatch_float(op, X, [&](auto tag) {
     using T = decltype(tag);
     forward_pass<T>(codebook<T>(X, C, s, z), XC, D2, A, true, sumA);
@@ -485,6 +501,9 @@ void scaled_l2_backward(const TensorView& dSL, const TensorView& s, const Tensor
   check_array(op, r, "r", "B, N", {B, N}, dt, dSL, "dSL");
   check_array(op, sumW, "sumW", "K", {K}, dt, dSL, "dSL");
   check_array(op, ds, "ds", "K", {K}, dt, dSL, "dSL");
+  check_output_memory(op, {{W, "W", true}, {r, "r", false}, {sumW, "sumW", false},
+                           {ds, "ds", false}},
+                      {{dSL, "dSL", true}, {s, "s", false}, {D2, "D2", false}});
   dispatch_float(op, dSL, [&](auto tag) {
     using T = decltype(tag);
     const auto sv = read_vector<T>(s);
@@ -494,9 +513,9 @@ void scaled_l2_backward(const TensorView& dSL, const TensorView& s, const Tensor
     const int64_t per_batch = (N + kTile - 1) / kTile;
     const int nthreads = threads_for(B * N * std::max<int64_t>(K, 1));
     std::vector<WeightSums> parts(nthreads, {std::vector<double>(K), std::vector<double>(K)});
+    Scratch<T> scratch(nthreads, 2 * K * kTile + kTile);
     parallel_ranges(nthreads, B * per_batch, [&](int tid, int64_t first, int64_t last) {
-      std::vector<T> scratch(2 * K * kTile + kTile);
-      T *g = scratch.data(), *d2 = g + K * kTile, *rr = d2 + K * kTile;
+      T *g = scratch.of(tid), *d2 = g + K * kTile, *rr = d2 + K * kTile;
       for (int64_t t = first; t < last; ++t) {
         const int64_t b = t / per_batch, i0 = (t % per_batch) * kTile;
         const int64_t rows = std::min(kTile, N - i0);
@@ -534,6 +553,10 @@ void encoding_backward(const TensorView& G, const TensorView& C, const TensorVie
   check_array(op, sumW, "sumW", "K", {K}, dt, A, "A");
   check_array(op, sumA, "sumA", "B, K", {B, K}, dt, A, "A");
   check_array(op, ds, "ds", "K", {K}, dt, A, "A");
+  check_output_memory(op, {{W, "W", true}, {r, "r", false}, {sumW, "sumW", false},
+                           {sumA, "sumA", false}, {ds, "ds", false}},
+                      {{G, "G", false}, {C, "C", false}, {s, "s", false}, {A, "A", false},
+                       {D2, "D2", false}, {XG, "XG", true}});
   dispatch_float(op, A, [&](auto tag) {
     using T = decltype(tag);
     const auto sv = read_vector<T>(s);
@@ -556,9 +579,9 @@ void encoding_backward(const TensorView& G, const TensorView& C, const TensorVie
     const int nthreads = threads_for(B * N * std::max<int64_t>(K, 1) * 2);
     std::vector<WeightSums> parts(nthreads, {std::vector<double>(K), std::vector<double>(K)});
     std::vector<double> colsums(static_cast<size_t>(nthreads) * B * K, 0.0);
+    Scratch<T> scratch(nthreads, 3 * K * kTile + 2 * kTile);
     parallel_ranges(nthreads, B * per_batch, [&](int tid, int64_t first, int64_t last) {
-      std::vector<T> scratch(3 * K * kTile + 2 * kTile);
-      T *a = scratch.data(), *d2 = a + K * kTile, *g = d2 + K * kTile;
+      T *a = scratch.of(tid), *d2 = a + K * kTile, *g = d2 + K * kTile;
       T *rr = g + K * kTile, *dot = rr + kTile;
       double* colsum = colsums.data() + static_cast<size_t>(tid) * B * K;
       for (int64_t t = first; t < last; ++t) {
@@ -624,6 +647,7 @@ void add_scaled_features(const TensorView& X, const TensorView& r, const TensorV
   const int64_t B = X.shape[0], N = X.shape[1], D = X.shape[2];
   check_array(op, r, "r", "B, N", {B, N}, param_dtype(X.dtype), X, "X");
   check_array(op, dX, "dX", "B, N, D", {B, N, D}, X.dtype, X, "X");
+  check_output_memory(op, {{dX, "dX", true}}, {{X, "X", true}, {r, "r", false}});
   dispatch_float(op, X, [&](auto tag) {
     using T = decltype(tag);
     const auto xv = view3<const T>(X);

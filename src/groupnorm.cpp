@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_stream.h"
 #include "cpu_threads.h"
 #include "normkit/dispatch.h"
 
@@ -149,6 +150,12 @@ NK_HOT void run_sums(const T* a, const T* b, int64_t len, acc_t<T> ka, acc_t<T> 
         w2 += ea * (L::load(b + i + kLanes) - kb);
       }
     }
+    if (i + kLanes <= end) {  // short planes (small H*W) would otherwise leave up to 31 scalars
+      const V da = L::load(a + i) - ka;
+      u1 += da;
+      u2 += da * (kSame ? da : L::load(b + i) - kb);
+      i += kLanes;
+    }
     for (; i < end; ++i) {
       const A d = ld(a[i]) - ka;
       t1 += d;
@@ -162,47 +169,76 @@ NK_HOT void run_sums(const T* a, const T* b, int64_t len, acc_t<T> ka, acc_t<T> 
 }
 
 // out = p * u + q * (v - m) + r over len contiguous values; u may be null (p ignored).
+// `stream`: streaming stores (float32/float64; see cpu_stream.h), for outputs beyond the LLC.
 template <class T>
 NK_HOT void run_affine(const T* u, const T* v, T* out, int64_t len, acc_t<T> p, acc_t<T> q,
-                       acc_t<T> m, acc_t<T> r) {
+                       acc_t<T> m, acc_t<T> r, bool stream) {
   using L = Lanes<T>;
+  auto one = [&](int64_t i) {
+    out[i] = u ? st<T>(p * ld(u[i]) + q * (ld(v[i]) - m) + r) : st<T>(q * (ld(v[i]) - m) + r);
+  };
   int64_t i = 0;
+  if constexpr (cpu::kCanStream<T>) {
+    if (stream) {
+      for (; i < len && reinterpret_cast<uintptr_t>(out + i) % 16; ++i) one(i);
+      if (u) {
+        for (; i + kLanes <= len; i += kLanes) {
+          cpu::stream_store(out + i, p * L::load(u + i) + q * (L::load(v + i) - m) + r);
+        }
+      } else {
+        for (; i + kLanes <= len; i += kLanes) {
+          cpu::stream_store(out + i, q * (L::load(v + i) - m) + r);
+        }
+      }
+    }
+  }
   if (u) {
     for (; i + kLanes <= len; i += kLanes) {
       L::store(out + i, p * L::load(u + i) + q * (L::load(v + i) - m) + r);
     }
-    for (; i < len; ++i) out[i] = st<T>(p * ld(u[i]) + q * (ld(v[i]) - m) + r);
   } else {
     for (; i + kLanes <= len; i += kLanes) L::store(out + i, q * (L::load(v + i) - m) + r);
-    for (; i < len; ++i) out[i] = st<T>(q * (ld(v[i]) - m) + r);
   }
+  for (; i < len; ++i) one(i);
 }
 
 // ------------------------------------------------------------------------------------------------
 // Channels-last rows: `rows` consecutive positions s of one sample, C contiguous channels each.
 
+// The rows are walked in chunks of kFlushRows, and within a chunk one run of kLanes channels at a
+// time down all its rows, so that run's accumulators stay in registers (the chunk stays in L1).
 template <class T>
 NK_HOT void rows_sums(const T* a, const T* b, int64_t sa, int64_t sb, int64_t rows, int64_t C,
                       const acc_t<T>* __restrict ka, const acc_t<T>* __restrict kb,
-                      acc_t<T>* __restrict acc1, acc_t<T>* __restrict acc2,
                       double* __restrict s1, double* __restrict s2) {
   using A = acc_t<T>;
+  using L = Lanes<T>;
+  using V = typename L::V;
   for (int64_t r0 = 0; r0 < rows; r0 += kFlushRows) {
     const int64_t r1 = std::min(rows, r0 + kFlushRows);
-    std::fill(acc1, acc1 + C, A(0));
-    std::fill(acc2, acc2 + C, A(0));
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* __restrict ar = a + r * sa;
-      const T* __restrict br = b + r * sb;
-      for (int64_t c = 0; c < C; ++c) {
-        const A d = ld(ar[c]) - ka[c];
-        acc1[c] += d;
-        acc2[c] += d * (ld(br[c]) - kb[c]);
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes) {
+      const V k1 = Lanes<A>::load(ka + c), k2 = Lanes<A>::load(kb + c);
+      V u1 = {}, u2 = {};
+      for (int64_t r = r0; r < r1; ++r) {
+        const V d = L::load(a + r * sa + c) - k1;
+        u1 += d;
+        u2 += d * (L::load(b + r * sb + c) - k2);
+      }
+      for (int l = 0; l < kLanes; ++l) {
+        s1[c + l] += double(u1[l]);
+        s2[c + l] += double(u2[l]);
       }
     }
-    for (int64_t c = 0; c < C; ++c) {
-      s1[c] += double(acc1[c]);
-      s2[c] += double(acc2[c]);
+    for (; c < C; ++c) {
+      A t1 = 0, t2 = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        const A d = ld(a[r * sa + c]) - ka[c];
+        t1 += d;
+        t2 += d * (ld(b[r * sb + c]) - kb[c]);
+      }
+      s1[c] += double(t1);
+      s2[c] += double(t2);
     }
   }
 }
@@ -281,7 +317,6 @@ template <class T>
 void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b, bool same,
                const std::vector<acc_t<T>>& ka, const std::vector<acc_t<T>>& kb,
                std::vector<double>& s1, std::vector<double>& s2) {
-  using A = acc_t<T>;
   const int64_t NC = g.N * g.C;
   s1.assign(NC, 0.0);
   s2.assign(NC, 0.0);
@@ -298,14 +333,12 @@ void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b, bool s
       first[tid] = n0 * g.C;
       std::vector<double>& p = part[tid];
       p.assign(2 * (n1 - n0 + 1) * g.C, 0.0);
-      std::vector<A> acc(2 * g.C);
       for (int64_t n = n0; n <= n1; ++n) {
         const int64_t r0 = std::max(e0, n * g.S) - n * g.S;
         const int64_t r1 = std::min(e1, (n + 1) * g.S) - n * g.S;
         double* p1 = p.data() + 2 * (n - n0) * g.C;
         rows_sums<T>(a.data + n * a.sN + r0 * a.sS, b.data + n * b.sN + r0 * b.sS, a.sS, b.sS,
-                     r1 - r0, g.C, ka.data() + n * g.C, kb.data() + n * g.C, acc.data(),
-                     acc.data() + g.C, p1, p1 + g.C);
+                     r1 - r0, g.C, ka.data() + n * g.C, kb.data() + n * g.C, p1, p1 + g.C);
       }
       return;
     }
@@ -364,6 +397,7 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
   const int64_t NC = g.N * g.C;
   if (NC * g.S == 0) return;
   const int nthreads = cpu::threads_for(NC * g.S, kGrain);
+  const bool stream = cpu::should_stream((u ? 3 : 2) * NC * g.S * int64_t(sizeof(T)));
   cpu::parallel_ranges(nthreads, g.layout == Layout::ChannelsLast ? g.N * g.S : NC * g.S,
                        [&](int, int64_t e0, int64_t e1) {
     if (g.layout == Layout::ChannelsLast) {
@@ -384,7 +418,8 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
       const T* vr = v.plane(n, c);
       T* o = out.plane(n, c);
       if (g.layout == Layout::Planar) {
-        run_affine<T>(ur ? ur + s0 : nullptr, vr + s0, o + s0, s1 - s0, p[i], q[i], m[i], r[i]);
+        run_affine<T>(ur ? ur + s0 : nullptr, vr + s0, o + s0, s1 - s0, p[i], q[i], m[i], r[i],
+                      stream);
         return;
       }
       for (int64_t s = s0; s < s1; ++s) {
@@ -393,12 +428,15 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
         o[s * out.sS] = st<T>(value);
       }
     });
+    if (stream) cpu::stream_fence();
   });
 }
 
 // The shift of a group's statistics: the mean of the first (up to) kPilot values of the group's
-// first channel. Sums of (x - shift) then lose nothing to cancellation when |mean| >> std.
-constexpr int64_t kPilot = 64;
+// first channel. Sums of (x - shift) then lose nothing to cancellation when |mean| >> std (the
+// shift need only be within a few std of the mean). Few values: for small planes (7x7) a longer
+// pilot would cost as much as the statistics themselves.
+constexpr int64_t kPilot = 16;
 
 template <class T>
 double pilot_mean(const Geometry& g, Strided<const T> x, int64_t n, int64_t group) {
@@ -416,6 +454,11 @@ bool fuse(const Geometry& g, int nthreads) {
   return g.layout == Layout::Planar && g.N * g.G >= nthreads && g.S > 0;
 }
 
+// The same for channels-last tensors, by whole samples.
+bool fuse_rows(const Geometry& g, int nthreads) {
+  return g.layout == Layout::ChannelsLast && g.N >= nthreads && g.S > 0;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Small (N, K) arrays of the param dtype, read into / written from n-major float64 vectors.
 
@@ -425,7 +468,8 @@ std::vector<double> read_nk(const TensorView& t, int64_t N, int64_t K, double ab
   if (!t.defined()) return out;
   const P* data = t.ptr<const P>();
   for (int64_t n = 0; n < N; ++n) {
-    for (int64_t k = 0; k < K; ++k) out[n * K + k] = double(data[n * t.strides[0] + k * t.strides[1]]);
+    const P* row = data + n * t.strides[0];
+    for (int64_t k = 0; k < K; ++k) out[n * K + k] = double(row[k * t.strides[1]]);
   }
   return out;
 }
@@ -434,7 +478,8 @@ template <class P>
 void write_nk(const TensorView& t, int64_t N, int64_t K, const std::vector<double>& values) {
   P* data = t.ptr<P>();
   for (int64_t n = 0; n < N; ++n) {
-    for (int64_t k = 0; k < K; ++k) data[n * t.strides[0] + k * t.strides[1]] = P(values[n * K + k]);
+    P* row = data + n * t.strides[0];
+    for (int64_t k = 0; k < K; ++k) row[k * t.strides[1]] = P(values[n * K + k]);
   }
 }
 
@@ -698,6 +743,7 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
     if (fuse(g, nthreads)) {
       // A thread owns whole (n, g) blocks and normalizes each right after reducing it, while the
       // block is still in cache: x crosses the memory bus once.
+      const bool stream = cpu::should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)));
       cpu::parallel_ranges(nthreads, NG, [&](int, int64_t b0, int64_t b1) {
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t n = blk / g.G, j = blk % g.G;
@@ -713,8 +759,41 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
           for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {  // see shifted_affine
             const double q = rs[blk] * w[c];
             run_affine<T>(nullptr, xs.plane(n, c), ys.plane(n, c), g.S, A(0), A(q), ks,
-                          A(b[c] - q * d));
+                          A(b[c] - q * d), stream);
           }
+        }
+        if (stream) cpu::stream_fence();
+      });
+    } else if (fuse_rows(g, nthreads)) {
+      // Channels-last: a thread owns whole samples (contiguous runs of S rows of C) and
+      // normalizes each right after reducing it, while it is still in cache.
+      cpu::parallel_ranges(nthreads, g.N, [&](int, int64_t n0, int64_t n1) {
+        std::vector<A> ks(g.C), q(g.C), r(g.C), zero(g.C, A(0));
+        std::vector<double> kg(g.G), s1(g.C), s2(g.C);
+        for (int64_t n = n0; n < n1; ++n) {
+          for (int64_t j = 0; j < g.G; ++j) kg[j] = double(A(pilot_mean(g, xs, n, j)));
+          for (int64_t c = 0; c < g.C; ++c) ks[c] = A(kg[c / Cg]);
+          std::fill(s1.begin(), s1.end(), 0.0);
+          std::fill(s2.begin(), s2.end(), 0.0);
+          const T* xn = xs.data + n * xs.sN;
+          rows_sums<T>(xn, xn, xs.sS, xs.sS, g.S, g.C, ks.data(), ks.data(), s1.data(), s2.data());
+          for (int64_t j = 0; j < g.G; ++j) {
+            double t1 = 0, t2 = 0;
+            for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) t1 += s1[c], t2 += s2[c];
+            const double d = t1 / M;
+            const int64_t blk = n * g.G + j;
+            m[blk] = kg[j] + d;
+            v[blk] = std::max(0.0, t2 / M - d * d);
+            rs[blk] = 1.0 / std::sqrt(v[blk] + eps);
+          }
+          for (int64_t c = 0; c < g.C; ++c) {  // see shifted_affine
+            const int64_t blk = n * g.G + c / Cg;
+            const double qc = rs[blk] * w[c];
+            q[c] = A(qc);
+            r[c] = A(b[c] - qc * (m[blk] - kg[c / Cg]));
+          }
+          rows_affine<T>(nullptr, xn, ys.data + n * ys.sN, 0, xs.sS, ys.sS, g.S, g.C,
+                         zero.data(), q.data(), ks.data(), r.data());
         }
       });
     } else {
@@ -819,6 +898,7 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
     const int nthreads = cpu::threads_for(g.N * g.C * g.S, kGrain);
     if (fuse(g, nthreads)) {
       // As in the forward: each block's dx is written while its dy and x are in cache.
+      const bool stream = cpu::should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)));
       cpu::parallel_ranges(nthreads, g.N * g.G, [&](int, int64_t b0, int64_t b1) {
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t n = blk / g.G, j = blk % g.G;
@@ -830,8 +910,33 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
           const BlockGrad bg = block_grad(g, n, j, rs[blk], w, s1.data(), s2.data());
           for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
             run_affine<T>(dys.plane(n, c), xs.plane(n, c), dxs.plane(n, c), g.S,
-                          A(rs[blk] * w[c]), A(bg.b), A(m[blk]), A(bg.c));
+                          A(rs[blk] * w[c]), A(bg.b), A(m[blk]), A(bg.c), stream);
           }
+        }
+        if (stream) cpu::stream_fence();
+      });
+    } else if (fuse_rows(g, nthreads)) {
+      // Channels-last, as in the forward: a thread owns whole samples.
+      const auto mc = per_channel<A>(m, g);
+      cpu::parallel_ranges(nthreads, g.N, [&](int, int64_t n0, int64_t n1) {
+        std::vector<A> zero(g.C, A(0)), p(g.C), q(g.C), r(g.C);
+        for (int64_t n = n0; n < n1; ++n) {
+          const T* dyn = dys.data + n * dys.sN;
+          const T* xn = xs.data + n * xs.sN;
+          rows_sums<T>(dyn, xn, dys.sS, xs.sS, g.S, g.C, zero.data(), mc.data() + n * g.C,
+                       s1.data() + n * g.C, s2.data() + n * g.C);
+          if (!dxs.data) continue;
+          for (int64_t j = 0; j < g.G; ++j) {
+            const int64_t blk = n * g.G + j;
+            const BlockGrad bg = block_grad(g, n, j, rs[blk], w, s1.data(), s2.data());
+            for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
+              p[c] = A(rs[blk] * w[c]);
+              q[c] = A(bg.b);
+              r[c] = A(bg.c);
+            }
+          }
+          rows_affine<T>(dyn, xn, dxs.data + n * dxs.sN, dys.sS, xs.sS, dxs.sS, g.S, g.C,
+                         p.data(), q.data(), mc.data() + n * g.C, r.data());
         }
       });
     } else {

@@ -17,8 +17,21 @@ namespace normkit {
 
 int64_t conv_output_size(int64_t n, int64_t kernel, int64_t stride, int64_t padding,
                          int64_t dilation) {
-  const int64_t span = n + 2 * padding - dilation * (kernel - 1) - 1;
-  return span < 0 ? 0 : span / stride + 1;
+  const char* op = "conv_output_size";
+  NK_CHECK_VALUE(n >= 0 && kernel >= 1 && stride >= 1 && padding >= 0 && dilation >= 1, op,
+                 ": got size ", n, ", kernel ", kernel, ", stride ", stride, ", padding ", padding,
+                 " and dilation ", dilation, "; size and padding must be >= 0, kernel, stride and ",
+                 "dilation >= 1");
+  // n + 2 padding - dilation (kernel - 1) - 1, every step checked: huge paddings or dilations
+  // would otherwise overflow int64 (undefined behaviour) and yield a nonsense size.
+  int64_t padded, extent, span;
+  const bool overflow = __builtin_mul_overflow(padding, int64_t(2), &padded) ||
+                        __builtin_add_overflow(padded, n, &padded) ||
+                        __builtin_mul_overflow(dilation, kernel - 1, &extent) ||
+                        __builtin_sub_overflow(padded, extent, &span);
+  NK_CHECK_VALUE(!overflow, op, ": size ", n, " with padding ", padding, ", kernel ", kernel,
+                 " and dilation ", dilation, " overflows 64-bit sizes");
+  return span <= 0 ? 0 : (span - 1) / stride + 1;
 }
 
 namespace {
@@ -100,15 +113,20 @@ Plan check(const char* op, const TensorView& x, const ConvGeometry& g, const Ten
     p.in[d] = x.shape[2 + d];
     p.out[d] = conv_output_size(p.in[d], g.kernel[d], g.stride[d], g.padding[d], g.dilation[d]);
     NK_CHECK_VALUE(p.out[d] >= 1, op, ": spatial dim ", d, " of x has size ", p.in[d],
-                   ", smaller than the kernel's extent ", g.dilation[d] * (g.kernel[d] - 1) + 1,
-                   " with padding ", g.padding[d], " on each side");
-    p.PK *= g.kernel[d];
-    p.L *= p.out[d];
+                   ", smaller than the kernel's extent (dilation * (kernel - 1) + 1 = ",
+                   g.dilation[d], " * ", g.kernel[d] - 1, " + 1) with padding ", g.padding[d],
+                   " on each side");
+    NK_CHECK_VALUE(!__builtin_mul_overflow(p.PK, g.kernel[d], &p.PK) &&
+                       !__builtin_mul_overflow(p.L, p.out[d], &p.L),
+                   op, ": the kernel or output size overflows 64-bit sizes");
   }
-  NK_CHECK_VALUE(cols.ndim == 3 && cols.shape[0] == p.B && cols.shape[1] == p.C * p.PK &&
+  int64_t rows = 0;
+  NK_CHECK_VALUE(!__builtin_mul_overflow(p.C, p.PK, &rows), op,
+                 ": C * prod(kernel) overflows 64-bit sizes");
+  NK_CHECK_VALUE(cols.ndim == 3 && cols.shape[0] == p.B && cols.shape[1] == rows &&
                      cols.shape[2] == p.L,
                  op, ": cols must have shape (B, C * prod(kernel), prod(output size)) = (", p.B,
-                 ", ", p.C * p.PK, ", ", p.L, "), got ", shape_string(cols));
+                 ", ", rows, ", ", p.L, "), got ", shape_string(cols));
   return p;
 }
 
@@ -135,6 +153,7 @@ void im2col(const TensorView& x, const ConvGeometry& g, const TensorView& cols,
             const Launch& launch) {
   const char* op = "im2col";
   const Plan p = check(op, x, g, cols);
+  check_output_memory(op, {{cols, "cols", false}}, {{x, "x", false}});
   dispatch_float(op, x, [&](auto tag) {
     using T = decltype(tag);
     const int last = p.dims - 1;
@@ -169,6 +188,7 @@ void col2im(const TensorView& cols, const ConvGeometry& g, const TensorView& x,
             const Launch& launch) {
   const char* op = "col2im";
   const Plan p = check(op, x, g, cols);
+  check_output_memory(op, {{x, "x", false}}, {{cols, "cols", false}});
   dispatch_float(op, x, [&](auto tag) {
     using T = decltype(tag);
     const int last = p.dims - 1;

@@ -15,7 +15,7 @@ def gpu_skip_reason():
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return "CuPy is not installed (pip install 'normkit[cuda]')"
+        return "CuPy is not installed (pip install cupy-cuda13x, the 'cuda' extra)"
     if not normkit._C.built_with_cuda():
         return "normkit was built without CUDA"
     if not normkit.cuda_available():

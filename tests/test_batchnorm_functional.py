@@ -102,11 +102,12 @@ def test_forward_training_without_running_stats(shape, layout, dtype):
 
 def test_running_var_is_unbiased_and_mean_exact():
     """A tiny hand-checkable case: values 1, 2, 4, 9 in one channel; momentum 1 copies the batch
-    statistics into the running buffers."""
+    statistics into the running buffers; eps = 1e-300 (training needs eps > 0, as in torch)
+    leaves invstd exact in float64."""
     x = np.array([[1.0, -3.0], [2.0, -3.5], [4.0, -2.0], [9.0, -6.5]])
     rm, rv = np.array([0.25, 0.5]), np.array([1.5, 2.0])
     y, mean, invstd = F.batch_norm_forward(x, None, None, rm, rv, training=True, momentum=1.0,
-                                           eps=0.0)
+                                           eps=1e-300)
     np.testing.assert_allclose(mean, [4.0, -3.75], rtol=1e-15)
     np.testing.assert_allclose(rm, [4.0, -3.75], rtol=1e-15)
     np.testing.assert_allclose(rv, [np.var(x[:, 0], ddof=1), np.var(x[:, 1], ddof=1)], rtol=1e-14)

@@ -77,7 +77,7 @@ def test_encoding_and_im2col_on_cuda_arrays_without_usable_cuda_are_runtime_erro
     if normkit.cuda_available():
         pytest.skip("a GPU is present: CUDA arrays are usable here")
     expected = ("CUDA cannot run here" if _C.built_with_cuda()
-                else "this build of normkit has no CUDA kernels")
+                else "this build of normkit has none")
     B, N, D, K = 2, 5, 3, 4
     X, XC, D2 = (FakeCudaArray(np.zeros(shape, np.float32))
                  for shape in ((B, N, D), (B, N, K), (B, N, K)))
@@ -124,3 +124,31 @@ def test_module_to_cuda_needs_cuda():
         normkit.nn.BatchNorm1d(3).to("cuda:x")
     with pytest.raises(ValueError, match="device must be"):
         normkit.nn.BatchNorm1d(3).to("cpu:1")
+
+
+def test_group_norm_on_cuda_arrays_without_usable_cuda_is_a_runtime_error():
+    """The per-sample statistics family dispatches CUDA arrays to its CUDA kernels (here a clear
+    error, with no GPU), never to the CPU kernels."""
+    if normkit.cuda_available():
+        pytest.skip("a GPU is present: CUDA arrays are usable here")
+    expected = ("CUDA cannot run here" if _C.built_with_cuda()
+                else "this build of normkit has no CUDA kernels")
+    N, C, G = 2, 4, 2
+    x, y = (FakeCudaArray(np.zeros((N, C, 5), np.float32)) for _ in range(2))
+    mean, var, rstd = (FakeCudaArray(np.zeros((N, G), np.float32)) for _ in range(3))
+    s1, s2 = (FakeCudaArray(np.zeros((N, C), np.float32)) for _ in range(2))
+    ws = FakeCudaArray(np.zeros(64))
+    with pytest.raises(RuntimeError, match=expected):
+        _C.group_norm_workspace_size(x, G)
+    with pytest.raises(RuntimeError, match=expected):
+        _C.group_norm_stats(x, mean, var, workspace=ws)
+    with pytest.raises(RuntimeError, match=expected):
+        _C.group_norm_affine(x, mean, s1, s2, y)
+    with pytest.raises(RuntimeError, match=expected):
+        _C.group_norm_forward(x, None, None, 1e-5, y, mean, var, rstd, workspace=ws)
+    with pytest.raises(RuntimeError, match=expected):
+        _C.group_norm_backward_reduce(y, x, mean, s1, s2, workspace=ws)
+    with pytest.raises(RuntimeError, match=expected):
+        _C.group_norm_backward_elemt(y, x, mean, s1, None, None, y)
+    with pytest.raises(RuntimeError, match=expected):
+        _C.group_norm_backward(y, x, mean, rstd, None, y, s1, s2, workspace=ws)

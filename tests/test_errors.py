@@ -353,5 +353,5 @@ def test_functional_non_arrays_and_integer_arrays():
 def test_too_many_dims_and_negative_eps():
     with pytest.raises(ValueError, match="at most 8"):
         F.batch_norm_stats(np.ones((2,) * 9, np.float32))
-    with pytest.raises(ValueError, match="eps must be >= 0"):
+    with pytest.raises(ValueError, match="eps must be positive during training"):
         F.batch_norm_forward(_x(), eps=-1.0)

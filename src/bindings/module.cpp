@@ -35,6 +35,7 @@ PYBIND11_MODULE(_C, m) {
   bind_encoding(m);
   bind_groupnorm(m);
   bind_im2col(m);
+  bind_wsconv(m);
 }
 
 }  // namespace normkit::bindings

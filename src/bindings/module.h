@@ -18,5 +18,6 @@ void bind_batchnorm(py::module_& m);
 void bind_encoding(py::module_& m);
 void bind_groupnorm(py::module_& m);
 void bind_im2col(py::module_& m);
+void bind_wsconv(py::module_& m);
 
 }  // namespace normkit::bindings

@@ -1,7 +1,7 @@
 """normkit.torch's synchronized StochNorm and cross-rank MixStyle across processes, run by
 tests/test_stochastic_torch_dist.py as
 
-    torchrun --nproc_per_node=2 check_stochastic_torch.py gloo   (process_group=)
+    torchrun --nproc_per_node=2 check_stochastic_torch.py gloo   (process_group= / TorchCommunicator)
     mpiexec -n 2 python check_stochastic_torch.py mpi            (normkit's MPICommunicator)
 
 Each check runs the layer on each rank's slice of a global batch (uneven sizes, then an empty rank

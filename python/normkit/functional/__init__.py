@@ -24,7 +24,17 @@ from .groupnorm import (
     instance_norm_backward,
     instance_norm_forward,
 )
-from .conv import convolution, convolution_backward, pixel_shuffle, pixel_unshuffle
+from .conv import (
+    conv_transpose,
+    conv_transpose_backward,
+    conv_transpose_output_padding,
+    convolution,
+    convolution_backward,
+    pad,
+    pad_backward,
+    pixel_shuffle,
+    pixel_unshuffle,
+)
 from .encoding import (
     aggregate,
     aggregate_backward,
@@ -42,6 +52,7 @@ from .encoding import (
     scaled_l2_forward,
     set_between_gemm_threads,
 )
+from .wsconv import ws_standardize, ws_standardize_backward
 
 __all__ = [
     "batch_norm_backward",
@@ -64,8 +75,13 @@ __all__ = [
     "instance_norm_backward",
     "instance_norm_forward",
     # convolution
+    "conv_transpose",
+    "conv_transpose_backward",
+    "conv_transpose_output_padding",
     "convolution",
     "convolution_backward",
+    "pad",
+    "pad_backward",
     "pixel_shuffle",
     "pixel_unshuffle",
     # the Encoding layer family
@@ -84,4 +100,7 @@ __all__ = [
     "scaled_l2_backward",
     "scaled_l2_forward",
     "set_between_gemm_threads",
+    # weight standardization
+    "ws_standardize",
+    "ws_standardize_backward",
 ]

@@ -12,8 +12,11 @@ Parameters and statistics have the input's dtype, except for float16 inputs, whi
 ones. Outputs are allocated by the input's array library in the input's layout. On CuPy arrays the
 ops run on CuPy's current stream and never wait for the GPU.
 """
+import math
+
 from .. import _C
-from .._backend import array_module, kernel_input, launch_args, like, param_dtype, writeable
+from .._backend import (array_module, check_eps, kernel_input, launch_args, like, param_dtype,
+                        writeable)
 
 
 def _channels(x, dtype=None):
@@ -34,6 +37,7 @@ def _check_running(name, stat, x):
     upcast silently: check them first, before anything is written."""
     if stat is None:
         return
+    array_module(stat, name)
     if type(stat) is not type(x):
         raise TypeError(f"{name} must be a {type(x).__module__} array like the input, got "
                         f"{type(stat).__module__}.{type(stat).__name__}")
@@ -86,6 +90,8 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, weight=None, sum_dy=None, sum
     dx = array_module(x).empty_like(x) if out is None else out
     if sum_dy is not None and count is None:
         count = _count(x)
+    if count is not None and not math.isfinite(count):
+        raise ValueError(f"batch_norm_backward_elemt: count must be finite, got {count}")
     _C.batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu,
                                  float(count or 0), dx, **launch_args(x))
     return dx
@@ -95,27 +101,48 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
                        training=True, momentum=0.1, eps=1e-5):
     """Batch norm forward, as ``torch.nn.functional.batch_norm``.
 
-    Returns ``(y, mean, invstd)``: the statistics used (batch ones in training, running ones in
-    eval) are what ``batch_norm_backward`` needs. In training, ``running_mean``/``running_var``
-    (if given) are updated in place with ``momentum`` and the unbiased batch variance.
+    In training, ``running_mean``/``running_var`` (if given) are updated in place with
+    ``momentum`` and the unbiased batch variance.
+
+    Parameters
+    ----------
+    x : NumPy or CuPy array (N, C, *)
+        float16, float32 or float64; any layout (channels-last takes its own fast path).
+    weight, bias : arrays (C,) or None
+        The affine parameters, of the parameter dtype (float32 for float16 input).
+    running_mean, running_var : arrays (C,) or None
+        Updated in place in training; normalize in eval (then required).
+    training : bool
+        Batch statistics (True) or the running ones (False).
+    momentum : float
+        Factor of the batch statistics in the running ones.
+    eps : float
+        Added to the variance; positive in training, non-negative in eval (as in torch).
+
+    Returns
+    -------
+    y : array like x
+    mean, invstd : arrays (C,)
+        The statistics used, which ``batch_norm_backward`` needs.
     """
     x = kernel_input(x)
     xp = array_module(x)
+    eps = check_eps("batch_norm_forward", eps, training)
+    _check_running("running_mean", running_mean, x)
+    _check_running("running_var", running_var, x)
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm_forward: eval mode (training=False) needs running_mean "
                              "and running_var")
         invstd = _invstd(running_var, eps)
         return batch_norm_normalize(x, running_mean, invstd, weight, bias), running_mean, invstd
-    _check_running("running_mean", running_mean, x)
-    _check_running("running_var", running_var, x)
     n = _count(x)
     if n <= 1:
         raise ValueError(f"batch_norm_forward: expected more than 1 value per channel when "
                          f"training, got input of shape {tuple(x.shape)}")
     y = xp.empty_like(x)
     mean, var, invstd = _channels(x), _channels(x), _channels(x)
-    _C.batch_norm_forward_train(x, weight, bias, float(eps), y, mean, var, invstd, **_reducing(x))
+    _C.batch_norm_forward_train(x, weight, bias, eps, y, mean, var, invstd, **_reducing(x))
     if running_mean is not None:
         running_mean *= 1.0 - momentum
         running_mean += momentum * mean

@@ -29,6 +29,9 @@ Threads: the core's kernels alternate with the BLAS products, whose thread pool 
 the other cores for a while after each one; a second pool competing for them loses more than it
 gains, so the kernels run on the calling thread unless ``set_between_gemm_threads`` says otherwise.
 """
+import math
+import numbers
+
 from .. import _C
 from .._backend import array_module, launch_args, param_dtype
 
@@ -36,12 +39,27 @@ from .._backend import array_module, launch_args, param_dtype
 # Threads
 
 
+_MAX_THREADS = 4096  # more than any machine's cores; a larger count is a mistake, not a setting
+
+
 def set_between_gemm_threads(threads):
     """Threads of the CPU kernels that run between BLAS matrix products (this family's, and the
     convolution's im2col/col2im): 1 (the default) runs them on the calling thread, n > 1 on up to n
     OpenMP threads, 0 on OpenMP's default. Worth raising where the BLAS runs single-threaded
     (``OPENBLAS_NUM_THREADS=1``) or leaves cores idle: its spinning thread pool otherwise holds the
-    cores these kernels would use."""
+    cores these kernels would use.
+
+    Parameters
+    ----------
+    threads : int
+        0 to 4096: 0 for OpenMP's default, else the most threads these kernels use.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
+        raise TypeError(f"set_between_gemm_threads: threads must be an int, got "
+                        f"{type(threads).__name__} {threads!r}")
+    if not 0 <= threads <= _MAX_THREADS:
+        raise ValueError(f"set_between_gemm_threads: threads must be >= 0 (0: OpenMP's default) "
+                         f"and at most {_MAX_THREADS}, got {threads}")
     _C.set_between_gemm_threads(int(threads))
 
 
@@ -316,12 +334,23 @@ def _check_maps(op, name, y):
     return xp
 
 
+def _features(y):
+    """y (B, C, *spatial) as F (B, C, prod(spatial)); explicit sizes, since reshape(B, C, -1)
+    cannot infer the last one of an empty array."""
+    return y.reshape(y.shape[0], y.shape[1], math.prod(y.shape[2:]))
+
+
+def _gram_scale(F):
+    """The divisor C * H * W of the Gram matrix; 1 for empty maps, whose Gram matrix is the empty
+    sum 0 (not 0 / 0)."""
+    return max(F.shape[1] * F.shape[2], 1)
+
+
 def gram_matrix(y):
     """``G[b] = F[b] F[b]^T / (C H W)`` with ``F = y.reshape(B, C, H*W)``: (B, C, C)."""
     xp = _check_maps("gram_matrix", "y", y)
-    B, C = y.shape[:2]
-    F = y.reshape(B, C, -1)
-    return xp.matmul(F, _t(F)) / (C * F.shape[2])
+    F = _features(y)
+    return xp.matmul(F, _t(F)) / _gram_scale(F)
 
 
 def gram_matrix_backward(dG, y):
@@ -330,8 +359,8 @@ def gram_matrix_backward(dG, y):
     xp = _check_maps(op, "y", y)
     B, C = y.shape[:2]
     _check_grad(op, "dG", dG, (B, C, C), "B, C, C", y, xp)
-    F = y.reshape(B, C, -1)
-    return (xp.matmul(dG + _t(dG), F) / (C * F.shape[2])).reshape(y.shape)
+    F = _features(y)
+    return (xp.matmul(dG + _t(dG), F) / _gram_scale(F)).reshape(y.shape)
 
 
 def _check_inspiration(op, X, weight, G):

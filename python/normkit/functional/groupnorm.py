@@ -110,7 +110,7 @@ def group_norm_backward(dy, x, mean, rstd, weight=None, bias=None):
     return dx, dweight, dbias
 
 
-# --- instance norm ---------------------------------------------------------------------------------
+# --- instance norm --------------------------------------------------------------------------------
 
 def _check_running(name, stat, x):
     """Running statistics are updated in place by array arithmetic, which would broadcast or

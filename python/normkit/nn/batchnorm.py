@@ -2,8 +2,30 @@
 import numpy as np
 
 from .. import functional as F
-from .._backend import array_module, param_dtype, parse_device
+from .._backend import array_module, check_num_features, param_dtype, parse_device
 from .module import Module, Parameter
+
+
+_PARAMETERS = """
+    Parameters
+    ----------
+    num_features : int
+        C, the channels of the (N, C, *) input.
+    eps : float
+        Added to the variance before its square root; must be positive in training (as in torch).
+    momentum : float or None
+        Factor of each batch's statistics in the running ones; None: their cumulative average.
+    affine : bool
+        Whether the layer has a learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool
+        Whether the layer keeps ``running_mean``, ``running_var`` and ``num_batches_tracked``;
+        without them eval normalizes with batch statistics too.
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        Of the parameters and buffers: float32 (the default) or float64; float16 inputs run with
+        float32 ones.
+"""
 
 
 class _BatchNorm(Module):
@@ -20,10 +42,9 @@ class _BatchNorm(Module):
     _expected_ndim = ()  # allowed input ndims; empty means any >= 2
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=None, device=None, *, bias=True):
+                 track_running_stats=True, device=None, dtype=None, *, bias=True):
         super().__init__()
-        if int(num_features) != num_features or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        num_features = check_num_features(type(self).__name__, num_features)
         dtype = np.dtype(np.float32 if dtype is None else dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"{type(self).__name__}: dtype must be float32 or float64 (float16 "
@@ -87,10 +108,11 @@ class _BatchNorm(Module):
                             f"{param_dtype(x.dtype)} parameters, this layer's are {own} "
                             f"(convert it with .to(dtype=...))")
 
-    def _momentum(self):
-        """The factor of this training step's statistics in the running ones."""
+    def _momentum(self, ahead=0):
+        """The factor of this training step's statistics in the running ones; `ahead`: batches
+        to count in beyond num_batches_tracked (1 before the counter is incremented)."""
         if self.momentum is None:
-            count = self.num_batches_tracked
+            count = self.num_batches_tracked + ahead
             # on a GPU the counter stays there: no host round trip in a training step
             return 1.0 / float(count) if isinstance(count, np.ndarray) else 1.0 / count
         return self.momentum
@@ -99,14 +121,17 @@ class _BatchNorm(Module):
         self._check_input(x)
         use_batch_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
-        if update:
-            self.num_batches_tracked += 1
         w, b = self._weight_bias()
+        # The counter moves only once the forward has passed its checks (momentum=None reads the
+        # count this batch will make).
         y, mean, invstd = F.batch_norm_forward(
             x, w, b,
             self.running_mean if update or not use_batch_stats else None,
             self.running_var if update or not use_batch_stats else None,
-            training=use_batch_stats, momentum=self._momentum() if update else 0.0, eps=self.eps)
+            training=use_batch_stats, momentum=self._momentum(1) if update else 0.0,
+            eps=self.eps)
+        if update:
+            self.num_batches_tracked += 1
         self._saved = (x, mean, invstd, use_batch_stats)
         return y
 
@@ -156,17 +181,22 @@ class _BatchNorm(Module):
 
 
 class BatchNorm1d(_BatchNorm):
-    """Batch norm over (N, C) or (N, C, L) inputs."""
+    __doc__ = """Batch norm over (N, C) or (N, C, L) inputs, as torch.nn.BatchNorm1d.
+""" + _PARAMETERS
     _expected_ndim = (2, 3)
 
 
 class BatchNorm2d(_BatchNorm):
-    """Batch norm over (N, C, H, W) inputs (NCHW or channels-last NHWC strides)."""
+    __doc__ = """Batch norm over (N, C, H, W) inputs (NCHW or channels-last NHWC strides), as
+    torch.nn.BatchNorm2d.
+""" + _PARAMETERS
     _expected_ndim = (4,)
 
 
 class BatchNorm3d(_BatchNorm):
-    """Batch norm over (N, C, D, H, W) inputs (NCDHW or channels-last NDHWC strides)."""
+    __doc__ = """Batch norm over (N, C, D, H, W) inputs (NCDHW or channels-last NDHWC strides), as
+    torch.nn.BatchNorm3d.
+""" + _PARAMETERS
     _expected_ndim = (5,)
 
 

@@ -35,7 +35,7 @@ class Encoding(_SavesInput):
     gives float16 output and input gradient.
     """
 
-    def __init__(self, D, K, dtype=None, device=None, rng=None):
+    def __init__(self, D, K, device=None, dtype=None, rng=None):
         super().__init__()
         for arg, value in (("D", D), ("K", K)):
             if int(value) != value or value < 1:
@@ -106,7 +106,7 @@ class Inspiration(_SavesInput):
     accumulates ``target_grad``, the gradient with respect to the target.
     """
 
-    def __init__(self, C, B=1, dtype=None, device=None, rng=None):
+    def __init__(self, C, B=1, device=None, dtype=None, rng=None):
         super().__init__()
         for arg, value in (("C", C), ("B", B)):
             if int(value) != value or value < 1:
@@ -192,7 +192,7 @@ class UpsampleConv2d(_ConvNd):
     _dims = 2
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, scale_factor=1, bias=True, dtype=None, device=None, rng=None):
+                 groups=1, scale_factor=1, bias=True, device=None, dtype=None, rng=None):
         if int(scale_factor) != scale_factor or scale_factor < 1:
             raise ValueError(f"UpsampleConv2d: scale_factor must be a positive integer, got "
                              f"{scale_factor!r}")
@@ -204,7 +204,7 @@ class UpsampleConv2d(_ConvNd):
             raise ValueError(f"UpsampleConv2d: out_channels * scale_factor^2 "
                              f"({out_channels * s * s}) must be divisible by groups ({groups})")
         super().__init__(in_channels, int(out_channels) * s * s, kernel_size, stride, padding,
-                         dilation, groups, bias, dtype, None, rng)
+                         dilation, groups, bias, device=None, dtype=dtype, rng=rng)
         self.out_channels = int(out_channels)
         self.scale_factor = s
         if device is not None and parse_device(device) != "cpu":

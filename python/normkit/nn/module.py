@@ -40,6 +40,25 @@ def _as_numpy(value):
     return value
 
 
+def _checked_value(key, value, target):
+    """A state_dict value for `target`, checked: numeric, of target's shape, integral for integer
+    targets."""
+    value = _as_numpy(value)
+    xp = array_module(value) if type(value).__module__.split(".")[0] == "cupy" else np
+    arr = xp.asarray(value) if value is not None else None
+    if arr is None or arr.dtype.kind not in "biuf":
+        kind = type(value).__name__ if arr is None else f"{type(value).__name__} of {arr.dtype}"
+        raise TypeError(f"load_state_dict: {key} must be a numeric array or tensor, got {kind}")
+    if tuple(arr.shape) != tuple(target.shape):
+        raise RuntimeError(f"load_state_dict: {key} has shape {tuple(arr.shape)}, "
+                           f"expected {tuple(target.shape)}")
+    integral = arr.dtype.kind != "f" or bool(xp.all(arr == xp.round(arr)))
+    if target.dtype.kind in "iu" and not integral:
+        raise ValueError(f"load_state_dict: {key} is an integer buffer ({target.dtype}), got the "
+                         f"non-integral value(s) {arr}")
+    return arr
+
+
 class Module:
     """Base class of layers: parameters, buffers and submodules registered by assignment."""
 
@@ -177,7 +196,21 @@ class Module:
     def load_state_dict(self, state_dict, strict=True):
         """Copies ``state_dict`` (arrays or torch tensors) into this module's arrays, in place.
         As in PyTorch, missing or unexpected keys (with ``strict``) and shape mismatches are a
-        RuntimeError naming them."""
+        RuntimeError naming them; a value that is not numeric (or not integral, for an integer
+        buffer such as num_batches_tracked) is a TypeError / ValueError naming its key. Every
+        value is checked before anything is written.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            Keys as ``state_dict()`` names them; values NumPy/CuPy arrays or torch tensors.
+        strict : bool
+            Whether missing and unexpected keys are an error.
+
+        Returns
+        -------
+        (missing, unexpected) : lists of str
+        """
         state_dict = OrderedDict(state_dict)
         for prefix, module in self.named_modules():
             module._upgrade_state_dict(state_dict, prefix + "." if prefix else "")
@@ -186,14 +219,10 @@ class Module:
         unexpected = [k for k in state_dict if k not in own]
         if strict and (missing or unexpected):
             raise RuntimeError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
-        for key, target in own.items():
-            if key not in state_dict:
-                continue
-            value = _as_numpy(state_dict[key])
-            if tuple(np.shape(value)) != tuple(target.shape):
-                raise RuntimeError(f"load_state_dict: {key} has shape {tuple(np.shape(value))}, "
-                                 f"expected {tuple(target.shape)}")
-            xp = array_module(target, key)
+        checked = [(target, _checked_value(key, state_dict[key], target))
+                   for key, target in own.items() if key in state_dict]
+        for target, value in checked:
+            xp = array_module(target)
             target[...] = xp.asarray(value).astype(target.dtype, copy=False)
         return missing, unexpected
 

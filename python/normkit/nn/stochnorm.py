@@ -116,8 +116,8 @@ class _StochNorm(_BatchNorm):
         x, mean, invstd, total = self._saved
         self._check_dy(dy, x)
         if self._synchronized():
-            local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(self.comm, dy, x,
-                                                                              mean)
+            local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(
+                self.comm, dy, x, mean, type(self).__name__)
         else:
             local_dy, local_dy_xmu = F.batch_norm_backward_reduce(dy, x, mean)
             sum_dy, sum_dy_xmu = local_dy, local_dy_xmu

@@ -12,6 +12,8 @@
     Encoding, GramMatrix, Inspiration, UpsampleConv2d   PyTorch-Encoding's encoding.nn layers
                              (state_dicts shared with normkit.nn's)
     scaled_l2, aggregate, encoding                      their autograd functions
+    WSConv1d/2d/3d, WSConvTranspose2d/3d, FWS           elektronn3's weight-standardized
+                             convolutions (fixed; state_dicts interchange), ws_standardize
     StochNorm1d/2d/3d, convert_stochnorm, stoch_norm    tllib's StochNorm (``stochnorm.
                              convert_model`` is tllib's name for convert_stochnorm)
     AdaptiveFeatureNorm, Block, ImageClassifier         tllib's AFN
@@ -24,8 +26,8 @@ Tensors reach the core through DLPack without copies; outputs are allocated by t
 try:
     import torch  # noqa: F401
 except ImportError as e:
-    raise ImportError("normkit.torch needs PyTorch: pip install torch (or pip install "
-                      f"'normkit[torch]'); importing it failed with: {e}") from e
+    raise ImportError("normkit.torch needs PyTorch: pip install torch (the 'torch' extra; "
+                      f"'.[torch]' in a source checkout); importing it failed with: {e}") from e
 
 from . import distributed, functional, mixstyle, models, stochnorm
 from .afn import AdaptiveFeatureNorm, Block, ImageClassifier
@@ -39,13 +41,17 @@ from .groupnorm import (GroupNorm, InstanceBatchNorm2d, InstanceNorm1d, Instance
                         InstanceNorm3d, group_norm, instance_norm)
 from .stochnorm import StochNorm1d, StochNorm2d, StochNorm3d, convert_stochnorm, stoch_norm
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
+from .wsconv import (FWS, WSConv1d, WSConv2d, WSConv3d, WSConvTranspose2d, WSConvTranspose3d,
+                     ws_standardize)
 
-__all__ = ["AdaptiveFeatureNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Block", "Encoding",
-           "GramMatrix", "GroupNorm", "ImageClassifier", "Inspiration", "InstanceBatchNorm2d",
-           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "MixStyle", "StochNorm1d",
-           "StochNorm2d", "StochNorm3d", "SyncBatchNorm", "TorchCommunicator", "UpsampleConv2d",
-           "activate_mixstyle", "aggregate", "batch_norm", "batchnormeval", "batchnormtrain",
-           "convert_stochnorm", "convert_sync_batchnorm", "crossdomain_mixstyle",
-           "deactivate_mixstyle", "distributed", "encoding", "functional", "group_norm",
-           "instance_norm", "mixstyle", "models", "random_mixstyle", "run_with_mixstyle",
-           "run_without_mixstyle", "scaled_l2", "stoch_norm", "stochnorm", "sync_batch_norm"]
+__all__ = ["AdaptiveFeatureNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Block",
+           "Encoding", "FWS", "GramMatrix", "GroupNorm", "ImageClassifier", "Inspiration",
+           "InstanceBatchNorm2d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+           "MixStyle", "StochNorm1d", "StochNorm2d", "StochNorm3d", "SyncBatchNorm",
+           "TorchCommunicator", "UpsampleConv2d", "WSConv1d", "WSConv2d", "WSConv3d",
+           "WSConvTranspose2d", "WSConvTranspose3d", "activate_mixstyle", "aggregate",
+           "batch_norm", "batchnormeval", "batchnormtrain", "convert_stochnorm",
+           "convert_sync_batchnorm", "crossdomain_mixstyle", "deactivate_mixstyle", "distributed",
+           "encoding", "functional", "group_norm", "instance_norm", "mixstyle", "models",
+           "random_mixstyle", "run_with_mixstyle", "run_without_mixstyle", "scaled_l2",
+           "stoch_norm", "stochnorm", "sync_batch_norm", "ws_standardize"]

@@ -15,8 +15,23 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def dl(t):
-    """``t`` as a DLPack capsule for the core; None (an absent optional argument) stays None."""
-    return None if t is None else to_dlpack(t)
+    """``t`` as a DLPack capsule for the core; None (an absent optional argument) stays None.
+
+    DLPack has no negative or conjugate bit: a lazily negated tensor (``torch._neg_view``, the
+    imaginary part of a conjugate view) is resolved into a copy first, else its values would be
+    read with the wrong sign. Tensors without plain strided storage (meta, sparse) get a
+    TypeError naming what they are."""
+    if t is None:
+        return None
+    if t.is_neg() or t.is_conj():
+        t = t.resolve_neg().resolve_conj()
+    try:
+        return to_dlpack(t)
+    except (BufferError, RuntimeError) as e:
+        if t.layout != torch.strided or t.device.type not in ("cpu", "cuda"):
+            raise TypeError(f"normkit takes strided CPU and CUDA tensors, got a {t.layout} "
+                            f"tensor on {t.device}") from e
+        raise
 
 
 def launch(x, workspace_size=None):

@@ -9,25 +9,38 @@ checkpoints without ``num_batches_tracked`` included), ``isinstance`` checks of 
 import torch
 
 from . import functional as F
+from .._backend import check_num_features
 from ._dlpack import param_dtype
 
 
 class _CountsBatches:
-    """Running statistics of torch's ``_NormBase`` layers as normkit updates them."""
+    """Running statistics of torch's ``_NormBase`` layers as normkit updates them. The counter
+    moves only after a forward has passed its checks: callers take ``_momentum_factor()`` before
+    the op and call ``_count_batch()`` after it."""
 
-    def _momentum_step(self):
-        """Counts a training batch; returns the factor of its statistics in the running ones
-        (momentum, or 1 / num_batches_tracked for momentum=None: the cumulative average)."""
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+    def _counts(self):
+        """Whether this forward counts a training batch in num_batches_tracked."""
+        return self.training and self.track_running_stats and self.num_batches_tracked is not None
+
+    def _momentum_factor(self):
+        """The factor of this batch's statistics in the running ones: momentum, or for
+        momentum=None 1 / (the count including this batch): the cumulative average."""
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / (float(self.num_batches_tracked) + 1) if self._counts() else 0.0
+
+    def _count_batch(self):
+        if self._counts():
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        return factor
 
 
 class _NormkitBatchNorm(_CountsBatches):
     """The forward of torch's ``_BatchNorm`` with normkit's ``batch_norm`` in place of torch's."""
+
+    def __init__(self, num_features, *args, **kwargs):
+        # torch's own message for a bad num_features is torch.empty's ("argument 'size' must be
+        # tuple of ints"): name the argument instead.
+        super().__init__(check_num_features(type(self).__name__, num_features), *args, **kwargs)
 
     def _check_input(self, input):
         self._check_input_dim(input)
@@ -46,12 +59,14 @@ class _NormkitBatchNorm(_CountsBatches):
 
     def forward(self, input):
         self._check_input(input)
-        factor = self._momentum_step()
-        # Running statistics are updated only when tracked, and read only in eval.
+        # Running statistics are updated only when tracked, and read only in eval. The counter
+        # moves only after the op has passed its checks.
         pass_running = not self.training or self.track_running_stats
-        return F.batch_norm(input, self.running_mean if pass_running else None,
-                            self.running_var if pass_running else None, self.weight, self.bias,
-                            self._uses_batch_stats(), factor, self.eps)
+        y = F.batch_norm(input, self.running_mean if pass_running else None,
+                         self.running_var if pass_running else None, self.weight, self.bias,
+                         self._uses_batch_stats(), self._momentum_factor(), self.eps)
+        self._count_batch()
+        return y
 
 
 class BatchNorm1d(_NormkitBatchNorm, torch.nn.BatchNorm1d):
@@ -66,5 +81,11 @@ class BatchNorm3d(_NormkitBatchNorm, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` over (N, C, D, H, W) inputs (NCDHW or channels_last_3d), run by
     normkit."""
 
+
+# help() shows the constructor's parameters: torch's own documentation of them, which holds here.
+for _layer in (BatchNorm1d, BatchNorm2d, BatchNorm3d):
+    _upstream = getattr(torch.nn, _layer.__name__)
+    _layer.__doc__ = f"{_layer.__doc__}\n\n    torch's documentation:\n{_upstream.__doc__ or ''}"
+del _layer, _upstream
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]

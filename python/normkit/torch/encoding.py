@@ -436,8 +436,11 @@ class GramMatrix(torch.nn.Module):
             raise TypeError(f"GramMatrix: input has dtype {y.dtype}; floating point input is "
                             f"supported")
         B, C = y.shape[:2]
-        F = y.reshape(B, C, -1).to(torch.promote_types(y.dtype, torch.float32))
-        G = torch.baddbmm(F.new_empty(B, C, C), F, F.mT, beta=0, alpha=1.0 / (C * F.shape[2]))
+        # Explicit sizes: reshape(B, C, -1) cannot infer the last one of an empty tensor. Empty
+        # maps give the empty sum 0, not 0 / 0.
+        HW = math.prod(y.shape[2:])
+        F = y.reshape(B, C, HW).to(torch.promote_types(y.dtype, torch.float32))
+        G = torch.baddbmm(F.new_empty(B, C, C), F, F.mT, beta=0, alpha=1.0 / max(C * HW, 1))
         return G.to(y.dtype)
 
 

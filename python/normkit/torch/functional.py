@@ -73,7 +73,17 @@ def _forward_eval(x, weight, bias, running_mean, running_var, eps):
     return y, running_mean, invstd
 
 
+def check_eps(eps, training):
+    """eps as torch.nn.functional.batch_norm checks it (same messages): positive in training,
+    non-negative in eval."""
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    check_eps(eps, training)
     if x.dim() < 2:
         raise ValueError(f"batch_norm: expected input of shape (N, C, ...), got {x.dim()}D input")
     pd = param_dtype(x.dtype)

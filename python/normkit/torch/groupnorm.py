@@ -257,9 +257,9 @@ class _NormkitInstanceNorm(_CountsBatches):
         unbatched = input.dim() == self._get_no_batch_dim()
         x = input.unsqueeze(0) if unbatched else input
         use_input_stats = self.training or not self.track_running_stats
-        factor = self._momentum_step()
         y = instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                          use_input_stats, factor, self.eps)
+                          use_input_stats, self._momentum_factor(), self.eps)
+        self._count_batch()
         return y.squeeze(0) if unbatched else y
 
 

@@ -76,7 +76,7 @@ class _StochNorm(torch.autograd.Function):
         _C.batch_norm_normalize(dl(x), dl(sel_mean), dl(sel_invstd), dl(weight), dl(bias), dl(y),
                                 **launch(x))
         ctx.save_for_backward(x, weight, sel_mean, sel_invstd, s)
-        ctx.total, ctx.comm = total, comm
+        ctx.total, ctx.comm, ctx.who = total, comm, who
         return y
 
     @staticmethod
@@ -92,8 +92,8 @@ class _StochNorm(torch.autograd.Function):
                                           **launch(x, batch_workspace))
             sum_dy, sum_dy_xmu = local_dy, local_dy_xmu
         else:
-            local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(ctx.comm, dy, x,
-                                                                              mean)
+            local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(
+                ctx.comm, dy, x, mean, ctx.who)
         dx = None
         if need_x:
             dx = torch.empty_like(x)
@@ -204,9 +204,10 @@ class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
             return _StochNorm.apply(input, self.weight, self.bias, rm, torch.ones_like(rm), s,
                                     self.eps, 0.0, comm, type(self).__name__)
         s = draw_channels(self.num_features, self.p, self.generator, input.device)
-        factor = self._momentum_step()
-        return _StochNorm.apply(input, self.weight, self.bias, self.running_mean,
-                                self.running_var, s, self.eps, factor, comm, type(self).__name__)
+        y = _StochNorm.apply(input, self.weight, self.bias, self.running_mean, self.running_var,
+                             s, self.eps, self._momentum_factor(), comm, type(self).__name__)
+        self._count_batch()
+        return y
 
     def extra_repr(self):
         return super().extra_repr() + f", p={self.p}"

@@ -7,84 +7,128 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _C
+from .. import distributed as D
 from ._dlpack import batch_workspace, dl, kernel_input, launch, like, param_dtype
 from .batchnorm import _NormkitBatchNorm
+from ..distributed import check_communicator
 from .distributed import TorchCommunicator
-from .functional import _check_running
+from .functional import _check_running, check_eps
+
+_HEADER = 4  # the agreement header in front of every all-reduce (distributed.agreement_header)
+_SHIFT_TOLERANCE = 10.0  # as normkit.nn.SyncBatchNorm's: a shift further off sums again
 
 
-def _allreduce(comm, buf):
-    """Sums the float64 tensor ``buf`` over ``comm`` in place. torch communicators take it as it
-    is; normkit's (MPI) take NumPy arrays: a CPU tensor lends its memory, a device one goes through
+def _allreduce(comm, buf, who):
+    """Sums the float64 tensor ``buf`` over ``comm`` in place, for the call ``who``, then checks
+    its agreement header (the first values). torch communicators take the tensor as it is;
+    normkit's (MPI) take NumPy arrays: a CPU tensor lends its memory, a device one goes through
     host memory."""
     if isinstance(comm, TorchCommunicator):
-        comm.allreduce_sum(buf)
+        D.collective(comm, buf, who)
     elif buf.device.type == "cpu":
-        comm.allreduce_sum(buf.numpy())
+        D.collective(comm, buf.numpy(), who)
     else:
         host = buf.cpu()
-        comm.allreduce_sum(host.numpy())
+        D.collective(comm, host.numpy(), who)
         buf.copy_(host)
 
 
-def global_batch_stats(comm, x, eps, who):
+def _header(buf, C, dtype, phase):
+    buf[:_HEADER] = torch.tensor(D.agreement_header(C, dtype, phase), dtype=torch.float64)
+
+
+def _check_header(buf, comm, C, dtype, phase, who):
+    if D.ranks_disagree(buf[:_HEADER].tolist(), comm.size, C, dtype, phase):
+        raise RuntimeError(D.disagreement_message(who, comm))
+
+
+def _forward_sums(comm, x, mean64, var64, n, shift, who):
+    """The forward's all-reduce: (count, sum n (mean - shift), sum n (var + (mean - shift)^2))
+    over all ranks, after the agreement header, which is checked."""
+    C = mean64.shape[0]
+    buf = torch.empty(_HEADER + 1 + 2 * C, dtype=torch.float64, device=x.device)
+    _header(buf, C, x.dtype, "forward")
+    buf[_HEADER] = n
+    d = mean64 - shift
+    torch.mul(d, n, out=buf[_HEADER + 1:_HEADER + 1 + C])
+    torch.mul(var64 + d * d, n, out=buf[_HEADER + 1 + C:])
+    _allreduce(comm, buf, f"{who} forward")
+    _check_header(buf, comm, C, x.dtype, "forward", f"{who} forward")
+    return float(buf[_HEADER]), buf[_HEADER + 1:_HEADER + 1 + C], buf[_HEADER + 1 + C:]
+
+
+def global_batch_stats(comm, x, eps, who, shift=None):
     """Per-channel statistics of all ranks' batches of ``comm`` together, with one all-reduce of
-    2C+1 float64 values (count, count * mean and count * (var + mean^2), exact within a rank;
-    uneven and empty batches are weighted by count): ``(mean, var, invstd, count)``, mean and
-    invstd in the parameter dtype, var (biased) float64. Raises on every rank alike when the
-    global count is at most 1; ``who`` names the layer."""
+    2C+5 float64 values (the agreement header, the count, and about a shift K common to all
+    ranks count * (mean - K) and count * (var + (mean - K)^2), exact within a rank; uneven and
+    empty batches are weighted by count): ``(mean, var, invstd, count)``, mean and invstd in the
+    parameter dtype, var (biased) float64. ``shift`` (float64, C values, the same on every rank;
+    default zeros) is K, overwritten with this batch's global mean; a K further than 10 std from
+    it takes a second all-reduce about the mean just found (as ``normkit.nn``'s). Raises on every
+    rank alike when the global count is at most 1; ``who`` names the layer."""
     C = x.shape[1]
     pd = param_dtype(x.dtype)
     mean = torch.empty(C, dtype=pd, device=x.device)
     var = torch.empty(C, dtype=pd, device=x.device)
     _C.batch_norm_stats(dl(x), dl(mean), dl(var), **launch(x, batch_workspace))
     n = float(x.numel() // C) if C else 0.0
-    mean64 = mean.double()
-    buf = torch.empty(2 * C + 1, dtype=torch.float64, device=x.device)
-    buf[0] = n
-    torch.mul(mean64, n, out=buf[1:C + 1])
-    torch.mul(var.double().addcmul_(mean64, mean64), n, out=buf[C + 1:])
-    _allreduce(comm, buf)
-    total = float(buf[0])
+    mean64, var64 = mean.double(), var.double()
+    K = torch.zeros(C, dtype=torch.float64, device=x.device) if shift is None else shift
+    total, s1, s2 = _forward_sums(comm, x, mean64, var64, n, K, who)
     if total <= 1:
         raise ValueError(f"{who}: expected more than 1 value per channel when training, got "
                          f"{int(total)} over all {comm.size} ranks (this rank's input has shape "
                          f"{tuple(x.shape)})")
-    g_mean = buf[1:C + 1] / total
-    g_var = (buf[C + 1:] / total).sub_(g_mean * g_mean).clamp_(min=0.0)
+    d_mean = s1 / total
+    d_var = s2 / total - d_mean * d_mean
+    if bool((d_mean * d_mean > _SHIFT_TOLERANCE ** 2 * d_var.clamp(min=0.0)).any()):
+        K = K + d_mean  # the same on every rank: it came out of the collective
+        total, s1, s2 = _forward_sums(comm, x, mean64, var64, n, K, who)
+        d_mean = s1 / total
+        d_var = s2 / total - d_mean * d_mean
+    g_mean = K + d_mean
+    g_var = d_var.clamp_(min=0.0)
+    if shift is not None:
+        shift.copy_(g_mean)
     invstd = (g_var + eps).rsqrt().to(pd)
     return g_mean.to(pd), g_var, invstd, total
 
 
-def global_backward_sums(comm, dy, x, mean):
+def global_backward_sums(comm, dy, x, mean, who):
     """This rank's and all ranks' per-channel (sum dy, sum dy * (x - mean)), with one all-reduce
-    of 2C float64 values: ``(local_dy, local_dy_xmu, sum_dy, sum_dy_xmu)`` in mean's dtype."""
+    of 2C+5 float64 values (the agreement header, a slot where the forward has its count, the
+    sums): ``(local_dy, local_dy_xmu, sum_dy, sum_dy_xmu)`` in mean's dtype."""
     C = x.shape[1]
     sums = torch.empty(2, C, dtype=mean.dtype, device=x.device)
     _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(sums[0]), dl(sums[1]),
                                   **launch(x, batch_workspace))
-    buf = sums.to(torch.float64, copy=True).reshape(-1)  # a copy for float64 too
-    _allreduce(comm, buf)
-    global_sums = buf.to(mean.dtype)
+    buf = torch.empty(_HEADER + 1 + 2 * C, dtype=torch.float64, device=x.device)
+    _header(buf, C, x.dtype, "backward")
+    buf[_HEADER] = 0.0  # where the forward's count goes: both calls have one length
+    buf[_HEADER + 1:].copy_(sums.reshape(-1))
+    _allreduce(comm, buf, f"{who} backward")
+    _check_header(buf, comm, C, x.dtype, "backward", f"{who} backward")
+    global_sums = buf[_HEADER + 1:].to(mean.dtype)
     return sums[0], sums[1], global_sums[:C], global_sums[C:]
 
 
 class _SyncBatchNorm(torch.autograd.Function):
     """Training batch norm with statistics over all ranks of ``comm``.
 
-    Forward: local (mean, var) -> one all-reduce of 2C+1 float64 values (count, count * mean and
-    count * (var + mean^2) per channel, exact within a rank; uneven and empty batches are weighted
-    by count) -> normalize. Backward: local (sum dy, sum dy * (x - mean)) -> one all-reduce of 2C
-    -> dx through the global statistics. The same scheme as ``normkit.nn.SyncBatchNorm``.
+    Forward: local (mean, var) -> one all-reduce of 2C+5 float64 values (an agreement header,
+    the count, and n * (mean - K) and n * (var + (mean - K)^2) per channel about a shift K common
+    to all ranks; exact within a rank; uneven and empty batches are weighted by count) ->
+    normalize. Backward: local (sum dy, sum dy * (x - mean)) -> one all-reduce of 2C+5 -> dx
+    through the global statistics. The same scheme as ``normkit.nn.SyncBatchNorm``.
 
     Grads are materialized (no ``set_materialize_grads(False)``): a rank whose output gradient is
     undefined still has a nonzero dx, from the other ranks' losses, and must join the collective.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, comm):
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, comm, shift, who):
         x = kernel_input(x)
-        g_mean, g_var, invstd, total = global_batch_stats(comm, x, eps, "SyncBatchNorm")
+        g_mean, g_var, invstd, total = global_batch_stats(comm, x, eps, who, shift)
         if running_mean is not None:
             running_mean.lerp_(g_mean, momentum)
         if running_var is not None:
@@ -93,7 +137,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         _C.batch_norm_normalize(dl(x), dl(g_mean), dl(invstd), dl(weight), dl(bias), dl(y),
                                 **launch(x))
         ctx.save_for_backward(x, weight, g_mean, invstd)
-        ctx.total, ctx.comm = total, comm
+        ctx.total, ctx.comm, ctx.who = total, comm, who
         return y
 
     @staticmethod
@@ -101,7 +145,8 @@ class _SyncBatchNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
         dy = like(x, dy)
-        local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(ctx.comm, dy, x, mean)
+        local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(ctx.comm, dy, x, mean,
+                                                                          ctx.who)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = None
         if need_x:
@@ -112,20 +157,32 @@ class _SyncBatchNorm(torch.autograd.Function):
         # weight and bias gradients are this rank's, as in PyTorch (DDP all-reduces them).
         dw = local_dy_xmu * invstd if need_w else None
         db = local_dy.clone() if need_b else None
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
-def sync_batch_norm(input, weight, bias, running_mean, running_var, eps, momentum, comm):
+def sync_batch_norm(input, weight, bias, running_mean, running_var, eps, momentum, comm,
+                    shift=None):
     """Training batch norm of ``input`` (N, C, *) with the statistics of all ranks of ``comm``
     together; ``running_mean``/``running_var`` (if given) are updated with the global mean and
-    unbiased variance. Every rank must call it, also with an empty batch."""
+    unbiased variance. Every rank must call it, also with an empty batch.
+
+    ``shift`` (optional): a float64 tensor of C values, equal on every rank, that the sums are
+    taken about; it is overwritten with this batch's global mean, the next call's shift (the
+    module keeps one). Without it, data with |mean| >> std takes a second all-reduce to stay
+    exact."""
     if input.dim() < 2:
         raise ValueError(f"sync_batch_norm: expected input of shape (N, C, ...), got "
                          f"{input.dim()}D input")
     _check_running("running_mean", running_mean, input, param_dtype(input.dtype))
     _check_running("running_var", running_var, input, param_dtype(input.dtype))
+    check_eps(eps, True)
+    if shift is not None and (shift.dtype != torch.float64 or shift.shape != (input.shape[1],)
+                              or shift.device != input.device):
+        raise ValueError(f"sync_batch_norm: shift must be a float64 tensor of {input.shape[1]} "
+                         f"values on {input.device}, got {shift.dtype} {tuple(shift.shape)} on "
+                         f"{shift.device}")
     return _SyncBatchNorm.apply(input, weight, bias, running_mean, running_var, eps, momentum,
-                                comm)
+                                comm, shift, f"SyncBatchNorm({input.shape[1]})")
 
 
 class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
@@ -144,6 +201,13 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
     ``dx`` is the gradient of the sum of all ranks' losses; ``weight.grad``/``bias.grad`` are this
     rank's, as in PyTorch.
 
+    Divergent ranks, the agreement header and the debug mode (``comm.debug``, or the
+    environment variable NORMKIT_SYNC_DEBUG for the process-group communicators) as in
+    ``normkit.nn.SyncBatchNorm``: a collective that not every rank joins times out (the
+    communicator's ``timeout``) with a RuntimeError naming this layer and the call, and the debug
+    check runs before each forward and (by a hook on the output) before each backward, in eval
+    too. The cross-rank sums are taken about the last global mean, exact for |mean| >> std.
+
     ``copy.deepcopy`` shares the communicator (it is a connection, not state); pickling
     (``torch.save`` of the module) leaves it out, and a loaded layer uses the default group.
     """
@@ -156,7 +220,7 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias)
         self.process_group = process_group
-        self.comm = comm
+        self.comm = check_communicator(type(self).__name__, comm)
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -172,15 +236,58 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
             return TorchCommunicator()
         return None
 
+    def _debug_comm(self):
+        """The communicator of the debug checks, or None without them (eval mode makes one
+        only where the debug flag asks for it)."""
+        if self.comm is not None:
+            comm = self.comm if self.comm.debug else None
+        elif self.training or D.debug_from_env():
+            comm = self._communicator()
+        else:
+            comm = None
+        return comm if comm is not None and comm.debug and comm.size > 1 else None
+
+    def _check_ranks_agree(self, comm, input, training, phase):
+        order = getattr(self, "_layer_order", None)
+        if order is None:
+            order = self._layer_order = D.next_layer_order()
+        calls = self.__dict__.setdefault("_debug_calls", [0, 0])
+        i = ("forward", "backward").index(phase)
+        fields = D.debug_fields(order, self.num_features, input, training, phase, calls[i])
+        calls[i] += 1
+        D.check_ranks_agree(comm, f"SyncBatchNorm({self.num_features}) {phase}", fields)
+
+    def _sync_shift(self, input):
+        """The common shift of the cross-rank sums: the last synchronized forward's global mean
+        (the same on every rank, being a collective's result), zeros at first."""
+        shift = getattr(self, "_shift", None)
+        C = self.num_features
+        if shift is None or shift.device != input.device or shift.shape != (C,):
+            shift = self._shift = torch.zeros(C, dtype=torch.float64, device=input.device)
+        return shift
+
     def forward(self, input):
+        debug = self._debug_comm()
+        if debug is not None:
+            self._check_ranks_agree(debug, input, self.training, "forward")
         comm = self._communicator() if self.training else None
         if comm is None or comm.size == 1:
-            return super().forward(input)
-        self._check_input(input)
-        factor = self._momentum_step()
-        track = self.track_running_stats
-        return sync_batch_norm(input, self.weight, self.bias, self.running_mean if track else None,
-                               self.running_var if track else None, self.eps, factor, comm)
+            y = super().forward(input)
+        else:
+            self._check_input(input)
+            track = self.track_running_stats
+            y = sync_batch_norm(input, self.weight, self.bias,
+                                self.running_mean if track else None,
+                                self.running_var if track else None, self.eps,
+                                self._momentum_factor(), comm, self._sync_shift(input))
+            self._count_batch()
+        if debug is not None and y.requires_grad:
+            # Runs before this layer's backward (and its all-reduce), on every rank that has one.
+            meta = torch.empty((0,) + tuple(input.shape[1:2]), dtype=input.dtype, device="meta")
+            training = self.training
+            y.register_hook(lambda grad: self._check_ranks_agree(debug, meta, training,
+                                                                 "backward"))
+        return y
 
     def __deepcopy__(self, memo):
         for handle in (self.comm, self.process_group):
