@@ -303,10 +303,11 @@ def mpi_cuda_aware():
     return False
 
 
-def check_communicator(layer, comm):
+def check_sync_communicator(layer, comm):
     """`comm` itself when it has the communicator protocol (``rank``, ``size``,
     ``allreduce_sum``), or None; a TypeError naming the layer otherwise (a string such as
-    ``"world"`` is not a communicator)."""
+    ``"world"`` is not a communicator). (The SyncBatchNorm layers' check; ``check_communicator``
+    above is the stochastic layers', with the collectives they need.)"""
     if comm is None or all(hasattr(comm, a) for a in ("rank", "size", "allreduce_sum")):
         return comm
     raise TypeError(f"{layer}: comm must be a communicator (MPICommunicator(), NCCLCommunicator(), "
@@ -554,4 +555,5 @@ class NCCLCommunicator:
 
 
 __all__ = ["CollectiveError", "MPICommunicator", "NCCLCommunicator", "SyncTimeoutError",
-           "check_communicator", "debug_from_env", "mpi_cuda_aware", "sync_timeout"]
+           "check_communicator", "check_sync_communicator", "debug_from_env", "mpi_cuda_aware",
+           "sync_timeout"]
