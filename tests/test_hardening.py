@@ -365,7 +365,7 @@ def test_set_between_gemm_threads_out_of_range(value, exc):
 @pytest.mark.parametrize("layer", ["nn", "torch"])
 def test_comm_must_be_a_communicator(layer):
     make = nk.nn.SyncBatchNorm if layer == "nn" else nkt.SyncBatchNorm
-    with pytest.raises(TypeError, match="comm must be a communicator"):
+    with pytest.raises(TypeError, match="comm must be a normkit communicator"):
         make(3, comm="world")
 
 

@@ -220,7 +220,7 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias)
         self.process_group = process_group
-        self.comm = check_communicator(type(self).__name__, comm)
+        self.comm = check_communicator(comm, type(self).__name__)
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
