@@ -56,14 +56,45 @@ constexpr int64_t kFlushEvery = 2048;  // values per float32 lane block before f
 constexpr int64_t kFlushRows = 64;     // channels-last rows per float32 block
 constexpr int64_t kTileValues = 1024;  // at least this many coefficients per channels-last tile
 
+// bfloat16 storage in the kernels: BFloat16's two bytes with the conversions the scalar paths use
+// (widening to float32 is exact; narrowing rounds to nearest even, NaN stays a quiet NaN).
+struct Bf16 {
+  uint16_t bits;
+  Bf16() = default;
+  NK_INLINE Bf16(float f) : bits(float_to_bf16(f).bits) {}
+  NK_INLINE operator float() const { return bf16_to_float(BFloat16{bits}); }
+};
+
+// The storage type of dispatch's tag: the tag itself, Bf16 for BFloat16.
+template <class Tag>
+struct Storage {
+  using type = Tag;
+};
+template <>
+struct Storage<BFloat16> {
+  using type = Bf16;
+};
+template <class Tag>
+using storage_t = typename Storage<Tag>::type;
+
 // kLanes values of storage type T, loaded as arithmetic type A.
 template <class T, class A = acc_t<T>>
 struct Lanes {
   typedef A V __attribute__((vector_size(kLanes * sizeof(A))));
+  typedef uint16_t Bits __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+  typedef uint32_t Wide __attribute__((vector_size(kLanes * sizeof(uint32_t))));
   NK_INLINE static V load(const T* p) {
     if constexpr (std::is_same_v<T, A>) {
       V v;
       std::memcpy(&v, p, sizeof v);
+      return v;
+    } else if constexpr (std::is_same_v<T, Bf16>) {
+      // bfloat16 is the upper half of a float32.
+      Bits bits;
+      std::memcpy(&bits, p, sizeof bits);
+      const Wide wide = __builtin_convertvector(bits, Wide) << 16;
+      V v;
+      std::memcpy(&v, &wide, sizeof v);
       return v;
     } else {
       typedef T Stored __attribute__((vector_size(kLanes * sizeof(T))));
@@ -75,6 +106,15 @@ struct Lanes {
   NK_INLINE static void store(T* p, const V& v) {
     if constexpr (std::is_same_v<T, A>) {
       std::memcpy(p, &v, sizeof v);
+    } else if constexpr (std::is_same_v<T, Bf16>) {
+      // float_to_bf16 lane by lane: round to nearest even, NaN lanes made quiet instead.
+      Wide u;
+      std::memcpy(&u, &v, sizeof u);
+      const Wide rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+      const Wide nan = (Wide)((u & 0x7fffffffu) > 0x7f800000u);
+      const Wide out = (((u >> 16) | 0x40u) & nan) | (rounded & ~nan);
+      const Bits bits = __builtin_convertvector(out, Bits);
+      std::memcpy(p, &bits, sizeof bits);
     } else {
       typedef T Stored __attribute__((vector_size(kLanes * sizeof(T))));
       const Stored stored = __builtin_convertvector(v, Stored);
@@ -834,8 +874,8 @@ void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorV
   check_channels(op, var, "var", x, k.C, k.param, false);
   check_output(op, mean, "mean");
   check_output(op, var, "var");
-  dispatch(op, x, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x}), k.x.N, k.x.C, k.x.S};
     const auto xs = in<T>(x, k.x);
@@ -860,8 +900,8 @@ void batch_norm_normalize(const TensorView& x, const TensorView& mean, const Ten
   check_channels(op, bias, "bias", x, k.C, k.param, true);
   const NCSView yv = check_like_x(op, y, "y", x);
   check_output(op, y, "y");
-  dispatch(op, x, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x, &yv}), k.x.N, k.C, k.x.S};
     const auto m = read_channels<A>(mean, k.C, 0), is = read_channels<A>(invstd, k.C, 0);
@@ -890,8 +930,8 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
   NK_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
   const NCSView yv = check_like_x(op, y, "y", x);
   check_output(op, y, "y");
-  dispatch(op, x, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x, &yv}), k.x.N, k.C, k.x.S};
     const auto xs = in<T>(x, k.x);
@@ -951,8 +991,8 @@ void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const
   check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, false);
   check_output(op, sum_dy, "sum_dy");
   check_output(op, sum_dy_xmu, "sum_dy_xmu");
-  dispatch(op, x, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x, &dyv}), k.x.N, k.C, k.x.S};
     std::vector<double> s1, s2;
@@ -1001,8 +1041,8 @@ void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const 
                  ": pass both sum_dy and sum_dy_xmu (training) or neither (eval)");
   NK_CHECK_VALUE(!sum_dy.defined() || count >= double(k.x.N * k.x.S), op, ": count (", count,
                  ") is smaller than the ", k.x.N * k.x.S, " values per channel of x");
-  dispatch(op, x, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x, &dyv, &dxv}), k.x.N, k.C, k.x.S};
     const auto sdy = read_channels<A>(sum_dy, k.C, 0), sdx = read_channels<A>(sum_dy_xmu, k.C, 0);
@@ -1034,8 +1074,8 @@ void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const 
   check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, false);
   check_output(op, sum_dy, "sum_dy");
   check_output(op, sum_dy_xmu, "sum_dy_xmu");
-  dispatch(op, x, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x, &dyv, &dxv}), k.x.N, k.C, k.x.S};
     const double count = double(g.N * g.S);

@@ -9,6 +9,10 @@
     Encoding, GramMatrix, Inspiration, UpsampleConv2d   PyTorch-Encoding's encoding.nn layers
                              (state_dicts shared with normkit.nn's)
     scaled_l2, aggregate, encoding                      their autograd functions
+    to_torch                 a copy of a model with torch's own layers in place of normkit's
+
+Every core call is a torch custom op (torch.ops.normkit.*, see normkit.torch._ops), so the layers
+compile with torch.compile(fullgraph=True) and export with torch.export.
 
 Tensors reach the core through DLPack without copies; outputs are allocated by torch.
 """
@@ -18,8 +22,9 @@ except ImportError as e:
     raise ImportError("normkit.torch needs PyTorch: pip install torch (or pip install "
                       f"'normkit[torch]'); importing it failed with: {e}") from e
 
-from . import distributed, functional
+from . import _ops, distributed, functional  # noqa: F401 (_ops defines torch.ops.normkit)
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .convert import to_torch
 from .distributed import TorchCommunicator
 from .encoding import Encoding, GramMatrix, Inspiration, UpsampleConv2d
 from .functional import aggregate, batch_norm, batchnormeval, batchnormtrain, encoding, scaled_l2
@@ -28,4 +33,4 @@ from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, sync_batch_no
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Encoding", "GramMatrix", "Inspiration",
            "SyncBatchNorm", "TorchCommunicator", "UpsampleConv2d", "aggregate", "batch_norm",
            "batchnormeval", "batchnormtrain", "convert_sync_batchnorm", "distributed", "encoding",
-           "functional", "scaled_l2", "sync_batch_norm"]
+           "functional", "scaled_l2", "sync_batch_norm", "to_torch"]

@@ -6,11 +6,12 @@ import copy
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import _C
-from ._dlpack import dl, kernel_input, launch, like, param_dtype
+from ._dlpack import param_dtype
 from .batchnorm import _NormkitBatchNorm
 from .distributed import TorchCommunicator
 from .functional import _check_running
+
+_ops = torch.ops.normkit  # registered by normkit.torch._ops
 
 
 def _allreduce(comm, buf):
@@ -27,13 +28,30 @@ def _allreduce(comm, buf):
         buf.copy_(host)
 
 
+def _check_count(total, comm, x):
+    """The one-value-per-channel error of training, on the global count. On CUDA tensors the count
+    stays on the device (no host synchronization, so that a step can be captured in a CUDA graph):
+    the check is an asynchronous device assertion there."""
+    msg = (f"SyncBatchNorm: expected more than 1 value per channel when training, over all "
+           f"{comm.size} ranks (this rank's input has shape {tuple(x.shape)})")
+    if total.is_cuda:
+        torch._assert_async(total > 1, msg)
+    elif float(total) <= 1:
+        raise ValueError(f"{msg}, got {int(total)}")
+
+
 class _SyncBatchNorm(torch.autograd.Function):
     """Training batch norm with statistics over all ranks of ``comm``.
 
     Forward: local (mean, var) -> one all-reduce of 2C+1 float64 values (count, count * mean and
     count * (var + mean^2) per channel, exact within a rank; uneven and empty batches are weighted
     by count) -> normalize. Backward: local (sum dy, sum dy * (x - mean)) -> one all-reduce of 2C
-    -> dx through the global statistics. The same scheme as ``normkit.nn.SyncBatchNorm``.
+    -> dx through the global statistics. The same scheme as ``normkit.nn.SyncBatchNorm``; the
+    kernels are the custom ops of normkit.torch._ops, the all-reduces run between them.
+
+    The global count stays a (device) tensor: the elementwise backward, which takes a host count
+    (at least this rank's), gets this rank's count n and the global sums scaled by n / total on
+    the device.
 
     Grads are materialized (no ``set_materialize_grads(False)``): a rank whose output gradient is
     undefined still has a nonzero dx, from the other ranks' losses, and must join the collective.
@@ -41,12 +59,9 @@ class _SyncBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, comm):
-        x = kernel_input(x)
         C = x.shape[1]
         pd = param_dtype(x.dtype)
-        mean = torch.empty(C, dtype=pd, device=x.device)
-        var = torch.empty(C, dtype=pd, device=x.device)
-        _C.batch_norm_stats(dl(x), dl(mean), dl(var), **launch(x, reduces=True))
+        mean, var = _ops.batch_norm_stats(x)
         n = float(x.numel() // C) if C else 0.0
         mean64 = mean.double()
         buf = torch.empty(2 * C + 1, dtype=torch.float64, device=x.device)
@@ -54,11 +69,8 @@ class _SyncBatchNorm(torch.autograd.Function):
         torch.mul(mean64, n, out=buf[1:C + 1])
         torch.mul(var.double().addcmul_(mean64, mean64), n, out=buf[C + 1:])
         _allreduce(comm, buf)
-        total = float(buf[0])
-        if total <= 1:
-            raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
-                             f"training, got {int(total)} over all {comm.size} ranks (this rank's "
-                             f"input has shape {tuple(x.shape)})")
+        total = buf[0]
+        _check_count(total, comm, x)
         g_mean = buf[1:C + 1] / total
         g_var = (buf[C + 1:] / total).sub_(g_mean * g_mean).clamp_(min=0.0)
         invstd = (g_var + eps).rsqrt_().to(pd)
@@ -67,36 +79,29 @@ class _SyncBatchNorm(torch.autograd.Function):
             running_mean.lerp_(g_mean, momentum)
         if running_var is not None:
             running_var.lerp_(g_var.mul_(total / (total - 1)).to(pd), momentum)
-        y = torch.empty_like(x)
-        _C.batch_norm_normalize(dl(x), dl(g_mean), dl(invstd), dl(weight), dl(bias), dl(y),
-                                **launch(x))
-        ctx.save_for_backward(x, weight, g_mean, invstd)
-        ctx.total, ctx.comm = total, comm
+        y = _ops.batch_norm_normalize(x, g_mean, invstd, weight, bias)
+        ctx.save_for_backward(x, weight, g_mean, invstd, total)
+        ctx.comm = comm
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, mean, invstd, total = ctx.saved_tensors
         C = x.shape[1]
-        dy = like(x, dy)
-        sums = torch.empty(2, C, dtype=mean.dtype, device=x.device)
-        local_dy, local_dy_xmu = sums[0], sums[1]
-        _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(local_dy), dl(local_dy_xmu),
-                                      **launch(x, reduces=True))
-        buf = sums.to(torch.float64, copy=True).reshape(-1)  # a copy for float64 too
+        local_dy, local_dy_xmu = _ops.batch_norm_backward_reduce(dy, x, mean)
+        buf = torch.cat([local_dy, local_dy_xmu]).to(torch.float64)  # a copy for float64 too
         _allreduce(ctx.comm, buf)
-        global_sums = buf.to(mean.dtype)
+        n = max(x.numel() // C, 1) if C else 1
+        scaled = (buf * (n / total)).to(mean.dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = None
         if need_x:
-            dx = torch.empty_like(x)
-            _C.batch_norm_backward_elemt(dl(dy), dl(x), dl(mean), dl(invstd), dl(weight),
-                                         dl(global_sums[:C]), dl(global_sums[C:]), ctx.total,
-                                         dl(dx), **launch(x))
+            dx = _ops.batch_norm_backward_elemt(dy, x, mean, invstd, weight, scaled[:C],
+                                                scaled[C:], float(n))
         # weight and bias gradients are this rank's, as in PyTorch (DDP all-reduces them).
         dw = local_dy_xmu * invstd if need_w else None
-        db = local_dy.clone() if need_b else None
+        db = local_dy if need_b else None
         return dx, dw, db, None, None, None, None, None
 
 
