@@ -235,3 +235,164 @@ def test_compile_every_function():
         want = run(_all_functions, seed)
         for a, e in zip(got, want, strict=True):
             _assert_same(a, e)
+
+
+# --- to_torch -------------------------------------------------------------------------------------
+
+def test_to_torch_round_trip():
+    """Every normkit batch norm becomes torch's own class; outputs (train and eval), gradients,
+    state_dicts and running-statistic updates are equal; the original model is untouched."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), nkt.BatchNorm2d(6), torch.nn.ReLU(),
+                                nkt.SyncBatchNorm(6), torch.nn.Flatten(2), nkt.BatchNorm1d(6),
+                                nkt.GramMatrix()).double()
+    bn3 = nkt.BatchNorm3d(2, affine=False, momentum=None).double()
+    for m in (model, bn3):
+        converted = nkt.to_torch(m)
+        kinds = {type(mod) for mod in converted.modules()}
+        assert not any(k in nkt.convert.TORCH_EQUIVALENTS for k in kinds)
+        for training in (True, False):
+            m.train(training), converted.train(training)
+            shape = (4, 3, 6, 5) if m is model else (3, 2, 3, 4, 2)
+            x = _randn(*shape, seed=2)
+            got, want = _step(converted, x, 1), _step(m, x, 1)
+            for a, e in zip(got, want, strict=True):
+                _assert_same(a, e)
+            assert converted.state_dict().keys() == m.state_dict().keys()
+            _assert_same_state(converted, m)
+    assert type(nkt.to_torch(model)[3]) is torch.nn.SyncBatchNorm
+    assert type(model[1]) is nkt.BatchNorm2d
+
+
+def test_to_torch_names_layers_without_equivalent():
+    model = torch.nn.Sequential(nkt.BatchNorm2d(4), torch.nn.Sequential(nkt.Encoding(4, 3)))
+    with pytest.raises(ValueError, match=r"1\.0 is a normkit Encoding, which has no torch"):
+        nkt.to_torch(model)
+    with pytest.raises(TypeError, match="expected a torch.nn.Module"):
+        nkt.to_torch("model")
+
+
+# --- bfloat16 on the CPU --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bfloat16_batch_norm_matches_float32(training, fmt):
+    """bfloat16 input, float32 parameters and statistics: output and input gradient in bfloat16
+    within bfloat16 rounding of a float32 computation on the same (bfloat16) values; parameter
+    gradients and running statistics float32, as torch's."""
+    x32 = _randn(5, 7, 3, 9, seed=3, dtype=torch.float32, offset=2.0) * 3
+    x = x32.bfloat16().contiguous(memory_format=fmt)
+    dy = _randn(*x.shape, seed=4, dtype=torch.float32).bfloat16()
+    bn, ref = nkt.BatchNorm2d(7), torch.nn.BatchNorm2d(7)
+    with torch.no_grad():
+        for m in (bn, ref):
+            m.weight.copy_(_randn(7, seed=5, dtype=torch.float32))
+            m.bias.copy_(_randn(7, seed=6, dtype=torch.float32))
+            m.running_var.fill_(1.7)
+    bn.train(training), ref.train(training)
+    xg, xr = x.clone().requires_grad_(), x.float().requires_grad_()
+    y, y_ref = bn(xg), ref(xr)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(y.float(), y_ref, rtol=1e-2, atol=2e-2)
+    y.backward(dy), y_ref.backward(dy.float())
+    assert xg.grad.dtype == torch.bfloat16 and bn.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(xg.grad.float(), xr.grad, rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-2, atol=5e-2)
+    torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-2, atol=5e-2)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_rounds_to_nearest_even():
+    """The store of a bfloat16 output rounds the float32 result to nearest even (as torch's
+    .bfloat16()): compared exactly with the float32 result of the same formula, rounded."""
+    x = _randn(4, 3, 37, seed=7, dtype=torch.float32).bfloat16()
+    mean, std = _randn(3, seed=8, dtype=torch.float32), _randn(3, seed=9, dtype=torch.float32).abs()
+    g, b = _randn(3, seed=10, dtype=torch.float32), _randn(3, seed=11, dtype=torch.float32)
+    y = nkt.batchnormeval(x, g, b, mean, std)
+    ref = (x.float() - mean[:, None]) * (1 / std[:, None] * g[:, None]) + b[:, None]
+    mismatch = (y != ref.bfloat16()).float().mean()
+    assert y.dtype == torch.bfloat16 and mismatch < 0.01  # float32 evaluation order may differ
+
+
+def test_cpu_autocast():
+    """Under CPU autocast (bfloat16) a Conv2d -> BatchNorm2d model gives torch's result and
+    dtype; the layer keeps float32 parameters."""
+    conv = torch.nn.Conv2d(3, 5, 3)
+    bn, ref = nkt.BatchNorm2d(5), torch.nn.BatchNorm2d(5)
+    x = _randn(4, 3, 7, 6, seed=12, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = bn(conv(x)), ref(conv(x))
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-4, atol=1e-5)
+
+
+def test_errors_name_the_layer_not_a_kernel():
+    with pytest.raises(TypeError, match="^batch_norm: input has dtype torch.int64"):
+        nkt.BatchNorm2d(3)(torch.arange(36).reshape(2, 3, 2, 3))
+    with pytest.raises(TypeError, match="^BatchNorm2d: torch.float64 input needs"):
+        nkt.BatchNorm2d(3)(_randn(2, 3, 2, 2, seed=1))
+
+
+# --- SyncBatchNorm without host synchronization ---------------------------------------------------
+
+class Twin(nkt.TorchCommunicator):
+    """Two identical ranks, without torch.distributed: the all-reduce doubles the tensor in place
+    with a torch op (so a CUDA graph can capture it)."""
+    rank, size, debug, group = 0, 2, False, None
+
+    def __init__(self):
+        pass
+
+    def allreduce_sum(self, array):
+        return array.mul_(2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sync_batch_norm_two_identical_ranks(device):
+    """Two ranks with the same batch normalize as one rank does; running_var uses the global
+    count 2n - 1; dx (of both ranks' losses over the global statistics) is the single-rank dx."""
+    x = _randn(3, 4, 5, seed=13, device=device)
+    dy = _randn(3, 4, 5, seed=14, device=device)
+    sync, plain = nkt.SyncBatchNorm(4, comm=Twin()).double().to(device), \
+        nkt.BatchNorm1d(4).double().to(device)
+    xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = sync(xs), plain(xp)
+    torch.testing.assert_close(y, y_ref)
+    y.backward(dy), y_ref.backward(dy)
+    torch.testing.assert_close(xs.grad, xp.grad)
+    var = x.transpose(0, 1).reshape(4, -1).var(1, unbiased=False)
+    torch.testing.assert_close(sync.running_var, 0.9 + 0.1 * var * 30 / 29)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU")
+def test_sync_batch_norm_step_captures_in_a_cuda_graph():
+    """A synchronized forward+backward has no host synchronization: it is captured in a CUDA
+    graph and replays to the eager result."""
+    import normkit
+    if not normkit.cuda_available():
+        pytest.skip("normkit was built without CUDA kernels")
+    x = _randn(8, 4, 6, seed=15, device="cuda", dtype=torch.float32).requires_grad_()
+    dy = _randn(8, 4, 6, seed=16, device="cuda", dtype=torch.float32)
+    layer = nkt.SyncBatchNorm(4, comm=Twin()).cuda()
+    eager = copy.deepcopy(layer)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, kernels)
+        layer(x).backward(dy)
+    torch.cuda.current_stream().wait_stream(stream)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+        y.backward(dy)
+    graph.replay()
+    torch.cuda.synchronize()
+    xe = x.detach().clone().requires_grad_()
+    eager(xe)  # the warm-up step's update
+    y_ref = eager(xe)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, xe.grad)
