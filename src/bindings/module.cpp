@@ -34,6 +34,7 @@ PYBIND11_MODULE(_C, m) {
   bind_batchnorm(m);
   bind_encoding(m);
   bind_im2col(m);
+  bind_wsconv(m);
 }
 
 }  // namespace normkit::bindings

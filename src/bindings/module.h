@@ -17,5 +17,6 @@ void without_gil(F&& f) {
 void bind_batchnorm(py::module_& m);
 void bind_encoding(py::module_& m);
 void bind_im2col(py::module_& m);
+void bind_wsconv(py::module_& m);
 
 }  // namespace normkit::bindings

@@ -14,7 +14,17 @@ from .batchnorm import (
     batchnormtrain,
     batchnormtrain_backward,
 )
-from .conv import convolution, convolution_backward, pixel_shuffle, pixel_unshuffle
+from .conv import (
+    conv_transpose,
+    conv_transpose_backward,
+    conv_transpose_output_padding,
+    convolution,
+    convolution_backward,
+    pad,
+    pad_backward,
+    pixel_shuffle,
+    pixel_unshuffle,
+)
 from .encoding import (
     aggregate,
     aggregate_backward,
@@ -32,6 +42,7 @@ from .encoding import (
     scaled_l2_forward,
     set_between_gemm_threads,
 )
+from .wsconv import ws_standardize, ws_standardize_backward
 
 __all__ = [
     "batch_norm_backward",
@@ -45,8 +56,13 @@ __all__ = [
     "batchnormtrain",
     "batchnormtrain_backward",
     # convolution
+    "conv_transpose",
+    "conv_transpose_backward",
+    "conv_transpose_output_padding",
     "convolution",
     "convolution_backward",
+    "pad",
+    "pad_backward",
     "pixel_shuffle",
     "pixel_unshuffle",
     # the Encoding layer family
@@ -65,4 +81,7 @@ __all__ = [
     "scaled_l2_backward",
     "scaled_l2_forward",
     "set_between_gemm_threads",
+    # weight standardization
+    "ws_standardize",
+    "ws_standardize_backward",
 ]

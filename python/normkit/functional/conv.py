@@ -1,5 +1,6 @@
 """N-d convolution over NumPy / CuPy arrays, as im2col (native core) + the array library's GEMM,
-and the pixel shuffle that UpsampleConv2d builds on.
+its adjoint the transposed convolution, torch's padding modes, and the pixel shuffle that
+UpsampleConv2d builds on.
 
 ``convolution(x, weight, bias, stride, padding, dilation, groups)`` follows
 ``torch.nn.functional.conv1d/2d/3d`` (zero padding): x (B, C_in, *spatial), weight
@@ -7,6 +8,13 @@ and the pixel shuffle that UpsampleConv2d builds on.
 forward holds no more memory than its input and output. im2col/col2im run on the calling thread
 unless ``set_between_gemm_threads`` says otherwise (see normkit.functional.encoding); on CuPy arrays
 they run on CuPy's current stream.
+
+``conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation)`` follows
+``torch.nn.functional.conv_transpose1d/2d/3d``: weight (C_in, C_out / groups, *kernel); it is
+col2im of weight^T x (the adjoint of ``convolution``), its backward im2col of dy.
+``pad(x, pads, mode)`` pads as torch's Conv layers' padding_mode does ("zeros", "reflect",
+"replicate", "circular", with (left, right) per spatial dim); ``pad_backward`` folds the padded
+gradient back onto the input.
 
 Dtypes: float32 and float64; on CuPy also float16 (cuBLAS's half GEMM, col2im sums in float32).
 """
@@ -145,6 +153,165 @@ def convolution_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=
     return dx, dweight, dbias
 
 
+def _transpose_check(x, weight, bias, stride, padding, output_padding, dilation, groups):
+    """Validates a transposed convolution; returns (xp, stride, padding, dilation, output size)."""
+    xp = array_module(x, "x")
+    dims = weight.ndim - 2
+    if dims < 1 or x.ndim != dims + 2:
+        raise ValueError(f"conv_transpose: weight (C_in, C_out / groups, *kernel) of shape "
+                         f"{tuple(weight.shape)} needs x with {weight.ndim} dims, got "
+                         f"{tuple(x.shape)}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"conv_transpose: groups must be a positive int, got {groups!r}")
+    if weight.shape[0] != x.shape[1] or x.shape[1] % groups:
+        raise ValueError(f"conv_transpose: x has {x.shape[1]} channels, weight "
+                         f"{tuple(weight.shape)} with groups={groups} expects {weight.shape[0]} "
+                         f"(divisible by groups)")
+    stride = _geometry("stride", stride, dims, 1)
+    padding = _geometry("padding", padding, dims, 0)
+    dilation = _geometry("dilation", dilation, dims, 1)
+    output_padding = _geometry("output_padding", output_padding, dims, 0)
+    if any(op >= s for op, s in zip(output_padding, stride)):
+        raise ValueError(f"conv_transpose: output_padding {output_padding} must be smaller than "
+                         f"the stride {stride}")
+    kernel = weight.shape[2:]
+    out = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, s, p, d, k, op in
+           zip(x.shape[2:], stride, padding, dilation, kernel, output_padding)]
+    if any(o < 1 for o in out):
+        raise ValueError(f"conv_transpose: the output of x {tuple(x.shape)} would have spatial "
+                         f"size {out}; the padding {padding} is too large")
+    C_out = weight.shape[1] * groups
+    if bias is not None and tuple(bias.shape) != (C_out,):
+        raise ValueError(f"conv_transpose: bias must have shape ({C_out},), got "
+                         f"{tuple(bias.shape)}")
+    sizes = (4, 8) if xp.__name__ == "numpy" else (2, 4, 8)
+    for name, a in (("x", x), ("weight", weight), ("bias", bias)):
+        if a is None:
+            continue
+        if array_module(a, name) is not xp or a.dtype.kind != "f" or a.dtype.itemsize not in sizes:
+            raise TypeError(f"conv_transpose: {name} must be a float32 or float64 array (float16 "
+                            f"on CuPy) of x's library, got {a.dtype}")
+        if a.dtype != x.dtype:
+            raise TypeError(f"conv_transpose: {name} has dtype {a.dtype} but x has {x.dtype}")
+    return xp, stride, padding, dilation, out
+
+
+def conv_transpose_output_padding(input_size, output_size, kernel, stride, padding, dilation):
+    """torch's output_padding for a requested output_size (the spatial sizes, or with the batch
+    and channel dims in front): a ValueError when no output_padding < stride gives it."""
+    dims = len(kernel)
+    output_size = list(output_size)[-dims:]
+    if len(output_size) != dims:
+        raise ValueError(f"conv_transpose: output_size must have {dims} or {dims + 2} elements, "
+                         f"got {output_size!r}")
+    pads = []
+    for d in range(dims):
+        smallest = ((input_size[d] - 1) * stride[d] - 2 * padding[d]
+                    + dilation[d] * (kernel[d] - 1) + 1)
+        if not smallest <= output_size[d] < smallest + stride[d]:
+            raise ValueError(f"conv_transpose: requested an output size of {output_size}, but "
+                             f"dim {d} must lie in [{smallest}, {smallest + stride[d] - 1}] for "
+                             f"input spatial size {list(input_size)}")
+        pads.append(output_size[d] - smallest)
+    return pads
+
+
+def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                   dilation=1):
+    """y = weight^T * x (+ bias), as ``torch.nn.functional.conv_transpose{1,2,3}d``."""
+    xp, stride, padding, dilation, out = _transpose_check(x, weight, bias, stride, padding,
+                                                          output_padding, dilation, groups)
+    B, C_in = x.shape[:2]
+    C_group = weight.shape[1]
+    kernel = list(weight.shape[2:])
+    rows = C_group * math.prod(kernel)
+    L = math.prod(x.shape[2:])
+    w = weight.reshape(groups, C_in // groups, rows)
+    cols = xp.matmul(w.swapaxes(-1, -2), x.reshape(B, groups, C_in // groups, L))
+    y = xp.empty((B, C_group * groups) + tuple(out), x.dtype)
+    _C.col2im(cols.reshape(B, groups * rows, L), y, kernel, stride, padding, dilation,
+              **launch_args(y))
+    if bias is not None:
+        y += bias.reshape((1, -1) + (1,) * len(out))
+    return y
+
+
+def conv_transpose_backward(dy, x, weight, stride=1, padding=0, output_padding=0, groups=1,
+                            dilation=1, input_grad=True, weight_grad=True, bias_grad=True):
+    """Gradients ``(dx, dweight, dbias)`` of ``conv_transpose``; each None when not asked for."""
+    xp, stride, padding, dilation, out = _transpose_check(x, weight, None, stride, padding,
+                                                          output_padding, dilation, groups)
+    B, C_in = x.shape[:2]
+    expected = (B, weight.shape[1] * groups) + tuple(out)
+    if array_module(dy, "dy") is not xp or dy.dtype != x.dtype:
+        raise TypeError(f"conv_transpose_backward: dy must be a {x.dtype} array like x")
+    if tuple(dy.shape) != expected:
+        raise ValueError(f"conv_transpose_backward: dy must have the output's shape {expected}, "
+                         f"got {tuple(dy.shape)}")
+    kernel = list(weight.shape[2:])
+    rows = weight.shape[1] * math.prod(kernel)
+    L = math.prod(x.shape[2:])
+    dcols = _columns(dy, kernel, stride, padding, dilation, list(x.shape[2:]), xp)
+    dcols = dcols.reshape(B, groups, rows, L)
+    x_groups = x.reshape(B, groups, C_in // groups, L)
+    dx = dweight = dbias = None
+    if input_grad:
+        w = weight.reshape(groups, C_in // groups, rows)
+        dx = xp.matmul(w, dcols).reshape(x.shape)
+    if weight_grad:
+        dweight = xp.matmul(x_groups, dcols.swapaxes(-1, -2)).sum(axis=0).reshape(weight.shape)
+    if bias_grad:
+        dbias = dy.sum(axis=(0,) + tuple(range(2, dy.ndim)))
+    return dx, dweight, dbias
+
+
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge",
+              "circular": "wrap"}
+
+
+def pad(x, pads, mode="zeros"):
+    """x with (left, right) = pads[d] values added around spatial dim d, as torch's Conv layers
+    pad for ``padding_mode`` (reflect: pad < size; circular: pad <= size)."""
+    if mode not in _PAD_MODES:
+        raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, got {mode!r}")
+    for d, (lo, hi) in enumerate(pads):
+        n = x.shape[2 + d]
+        if (mode == "reflect" and max(lo, hi) >= n) or (mode == "circular" and max(lo, hi) > n):
+            raise ValueError(f"padding_mode={mode!r}: padding ({lo}, {hi}) of spatial dim {d} "
+                             f"must be {'<' if mode == 'reflect' else '<='} its size {n}")
+    xp = array_module(x, "x")
+    return xp.pad(x, [(0, 0), (0, 0)] + [tuple(p) for p in pads], mode=_PAD_MODES[mode])
+
+
+def pad_backward(dxp, pads, mode="zeros"):
+    """The gradient of ``pad``'s input: each padded value's gradient folded back onto the value
+    it copied (dims in reverse order, the adjoint of padding them one after another)."""
+    g = dxp
+    for d in reversed(range(len(pads))):
+        lo, hi = pads[d]
+        axis = 2 + d
+        n = g.shape[axis] - lo - hi
+
+        def at(a, b, step=None):
+            index = [slice(None)] * g.ndim
+            index[axis] = slice(a, b, step)
+            return tuple(index)
+
+        r = g[at(lo, lo + n)].copy()
+        left, right = g[at(0, lo)], g[at(lo + n, lo + n + hi)]
+        if mode == "circular":
+            r[at(n - lo, n)] += left
+            r[at(0, hi)] += right
+        elif mode == "replicate":
+            r[at(0, 1)] += left.sum(axis=axis, keepdims=True)
+            r[at(n - 1, n)] += right.sum(axis=axis, keepdims=True)
+        elif mode == "reflect":
+            r[at(1, lo + 1)] += left[at(None, None, -1)]
+            r[at(n - 1 - hi, n - 1)] += right[at(None, None, -1)]
+        g = r
+    return g
+
+
 def pixel_shuffle(x, scale):
     """(B, C * s^2, H, W) -> (B, C, H * s, W * s): ``out[b, c, h*s + i, w*s + j] =
     x[b, c*s^2 + i*s + j, h, w]`` (as ``torch.nn.functional.pixel_shuffle``)."""
@@ -163,4 +330,6 @@ def pixel_unshuffle(y, scale):
         B, C * scale * scale, H, W)
 
 
-__all__ = ["convolution", "convolution_backward", "pixel_shuffle", "pixel_unshuffle"]
+__all__ = ["conv_transpose", "conv_transpose_backward", "conv_transpose_output_padding",
+           "convolution", "convolution_backward", "pad", "pad_backward", "pixel_shuffle",
+           "pixel_unshuffle"]

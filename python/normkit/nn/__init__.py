@@ -4,7 +4,9 @@ from .conv import Conv1d, Conv2d, Conv3d
 from .encoding import Encoding, GramMatrix, Inspiration, UpsampleConv2d
 from .module import Module, Parameter, Sequential
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
+from .wsconv import FWS, WSConv1d, WSConv2d, WSConv3d, WSConvTranspose2d, WSConvTranspose3d
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv1d", "Conv2d", "Conv3d", "Encoding",
-           "GramMatrix", "Inspiration", "Module", "Parameter", "Sequential", "SyncBatchNorm",
-           "UpsampleConv2d", "convert_sync_batchnorm"]
+           "FWS", "GramMatrix", "Inspiration", "Module", "Parameter", "Sequential",
+           "SyncBatchNorm", "UpsampleConv2d", "WSConv1d", "WSConv2d", "WSConv3d",
+           "WSConvTranspose2d", "WSConvTranspose3d", "convert_sync_batchnorm"]

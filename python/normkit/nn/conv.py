@@ -1,6 +1,7 @@
-"""Minimal N-d convolution layers (Conv1d/2d/3d, zero padding) over NumPy / CuPy arrays, as
-torch.nn.Conv*d: what the composite layers (UpsampleConv2d, weight-standardized convolutions)
-build on. normkit is not a general framework; these exist so that its layers run."""
+"""Minimal N-d convolution layers (Conv1d/2d/3d) over NumPy / CuPy arrays, as torch.nn.Conv*d
+(every padding_mode, padding="same"/"valid"): what the composite layers (UpsampleConv2d,
+weight-standardized convolutions) build on. normkit is not a general framework; these exist so
+that its layers run."""
 import math
 
 import numpy as np
@@ -54,13 +55,32 @@ def conv_extra_repr(layer):
     normkit.torch's layers alike): the non-default arguments only."""
     s = (f"{layer.in_channels}, {layer.out_channels}, kernel_size={layer.kernel_size}, "
          f"stride={layer.stride}")
-    if any(layer.padding):
+    if isinstance(layer.padding, str) or any(layer.padding):
         s += f", padding={layer.padding}"
     if any(d != 1 for d in layer.dilation):
         s += f", dilation={layer.dilation}"
     if layer.groups != 1:
         s += f", groups={layer.groups}"
+    if getattr(layer, "padding_mode", "zeros") != "zeros":
+        s += f", padding_mode={layer.padding_mode}"
     return s + (", bias=False" if layer.bias is None else "")
+
+
+def parse_padding(name, padding, kernel_size, stride, dilation):
+    """torch's Conv padding argument as (left, right) per spatial dim: an int, ints, "valid" (none)
+    or "same" (stride 1 only; an odd total puts the extra value on the right, as torch)."""
+    dims = len(kernel_size)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [(0, 0)] * dims
+        if padding != "same":
+            raise ValueError(f"{name}: padding must be an int, {dims} ints, 'valid' or 'same', "
+                             f"got {padding!r}")
+        if any(s != 1 for s in stride):
+            raise ValueError(f"{name}: padding='same' is not supported for strided convolutions")
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in _ntuple("padding", padding, dims, 0)]
 
 
 class _ConvNd(_SavesInput):
@@ -72,7 +92,8 @@ class _ConvNd(_SavesInput):
     _dims = None
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, dtype=None, device=None, rng=None):
+                 groups=1, bias=True, dtype=None, device=None, rng=None, *,
+                 padding_mode="zeros"):
         super().__init__()
         name = type(self).__name__
         for arg, value in (("in_channels", in_channels), ("out_channels", out_channels),
@@ -90,8 +111,14 @@ class _ConvNd(_SavesInput):
         self.groups = int(groups)
         self.kernel_size = _ntuple("kernel_size", kernel_size, d, 1)
         self.stride = _ntuple("stride", stride, d, 1)
-        self.padding = _ntuple("padding", padding, d, 0)
         self.dilation = _ntuple("dilation", dilation, d, 1)
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"{name}: padding_mode must be 'zeros', 'reflect', 'replicate' or "
+                             f"'circular', got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        self._pads = parse_padding(name, padding, self.kernel_size, self.stride, self.dilation)
+        # As torch: the string stays, ints become a tuple.
+        self.padding = padding if isinstance(padding, str) else tuple(p for p, _ in self._pads)
         dtype = _float_dtype(name, dtype)
         self.weight = Parameter(np.empty((self.out_channels, self.in_channels // self.groups)
                                          + self.kernel_size, dtype))
@@ -127,17 +154,34 @@ class _ConvNd(_SavesInput):
             raise TypeError(f"{name}: {x.dtype} input needs {x.dtype} parameters, this layer's are "
                             f"{self.weight.dtype} (convert it with .to(dtype=...))")
 
-    def _conv(self, x):
-        return F.convolution(x, self.weight.data, None if self.bias is None else self.bias.data,
-                             self.stride, self.padding, self.dilation, self.groups)
+    def _padded(self, x):
+        """(x as the GEMM sees it, the padding left to im2col): symmetric zero padding is
+        im2col's; anything else is padded here (and folded back in the backward)."""
+        if self.padding_mode == "zeros" and all(lo == hi for lo, hi in self._pads):
+            return x, [lo for lo, _ in self._pads]
+        return F.pad(x, self._pads, self.padding_mode), [0] * self._dims
 
-    def _conv_backward(self, dy, x):
-        dx, dw, db = F.convolution_backward(dy, x, self.weight.data, self.stride, self.padding,
+    def _conv(self, x, weight=None):
+        x, padding = self._padded(x)
+        weight = self.weight.data if weight is None else weight
+        return F.convolution(x, weight, None if self.bias is None else self.bias.data,
+                             self.stride, padding, self.dilation, self.groups)
+
+    def _conv_grads(self, dy, x, weight):
+        """(dx, dweight) of _conv; accumulates ``bias.grad``."""
+        xp_, padding = self._padded(x)
+        dx, dw, db = F.convolution_backward(dy, xp_, weight, self.stride, padding,
                                             self.dilation, self.groups,
                                             bias_grad=self.bias is not None)
-        accumulate_grad(self.weight, dw)
+        if xp_ is not x:
+            dx = F.pad_backward(dx, self._pads, self.padding_mode)
         if self.bias is not None:
             accumulate_grad(self.bias, db)
+        return dx, dw
+
+    def _conv_backward(self, dy, x):
+        dx, dw = self._conv_grads(dy, x, self.weight.data)
+        accumulate_grad(self.weight, dw)
         return dx
 
     def forward(self, x):
@@ -155,17 +199,17 @@ class _ConvNd(_SavesInput):
 
 
 class Conv1d(_ConvNd):
-    """Convolution over (B, C, L) inputs, as torch.nn.Conv1d (zero padding)."""
+    """Convolution over (B, C, L) inputs, as torch.nn.Conv1d."""
     _dims = 1
 
 
 class Conv2d(_ConvNd):
-    """Convolution over (B, C, H, W) inputs, as torch.nn.Conv2d (zero padding)."""
+    """Convolution over (B, C, H, W) inputs, as torch.nn.Conv2d."""
     _dims = 2
 
 
 class Conv3d(_ConvNd):
-    """Convolution over (B, C, D, H, W) inputs, as torch.nn.Conv3d (zero padding)."""
+    """Convolution over (B, C, D, H, W) inputs, as torch.nn.Conv3d."""
     _dims = 3
 
 

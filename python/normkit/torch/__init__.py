@@ -9,10 +9,13 @@
     Encoding, GramMatrix, Inspiration, UpsampleConv2d   PyTorch-Encoding's encoding.nn layers
                              (state_dicts shared with normkit.nn's)
     scaled_l2, aggregate, encoding                      their autograd functions
+    WSConv1d/2d/3d, WSConvTranspose2d/3d, FWS           elektronn3's weight-standardized
+                             convolutions (fixed; state_dicts interchange), ws_standardize
     to_torch                 a copy of a model with torch's own layers in place of normkit's
 
-Every core call is a torch custom op (torch.ops.normkit.*, see normkit.torch._ops), so the layers
-compile with torch.compile(fullgraph=True) and export with torch.export.
+The batch-norm and Encoding families' core calls are torch custom ops (torch.ops.normkit.*, see
+normkit.torch._ops), so those layers compile with torch.compile(fullgraph=True) and export with
+torch.export.
 
 Tensors reach the core through DLPack without copies; outputs are allocated by torch.
 """
@@ -29,8 +32,12 @@ from .distributed import TorchCommunicator
 from .encoding import Encoding, GramMatrix, Inspiration, UpsampleConv2d
 from .functional import aggregate, batch_norm, batchnormeval, batchnormtrain, encoding, scaled_l2
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
+from .wsconv import (FWS, WSConv1d, WSConv2d, WSConv3d, WSConvTranspose2d, WSConvTranspose3d,
+                     ws_standardize)
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Encoding", "GramMatrix", "Inspiration",
-           "SyncBatchNorm", "TorchCommunicator", "UpsampleConv2d", "aggregate", "batch_norm",
-           "batchnormeval", "batchnormtrain", "convert_sync_batchnorm", "distributed", "encoding",
-           "functional", "scaled_l2", "sync_batch_norm", "to_torch"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Encoding", "FWS", "GramMatrix",
+           "Inspiration", "SyncBatchNorm", "TorchCommunicator", "UpsampleConv2d", "WSConv1d",
+           "WSConv2d", "WSConv3d", "WSConvTranspose2d", "WSConvTranspose3d", "aggregate",
+           "batch_norm", "batchnormeval", "batchnormtrain", "convert_sync_batchnorm",
+           "distributed", "encoding", "functional", "scaled_l2", "sync_batch_norm", "to_torch",
+           "ws_standardize"]

@@ -1,0 +1,214 @@
+"""Weight-standardized convolutions for PyTorch (elektronn3's ``wsconv`` module, fixed): torch runs
+the convolution (``_conv_forward`` / ``F.conv_transpose*d``, so padding_mode, string paddings and
+output_size behave as in torch), normkit's core the standardization, as one autograd Function
+over DLPack (a fused statistics pass and write; a fused backward through mean, var and gain).
+
+    WSConv1d/2d/3d            torch.nn.Conv*d with ``gain`` (C_out,); forward(input, eps=None)
+    WSConvTranspose2d/3d      torch.nn.ConvTranspose*d, standardized per input channel
+                              (gain (C_in,)); forward(input, output_size=None, eps=None)
+    FWS(layer, ...)           standardizes the wrapped layer's weight in place, learnable gain
+    ws_standardize            the autograd function: (weight, gain, eps, convention) -> w_hat
+
+Conventions (LAYERS.md "Weight standardization"): ``"elektronn3"`` (default, elektronn3's
+formula: unbiased var, fan_in = prod(weight.shape) *including C_out*, so at gain 1 a filter's norm
+is ~1/sqrt(C_out): harmless before a BN/GN, not in a normalizer-free net), ``"nfnet"`` (biased
+var, fan_in = prod(shape[1:]): unit-norm filters) and ``"timm"`` (biased var, 1/sqrt(var + eps)).
+State dicts (weight, bias, gain; FWS: gain, fan_in, eps, layer.*) interchange with elektronn3's.
+"""
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+from .. import _C
+from ..functional.wsconv import convention_id
+from ._dlpack import dl, launch, like, param_dtype
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+# eps when none is given: elektronn3's and NFNets' 1e-4, timm's StdConv2d's 1e-6.
+_DEFAULT_EPS = {"elektronn3": 1e-4, "nfnet": 1e-4, "timm": 1e-6}
+
+
+def _kernel_weight(w):
+    """``w`` when the core reads its layout (contiguous or channels-last), else a copy."""
+    if w.is_contiguous():
+        return w
+    fmt = _CHANNELS_LAST.get(w.dim())
+    return w if fmt is not None and w.is_contiguous(memory_format=fmt) else w.contiguous()
+
+
+def _forward(w, gain, eps, cid, out=None):
+    w = _kernel_weight(w)
+    pd = param_dtype(w.dtype)
+    w_hat = torch.empty_like(w) if out is None else out
+    mean = torch.empty(w.shape[0], dtype=pd, device=w.device)
+    rstd = torch.empty(w.shape[0], dtype=pd, device=w.device)
+    _C.ws_standardize_forward(dl(w), dl(gain), cid, float(eps), dl(w_hat), dl(mean), dl(rstd),
+                              **launch(w))
+    return w, w_hat, mean, rstd
+
+
+class _WSStandardize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, gain, eps, cid):
+        ctx.set_materialize_grads(False)
+        w, w_hat, mean, rstd = _forward(w, gain, eps, cid)
+        ctx.save_for_backward(w, gain, mean, rstd)
+        ctx.eps, ctx.cid = eps, cid
+        return w_hat
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dw_hat):
+        need_w, need_g = ctx.needs_input_grad[:2]
+        if dw_hat is None or not (need_w or need_g):
+            return None, None, None, None
+        w, gain, mean, rstd = ctx.saved_tensors
+        dw_hat = like(w, dw_hat)
+        dw = torch.empty_like(w) if need_w else None
+        dgain = torch.empty_like(mean) if need_g else None
+        _C.ws_standardize_backward(dl(dw_hat), dl(w), dl(gain), dl(mean), dl(rstd), ctx.cid,
+                                   float(ctx.eps), dl(dw), dl(dgain), **launch(w))
+        return dw, dgain, None, None
+
+
+def ws_standardize(weight, gain=None, eps=1e-4, convention="elektronn3"):
+    """``(weight - mean) * gain * rstd`` per channel of dim 0 (see the module docstring), with
+    autograd through mean, var and gain. gain (weight.shape[0],) or None (1)."""
+    cid = convention_id(convention)
+    if gain is not None and gain.dtype != param_dtype(weight.dtype):
+        gain = gain.to(param_dtype(weight.dtype))
+    wants_grad = torch.is_grad_enabled() and (
+        weight.requires_grad or (gain is not None and gain.requires_grad))
+    if not wants_grad:
+        return _forward(weight, gain, eps, cid)[1]
+    return _WSStandardize.apply(weight, gain, eps, cid)
+
+
+class _WSConvMixin:
+    """The standardization shared by the WS layers: kaiming-normal weight, ``gain`` ones,
+    ``convention`` and its default eps."""
+
+    def _init_ws(self, convention, eps):
+        convention_id(convention)
+        self.convention = convention
+        self.eps = _DEFAULT_EPS[convention] if eps is None else float(eps)
+        if not self.eps > 0:
+            raise ValueError(f"{type(self).__name__}: eps must be > 0, got {eps!r}")
+        nn.init.kaiming_normal_(self.weight)
+        self.gain = nn.Parameter(torch.ones(self.weight.shape[0], device=self.weight.device,
+                                            dtype=self.weight.dtype))
+
+    def standardize_weight(self, eps=None):
+        eps = self.eps if eps is None else eps
+        if not eps > 0:
+            raise ValueError(f"{type(self).__name__}: eps must be > 0, got {eps!r}")
+        return ws_standardize(self.weight, self.gain, eps, self.convention)
+
+    def extra_repr(self):
+        return super().extra_repr() + (f", convention={self.convention!r}"
+                                       if self.convention != "elektronn3" else "")
+
+
+def _conv_class(base, dims):
+    class WSConv(_WSConvMixin, base):
+        def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                     dilation=1, groups=1, bias=True, padding_mode="zeros",
+                     convention="elektronn3", eps=None, device=None, dtype=None):
+            super().__init__(in_channels, out_channels, kernel_size, stride=stride,
+                             padding=padding, dilation=dilation, groups=groups, bias=bias,
+                             padding_mode=padding_mode, device=device, dtype=dtype)
+            self._init_ws(convention, eps)
+
+        def forward(self, input, eps=None):
+            return self._conv_forward(input, self.standardize_weight(eps), self.bias)
+
+    WSConv.__name__ = WSConv.__qualname__ = f"WSConv{dims}d"
+    WSConv.__doc__ = (f"torch.nn.Conv{dims}d on the weight standardized per output channel "
+                      f"(``gain`` (C_out,), init 1; weight kaiming normal). forward(input, "
+                      f"eps=None): eps defaults to the layer's (1e-4; 1e-6 for 'timm').")
+    return WSConv
+
+
+def _transpose_class(base, dims):
+    conv = {2: F.conv_transpose2d, 3: F.conv_transpose3d}[dims]
+
+    class WSConvTranspose(_WSConvMixin, base):
+        def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                     output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
+                     convention="elektronn3", eps=None, device=None, dtype=None):
+            super().__init__(in_channels, out_channels, kernel_size, stride=stride,
+                             padding=padding, output_padding=output_padding, groups=groups,
+                             bias=bias, dilation=dilation, padding_mode=padding_mode,
+                             device=device, dtype=dtype)
+            self._init_ws(convention, eps)
+
+        def forward(self, input, output_size=None, eps=None):
+            output_padding = self._output_padding(input, output_size, self.stride, self.padding,
+                                                  self.kernel_size, dims, self.dilation)
+            return conv(input, self.standardize_weight(eps), self.bias, self.stride,
+                        self.padding, output_padding, self.groups, self.dilation)
+
+    WSConvTranspose.__name__ = WSConvTranspose.__qualname__ = f"WSConvTranspose{dims}d"
+    WSConvTranspose.__doc__ = (
+        f"torch.nn.ConvTranspose{dims}d on its weight (C_in, C_out / groups, *k) standardized "
+        f"per input channel (``gain`` (C_in,)); output_size honoured (elektronn3 convolves the "
+        f"raw weight or calls conv_transpose2d on 5-D input).")
+    return WSConvTranspose
+
+
+WSConv1d = _conv_class(nn.Conv1d, 1)
+WSConv2d = _conv_class(nn.Conv2d, 2)
+WSConv3d = _conv_class(nn.Conv3d, 3)
+WSConvTranspose2d = _transpose_class(nn.ConvTranspose2d, 2)
+WSConvTranspose3d = _transpose_class(nn.ConvTranspose3d, 3)
+
+
+class FWS(nn.Module):
+    """Wraps a layer with a ``weight`` (C, ...) and standardizes that weight in place (elektronn3
+    convention, gain 1) before each forward (skipped in eval when ``const_eval``); the forward
+    then runs the layer with ``gain * weight``. Keys: gain, fan_in, eps (buffers, as upstream;
+    gain a Parameter when learnable), layer.*. Unlike upstream, which bakes the gain into the
+    stored weight under no_grad, the learnable gain here receives its gradient."""
+
+    def __init__(self, layer, learnable_gain=True, const_eval=False, eps=1e-4):
+        super().__init__()
+        if not isinstance(getattr(layer, "weight", None), torch.Tensor):
+            raise TypeError(f"FWS: the layer must have a weight tensor, got {type(layer).__name__}")
+        if not eps > 0:
+            raise ValueError(f"FWS: eps must be > 0, got {eps!r}")
+        self.layer = layer
+        self.const_eval = const_eval
+        w = layer.weight
+        gain = torch.ones(w.shape[0], device=w.device)
+        if learnable_gain:
+            self.gain = nn.Parameter(gain)
+        else:
+            self.register_buffer("gain", gain)
+        # fan_in and eps are kept as upstream's buffers (state-dict interchange); the core computes
+        # fan_in = prod(weight.shape) itself.
+        self.register_buffer("fan_in", torch.prod(torch.tensor(w.shape)))
+        self.register_buffer("eps", torch.tensor(eps))
+
+    def standardize_weight(self):
+        """weight <- (weight - mean) * rstd in place (no gradient flows through it)."""
+        w = self.layer.weight
+        with torch.no_grad():
+            if w.is_contiguous():
+                _forward(w, None, float(self.eps), 0, out=w)
+            else:
+                w.copy_(_forward(w, None, float(self.eps), 0)[1])
+        # The core wrote through DLPack: tell autograd, so that a graph that saved the old
+        # weight fails loudly instead of using the new values.
+        torch.autograd.graph.increment_version(w)
+
+    def forward(self, *args, **kwargs):
+        if self.training or not self.const_eval:
+            self.standardize_weight()
+        w = self.layer.weight
+        gain = self.gain.to(w.dtype).view((-1,) + (1,) * (w.dim() - 1))
+        return torch.func.functional_call(self.layer, {"weight": w * gain}, args, kwargs)
+
+
+__all__ = ["FWS", "WSConv1d", "WSConv2d", "WSConv3d", "WSConvTranspose2d", "WSConvTranspose3d",
+           "ws_standardize"]
