@@ -32,12 +32,13 @@ def _check_count(total, comm, x):
     """The one-value-per-channel error of training, on the global count. On CUDA tensors the count
     stays on the device (no host synchronization, so that a step can be captured in a CUDA graph):
     the check is an asynchronous device assertion there."""
-    msg = (f"SyncBatchNorm: expected more than 1 value per channel when training, over all "
-           f"{comm.size} ranks (this rank's input has shape {tuple(x.shape)})")
     if total.is_cuda:
-        torch._assert_async(total > 1, msg)
+        torch._assert_async(total > 1, f"SyncBatchNorm: expected more than 1 value per channel "
+                            f"when training over all {comm.size} ranks")
     elif float(total) <= 1:
-        raise ValueError(f"{msg}, got {int(total)}")
+        raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when training, "
+                         f"got {int(total)} over all {comm.size} ranks (this rank's input has "
+                         f"shape {tuple(x.shape)})")
 
 
 class _SyncBatchNorm(torch.autograd.Function):
