@@ -12,6 +12,10 @@ gradients), GroupNorm has min(32, C) groups. Prints the median time per call of 
 (the two run in the same process, sampled in turns), torch/normkit (> 1: normkit faster) and the
 difference in microseconds (normkit - torch: the adapter's overhead where the kernels take no
 time). On CUDA (where torch and normkit both have it) each timing includes a synchronize.
+
+Then (skip with --no-compiled) a small CNN (3 x [Conv2d 3x3 -> BatchNorm2d -> ReLU], batch
+(16, 3, 32, 32)) with normkit's BatchNorm2d and with torch's, both under torch.compile, in
+training: median forward+backward time of each and torch/normkit (>= 1: normkit no slower).
 """
 import argparse
 import time
@@ -99,6 +103,31 @@ def cases(layer, shape, channels_last, device, repeat):
         yield op, nk_t, torch_t
 
 
+def small_cnn(bn_cls):
+    layers, c = [], 3
+    for width in (16, 32, 32):
+        layers += [torch.nn.Conv2d(c, width, 3, padding=1), bn_cls(width), torch.nn.ReLU()]
+        c = width
+    return torch.nn.Sequential(*layers)
+
+
+def compiled_cnn(device, repeat):
+    """(normkit s, torch s) per compiled training forward+backward of small_cnn."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 32, 32, generator=g).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fns = []
+    for cls in (nkt.BatchNorm2d, torch.nn.BatchNorm2d):
+        torch.manual_seed(0)
+        model = torch.compile(small_cnn(cls).to(device), fullgraph=True)
+
+        def step(model=model):
+            model(x).sum().backward()
+        step()  # compiles
+        fns.append(step)
+    return paired_times(fns, repeat, sync)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layer", choices=list(LAYERS), default="batchnorm")
@@ -109,6 +138,8 @@ def main():
     parser.add_argument("--device", default=None,
                         help="cpu or cuda (default: cpu, and cuda too where both torch and "
                              "normkit have it)")
+    parser.add_argument("--no-compiled", action="store_true",
+                        help="skip the compiled small-CNN comparison")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     devices = [args.device] if args.device else (
@@ -128,6 +159,13 @@ def main():
                     print(f"{device:>6} {str(shape):>18} {layout:>6} {op:>14} {nk_t * 1e3:10.3f} "
                           f"{torch_t * 1e3:9.3f} {torch_t / nk_t:8.2f} "
                           f"{(nk_t - torch_t) * 1e6:11.1f}", flush=True)
+    if args.no_compiled:
+        return
+    print("\ncompiled small CNN (torch.compile, fullgraph), training forward+backward")
+    for device in devices:
+        nk_t, torch_t = compiled_cnn(device, args.repeat)
+        print(f"{device:>6} normkit {nk_t * 1e3:8.3f} ms  torch {torch_t * 1e3:8.3f} ms  "
+              f"torch/nk {torch_t / nk_t:5.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -57,14 +57,45 @@ constexpr int64_t kFlushEvery = 2048;  // values per float32 lane block before f
 constexpr int64_t kFlushRows = 64;     // channels-last rows per float32 block
 constexpr int64_t kTileValues = 1024;  // at least this many coefficients per channels-last tile
 
+// bfloat16 storage in the kernels: BFloat16's two bytes with the conversions the scalar paths use
+// (widening to float32 is exact; narrowing rounds to nearest even, NaN stays a quiet NaN).
+struct Bf16 {
+  uint16_t bits;
+  Bf16() = default;
+  NK_INLINE Bf16(float f) : bits(float_to_bf16(f).bits) {}
+  NK_INLINE operator float() const { return bf16_to_float(BFloat16{bits}); }
+};
+
+// The storage type of dispatch's tag: the tag itself, Bf16 for BFloat16.
+template <class Tag>
+struct Storage {
+  using type = Tag;
+};
+template <>
+struct Storage<BFloat16> {
+  using type = Bf16;
+};
+template <class Tag>
+using storage_t = typename Storage<Tag>::type;
+
 // kLanes values of storage type T, loaded as arithmetic type A.
 template <class T, class A = acc_t<T>>
 struct Lanes {
   typedef A V __attribute__((vector_size(kLanes * sizeof(A))));
+  typedef uint16_t Bits __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+  typedef uint32_t Wide __attribute__((vector_size(kLanes * sizeof(uint32_t))));
   NK_INLINE static V load(const T* p) {
     if constexpr (std::is_same_v<T, A>) {
       V v;
       std::memcpy(&v, p, sizeof v);
+      return v;
+    } else if constexpr (std::is_same_v<T, Bf16>) {
+      // bfloat16 is the upper half of a float32.
+      Bits bits;
+      std::memcpy(&bits, p, sizeof bits);
+      const Wide wide = __builtin_convertvector(bits, Wide) << 16;
+      V v;
+      std::memcpy(&v, &wide, sizeof v);
       return v;
     } else {
       typedef T Stored __attribute__((vector_size(kLanes * sizeof(T))));
@@ -76,6 +107,15 @@ struct Lanes {
   NK_INLINE static void store(T* p, const V& v) {
     if constexpr (std::is_same_v<T, A>) {
       std::memcpy(p, &v, sizeof v);
+    } else if constexpr (std::is_same_v<T, Bf16>) {
+      // float_to_bf16 lane by lane: round to nearest even, NaN lanes made quiet instead.
+      Wide u;
+      std::memcpy(&u, &v, sizeof u);
+      const Wide rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+      const Wide nan = (Wide)((u & 0x7fffffffu) > 0x7f800000u);
+      const Wide out = (((u >> 16) | 0x40u) & nan) | (rounded & ~nan);
+      const Bits bits = __builtin_convertvector(out, Bits);
+      std::memcpy(p, &bits, sizeof bits);
     } else {
       typedef T Stored __attribute__((vector_size(kLanes * sizeof(T))));
       const Stored stored = __builtin_convertvector(v, Stored);
@@ -799,8 +839,8 @@ void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorV
   check_channels(op, mean, "mean", x, k.C, k.param, false);
   check_channels(op, var, "var", x, k.C, k.param, false);
   check_output_memory(op, {{mean, "mean", false}, {var, "var", false}}, {{x, "x", true}});
-  dispatch(op, x, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x}), k.x.N, k.x.C, k.x.S};
     std::vector<double> m, v;
@@ -823,8 +863,8 @@ void batch_norm_normalize(const TensorView& x, const TensorView& mean, const Ten
   check_output_memory(op, {{y, "y", true}},
                       {{x, "x", true}, {mean, "mean", false}, {invstd, "invstd", false},
                        {weight, "weight", false}, {bias, "bias", false}});
-  dispatch(op, x, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x, &yv}), k.x.N, k.C, k.x.S};
     const auto m = read_channels<A>(mean, k.C, 0), is = read_channels<A>(invstd, k.C, 0);
@@ -852,8 +892,8 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
   check_output_memory(op, {{y, "y", true}, {mean, "mean", false}, {var, "var", false},
                            {invstd, "invstd", false}},
                       {{x, "x", true}, {weight, "weight", false}, {bias, "bias", false}});
-  dispatch(op, x, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x, &yv}), k.x.N, k.C, k.x.S};
     const auto xs = in<T>(x, k.x);
@@ -919,8 +959,8 @@ void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const
   check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, false);
   check_output_memory(op, {{sum_dy, "sum_dy", false}, {sum_dy_xmu, "sum_dy_xmu", false}},
                       {{dy, "dy", true}, {x, "x", true}, {mean, "mean", false}});
-  dispatch(op, x, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x, &dyv}), k.x.N, k.C, k.x.S};
     std::vector<double> s1, s2;
@@ -973,8 +1013,8 @@ void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const 
                  ": pass both sum_dy and sum_dy_xmu (training) or neither (eval)");
   NK_CHECK_VALUE(!sum_dy.defined() || count >= double(k.x.N * k.x.S), op, ": count (", count,
                  ") is smaller than the ", k.x.N * k.x.S, " values per channel of x");
-  dispatch(op, x, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x, &dyv, &dxv}), k.x.N, k.C, k.x.S};
     const auto sdy = read_channels<A>(sum_dy, k.C, 0), sdx = read_channels<A>(sum_dy_xmu, k.C, 0);
@@ -1007,8 +1047,8 @@ void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const 
                            {sum_dy_xmu, "sum_dy_xmu", false}},
                       {{dy, "dy", true}, {x, "x", true}, {mean, "mean", false},
                        {invstd, "invstd", false}, {weight, "weight", false}});
-  dispatch(op, x, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x, &dyv, &dxv}), k.x.N, k.C, k.x.S};
     const double count = double(g.N * g.S);

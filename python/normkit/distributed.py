@@ -252,15 +252,17 @@ def _check_buffer(who, array):
 
 
 def check_communicator(comm, who, needs=("allreduce_sum",)):
-    """A TypeError naming `who` unless `comm` is None or has rank, size and the collectives a
-    layer `needs` (the protocol of this module)."""
+    """`comm` itself when it is None or has rank, size and the collectives a layer `needs` (the
+    protocol of this module); a TypeError naming `who` otherwise (a string such as ``"world"`` is
+    not a communicator)."""
     if comm is None:
         return None
     missing = [a for a in ("rank", "size") + tuple(needs) if not hasattr(comm, a)]
     if missing:
-        raise TypeError(f"{who}: comm must be a normkit communicator (MPICommunicator, "
-                        f"NCCLCommunicator, normkit.torch.TorchCommunicator); "
-                        f"{type(comm).__name__} has no {', '.join(missing)}")
+        raise TypeError(f"{who}: comm must be a normkit communicator (MPICommunicator(), "
+                        f"NCCLCommunicator(), normkit.torch's TorchCommunicator, or anything with "
+                        f"rank, size and {', '.join(needs)}); {type(comm).__name__} {comm!r} has "
+                        f"no {', '.join(missing)}")
     return comm
 
 
@@ -301,18 +303,6 @@ def mpi_cuda_aware():
         query.restype = ctypes.c_int
         return bool(query())
     return False
-
-
-def check_sync_communicator(layer, comm):
-    """`comm` itself when it has the communicator protocol (``rank``, ``size``,
-    ``allreduce_sum``), or None; a TypeError naming the layer otherwise (a string such as
-    ``"world"`` is not a communicator). (The SyncBatchNorm layers' check; ``check_communicator``
-    above is the stochastic layers', with the collectives they need.)"""
-    if comm is None or all(hasattr(comm, a) for a in ("rank", "size", "allreduce_sum")):
-        return comm
-    raise TypeError(f"{layer}: comm must be a communicator (MPICommunicator(), NCCLCommunicator(), "
-                    f"normkit.torch's TorchCommunicator, or anything with rank, size and "
-                    f"allreduce_sum), got {type(comm).__name__} {comm!r}")
 
 
 class MPICommunicator:
@@ -555,5 +545,4 @@ class NCCLCommunicator:
 
 
 __all__ = ["CollectiveError", "MPICommunicator", "NCCLCommunicator", "SyncTimeoutError",
-           "check_communicator", "check_sync_communicator", "debug_from_env", "mpi_cuda_aware",
-           "sync_timeout"]
+           "check_communicator", "debug_from_env", "mpi_cuda_aware", "sync_timeout"]

@@ -44,10 +44,10 @@ class _StochNorm(_BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, p=0.5, generator=None, comm=None, dtype=None,
-                 device=None, *, bias=True):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, device,
-                         bias=bias)
+                 track_running_stats=True, p=0.5, generator=None, comm=None, device=None,
+                 dtype=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype, bias=bias)
         self.p = check_p(p, type(self).__name__)
         nk_random.resolve(generator, type(self).__name__)
         self.generator = generator

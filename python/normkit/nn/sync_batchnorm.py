@@ -2,7 +2,7 @@
 from .. import distributed as D
 from .. import functional as F
 from .._backend import array_module, check_eps, param_dtype
-from ..distributed import check_sync_communicator
+from ..distributed import check_communicator
 from .batchnorm import _BatchNorm
 
 _HEADER = 4  # the agreement header in front of every all-reduce (distributed.agreement_header)
@@ -133,7 +133,7 @@ class SyncBatchNorm(_BatchNorm):
                  dtype=None, *, bias=True):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
                          dtype=dtype, bias=bias)
-        self._comm = check_sync_communicator(type(self).__name__, comm)
+        self._comm = check_communicator(comm, type(self).__name__)
         self.sync_param_grads = sync_param_grads
         self._layer_order = None  # set by the first debug check: the order of first calls
         self._debug_calls = [0, 0]  # debug checks made so far: forward, backward

@@ -20,6 +20,11 @@
     MixStyle, mixstyle, run_with_mixstyle, ...          Dassl's / tllib's MixStyle and helpers
     models                   IBN-Net (resnet{18,34,50,101}_ibn_{a,b}) and tllib's MixStyle
                              ResNets (mixstyle_resnet{18,34,50}), released checkpoints from files
+    to_torch                 a copy of a model with torch's own layers in place of normkit's
+
+The batch-norm and Encoding families' core calls are torch custom ops (torch.ops.normkit.*, see
+normkit.torch._ops), so those layers compile with torch.compile(fullgraph=True) and export with
+torch.export.
 
 Tensors reach the core through DLPack without copies; outputs are allocated by torch.
 """
@@ -29,9 +34,10 @@ except ImportError as e:
     raise ImportError("normkit.torch needs PyTorch: pip install torch (the 'torch' extra; "
                       f"'.[torch]' in a source checkout); importing it failed with: {e}") from e
 
-from . import distributed, functional, mixstyle, models, stochnorm
+from . import _ops, distributed, functional, mixstyle, models, stochnorm  # noqa: F401 (_ops)
 from .afn import AdaptiveFeatureNorm, Block, ImageClassifier
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .convert import to_torch
 from .distributed import TorchCommunicator
 from .encoding import Encoding, GramMatrix, Inspiration, UpsampleConv2d
 from .mixstyle import (MixStyle, activate_mixstyle, crossdomain_mixstyle, deactivate_mixstyle,
@@ -54,4 +60,4 @@ __all__ = ["AdaptiveFeatureNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "
            "convert_sync_batchnorm", "crossdomain_mixstyle", "deactivate_mixstyle", "distributed",
            "encoding", "functional", "group_norm", "instance_norm", "mixstyle", "models",
            "random_mixstyle", "run_with_mixstyle", "run_without_mixstyle", "scaled_l2",
-           "stoch_norm", "stochnorm", "sync_batch_norm", "ws_standardize"]
+           "stoch_norm", "stochnorm", "sync_batch_norm", "to_torch", "ws_standardize"]

@@ -5,7 +5,9 @@ TEN's residual encoder) and MSG-Net's GramMatrix, Inspiration and UpsampleConv2d
 Notation as in ``normkit.functional.encoding``: X (B, N, D) features, C (K, D) codewords, s (K,)
 scales, ``D2 = ||x - c||^2``, ``SL = s D2``, ``A = softmax_k(SL)``, ``E = sum_i A (x - c)``.
 
-``scaled_l2`` and ``encoding`` are ``torch.autograd.Function``s split like the NumPy ops: torch runs
+``scaled_l2`` and ``encoding`` run as the custom ops ``torch.ops.normkit.scaled_l2`` /
+``encoding`` (normkit.torch._ops: compiled and exported as one node each, with registered
+backwards), whose kernels are split like the NumPy ops: torch runs
 every matrix product (``torch.matmul``, so PyTorch's BLAS or cuBLAS), the core's fused kernels the
 rest (distances, softmax, their gradients), on tensors handed over through DLPack, so nothing of
 size B*N*K*D is formed. A (B, D, N) tensor seen as (B, N, D) keeps N contiguous, and the (B, N, K)
@@ -21,11 +23,12 @@ UpsampleConv2d) also run in any floating dtype their parameters have.
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _C
 from ..nn.conv import conv_extra_repr
 from ._dlpack import dl
+
+_ops = torch.ops.normkit  # registered by normkit.torch._ops
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -45,10 +48,6 @@ def _launch_encoding(x, B, N, K):
 def _launch_stream(x):
     """The stream keyword alone, for add_scaled_features (it reduces nothing: no workspace)."""
     return {"stream": torch.cuda.current_stream(x.device).cuda_stream} if x.is_cuda else {}
-
-
-def _wants_grad(*tensors):
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,18 +126,25 @@ def _check_aggregate(op, A, X, C):
 # Layouts (as normkit.functional.encoding's)
 
 
-def _blas_view(a):
-    """(a, n_major): ``a`` (.., R, M) itself when BLAS can read its matrices in place (unit stride
-    along one of the last two dims), else a contiguous copy. n_major says the unit stride runs along
-    dim -2 (a (B, N, D) view of (B, D, N) storage)."""
+def _n_major(a):
+    """Whether BLAS reads the matrices of ``a`` (.., R, M) in place with the unit stride along dim
+    -2 (a (B, N, D) view of (B, D, N) storage); False also when ``_blas_view`` copies ``a``."""
     R, M = a.shape[-2:]
     stride_r, stride_m = a.stride()[-2:]
     if R > 1 and stride_r == 1 and stride_m >= R:
+        return True
+    return M == 1 and stride_r == 1 and not (stride_m == 1 and stride_r >= M)
+
+
+def _blas_view(a):
+    """(a, n_major): ``a`` (.., R, M) itself when BLAS can read its matrices in place (unit stride
+    along one of the last two dims), else a contiguous copy (see ``_n_major``)."""
+    if _n_major(a):
         return a, True
+    R, M = a.shape[-2:]
+    stride_r, stride_m = a.stride()[-2:]
     if stride_m == 1 and stride_r >= M:
         return a, False
-    if M == 1 and stride_r == 1:  # one column: it is contiguous along N
-        return a, True
     return a.contiguous(), False
 
 
@@ -191,7 +197,7 @@ def _codewords_grad(sumW, C, W, X):
 
 
 def _scaled_l2_forward(X, C, s):
-    """(SL, D2, X as the products read it)."""
+    """(SL, D2, X as the products read it): the kernel of the op ``normkit::scaled_l2``."""
     X, n_major = _blas_view(X)
     B, N = X.shape[:2]
     K = C.shape[0]
@@ -202,46 +208,26 @@ def _scaled_l2_forward(X, C, s):
     return XC, D2, X
 
 
-class _ScaledL2(torch.autograd.Function):
-    """``SL[b,i,k] = s[k] ||x[b,i] - c[k]||^2``; the scale's gradient is ``sum dSL D2``, finite at
-    s = 0 (upstream divides SL by s)."""
-
-    @staticmethod
-    def forward(ctx, X, C, s):
-        ctx.set_materialize_grads(False)
-        SL, D2, X = _scaled_l2_forward(X, C, s)
-        ctx.save_for_backward(X, C, s, D2)
-        return SL
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dSL):
-        need_x, need_c, need_s = ctx.needs_input_grad
-        if dSL is None:
-            return None, None, None
-        X, C, s, D2 = ctx.saved_tensors
-        X, n_major = _blas_view(X)
-        B, N = X.shape[:2]
-        K = C.shape[0]
-        W = _bnk(X, K, n_major)
-        r, sumW, ds = X.new_empty((B, N)), C.new_empty(K), C.new_empty(K)
-        _C.scaled_l2_backward(dl(dSL), dl(s), dl(D2), dl(W), dl(r), dl(sumW), dl(ds),
-                              **_launch_encoding(X, B, N, K))
-        dX = _features_grad(W, -C, X, r, n_major) if need_x else None
-        dC = _codewords_grad(sumW, C, W, X) if need_c else None
-        return dX, dC, (ds if need_s else None)
+def _scaled_l2_backward(dSL, X, C, s, D2, need_x, need_c):
+    """(dX, dC, ds) of ``SL[b,i,k] = s[k] ||x[b,i] - c[k]||^2``; dX and dC are None unless
+    needed. The scale's gradient is ``sum dSL D2``, finite at s = 0 (upstream divides SL by s)."""
+    X, n_major = _blas_view(X)
+    B, N = X.shape[:2]
+    K = C.shape[0]
+    W = _bnk(X, K, n_major)
+    r, sumW, ds = X.new_empty((B, N)), C.new_empty(K), C.new_empty(K)
+    _C.scaled_l2_backward(dl(dSL), dl(s), dl(D2), dl(W), dl(r), dl(sumW), dl(ds),
+                          **_launch_encoding(X, B, N, K))
+    dX = _features_grad(W, -C, X, r, n_major) if need_x else None
+    dC = _codewords_grad(sumW, C, W, X).contiguous() if need_c else None
+    return dX, dC, ds
 
 
 def scaled_l2(X, C, s):
     """``SL[b,i,k] = s[k] ||x[b,i] - c[k]||^2`` for X (B, N, D), C (K, D), s (K,): (B, N, K), with
     gradients to all three."""
     dtype = _check_codebook("scaled_l2", X, C, s)
-    Xc = X.to(dtype)
-    if _wants_grad(X, C, s):
-        SL = _ScaledL2.apply(Xc, C, s)
-    else:
-        SL = _scaled_l2_forward(Xc, C, s)[0]
-    return SL.to(X.dtype)
+    return _ops.scaled_l2(X.to(dtype), C, s)[0].to(X.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,7 +248,7 @@ def aggregate(A, X, C):
 
 
 def _encoding_forward(X, C, s):
-    """(E, A, D2, X as the products read it)."""
+    """(E, A, D2, X as the products read it): the kernel of the op ``normkit::encoding``."""
     X, n_major = _blas_view(X)
     B, N = X.shape[:2]
     K = C.shape[0]
@@ -272,62 +258,42 @@ def _encoding_forward(X, C, s):
     _C.encoding_forward(dl(X), dl(C), dl(s), dl(XC), dl(D2), dl(XC), dl(sumA),  # A over XC
                         **_launch_encoding(X, B, N, K))
     A = XC
-    E = torch.baddbmm(sumA.unsqueeze(2) * C, A.mT, X, beta=-1)
+    E = torch.baddbmm(sumA.unsqueeze(2) * C, A.mT, X, beta=-1).contiguous()
     return E, A, D2, X
 
 
-class _Encoding(torch.autograd.Function):
-    """``E = aggregate(softmax_k(scaled_l2(X, C, s)), X, C)`` in one forward and one backward pass
-    of the core between torch's products."""
-
-    @staticmethod
-    def forward(ctx, X, C, s):
-        ctx.set_materialize_grads(False)
-        E, A, D2, X = _encoding_forward(X, C, s)
-        ctx.save_for_backward(X, C, s, A, D2)
-        return E
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dE):
-        need_x, need_c, need_s = ctx.needs_input_grad
-        if dE is None:
-            return None, None, None
-        X, C, s, A, D2 = ctx.saved_tensors
-        X, n_major = _blas_view(X)
-        B, N, D = X.shape
-        K = C.shape[0]
-        if need_x:
-            # [A | W] side by side, so that dX = A dE - W C is one product with [dE; -C].
-            AW = _bnk(X, 2 * K, n_major)
-            AW[:, :, :K] = A
-            W = AW[:, :, K:]
-        else:
-            W = _bnk(X, K, n_major)
-        _x_times(X, dE, n_major, out=W)  # XG = X dE^T, replaced by W in place
-        r, sumA = X.new_empty((B, N)), X.new_empty((B, K))
-        sumW, ds = C.new_empty(K), C.new_empty(K)
-        _C.encoding_backward(dl(dE), dl(C), dl(s), dl(A), dl(D2), dl(W), dl(W), dl(r), dl(sumW),
-                             dl(sumA), dl(ds), **_launch_encoding(X, B, N, K))
-        dX = dC = None
-        if need_x:
-            dEC = torch.cat([dE, (-C).expand(B, K, D)], dim=1)
-            dX = _features_grad(AW, dEC, X, r, n_major)
-        if need_c:
-            dC = _codewords_grad(sumW, C, W, X) - (sumA.unsqueeze(2) * dE).sum(0)
-        return dX, dC, (ds if need_s else None)
+def _encoding_backward(dE, X, C, s, A, D2, need_x, need_c):
+    """(dX, dC, ds) of ``E = aggregate(softmax_k(scaled_l2(X, C, s)), X, C)`` in one pass of the
+    core between torch's products; dX and dC are None unless needed."""
+    X, n_major = _blas_view(X)
+    B, N, D = X.shape
+    K = C.shape[0]
+    if need_x:
+        # [A | W] side by side, so that dX = A dE - W C is one product with [dE; -C].
+        AW = _bnk(X, 2 * K, n_major)
+        AW[:, :, :K] = A
+        W = AW[:, :, K:]
+    else:
+        W = _bnk(X, K, n_major)
+    _x_times(X, dE, n_major, out=W)  # XG = X dE^T, replaced by W in place
+    r, sumA = X.new_empty((B, N)), X.new_empty((B, K))
+    sumW, ds = C.new_empty(K), C.new_empty(K)
+    _C.encoding_backward(dl(dE), dl(C), dl(s), dl(A), dl(D2), dl(W), dl(W), dl(r), dl(sumW),
+                         dl(sumA), dl(ds), **_launch_encoding(X, B, N, K))
+    dX = dC = None
+    if need_x:
+        dEC = torch.cat([dE, (-C).expand(B, K, D)], dim=1)
+        dX = _features_grad(AW, dEC, X, r, n_major)
+    if need_c:
+        dC = (_codewords_grad(sumW, C, W, X) - (sumA.unsqueeze(2) * dE).sum(0)).contiguous()
+    return dX, dC, ds
 
 
 def encoding(X, C, s):
     """``E[b,k] = sum_i softmax_k(s[k] ||x[b,i] - c[k]||^2) (x[b,i] - c[k])`` for X (B, N, D),
     C (K, D), s (K,): (B, K, D), with gradients to all three."""
     dtype = _check_codebook("encoding", X, C, s)
-    Xc = X.to(dtype)
-    if _wants_grad(X, C, s):
-        E = _Encoding.apply(Xc, C, s)
-    else:
-        E = _encoding_forward(Xc, C, s)[0]
-    return E.to(X.dtype)
+    return _ops.encoding(X.to(dtype), C, s)[0].to(X.dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from .. import _C
 from .. import distributed as D
 from ._dlpack import batch_workspace, dl, kernel_input, launch, like, param_dtype
 from .batchnorm import _NormkitBatchNorm
-from ..distributed import check_sync_communicator
+from ..distributed import check_communicator
 from .distributed import TorchCommunicator
 from .functional import _check_running, check_eps
 
@@ -220,7 +220,7 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias)
         self.process_group = process_group
-        self.comm = check_sync_communicator(type(self).__name__, comm)
+        self.comm = check_communicator(comm, type(self).__name__)
 
     def _check_input_dim(self, input):
         if input.dim() < 2:

@@ -1,0 +1,399 @@
+"""normkit's core ops as ``torch.library`` custom ops (``torch.ops.normkit.*``), so that
+``torch.compile`` (fullgraph, dynamic shapes), ``torch.export`` and AOTAutograd see each core call
+as one opaque node instead of a DLPack capsule they cannot trace.
+
+Every op has four parts, all in this module:
+
+* a schema (``_lib.define``): functional (no input is written), every output a new tensor;
+* the real kernel (``_impl``, for CPU and CUDA tensors): hands the tensors to ``normkit._C``
+  through DLPack, as the autograd Functions of normkit.torch did before;
+* a fake kernel (``_fake``): the outputs' shapes, dtypes, devices *and strides* computed from the
+  inputs' alone (no data), exactly as the real kernel allocates them (torch.library.opcheck checks
+  this);
+* autograd (``torch.library.register_autograd``): the backward formula, written with other ops of
+  this module (so that compiled backwards are traced too), or ``_once_differentiable`` for ops that
+  are themselves backward halves. Setups call ``ctx.set_materialize_grads(False)``, so an
+  undefined output gradient arrives as None and allocates nothing.
+
+The registration is ``torch.library.Library`` with explicit schemas rather than
+``torch.library.custom_op``: the same fake and autograd machinery, without custom_op's per-call
+Python wrapper (the eager overhead that benchmarks/bench_torch.py reports).
+
+Collectives stay outside the ops: SyncBatchNorm calls ``batch_norm_stats``, all-reduces, then
+``batch_norm_normalize`` (and the two backward halves around a second all-reduce).
+
+Adding an op family (e.g. group_norm_* core ops)
+------------------------------------------------
+1. ``_lib.define("group_norm_forward(Tensor x, int groups, Tensor? weight, Tensor? bias, "
+   "float eps) -> (Tensor y, Tensor mean, Tensor invstd)")`` -- functional schema; optional
+   tensors are ``Tensor?``; a gradient that is not wanted is passed as a ``bool need_*`` flag and
+   returned as ``_absent(x)`` (an empty tensor: schemas cannot return None).
+2. ``@_impl("group_norm_forward")`` -- allocate outputs with torch (``_empty(x)`` keeps the
+   input's layout), call ``_C.<op>(dl(...), ..., **launch(x, <family>_workspace))``, return them.
+   Use ``kernel_input(x)`` for inputs the kernels cannot read in place and ``_as_input(x, y)`` to
+   give the output x's layout back.
+3. ``@_fake("group_norm_forward")`` -- the same allocations, no kernel call.
+4. ``_autograd("group_norm_forward", backward, setup_context)`` with backward written in
+   ``torch.ops.normkit.*`` calls, or ``_once_differentiable("group_norm_backward")`` for a
+   backward op.
+5. Call ``torch.ops.normkit.group_norm_forward`` from the functional module, and add an opcheck
+   case to tests/test_torch_compile.py (OPCHECK_CASES).
+"""
+import importlib
+
+import torch
+
+from .. import _C
+from ._dlpack import _CHANNELS_LAST, batch_workspace, dl, kernel_input, launch, like, param_dtype
+
+_lib = torch.library.Library("normkit", "DEF")
+_ops = torch.ops.normkit
+
+
+def _impl(name):
+    """Registers the decorated function as the real kernel of ``normkit::name`` for CPU and CUDA
+    tensors."""
+    def register(fn):
+        _lib.impl(name, fn, "CPU")
+        _lib.impl(name, fn, "CUDA")
+        return fn
+    return register
+
+
+def _fake(name):
+    return torch.library.register_fake(f"normkit::{name}", lib=_lib)
+
+
+def _autograd(name, backward, setup_context):
+    torch.library.register_autograd(f"normkit::{name}", backward, setup_context=setup_context,
+                                    lib=_lib)
+
+
+def _once_differentiable(name):
+    """A backward op: differentiating it (double backward) is a clear error, as for the
+    once-differentiable autograd Functions of torch's own batch norm."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"normkit::{name} is a backward op and is not differentiable "
+                           f"(double backward through normkit's layers is not supported)")
+    _autograd(name, backward, lambda ctx, inputs, output: None)
+
+
+def _absent(x):
+    """The output of a gradient that was not asked for."""
+    return x.new_empty(0)
+
+
+def _empty(x):
+    """An output shaped like ``x``: ``torch.empty_like(x)``, but with plain contiguous or
+    channels-last strides whenever ``x`` is one of those (a size-1 dim of ``x`` may carry any
+    stride, e.g. after ``unsqueeze``, which inductor then cannot order under dynamic shapes)."""
+    if x.is_contiguous():
+        return x.new_empty(x.shape)
+    fmt = _CHANNELS_LAST.get(x.dim())
+    if fmt is not None and x.is_contiguous(memory_format=fmt):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return torch.empty_like(x)
+
+
+def _as_input(x, y):
+    """``y`` (laid out like the kernels' copy of ``x``) in ``x``'s own layout: what the fake
+    kernels promise, ``_empty(x)``. Only layouts the kernels cannot read are copied."""
+    out = _empty(x)
+    if y.stride() == out.stride():
+        return y
+    return out.copy_(y)
+
+
+def _stats(x):
+    """Per-channel statistics tensors of ``x`` (its parameter dtype)."""
+    return x.new_empty(x.shape[1], dtype=param_dtype(x.dtype))
+
+
+# --- batch norm -----------------------------------------------------------------------------------
+
+_lib.define("batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, float eps) "
+            "-> (Tensor y, Tensor mean, Tensor var, Tensor invstd)")
+_lib.define("batch_norm_train_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, "
+            "Tensor? weight, bool need_input) -> (Tensor dx, Tensor sum_dy, Tensor sum_dy_xmu)")
+_lib.define("batch_norm_stats(Tensor x) -> (Tensor mean, Tensor var)")
+_lib.define("batch_norm_normalize(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+            "Tensor? bias) -> Tensor")
+_lib.define("batch_norm_backward_reduce(Tensor dy, Tensor x, Tensor mean) "
+            "-> (Tensor sum_dy, Tensor sum_dy_xmu)")
+_lib.define("batch_norm_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor invstd, "
+            "Tensor? weight, Tensor? sum_dy, Tensor? sum_dy_xmu, float count) -> Tensor")
+
+
+@_impl("batch_norm_train")
+def _batch_norm_train(x, weight, bias, eps):
+    """y, the batch mean, biased variance and invstd: the fused training forward."""
+    xk = kernel_input(x)
+    y, mean, var, invstd = _empty(xk), _stats(x), _stats(x), _stats(x)
+    _C.batch_norm_forward_train(dl(xk), dl(weight), dl(bias), eps, dl(y), dl(mean), dl(var),
+                                dl(invstd), **launch(xk, batch_workspace))
+    return _as_input(x, y), mean, var, invstd
+
+
+@_fake("batch_norm_train")
+def _(x, weight, bias, eps):
+    return _empty(x), _stats(x), _stats(x), _stats(x)
+
+
+def _batch_norm_train_setup(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    _, mean, var, invstd = output
+    ctx.mark_non_differentiable(mean, var, invstd)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, mean, invstd)
+
+
+def _batch_norm_train_grad(ctx, dy, *_):
+    x, weight, mean, invstd = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if dy is None:
+        return None, None, None, None
+    dx, sum_dy, sum_dy_xmu = _ops.batch_norm_train_backward(dy, x, mean, invstd, weight, need_x)
+    return (dx if need_x else None, sum_dy_xmu * invstd if need_w else None,
+            sum_dy if need_b else None, None)
+
+
+_autograd("batch_norm_train", _batch_norm_train_grad, _batch_norm_train_setup)
+
+
+@_impl("batch_norm_train_backward")
+def _batch_norm_train_backward(dy, x, mean, invstd, weight, need_input):
+    """dx through the batch statistics (when ``need_input``) and the per-channel sums, which the
+    parameter gradients are, in one fused pass."""
+    xk = kernel_input(x)
+    dy = like(xk, dy)
+    dx = _empty(xk) if need_input else None
+    sum_dy, sum_dy_xmu = torch.empty_like(mean), torch.empty_like(mean)
+    _C.batch_norm_backward_train(dl(dy), dl(xk), dl(mean), dl(invstd), dl(weight), dl(dx),
+                                 dl(sum_dy), dl(sum_dy_xmu), **launch(xk, batch_workspace))
+    return (_as_input(x, dx) if need_input else _absent(x)), sum_dy, sum_dy_xmu
+
+
+@_fake("batch_norm_train_backward")
+def _(dy, x, mean, invstd, weight, need_input):
+    dx = _empty(x) if need_input else _absent(x)
+    return dx, torch.empty_like(mean), torch.empty_like(mean)
+
+
+_once_differentiable("batch_norm_train_backward")
+
+
+@_impl("batch_norm_stats")
+def _batch_norm_stats(x):
+    """Per-channel mean and biased variance of one process's batch."""
+    xk = kernel_input(x)
+    mean, var = _stats(x), _stats(x)
+    _C.batch_norm_stats(dl(xk), dl(mean), dl(var), **launch(xk, batch_workspace))
+    return mean, var
+
+
+@_fake("batch_norm_stats")
+def _(x):
+    return _stats(x), _stats(x)
+
+
+_once_differentiable("batch_norm_stats")
+
+
+@_impl("batch_norm_normalize")
+def _batch_norm_normalize(x, mean, invstd, weight, bias):
+    """``(x - mean) * invstd * weight + bias`` per channel, with given statistics."""
+    xk = kernel_input(x)
+    y = _empty(xk)
+    _C.batch_norm_normalize(dl(xk), dl(mean), dl(invstd), dl(weight), dl(bias), dl(y),
+                            **launch(xk))
+    return _as_input(x, y)
+
+
+@_fake("batch_norm_normalize")
+def _(x, mean, invstd, weight, bias):
+    return _empty(x)
+
+
+def _batch_norm_normalize_setup(ctx, inputs, output):
+    x, mean, invstd, weight, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, mean, invstd, weight)
+
+
+def _batch_norm_normalize_grad(ctx, dy):
+    """Gradients to all five inputs: the statistics are inputs (eval batch norm differentiates
+    nothing through them; batchnormtrain chains their gradients onwards)."""
+    x, mean, invstd, weight = ctx.saved_tensors
+    need_x, need_m, need_i, need_w, need_b = ctx.needs_input_grad
+    dx = dm = di = dw = db = None
+    if dy is None:
+        return dx, dm, di, dw, db
+    if need_x:
+        # The direct path only: dx = weight * invstd * dy.
+        dx = _ops.batch_norm_backward_elemt(dy, x, mean, invstd, weight, None, None, 0.0)
+    if need_m or need_i or need_w or need_b:
+        sum_dy, sum_dy_xmu = _ops.batch_norm_backward_reduce(dy, x, mean)
+        scale = invstd if weight is None else weight * invstd
+        dm = -scale * sum_dy if need_m else None
+        di = (sum_dy_xmu if weight is None else weight * sum_dy_xmu) if need_i else None
+        dw = sum_dy_xmu * invstd if need_w else None
+        db = sum_dy if need_b else None
+    return dx, dm, di, dw, db
+
+
+_autograd("batch_norm_normalize", _batch_norm_normalize_grad, _batch_norm_normalize_setup)
+
+
+@_impl("batch_norm_backward_reduce")
+def _batch_norm_backward_reduce(dy, x, mean):
+    """Per-channel ``sum dy`` and ``sum dy * (x - mean)``."""
+    xk = kernel_input(x)
+    dy = like(xk, dy)
+    sum_dy, sum_dy_xmu = torch.empty_like(mean), torch.empty_like(mean)
+    _C.batch_norm_backward_reduce(dl(dy), dl(xk), dl(mean), dl(sum_dy), dl(sum_dy_xmu),
+                                  **launch(xk, batch_workspace))
+    return sum_dy, sum_dy_xmu
+
+
+@_fake("batch_norm_backward_reduce")
+def _(dy, x, mean):
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+_once_differentiable("batch_norm_backward_reduce")
+
+
+@_impl("batch_norm_backward_elemt")
+def _batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    """``weight * invstd * (dy - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xmu / count)``;
+    without the sums, ``weight * invstd * dy``."""
+    xk = kernel_input(x)
+    dy = like(xk, dy)
+    dx = _empty(xk)
+    _C.batch_norm_backward_elemt(dl(dy), dl(xk), dl(mean), dl(invstd), dl(weight), dl(sum_dy),
+                                 dl(sum_dy_xmu), count, dl(dx), **launch(xk))
+    return _as_input(x, dx)
+
+
+@_fake("batch_norm_backward_elemt")
+def _(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    return _empty(x)
+
+
+_once_differentiable("batch_norm_backward_elemt")
+
+
+# --- the Encoding family: the core's fused kernels between torch's matrix products -------------
+# (the layout helpers are normkit.torch.encoding's; imported late, as that module imports this)
+
+_lib.define("scaled_l2(Tensor X, Tensor C, Tensor s) -> (Tensor SL, Tensor D2)")
+_lib.define("scaled_l2_backward(Tensor dSL, Tensor X, Tensor C, Tensor s, Tensor D2, "
+            "bool need_X, bool need_C) -> (Tensor dX, Tensor dC, Tensor ds)")
+_lib.define("encoding(Tensor X, Tensor C, Tensor s) -> (Tensor E, Tensor A, Tensor D2)")
+_lib.define("encoding_backward(Tensor dE, Tensor X, Tensor C, Tensor s, Tensor A, Tensor D2, "
+            "bool need_X, bool need_C) -> (Tensor dX, Tensor dC, Tensor ds)")
+
+
+def _enc():
+    # (normkit.torch.encoding as a module: the package's attribute `encoding` is the function)
+    return importlib.import_module(".encoding", __package__)
+
+
+def _features_like(X):
+    """A new (B, N, D) tensor stored as the products write X's gradient."""
+    B, N, D = X.shape
+    if _enc()._n_major(X):
+        return X.new_empty((B, D, N)).transpose(1, 2)
+    return X.new_empty((B, N, D))
+
+
+@_impl("scaled_l2")
+def _scaled_l2(X, C, s):
+    return _enc()._scaled_l2_forward(X, C, s)[:2]
+
+
+@_fake("scaled_l2")
+def _(X, C, s):
+    bnk = _enc()._bnk(X, C.shape[0], _enc()._n_major(X))
+    return bnk, torch.empty_like(bnk)
+
+
+def _scaled_l2_setup(ctx, inputs, output):
+    X, C, s = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(X, C, s, output[1])
+
+
+def _scaled_l2_grad(ctx, dSL, _):
+    if dSL is None:
+        return None, None, None
+    X, C, s, D2 = ctx.saved_tensors
+    need_x, need_c, need_s = ctx.needs_input_grad
+    dX, dC, ds = _ops.scaled_l2_backward(dSL, X, C, s, D2, need_x, need_c)
+    return (dX if need_x else None), (dC if need_c else None), (ds if need_s else None)
+
+
+_autograd("scaled_l2", _scaled_l2_grad, _scaled_l2_setup)
+
+
+@_impl("scaled_l2_backward")
+def _scaled_l2_backward(dSL, X, C, s, D2, need_X, need_C):
+    dX, dC, ds = _enc()._scaled_l2_backward(dSL, X, C, s, D2, need_X, need_C)
+    return (_absent(X) if dX is None else dX), (_absent(C) if dC is None else dC), ds
+
+
+@_fake("scaled_l2_backward")
+def _(dSL, X, C, s, D2, need_X, need_C):
+    return (_features_like(X) if need_X else _absent(X),
+            C.new_empty(C.shape) if need_C else _absent(C), C.new_empty(C.shape[0]))
+
+
+_once_differentiable("scaled_l2_backward")
+
+
+@_impl("encoding")
+def _encoding(X, C, s):
+    return _enc()._encoding_forward(X, C, s)[:3]
+
+
+@_fake("encoding")
+def _(X, C, s):
+    B, K, D = X.shape[0], C.shape[0], C.shape[1]
+    bnk = _enc()._bnk(X, K, _enc()._n_major(X))
+    return X.new_empty((B, K, D)), bnk, torch.empty_like(bnk)
+
+
+def _encoding_setup(ctx, inputs, output):
+    X, C, s = inputs
+    _, A, D2 = output
+    ctx.mark_non_differentiable(A, D2)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(X, C, s, A, D2)
+
+
+def _encoding_grad(ctx, dE, *_):
+    if dE is None:
+        return None, None, None
+    X, C, s, A, D2 = ctx.saved_tensors
+    need_x, need_c, need_s = ctx.needs_input_grad
+    dX, dC, ds = _ops.encoding_backward(dE, X, C, s, A, D2, need_x, need_c)
+    return (dX if need_x else None), (dC if need_c else None), (ds if need_s else None)
+
+
+_autograd("encoding", _encoding_grad, _encoding_setup)
+
+
+@_impl("encoding_backward")
+def _encoding_backward(dE, X, C, s, A, D2, need_X, need_C):
+    dX, dC, ds = _enc()._encoding_backward(dE, X, C, s, A, D2, need_X, need_C)
+    return (_absent(X) if dX is None else dX), (_absent(C) if dC is None else dC), ds
+
+
+@_fake("encoding_backward")
+def _(dE, X, C, s, A, D2, need_X, need_C):
+    return (_features_like(X) if need_X else _absent(X),
+            C.new_empty(C.shape) if need_C else _absent(C), C.new_empty(C.shape[0]))
+
+
+_once_differentiable("encoding_backward")

@@ -1,0 +1,398 @@
+"""normkit.torch under torch.compile and torch.export: torch.library.opcheck of every custom op of
+normkit.torch._ops; one small model holding every normkit.torch layer compiled with
+fullgraph=True (no graph break possible) in training (forward and backward, static and dynamic
+shapes) and eval, against the same model run eagerly; the functions compiled alike; the model
+exported with torch.export in eval. Compiles are slow on a small machine, so one model and one
+function carry all layers and functions, with small shapes."""
+import copy
+
+import pytest
+import torch
+
+import normkit.torch as nkt
+from torch_helpers import DEVICES
+
+torch_ops = torch.ops.normkit
+
+
+def _randn(*shape, seed, device="cpu", dtype=torch.float64, offset=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=dtype) + offset).to(device)
+
+
+# --- opcheck --------------------------------------------------------------------------------------
+
+def _bn_inputs(device, channels_last, grad):
+    x = _randn(3, 5, 4, 3, seed=1, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b, mean = (_randn(5, seed=s, device=device) for s in (2, 3, 4))
+    invstd = _randn(5, seed=5, device=device).abs() + 0.5
+    for t in (x, w, b, mean, invstd):
+        t.requires_grad_(grad)
+    return x, w, b, mean, invstd
+
+
+def _enc_inputs(device, n_major, grad):
+    """X (B, N, D) = (2, 7, 3), contiguous or a (B, D, N) tensor seen transposed; C (4, 3); s."""
+    X = _randn(2, 3, 7, seed=6, device=device).transpose(1, 2) if n_major else \
+        _randn(2, 7, 3, seed=6, device=device)
+    C = _randn(4, 3, seed=7, device=device)
+    s = -_randn(4, seed=8, device=device).abs()
+    for t in (X, C, s):
+        t.requires_grad_(grad)
+    return X, C, s
+
+
+def _opcheck_cases(device, layout):
+    cl = layout == "strided"
+    x, w, b, mean, invstd = _bn_inputs(device, cl, True)
+    xd, wd, _, md, isd = (t.detach() for t in (x, w, b, mean, invstd))
+    dy = _randn(*x.shape, seed=9, device=device)
+    X, C, s = _enc_inputs(device, cl, True)
+    Xd, Cd, sd = (t.detach() for t in (X, C, s))
+    SL, D2 = torch_ops.scaled_l2(Xd, Cd, sd)
+    E, A, D2e = torch_ops.encoding(Xd, Cd, sd)
+    return [
+        ("batch_norm_train", (x, w, b, 1e-5)),
+        ("batch_norm_train", (x, None, None, 1e-3)),
+        ("batch_norm_train_backward", (dy, xd, md, isd, wd, True)),
+        ("batch_norm_train_backward", (dy, xd, md, isd, None, False)),
+        ("batch_norm_stats", (xd,)),
+        ("batch_norm_normalize", (x, mean, invstd, w, b)),
+        ("batch_norm_normalize", (x, mean, invstd, None, None)),
+        ("batch_norm_backward_reduce", (dy, xd, md)),
+        ("batch_norm_backward_elemt", (dy, xd, md, isd, wd, md, isd, 50.0)),
+        ("batch_norm_backward_elemt", (dy, xd, md, isd, None, None, None, 0.0)),
+        ("scaled_l2", (X, C, s)),
+        ("scaled_l2_backward", (torch.randn_like(SL), Xd, Cd, sd, D2, True, True)),
+        ("scaled_l2_backward", (torch.randn_like(SL), Xd, Cd, sd, D2, False, False)),
+        ("encoding", (X, C, s)),
+        ("encoding_backward", (torch.randn_like(E), Xd, Cd, sd, A, D2e, True, True)),
+        ("encoding_backward", (torch.randn_like(E), Xd, Cd, sd, A, D2e, False, True)),
+    ]
+
+
+OPS = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_stats", "batch_norm_normalize",
+       "batch_norm_backward_reduce", "batch_norm_backward_elemt", "scaled_l2",
+       "scaled_l2_backward", "encoding", "encoding_backward"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_opcheck_every_op(device, layout):
+    """schema, fake kernel (shapes, dtypes and strides against the real one), autograd
+    registration and AOT dispatch with dynamic shapes, for every op, in the channels-first and
+    channels-last (BN) / N-major (Encoding) layouts."""
+    cases = _opcheck_cases(device, layout)
+    assert sorted({name for name, _ in cases}) == sorted(OPS)
+    for name, args in cases:
+        torch.library.opcheck(getattr(torch_ops, name).default, args)
+
+
+def test_backward_ops_refuse_double_backward():
+    x = _randn(4, 3, seed=1).requires_grad_()
+    y = nkt.batch_norm(x, None, None, None, None, True)
+    (dx,) = torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        dx.sum().backward()
+
+
+# --- every layer in one model ---------------------------------------------------------------------
+
+class AllLayers(torch.nn.Module):
+    """Conv2d -> BatchNorm2d -> SyncBatchNorm (no group: a plain batch norm) -> y; then
+    Inspiration(y) (target from GramMatrix(y)), BatchNorm3d(UpsampleConv2d(y)) and
+    BatchNorm1d(Encoding(y)).
+
+    Inspiration does not feed UpsampleConv2d: that chain of torch ops alone (matmul, reshape,
+    conv2d, pixel_shuffle; no normkit op) fails in torch 2.13's inductor with dynamic shapes
+    ("cannot determine truth value of Relational" while ordering strides)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.bn2 = nkt.BatchNorm2d(6)
+        self.sync = nkt.SyncBatchNorm(6)
+        self.gram = nkt.GramMatrix()
+        self.insp = nkt.Inspiration(6)
+        self.up = nkt.UpsampleConv2d(6, 2, 3, padding=1, scale_factor=2)
+        self.bn3 = nkt.BatchNorm3d(2)
+        self.enc = nkt.Encoding(6, 4)
+        self.bn1 = nkt.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.sync(torch.relu(self.bn2(self.conv(x))))
+        self.insp.set_target(self.gram(y).detach()[:1])
+        z = self.bn3(self.up(y).unsqueeze(2))
+        return self.insp(y), z, self.bn1(self.enc(y))
+
+
+def _model():
+    torch.manual_seed(0)
+    m = AllLayers().double()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_()
+    return m
+
+
+def _step(model, x, seed):
+    """Outputs, input and parameter gradients of a weighted sum of the outputs."""
+    x = x.detach().requires_grad_()
+    outs = model(x)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [x, *params])
+    return [o.detach() for o in outs], grads
+
+
+def _assert_same(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+def _assert_same_state(a, b):
+    _assert_same(list(a.state_dict().values()), list(b.state_dict().values()))
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static-channels_last", "dynamic"])
+def test_compile_every_layer_training(dynamic):
+    """fullgraph=True (a graph break is an error) forward and backward in training, equal to eager
+    (outputs, gradients, running statistics): static shapes with a channels_last input, dynamic
+    shapes with two batch sizes and spatial sizes of a channels-first input."""
+    torch._dynamo.reset()
+    eager, model = _model(), _model()
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic)
+    shapes = [(3, 3, 5, 4), (4, 3, 6, 3)] if dynamic else [(3, 3, 5, 4)]
+    fmt = torch.contiguous_format if dynamic else torch.channels_last
+    for i, shape in enumerate(shapes):
+        x = _randn(*shape, seed=10 + i).contiguous(memory_format=fmt)
+        for a, e in zip(_step(compiled, x, i), _step(eager, x, i), strict=True):
+            _assert_same(a, e)
+    _assert_same_state(model, eager)
+    assert int(model.bn2.num_batches_tracked) == len(shapes)
+
+
+def test_compile_every_layer_eval_and_export():
+    """Eval: compiled with dynamic shapes (forward and input/parameter gradients) and exported
+    with torch.export.export, both equal to eager; the running statistics stay untouched."""
+    torch._dynamo.reset()
+    eager = _model()
+    _step(eager, _randn(5, 3, 5, 4, seed=1), 0)  # running statistics that are not the defaults
+    eager.eval()
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for i, shape in enumerate([(2, 3, 5, 4), (3, 3, 6, 5)]):
+        x = _randn(*shape, seed=20 + i)
+        for a, e in zip(_step(compiled, x, i), _step(eager, x, i), strict=True):
+            _assert_same(a, e)
+    _assert_same_state(model, eager)
+
+    x = _randn(2, 3, 5, 4, seed=30)
+    program = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"normkit.batch_norm_normalize.default", "normkit.encoding.default"} <= targets
+    with torch.no_grad():
+        _assert_same(program.module()(x), eager(x))
+
+
+def _all_functions(x, w, b, rm, rv, mean, std, X, C, s):
+    y = nkt.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+    y = y + nkt.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5)
+    y = y + nkt.batchnormtrain(x, w, b, mean, std) + nkt.batchnormeval(x, w, b, mean, std)
+    A = torch.softmax(nkt.scaled_l2(X, C, s), dim=2)
+    E = nkt.aggregate(A, X, C) + nkt.encoding(X, C, s)
+    return y, E
+
+
+def test_compile_every_function():
+    """batch_norm (train and eval), batchnormtrain/eval, scaled_l2, aggregate, encoding compiled
+    with fullgraph=True and dynamic shapes: values and gradients to every input equal eager's."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_all_functions, fullgraph=True, dynamic=True)
+
+    def run(fn, seed):
+        x = _randn(4, 3, 5, seed=seed).contiguous(memory_format=torch.contiguous_format)
+        w, b, mean = (_randn(3, seed=seed + k) for k in (1, 2, 3))
+        std = _randn(3, seed=seed + 4).abs() + 0.5
+        rm, rv = _randn(3, seed=seed + 5), _randn(3, seed=seed + 6).abs() + 0.5
+        X, C, s = _enc_inputs("cpu", seed % 2 == 0, False)
+        leaves = [x, w, b, mean, std, X, C, s]
+        for t in leaves:
+            t.requires_grad_()
+        outs = fn(x, w, b, rm, rv, mean, std, X, C, s)
+        loss = sum((o * torch.randn_like(o)).sum() for o in outs)
+        return [o.detach() for o in outs], torch.autograd.grad(loss, leaves), (rm, rv)
+
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        got = run(compiled, seed)
+        torch.manual_seed(seed)
+        want = run(_all_functions, seed)
+        for a, e in zip(got, want, strict=True):
+            _assert_same(a, e)
+
+
+# --- to_torch -------------------------------------------------------------------------------------
+
+def test_to_torch_round_trip():
+    """Every normkit batch norm becomes torch's own class; outputs (train and eval), gradients,
+    state_dicts and running-statistic updates are equal; the original model is untouched."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), nkt.BatchNorm2d(6), torch.nn.ReLU(),
+                                nkt.SyncBatchNorm(6), torch.nn.Flatten(2), nkt.BatchNorm1d(6),
+                                nkt.GramMatrix()).double()
+    bn3 = nkt.BatchNorm3d(2, affine=False, momentum=None).double()
+    for m in (model, bn3):
+        converted = nkt.to_torch(m)
+        kinds = {type(mod) for mod in converted.modules()}
+        assert not any(k in nkt.convert.TORCH_EQUIVALENTS for k in kinds)
+        for training in (True, False):
+            m.train(training), converted.train(training)
+            shape = (4, 3, 6, 5) if m is model else (3, 2, 3, 4, 2)
+            x = _randn(*shape, seed=2)
+            got, want = _step(converted, x, 1), _step(m, x, 1)
+            for a, e in zip(got, want, strict=True):
+                _assert_same(a, e)
+            assert converted.state_dict().keys() == m.state_dict().keys()
+            _assert_same_state(converted, m)
+    assert type(nkt.to_torch(model)[3]) is torch.nn.SyncBatchNorm
+    assert type(model[1]) is nkt.BatchNorm2d
+
+
+def test_to_torch_names_layers_without_equivalent():
+    model = torch.nn.Sequential(nkt.BatchNorm2d(4), torch.nn.Sequential(nkt.Encoding(4, 3)))
+    with pytest.raises(ValueError, match=r"1\.0 is a normkit Encoding, which has no torch"):
+        nkt.to_torch(model)
+    with pytest.raises(TypeError, match="expected a torch.nn.Module"):
+        nkt.to_torch("model")
+
+
+# --- bfloat16 on the CPU --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bfloat16_batch_norm_matches_float32(training, fmt):
+    """bfloat16 input, float32 parameters and statistics: output and input gradient in bfloat16
+    within bfloat16 rounding of a float32 computation on the same (bfloat16) values; parameter
+    gradients and running statistics float32, as torch's."""
+    x32 = _randn(5, 7, 3, 9, seed=3, dtype=torch.float32, offset=2.0) * 3
+    x = x32.bfloat16().contiguous(memory_format=fmt)
+    dy = _randn(*x.shape, seed=4, dtype=torch.float32).bfloat16()
+    bn, ref = nkt.BatchNorm2d(7), torch.nn.BatchNorm2d(7)
+    with torch.no_grad():
+        for m in (bn, ref):
+            m.weight.copy_(_randn(7, seed=5, dtype=torch.float32))
+            m.bias.copy_(_randn(7, seed=6, dtype=torch.float32))
+            m.running_var.fill_(1.7)
+    bn.train(training), ref.train(training)
+    xg, xr = x.clone().requires_grad_(), x.float().requires_grad_()
+    y, y_ref = bn(xg), ref(xr)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(y.float(), y_ref, rtol=1e-2, atol=2e-2)
+    y.backward(dy), y_ref.backward(dy.float())
+    assert xg.grad.dtype == torch.bfloat16 and bn.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(xg.grad.float(), xr.grad, rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-2, atol=5e-2)
+    torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-2, atol=5e-2)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_rounds_to_nearest_even():
+    """The store of a bfloat16 output rounds the float32 result to nearest even (as torch's
+    .bfloat16()): compared exactly with the float32 result of the same formula, rounded."""
+    x = _randn(4, 3, 37, seed=7, dtype=torch.float32).bfloat16()
+    mean, std = _randn(3, seed=8, dtype=torch.float32), _randn(3, seed=9, dtype=torch.float32).abs()
+    g, b = _randn(3, seed=10, dtype=torch.float32), _randn(3, seed=11, dtype=torch.float32)
+    y = nkt.batchnormeval(x, g, b, mean, std)
+    ref = (x.float() - mean[:, None]) * (1 / std[:, None] * g[:, None]) + b[:, None]
+    mismatch = (y != ref.bfloat16()).float().mean()
+    assert y.dtype == torch.bfloat16 and mismatch < 0.01  # float32 evaluation order may differ
+
+
+def test_cpu_autocast():
+    """Under CPU autocast (bfloat16) a Conv2d -> BatchNorm2d model gives torch's result and
+    dtype; the layer keeps float32 parameters."""
+    conv = torch.nn.Conv2d(3, 5, 3)
+    bn, ref = nkt.BatchNorm2d(5), torch.nn.BatchNorm2d(5)
+    x = _randn(4, 3, 7, 6, seed=12, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = bn(conv(x)), ref(conv(x))
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-4, atol=1e-5)
+
+
+def test_errors_name_the_layer_not_a_kernel():
+    with pytest.raises(TypeError, match="^batch_norm: input has dtype torch.int64"):
+        nkt.BatchNorm2d(3)(torch.arange(36).reshape(2, 3, 2, 3))
+    with pytest.raises(TypeError, match="^BatchNorm2d: torch.float64 input needs"):
+        nkt.BatchNorm2d(3)(_randn(2, 3, 2, 2, seed=1))
+
+
+# --- SyncBatchNorm without host synchronization ---------------------------------------------------
+
+class Twin(nkt.TorchCommunicator):
+    """Two identical ranks, without torch.distributed: the all-reduce doubles the tensor in place
+    with a torch op (so a CUDA graph can capture it)."""
+    rank, size, debug, group = 0, 2, False, None
+
+    def __init__(self):
+        pass
+
+    def allreduce_sum(self, array):
+        return array.mul_(2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sync_batch_norm_two_identical_ranks(device):
+    """Two ranks with the same batch normalize as one rank does; running_var uses the global
+    count 2n - 1; dx (of both ranks' losses over the global statistics) is the single-rank dx."""
+    x = _randn(3, 4, 5, seed=13, device=device)
+    dy = _randn(3, 4, 5, seed=14, device=device)
+    sync, plain = nkt.SyncBatchNorm(4, comm=Twin()).double().to(device), \
+        nkt.BatchNorm1d(4).double().to(device)
+    xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = sync(xs), plain(xp)
+    torch.testing.assert_close(y, y_ref)
+    y.backward(dy), y_ref.backward(dy)
+    torch.testing.assert_close(xs.grad, xp.grad)
+    var = x.transpose(0, 1).reshape(4, -1).var(1, unbiased=False)
+    torch.testing.assert_close(sync.running_var, 0.9 + 0.1 * var * 30 / 29)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU")
+def test_sync_batch_norm_step_captures_in_a_cuda_graph():
+    """A synchronized forward+backward has no host synchronization: it is captured in a CUDA
+    graph and replays to the eager result."""
+    import normkit
+    if not normkit.cuda_available():
+        pytest.skip("normkit was built without CUDA kernels")
+    x = _randn(8, 4, 6, seed=15, device="cuda", dtype=torch.float32).requires_grad_()
+    dy = _randn(8, 4, 6, seed=16, device="cuda", dtype=torch.float32)
+    layer = nkt.SyncBatchNorm(4, comm=Twin()).cuda()
+    eager = copy.deepcopy(layer)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, kernels)
+        layer(x).backward(dy)
+    torch.cuda.current_stream().wait_stream(stream)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+        y.backward(dy)
+    graph.replay()
+    torch.cuda.synchronize()
+    xe = x.detach().clone().requires_grad_()
+    eager(xe)  # the warm-up step's update
+    y_ref = eager(xe)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, xe.grad)
