@@ -44,6 +44,28 @@ def _enc_inputs(device, n_major, grad):
     return X, C, s
 
 
+def _gn_cases(device, channels_last):
+    """Group norm ops on x (3, 6, 4, 3) in 3 groups; affine/elemt with per-channel (N, C)
+    coefficients, as instance norm's eval uses them."""
+    x = _randn(3, 6, 4, 3, seed=31, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = _randn(6, seed=32, device=device), _randn(6, seed=33, device=device)
+    dy = _randn(*x.shape, seed=34, device=device)
+    _, mean, _, rstd = torch_ops.group_norm_train(x, 3, w, b, 1e-5)
+    mc, scale, shift = (_randn(3, 6, seed=s, device=device) for s in (35, 36, 37))
+    xg, wg, bg, mcg, scg, shg = (t.clone().requires_grad_() for t in (x, w, b, mc, scale, shift))
+    return [
+        ("group_norm_train", (xg, 3, wg, bg, 1e-5)),
+        ("group_norm_train", (xg, 6, None, None, 1e-3)),
+        ("group_norm_train_backward", (dy, x, mean, rstd, w, True)),
+        ("group_norm_train_backward", (dy, x, mean, rstd, None, False)),
+        ("group_norm_affine", (xg, mcg, scg, shg)),
+        ("group_norm_backward_reduce", (dy, x, mean)),
+        ("group_norm_backward_elemt", (dy, x, mc, scale)),
+    ]
+
+
 def _opcheck_cases(device, layout):
     cl = layout == "strided"
     x, w, b, mean, invstd = _bn_inputs(device, cl, True)
@@ -70,12 +92,15 @@ def _opcheck_cases(device, layout):
         ("encoding", (X, C, s)),
         ("encoding_backward", (torch.randn_like(E), Xd, Cd, sd, A, D2e, True, True)),
         ("encoding_backward", (torch.randn_like(E), Xd, Cd, sd, A, D2e, False, True)),
+        *_gn_cases(device, cl),
     ]
 
 
 OPS = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_stats", "batch_norm_normalize",
        "batch_norm_backward_reduce", "batch_norm_backward_elemt", "scaled_l2",
-       "scaled_l2_backward", "encoding", "encoding_backward"]
+       "scaled_l2_backward", "encoding", "encoding_backward", "group_norm_train",
+       "group_norm_train_backward", "group_norm_affine", "group_norm_backward_reduce",
+       "group_norm_backward_elemt"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
