@@ -66,6 +66,25 @@ def _gn_cases(device, channels_last):
     ]
 
 
+def _ws_cases(device, channels_last):
+    """Weight standardization of a (5, 3, 3, 2) weight in every convention (0, 1, 2)."""
+    w = _randn(5, 3, 3, 2, seed=41, device=device)
+    if channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    gain = _randn(5, seed=42, device=device)
+    dw_hat = _randn(*w.shape, seed=43, device=device)
+    _, mean, rstd = torch_ops.ws_standardize(w, gain, 0, 1e-4)
+    wg, gg = w.clone().requires_grad_(), gain.clone().requires_grad_()
+    return [
+        ("ws_standardize", (wg, gg, 0, 1e-4)),
+        ("ws_standardize", (wg, None, 1, 1e-4)),
+        ("ws_standardize", (wg, gg, 2, 1e-6)),
+        ("ws_standardize_backward", (dw_hat, w, gain, mean, rstd, 0, 1e-4, True, True)),
+        ("ws_standardize_backward", (dw_hat, w, None, mean, rstd, 0, 1e-4, True, False)),
+        ("ws_standardize_backward", (dw_hat, w, gain, mean, rstd, 0, 1e-4, False, True)),
+    ]
+
+
 def _opcheck_cases(device, layout):
     cl = layout == "strided"
     x, w, b, mean, invstd = _bn_inputs(device, cl, True)
@@ -93,6 +112,7 @@ def _opcheck_cases(device, layout):
         ("encoding_backward", (torch.randn_like(E), Xd, Cd, sd, A, D2e, True, True)),
         ("encoding_backward", (torch.randn_like(E), Xd, Cd, sd, A, D2e, False, True)),
         *_gn_cases(device, cl),
+        *_ws_cases(device, cl),
     ]
 
 
@@ -100,7 +120,7 @@ OPS = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_stats", "bat
        "batch_norm_backward_reduce", "batch_norm_backward_elemt", "scaled_l2",
        "scaled_l2_backward", "encoding", "encoding_backward", "group_norm_train",
        "group_norm_train_backward", "group_norm_affine", "group_norm_backward_reduce",
-       "group_norm_backward_elemt"]
+       "group_norm_backward_elemt", "ws_standardize", "ws_standardize_backward"]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -567,3 +567,85 @@ def _(dy, x, mean, a):
 
 
 _once_differentiable("group_norm_backward_elemt")
+
+
+# --- weight standardization: per channel of dim 0 of a convolution's weight ---------------------
+
+_lib.define("ws_standardize(Tensor w, Tensor? gain, int convention, float eps) "
+            "-> (Tensor w_hat, Tensor mean, Tensor rstd)")
+_lib.define("ws_standardize_backward(Tensor dw_hat, Tensor w, Tensor? gain, Tensor mean, "
+            "Tensor rstd, int convention, float eps, bool need_w, bool need_gain) "
+            "-> (Tensor dw, Tensor dgain)")
+
+
+def _ws_weight(w):
+    """``w`` when the core reads its layout (contiguous or channels-last), else a contiguous copy
+    (the weight kernels take no other strides)."""
+    if w.is_contiguous():
+        return w
+    fmt = _CHANNELS_LAST.get(w.dim())
+    return w if fmt is not None and w.is_contiguous(memory_format=fmt) else w.contiguous()
+
+
+def _per_filter(w):
+    """(C,) statistics of a weight (C, ...) (its parameter dtype)."""
+    return w.new_empty(w.shape[0], dtype=param_dtype(w.dtype))
+
+
+@_impl("ws_standardize")
+def _ws_standardize(w, gain, convention, eps):
+    """``(w - mean) * gain * rstd`` per channel of dim 0, and that mean and rstd."""
+    wk = _ws_weight(w)
+    w_hat, mean, rstd = _empty(wk), _per_filter(w), _per_filter(w)
+    _C.ws_standardize_forward(dl(wk), dl(gain), convention, eps, dl(w_hat), dl(mean), dl(rstd),
+                              **launch(wk))
+    return _as_input(w, w_hat), mean, rstd
+
+
+@_fake("ws_standardize")
+def _(w, gain, convention, eps):
+    return _empty(w), _per_filter(w), _per_filter(w)
+
+
+def _ws_standardize_setup(ctx, inputs, output):
+    w, gain, convention, eps = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(w, gain, mean, rstd)
+    ctx.convention, ctx.eps = convention, eps
+
+
+def _ws_standardize_grad(ctx, dw_hat, *_):
+    need_w, need_g = ctx.needs_input_grad[:2]
+    if dw_hat is None or not (need_w or need_g):
+        return None, None, None, None
+    w, gain, mean, rstd = ctx.saved_tensors
+    dw, dgain = _ops.ws_standardize_backward(dw_hat, w, gain, mean, rstd, ctx.convention,
+                                             ctx.eps, need_w, need_g)
+    return (dw if need_w else None), (dgain if need_g else None), None, None
+
+
+_autograd("ws_standardize", _ws_standardize_grad, _ws_standardize_setup)
+
+
+@_impl("ws_standardize_backward")
+def _ws_standardize_backward(dw_hat, w, gain, mean, rstd, convention, eps, need_w, need_gain):
+    """dw through mean, var and gain (when ``need_w``) and dgain (when ``need_gain``), fused."""
+    wk = _ws_weight(w)
+    dw_hat = like(wk, dw_hat)
+    dw = _empty(wk) if need_w else None
+    dgain = torch.empty_like(mean) if need_gain else None
+    _C.ws_standardize_backward(dl(dw_hat), dl(wk), dl(gain), dl(mean), dl(rstd), convention, eps,
+                               dl(dw), dl(dgain), **launch(wk))
+    return ((_as_input(w, dw) if need_w else _absent(w)),
+            (dgain if need_gain else _absent(mean)))
+
+
+@_fake("ws_standardize_backward")
+def _(dw_hat, w, gain, mean, rstd, convention, eps, need_w, need_gain):
+    return (_empty(w) if need_w else _absent(w),
+            torch.empty_like(mean) if need_gain else _absent(mean))
+
+
+_once_differentiable("ws_standardize_backward")
