@@ -245,6 +245,82 @@ def test_compile_every_layer_eval_and_export():
         _assert_same(program.module()(x), eager(x))
 
 
+class PerSampleAndWSLayers(torch.nn.Module):
+    """The group-norm family (GroupNorm, InstanceNorm1d/2d/3d, InstanceBatchNorm2d) and the
+    weight-standardized convolutions (WSConv1d/2d/3d, WSConvTranspose2d/3d, FWS) in one model;
+    InstanceNorm2d and InstanceNorm1d track running statistics (eval runs group_norm_affine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ws2 = nkt.WSConv2d(3, 6, 3, padding=1)
+        self.gn = nkt.GroupNorm(3, 6)
+        self.ibn = nkt.InstanceBatchNorm2d(6, 0.5)
+        self.in2 = nkt.InstanceNorm2d(6, affine=True, track_running_stats=True)
+        self.wst2 = nkt.WSConvTranspose2d(6, 4, 2, stride=2, convention="timm")
+        self.fws = nkt.FWS(torch.nn.Conv2d(4, 4, 1), const_eval=True)
+        self.in1 = nkt.InstanceNorm1d(4, track_running_stats=True)
+        self.ws1 = nkt.WSConv1d(4, 3, 3, convention="nfnet")
+        self.in3 = nkt.InstanceNorm3d(4, affine=True)
+        self.ws3 = nkt.WSConv3d(4, 2, 1)
+        self.wst3 = nkt.WSConvTranspose3d(2, 2, 1)
+
+    def forward(self, x):
+        y = self.in2(self.ibn(torch.relu(self.gn(self.ws2(x)))))
+        z = self.fws(self.wst2(y))
+        return self.ws1(self.in1(z.flatten(2))), self.wst3(self.ws3(self.in3(z.unsqueeze(2))))
+
+
+def _per_sample_model():
+    torch.manual_seed(0)
+    m = PerSampleAndWSLayers().double()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+            elif not name.endswith("weight") or p.dim() == 1:  # norm weights and WS gains
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def test_compile_per_sample_and_ws_layers_training():
+    """fullgraph=True, dynamic shapes, training (forward and backward) with channels_last inputs
+    of two batch and spatial sizes: outputs, gradients, running statistics and FWS's standardized
+    weight equal eager's."""
+    torch._dynamo.reset()
+    eager, model = _per_sample_model(), _per_sample_model()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for i, shape in enumerate([(3, 3, 5, 4), (4, 3, 6, 3)]):
+        x = _randn(*shape, seed=40 + i).contiguous(memory_format=torch.channels_last)
+        for a, e in zip(_step(compiled, x, i), _step(eager, x, i), strict=True):
+            _assert_same(a, e)
+    _assert_same_state(model, eager)
+    assert int(model.in2.num_batches_tracked) == 2
+
+
+def test_compile_per_sample_and_ws_layers_eval_and_export():
+    """Eval (running statistics of the instance norms, FWS's stored weight): compiled with
+    dynamic shapes and exported with torch.export.export, both equal to eager."""
+    torch._dynamo.reset()
+    eager = _per_sample_model()
+    _step(eager, _randn(5, 3, 5, 4, seed=1), 0)  # running statistics that are not the defaults
+    eager.eval()
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for i, shape in enumerate([(2, 3, 5, 4), (3, 3, 6, 5)]):
+        x = _randn(*shape, seed=50 + i)
+        for a, e in zip(_step(compiled, x, i), _step(eager, x, i), strict=True):
+            _assert_same(a, e)
+    _assert_same_state(model, eager)
+
+    x = _randn(2, 3, 5, 4, seed=60)
+    program = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"normkit.group_norm_train.default", "normkit.group_norm_affine.default",
+            "normkit.ws_standardize.default"} <= targets
+    with torch.no_grad():
+        _assert_same(program.module()(x), eager(x))
+
+
 def _all_functions(x, w, b, rm, rv, mean, std, X, C, s):
     y = nkt.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
     y = y + nkt.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5)
