@@ -384,6 +384,51 @@ def test_to_torch_round_trip():
     assert type(model[1]) is nkt.BatchNorm2d
 
 
+def test_to_torch_per_sample_layers():
+    """GroupNorm and InstanceNorm*d become torch's classes, InstanceBatchNorm2d stays with its IN
+    and BN children converted; outputs and gradients (train and eval), parameters, running
+    statistics and state_dict keys equal. num_batches_tracked is left out of the comparison after
+    training: normkit's instance norms count it, torch's do not (LAYERS.md)."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3), nkt.GroupNorm(3, 6), nkt.InstanceBatchNorm2d(6, 0.4),
+        nkt.InstanceNorm2d(6, affine=True, track_running_stats=True, momentum=0.3),
+        torch.nn.Flatten(2), nkt.InstanceNorm1d(6, track_running_stats=True),
+        torch.nn.Unflatten(2, (1, 4, 5)), nkt.InstanceNorm3d(6, affine=True, bias=False),
+        nkt.GroupNorm(2, 6, affine=False)).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_()
+    converted = nkt.to_torch(model)
+    expected = [torch.nn.GroupNorm, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm1d,
+                torch.nn.InstanceNorm3d, torch.nn.GroupNorm]
+    assert [type(converted[i]) for i in (1, 3, 5, 7, 8)] == expected
+    assert type(converted[2]) is nkt.InstanceBatchNorm2d
+    assert type(converted[2].IN) is torch.nn.InstanceNorm2d
+    assert type(converted[2].BN) is torch.nn.BatchNorm2d
+    assert converted[3].momentum == 0.3 and converted[7].bias is None
+    _assert_same_state(converted, model)
+    for step, training in enumerate((True, True, False)):
+        model.train(training), converted.train(training)
+        x = _randn(4, 3, 6, 7, seed=3 + step)
+        got, want = _step(converted, x, step), _step(model, x, step)
+        for a, e in zip(got, want, strict=True):
+            _assert_same(a, e)
+        assert converted.state_dict().keys() == model.state_dict().keys()
+        counted = [k for k in model.state_dict() if k.endswith("num_batches_tracked")]
+        _assert_same([v for k, v in converted.state_dict().items() if k not in counted],
+                     [v for k, v in model.state_dict().items() if k not in counted])
+    assert int(model[3].num_batches_tracked) == 2
+
+
+def test_to_torch_names_ws_layers():
+    """WSConv*d and FWS have no torch equivalent: a clear error naming the layer."""
+    with pytest.raises(ValueError, match=r"^to_torch: 1 is a normkit WSConv2d, which has no"):
+        nkt.to_torch(torch.nn.Sequential(nkt.GroupNorm(1, 3), nkt.WSConv2d(3, 4, 3)))
+    with pytest.raises(ValueError, match=r"^to_torch: the model is a normkit FWS, which has no"):
+        nkt.to_torch(nkt.FWS(torch.nn.Conv2d(3, 4, 1)))
+
+
 def test_to_torch_names_layers_without_equivalent():
     model = torch.nn.Sequential(nkt.BatchNorm2d(4), torch.nn.Sequential(nkt.Encoding(4, 3)))
     with pytest.raises(ValueError, match=r"1\.0 is a normkit Encoding, which has no torch"):
