@@ -45,6 +45,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_params(op, x, pd, **tensors):
     """Input dtype and the parameters' shapes, dtypes and devices, named by the public function
     (the core's own checks would name an internal kernel)."""
+    if x.layout != torch.strided:
+        raise TypeError(f"{op}: normkit takes strided CPU and CUDA tensors, got a {x.layout} "
+                        f"tensor on {x.device}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"{op}: input has dtype {x.dtype}; normkit takes float16, bfloat16, "
                         f"float32 and float64 tensors")
