@@ -416,7 +416,7 @@ _lib.define("group_norm_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor 
 
 def _per_sample(x, groups):
     """(N, groups) statistics or sums of ``x`` (its parameter dtype)."""
-    return x.new_empty((x.shape[0], groups), dtype=param_dtype(x.dtype))
+    return torch.empty(x.shape[0], groups, dtype=param_dtype(x.dtype), device=x.device)
 
 
 @_impl("group_norm_train")
