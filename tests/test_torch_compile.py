@@ -44,6 +44,47 @@ def _enc_inputs(device, n_major, grad):
     return X, C, s
 
 
+def _gn_cases(device, channels_last):
+    """Group norm ops on x (3, 6, 4, 3) in 3 groups; affine/elemt with per-channel (N, C)
+    coefficients, as instance norm's eval uses them."""
+    x = _randn(3, 6, 4, 3, seed=31, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = _randn(6, seed=32, device=device), _randn(6, seed=33, device=device)
+    dy = _randn(*x.shape, seed=34, device=device)
+    _, mean, _, rstd = torch_ops.group_norm_train(x, 3, w, b, 1e-5)
+    mc, scale, shift = (_randn(3, 6, seed=s, device=device) for s in (35, 36, 37))
+    xg, wg, bg, mcg, scg, shg = (t.clone().requires_grad_() for t in (x, w, b, mc, scale, shift))
+    return [
+        ("group_norm_train", (xg, 3, wg, bg, 1e-5)),
+        ("group_norm_train", (xg, 6, None, None, 1e-3)),
+        ("group_norm_train_backward", (dy, x, mean, rstd, w, True)),
+        ("group_norm_train_backward", (dy, x, mean, rstd, None, False)),
+        ("group_norm_affine", (xg, mcg, scg, shg)),
+        ("group_norm_backward_reduce", (dy, x, mean)),
+        ("group_norm_backward_elemt", (dy, x, mc, scale)),
+    ]
+
+
+def _ws_cases(device, channels_last):
+    """Weight standardization of a (5, 3, 3, 2) weight in every convention (0, 1, 2)."""
+    w = _randn(5, 3, 3, 2, seed=41, device=device)
+    if channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    gain = _randn(5, seed=42, device=device)
+    dw_hat = _randn(*w.shape, seed=43, device=device)
+    _, mean, rstd = torch_ops.ws_standardize(w, gain, 0, 1e-4)
+    wg, gg = w.clone().requires_grad_(), gain.clone().requires_grad_()
+    return [
+        ("ws_standardize", (wg, gg, 0, 1e-4)),
+        ("ws_standardize", (wg, None, 1, 1e-4)),
+        ("ws_standardize", (wg, gg, 2, 1e-6)),
+        ("ws_standardize_backward", (dw_hat, w, gain, mean, rstd, 0, 1e-4, True, True)),
+        ("ws_standardize_backward", (dw_hat, w, None, mean, rstd, 0, 1e-4, True, False)),
+        ("ws_standardize_backward", (dw_hat, w, gain, mean, rstd, 0, 1e-4, False, True)),
+    ]
+
+
 def _opcheck_cases(device, layout):
     cl = layout == "strided"
     x, w, b, mean, invstd = _bn_inputs(device, cl, True)
@@ -70,12 +111,16 @@ def _opcheck_cases(device, layout):
         ("encoding", (X, C, s)),
         ("encoding_backward", (torch.randn_like(E), Xd, Cd, sd, A, D2e, True, True)),
         ("encoding_backward", (torch.randn_like(E), Xd, Cd, sd, A, D2e, False, True)),
+        *_gn_cases(device, cl),
+        *_ws_cases(device, cl),
     ]
 
 
 OPS = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_stats", "batch_norm_normalize",
        "batch_norm_backward_reduce", "batch_norm_backward_elemt", "scaled_l2",
-       "scaled_l2_backward", "encoding", "encoding_backward"]
+       "scaled_l2_backward", "encoding", "encoding_backward", "group_norm_train",
+       "group_norm_train_backward", "group_norm_affine", "group_norm_backward_reduce",
+       "group_norm_backward_elemt", "ws_standardize", "ws_standardize_backward"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -200,6 +245,82 @@ def test_compile_every_layer_eval_and_export():
         _assert_same(program.module()(x), eager(x))
 
 
+class PerSampleAndWSLayers(torch.nn.Module):
+    """The group-norm family (GroupNorm, InstanceNorm1d/2d/3d, InstanceBatchNorm2d) and the
+    weight-standardized convolutions (WSConv1d/2d/3d, WSConvTranspose2d/3d, FWS) in one model;
+    InstanceNorm2d and InstanceNorm1d track running statistics (eval runs group_norm_affine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ws2 = nkt.WSConv2d(3, 6, 3, padding=1)
+        self.gn = nkt.GroupNorm(3, 6)
+        self.ibn = nkt.InstanceBatchNorm2d(6, 0.5)
+        self.in2 = nkt.InstanceNorm2d(6, affine=True, track_running_stats=True)
+        self.wst2 = nkt.WSConvTranspose2d(6, 4, 2, stride=2, convention="timm")
+        self.fws = nkt.FWS(torch.nn.Conv2d(4, 4, 1), const_eval=True)
+        self.in1 = nkt.InstanceNorm1d(4, track_running_stats=True)
+        self.ws1 = nkt.WSConv1d(4, 3, 3, convention="nfnet")
+        self.in3 = nkt.InstanceNorm3d(4, affine=True)
+        self.ws3 = nkt.WSConv3d(4, 2, 1)
+        self.wst3 = nkt.WSConvTranspose3d(2, 2, 1)
+
+    def forward(self, x):
+        y = self.in2(self.ibn(torch.relu(self.gn(self.ws2(x)))))
+        z = self.fws(self.wst2(y))
+        return self.ws1(self.in1(z.flatten(2))), self.wst3(self.ws3(self.in3(z.unsqueeze(2))))
+
+
+def _per_sample_model():
+    torch.manual_seed(0)
+    m = PerSampleAndWSLayers().double()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+            elif not name.endswith("weight") or p.dim() == 1:  # norm weights and WS gains
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def test_compile_per_sample_and_ws_layers_training():
+    """fullgraph=True, dynamic shapes, training (forward and backward) with channels_last inputs
+    of two batch and spatial sizes: outputs, gradients, running statistics and FWS's standardized
+    weight equal eager's."""
+    torch._dynamo.reset()
+    eager, model = _per_sample_model(), _per_sample_model()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for i, shape in enumerate([(3, 3, 5, 4), (4, 3, 6, 3)]):
+        x = _randn(*shape, seed=40 + i).contiguous(memory_format=torch.channels_last)
+        for a, e in zip(_step(compiled, x, i), _step(eager, x, i), strict=True):
+            _assert_same(a, e)
+    _assert_same_state(model, eager)
+    assert int(model.in2.num_batches_tracked) == 2
+
+
+def test_compile_per_sample_and_ws_layers_eval_and_export():
+    """Eval (running statistics of the instance norms, FWS's stored weight): compiled with
+    dynamic shapes and exported with torch.export.export, both equal to eager."""
+    torch._dynamo.reset()
+    eager = _per_sample_model()
+    _step(eager, _randn(5, 3, 5, 4, seed=1), 0)  # running statistics that are not the defaults
+    eager.eval()
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for i, shape in enumerate([(2, 3, 5, 4), (3, 3, 6, 5)]):
+        x = _randn(*shape, seed=50 + i)
+        for a, e in zip(_step(compiled, x, i), _step(eager, x, i), strict=True):
+            _assert_same(a, e)
+    _assert_same_state(model, eager)
+
+    x = _randn(2, 3, 5, 4, seed=60)
+    program = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"normkit.group_norm_train.default", "normkit.group_norm_affine.default",
+            "normkit.ws_standardize.default"} <= targets
+    with torch.no_grad():
+        _assert_same(program.module()(x), eager(x))
+
+
 def _all_functions(x, w, b, rm, rv, mean, std, X, C, s):
     y = nkt.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
     y = y + nkt.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5)
@@ -261,6 +382,51 @@ def test_to_torch_round_trip():
             _assert_same_state(converted, m)
     assert type(nkt.to_torch(model)[3]) is torch.nn.SyncBatchNorm
     assert type(model[1]) is nkt.BatchNorm2d
+
+
+def test_to_torch_per_sample_layers():
+    """GroupNorm and InstanceNorm*d become torch's classes, InstanceBatchNorm2d stays with its IN
+    and BN children converted; outputs and gradients (train and eval), parameters, running
+    statistics and state_dict keys equal. num_batches_tracked is left out of the comparison after
+    training: normkit's instance norms count it, torch's do not (LAYERS.md)."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3), nkt.GroupNorm(3, 6), nkt.InstanceBatchNorm2d(6, 0.4),
+        nkt.InstanceNorm2d(6, affine=True, track_running_stats=True, momentum=0.3),
+        torch.nn.Flatten(2), nkt.InstanceNorm1d(6, track_running_stats=True),
+        torch.nn.Unflatten(2, (1, 4, 5)), nkt.InstanceNorm3d(6, affine=True, bias=False),
+        nkt.GroupNorm(2, 6, affine=False)).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_()
+    converted = nkt.to_torch(model)
+    expected = [torch.nn.GroupNorm, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm1d,
+                torch.nn.InstanceNorm3d, torch.nn.GroupNorm]
+    assert [type(converted[i]) for i in (1, 3, 5, 7, 8)] == expected
+    assert type(converted[2]) is nkt.InstanceBatchNorm2d
+    assert type(converted[2].IN) is torch.nn.InstanceNorm2d
+    assert type(converted[2].BN) is torch.nn.BatchNorm2d
+    assert converted[3].momentum == 0.3 and converted[7].bias is None
+    _assert_same_state(converted, model)
+    for step, training in enumerate((True, True, False)):
+        model.train(training), converted.train(training)
+        x = _randn(4, 3, 6, 7, seed=3 + step)
+        got, want = _step(converted, x, step), _step(model, x, step)
+        for a, e in zip(got, want, strict=True):
+            _assert_same(a, e)
+        assert converted.state_dict().keys() == model.state_dict().keys()
+        counted = [k for k in model.state_dict() if k.endswith("num_batches_tracked")]
+        _assert_same([v for k, v in converted.state_dict().items() if k not in counted],
+                     [v for k, v in model.state_dict().items() if k not in counted])
+    assert int(model[3].num_batches_tracked) == 2
+
+
+def test_to_torch_names_ws_layers():
+    """WSConv*d and FWS have no torch equivalent: a clear error naming the layer."""
+    with pytest.raises(ValueError, match=r"^to_torch: 1 is a normkit WSConv2d, which has no"):
+        nkt.to_torch(torch.nn.Sequential(nkt.GroupNorm(1, 3), nkt.WSConv2d(3, 4, 3)))
+    with pytest.raises(ValueError, match=r"^to_torch: the model is a normkit FWS, which has no"):
+        nkt.to_torch(nkt.FWS(torch.nn.Conv2d(3, 4, 1)))
 
 
 def test_to_torch_names_layers_without_equivalent():

@@ -44,7 +44,8 @@ import importlib
 import torch
 
 from .. import _C
-from ._dlpack import _CHANNELS_LAST, batch_workspace, dl, kernel_input, launch, like, param_dtype
+from ._dlpack import (_CHANNELS_LAST, batch_workspace, dl, group_workspace, kernel_input, launch,
+                      like, param_dtype)
 
 _lib = torch.library.Library("normkit", "DEF")
 _ops = torch.ops.normkit
@@ -397,3 +398,254 @@ def _(dE, X, C, s, A, D2, need_X, need_C):
 
 
 _once_differentiable("encoding_backward")
+
+
+# --- group norm: per-sample statistics (group_norm, instance_norm, IBN's instance half) ----------
+# Statistics are (N, G); the sums of the backwards and the coefficients of the affine are (N, C).
+# The core infers the groups from the shape of `mean`.
+
+_lib.define("group_norm_train(Tensor x, int groups, Tensor? weight, Tensor? bias, float eps) "
+            "-> (Tensor y, Tensor mean, Tensor var, Tensor rstd)")
+_lib.define("group_norm_train_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, "
+            "Tensor? weight, bool need_input) -> (Tensor dx, Tensor sum_dy, Tensor sum_dy_xmu)")
+_lib.define("group_norm_affine(Tensor x, Tensor mean, Tensor scale, Tensor shift) -> Tensor")
+_lib.define("group_norm_backward_reduce(Tensor dy, Tensor x, Tensor mean) "
+            "-> (Tensor sum_dy, Tensor sum_dy_xmu)")
+_lib.define("group_norm_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor a) -> Tensor")
+
+
+def _per_sample(x, groups):
+    """(N, groups) statistics or sums of ``x`` (its parameter dtype)."""
+    return torch.empty(x.shape[0], groups, dtype=param_dtype(x.dtype), device=x.device)
+
+
+@_impl("group_norm_train")
+def _group_norm_train(x, groups, weight, bias, eps):
+    """y and the (N, G) mean, biased var and rstd of x's own statistics, in one fused pass."""
+    xk = kernel_input(x)
+    y = _empty(xk)
+    mean, var, rstd = _per_sample(x, groups), _per_sample(x, groups), _per_sample(x, groups)
+    _C.group_norm_forward(dl(xk), dl(weight), dl(bias), eps, dl(y), dl(mean), dl(var), dl(rstd),
+                          **launch(xk, group_workspace(groups)))
+    return _as_input(x, y), mean, var, rstd
+
+
+@_fake("group_norm_train")
+def _(x, groups, weight, bias, eps):
+    return _empty(x), _per_sample(x, groups), _per_sample(x, groups), _per_sample(x, groups)
+
+
+def _group_norm_train_setup(ctx, inputs, output):
+    x, _, weight, _, _ = inputs
+    _, mean, var, rstd = output
+    ctx.mark_non_differentiable(mean, var, rstd)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _group_norm_train_grad(ctx, dy, *_):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+    if dy is None:
+        return None, None, None, None, None
+    dx, sum_dy, sum_dy_xmu = _ops.group_norm_train_backward(dy, x, mean, rstd, weight, need_x)
+    dw = db = None
+    if need_w:
+        # sum over n of sum_dy_xmu[n, c] * rstd[n, g(c)]: the channels of a group are adjacent.
+        N, C = sum_dy_xmu.shape
+        G = rstd.shape[1]
+        dw = (sum_dy_xmu.view(N, G, C // G) * rstd.unsqueeze(2)).sum(0).view(C)
+    if need_b:
+        db = sum_dy.sum(0)
+    return (dx if need_x else None), None, dw, db, None
+
+
+_autograd("group_norm_train", _group_norm_train_grad, _group_norm_train_setup)
+
+
+@_impl("group_norm_train_backward")
+def _group_norm_train_backward(dy, x, mean, rstd, weight, need_input):
+    """dx through the (N, G) statistics (when ``need_input``) and the (N, C) sums the parameter
+    gradients are made of, in one fused pass."""
+    xk = kernel_input(x)
+    dy = like(xk, dy)
+    dx = _empty(xk) if need_input else None
+    sum_dy, sum_dy_xmu = _per_sample(x, x.shape[1]), _per_sample(x, x.shape[1])
+    _C.group_norm_backward(dl(dy), dl(xk), dl(mean), dl(rstd), dl(weight), dl(dx), dl(sum_dy),
+                           dl(sum_dy_xmu), **launch(xk, group_workspace(mean.shape[1])))
+    return (_as_input(x, dx) if need_input else _absent(x)), sum_dy, sum_dy_xmu
+
+
+@_fake("group_norm_train_backward")
+def _(dy, x, mean, rstd, weight, need_input):
+    dx = _empty(x) if need_input else _absent(x)
+    return dx, _per_sample(x, x.shape[1]), _per_sample(x, x.shape[1])
+
+
+_once_differentiable("group_norm_train_backward")
+
+
+@_impl("group_norm_affine")
+def _group_norm_affine(x, mean, scale, shift):
+    """``(x - mean[n, g]) * scale[n, c] + shift[n, c]``: instance norm with given (running)
+    statistics."""
+    xk = kernel_input(x)
+    y = _empty(xk)
+    _C.group_norm_affine(dl(xk), dl(mean), dl(scale), dl(shift), dl(y), **launch(xk))
+    return _as_input(x, y)
+
+
+@_fake("group_norm_affine")
+def _(x, mean, scale, shift):
+    return _empty(x)
+
+
+def _group_norm_affine_setup(ctx, inputs, output):
+    x, mean, scale, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, mean, scale)
+
+
+def _group_norm_affine_grad(ctx, dy):
+    """Gradients to all four inputs (a weight and bias reach scale and shift through the torch
+    ops that built them)."""
+    x, mean, scale = ctx.saved_tensors
+    need_x, need_m, need_sc, need_sh = ctx.needs_input_grad
+    dx = dm = dsc = dsh = None
+    if dy is None:
+        return dx, dm, dsc, dsh
+    if need_x:
+        # The statistics are inputs, not functions of x: dx = scale * dy.
+        dx = _ops.group_norm_backward_elemt(dy, x, mean, scale)
+    if need_m or need_sc or need_sh:
+        sum_dy, sum_dy_xmu = _ops.group_norm_backward_reduce(dy, x, mean)
+        if need_m:
+            N, C = scale.shape
+            G = mean.shape[1]
+            dm = -(scale * sum_dy).view(N, G, C // G).sum(2)
+        dsc = sum_dy_xmu if need_sc else None
+        dsh = sum_dy if need_sh else None
+    return dx, dm, dsc, dsh
+
+
+_autograd("group_norm_affine", _group_norm_affine_grad, _group_norm_affine_setup)
+
+
+@_impl("group_norm_backward_reduce")
+def _group_norm_backward_reduce(dy, x, mean):
+    """Per-(n, c) ``sum dy`` and ``sum dy * (x - mean[n, g(c)])``."""
+    xk = kernel_input(x)
+    dy = like(xk, dy)
+    sum_dy, sum_dy_xmu = _per_sample(x, x.shape[1]), _per_sample(x, x.shape[1])
+    _C.group_norm_backward_reduce(dl(dy), dl(xk), dl(mean), dl(sum_dy), dl(sum_dy_xmu),
+                                  **launch(xk, group_workspace(mean.shape[1])))
+    return sum_dy, sum_dy_xmu
+
+
+@_fake("group_norm_backward_reduce")
+def _(dy, x, mean):
+    return _per_sample(x, x.shape[1]), _per_sample(x, x.shape[1])
+
+
+_once_differentiable("group_norm_backward_reduce")
+
+
+@_impl("group_norm_backward_elemt")
+def _group_norm_backward_elemt(dy, x, mean, a):
+    """``a[n, c] * dy``: dx with the statistics held constant (the core's b and c terms absent)."""
+    xk = kernel_input(x)
+    dy = like(xk, dy)
+    dx = _empty(xk)
+    _C.group_norm_backward_elemt(dl(dy), dl(xk), dl(mean), dl(a), None, None, dl(dx),
+                                 **launch(xk))
+    return _as_input(x, dx)
+
+
+@_fake("group_norm_backward_elemt")
+def _(dy, x, mean, a):
+    return _empty(x)
+
+
+_once_differentiable("group_norm_backward_elemt")
+
+
+# --- weight standardization: per channel of dim 0 of a convolution's weight ---------------------
+
+_lib.define("ws_standardize(Tensor w, Tensor? gain, int convention, float eps) "
+            "-> (Tensor w_hat, Tensor mean, Tensor rstd)")
+_lib.define("ws_standardize_backward(Tensor dw_hat, Tensor w, Tensor? gain, Tensor mean, "
+            "Tensor rstd, int convention, float eps, bool need_w, bool need_gain) "
+            "-> (Tensor dw, Tensor dgain)")
+
+
+def _ws_weight(w):
+    """``w`` when the core reads its layout (contiguous or channels-last), else a contiguous copy
+    (the weight kernels take no other strides)."""
+    if w.is_contiguous():
+        return w
+    fmt = _CHANNELS_LAST.get(w.dim())
+    return w if fmt is not None and w.is_contiguous(memory_format=fmt) else w.contiguous()
+
+
+def _per_filter(w):
+    """(C,) statistics of a weight (C, ...) (its parameter dtype)."""
+    return w.new_empty(w.shape[0], dtype=param_dtype(w.dtype))
+
+
+@_impl("ws_standardize")
+def _ws_standardize(w, gain, convention, eps):
+    """``(w - mean) * gain * rstd`` per channel of dim 0, and that mean and rstd."""
+    wk = _ws_weight(w)
+    w_hat, mean, rstd = _empty(wk), _per_filter(w), _per_filter(w)
+    _C.ws_standardize_forward(dl(wk), dl(gain), convention, eps, dl(w_hat), dl(mean), dl(rstd),
+                              **launch(wk))
+    return _as_input(w, w_hat), mean, rstd
+
+
+@_fake("ws_standardize")
+def _(w, gain, convention, eps):
+    return _empty(w), _per_filter(w), _per_filter(w)
+
+
+def _ws_standardize_setup(ctx, inputs, output):
+    w, gain, convention, eps = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(w, gain, mean, rstd)
+    ctx.convention, ctx.eps = convention, eps
+
+
+def _ws_standardize_grad(ctx, dw_hat, *_):
+    need_w, need_g = ctx.needs_input_grad[:2]
+    if dw_hat is None or not (need_w or need_g):
+        return None, None, None, None
+    w, gain, mean, rstd = ctx.saved_tensors
+    dw, dgain = _ops.ws_standardize_backward(dw_hat, w, gain, mean, rstd, ctx.convention,
+                                             ctx.eps, need_w, need_g)
+    return (dw if need_w else None), (dgain if need_g else None), None, None
+
+
+_autograd("ws_standardize", _ws_standardize_grad, _ws_standardize_setup)
+
+
+@_impl("ws_standardize_backward")
+def _ws_standardize_backward(dw_hat, w, gain, mean, rstd, convention, eps, need_w, need_gain):
+    """dw through mean, var and gain (when ``need_w``) and dgain (when ``need_gain``), fused."""
+    wk = _ws_weight(w)
+    dw_hat = like(wk, dw_hat)
+    dw = _empty(wk) if need_w else None
+    dgain = torch.empty_like(mean) if need_gain else None
+    _C.ws_standardize_backward(dl(dw_hat), dl(wk), dl(gain), dl(mean), dl(rstd), convention, eps,
+                               dl(dw), dl(dgain), **launch(wk))
+    return ((_as_input(w, dw) if need_w else _absent(w)),
+            (dgain if need_gain else _absent(mean)))
+
+
+@_fake("ws_standardize_backward")
+def _(dw_hat, w, gain, mean, rstd, convention, eps, need_w, need_gain):
+    return (_empty(w) if need_w else _absent(w),
+            torch.empty_like(mean) if need_gain else _absent(mean))
+
+
+_once_differentiable("ws_standardize_backward")

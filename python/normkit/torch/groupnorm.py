@@ -1,5 +1,6 @@
 """Per-sample statistics on torch tensors: group norm, instance norm and IBN's InstanceBatchNorm2d,
-run by normkit's group-norm kernels (``_C.group_norm_*``) through DLPack.
+run by normkit's group-norm kernels as torch custom ops (``torch.ops.normkit.group_norm_*``, see
+normkit.torch._ops), which torch.compile and torch.export see.
 
 * ``group_norm`` / ``instance_norm`` are ``torch.nn.functional``'s (same arguments and semantics):
   statistics per (sample, group of channels) over every spatial dim, biased variance; instance
@@ -19,15 +20,12 @@ import math
 import warnings
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .. import _C
-from ._dlpack import dl, group_workspace, kernel_input, launch, like, param_dtype
+from . import _ops as _registered  # noqa: F401 (defines torch.ops.normkit)
+from ._dlpack import param_dtype
 from .batchnorm import BatchNorm2d, _CountsBatches
 
-
-def _wants_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+_ops = torch.ops.normkit
 
 
 def _check_input(op, x):
@@ -70,115 +68,29 @@ def _spatial_size(x):
     return math.prod(x.shape[2:])
 
 
-def _per_sample(x, groups):
-    return torch.empty(x.shape[0], groups, dtype=param_dtype(x.dtype), device=x.device)
-
-
-def _forward_batch(x, weight, bias, groups, eps):
-    """y and the (N, G) mean, biased var and rstd of x's own statistics."""
-    y = torch.empty_like(x)
-    mean, var, rstd = _per_sample(x, groups), _per_sample(x, groups), _per_sample(x, groups)
-    _C.group_norm_forward(dl(x), dl(weight), dl(bias), float(eps), dl(y), dl(mean), dl(var),
-                          dl(rstd), **launch(x, group_workspace(groups)))
-    return y, mean, var, rstd
-
-
-def _forward_running(x, weight, bias, running_mean, running_var, eps):
-    """y normalized per channel with running statistics: the (N, C) mean it used, the (C,) rstd
-    and the (N, C) scale ``weight * rstd`` (the backward's dx coefficient)."""
-    N, C = x.shape[:2]
-    rstd = (running_var + eps).rsqrt_()
-    scale = (rstd if weight is None else weight * rstd).expand(N, C).contiguous()
-    shift = (torch.zeros_like(rstd) if bias is None else bias).expand(N, C).contiguous()
-    mean = running_mean.expand(N, C).contiguous()
-    y = torch.empty_like(x)
-    _C.group_norm_affine(dl(x), dl(mean), dl(scale), dl(shift), dl(y), **launch(x))
-    return y, mean, rstd, scale
-
-
-class _Stats:
-    """What a forward normalized with: x's own (N, G) statistics, or running ones (per channel)."""
-
-    def __init__(self, groups, mean, rstd, scale=None):
-        self.groups, self.mean, self.rstd, self.scale = groups, mean, rstd, scale
-        self.running = scale is not None
-
-
-def _forward(x, weight, bias, groups, eps, running_mean=None, running_var=None,
-             use_input_stats=True, momentum=0.1):
-    """(kernel input, y, stats); updates the running statistics (when given and training)."""
-    x = kernel_input(x)
-    if not use_input_stats:
-        y, mean, rstd, scale = _forward_running(x, weight, bias, running_mean, running_var, eps)
-        return x, y, _Stats(groups, mean, rstd, scale)
-    y, mean, var, rstd = _forward_batch(x, weight, bias, groups, eps)
+def _run_batch(x, weight, bias, groups, eps, running_mean=None, running_var=None, momentum=0.0):
+    """y normalized with x's own (N, G) statistics; updates the running statistics (when given)
+    with the batch average of the per-instance mean and unbiased variance."""
+    y, mean, var, _ = _ops.group_norm_train(x, groups, weight, bias, float(eps))
     if x.numel():
-        S = x.numel() // (x.shape[0] * x.shape[1])
+        S = _spatial_size(x) * (x.shape[1] // groups)
         if running_mean is not None:
             running_mean.lerp_(mean.mean(0), momentum)
         if running_var is not None:
             running_var.lerp_(var.mean(0).mul_(S / (S - 1)), momentum)
-    return x, y, _Stats(groups, mean, rstd)
+    return y
 
 
-def _per_channel(t, channels):
-    """An (N, G) statistic repeated over the C/G channels of each group: (N, C)."""
-    return t.repeat_interleave(channels // t.shape[1], dim=1) if t.shape[1] != channels else t
-
-
-def _backward(dy, x, weight, st, need_x, need_w, need_b):
-    """dx (through the statistics when they are x's own), dweight, dbias."""
+def _run_running(x, weight, bias, running_mean, running_var, eps):
+    """y normalized per channel with the running statistics (constants: no gradient reaches
+    them). weight and bias reach the op's (N, C) scale and shift through torch ops, which carry
+    their gradients."""
     N, C = x.shape[:2]
-    dy = like(x, dy)
-    dx = torch.empty_like(x) if need_x else None
-    sum_dy = torch.empty(N, C, dtype=st.mean.dtype, device=x.device)
-    sum_dy_xmu = torch.empty_like(sum_dy)
-    if not st.running:
-        # One fused pass: the sums (the parameter gradients' ingredients) and dx.
-        _C.group_norm_backward(dl(dy), dl(x), dl(st.mean), dl(st.rstd), dl(weight), dl(dx),
-                               dl(sum_dy), dl(sum_dy_xmu), **launch(x, group_workspace(st.groups)))
-        rstd = _per_channel(st.rstd, C)
-    else:
-        # Running statistics are constants: dx = weight * rstd * dy.
-        if need_x:
-            _C.group_norm_backward_elemt(dl(dy), dl(x), dl(st.mean), dl(st.scale), None, None,
-                                         dl(dx), **launch(x))
-        if need_w or need_b:
-            _C.group_norm_backward_reduce(dl(dy), dl(x), dl(st.mean), dl(sum_dy), dl(sum_dy_xmu),
-                                          **launch(x, group_workspace(C)))
-        rstd = st.rstd
-    dw = (sum_dy_xmu * rstd).sum(0) if need_w else None
-    db = sum_dy.sum(0) if need_b else None
-    return dx, dw, db
-
-
-class _PerSampleNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, running_mean, running_var, use_input_stats,
-                momentum):
-        ctx.set_materialize_grads(False)
-        x, y, st = _forward(x, weight, bias, groups, eps, running_mean, running_var,
-                            use_input_stats, momentum)
-        ctx.save_for_backward(x, weight)
-        ctx.stats = st
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if dy is None or not (need_x or need_w or need_b):
-            return (None,) * 9
-        x, weight = ctx.saved_tensors
-        return (*_backward(dy, x, weight, ctx.stats, need_x, need_w, need_b),) + (None,) * 6
-
-
-def _run(x, weight, bias, groups, eps, running_mean=None, running_var=None, use_input_stats=True,
-         momentum=0.0):
-    args = (x, weight, bias, groups, eps, running_mean, running_var, use_input_stats, momentum)
-    if _wants_grad(x, weight, bias):
-        return _PerSampleNorm.apply(*args)
-    return _forward(*args)[1]
+    rstd = (running_var + eps).rsqrt()
+    scale = (rstd if weight is None else weight * rstd).expand(N, C).contiguous()
+    shift = (torch.zeros_like(rstd) if bias is None else bias).expand(N, C).contiguous()
+    mean = running_mean.expand(N, C).contiguous()
+    return _ops.group_norm_affine(x, mean, scale, shift)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -198,7 +110,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
                          f"input of shape {tuple(input.shape)} with {num_groups} groups")
     weight = _check_param("group_norm", "weight", weight, input)
     bias = _check_param("group_norm", "bias", bias, input)
-    return _run(input, weight, bias, num_groups, eps)
+    return _run_batch(input, weight, bias, num_groups, eps)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -220,8 +132,10 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                          "running_var")
     weight = _check_param("instance_norm", "weight", weight, input)
     bias = _check_param("instance_norm", "bias", bias, input)
-    return _run(input, weight, bias, input.shape[1], eps, running_mean, running_var,
-                bool(use_input_stats), momentum)
+    if not use_input_stats:
+        return _run_running(input, weight, bias, running_mean, running_var, eps)
+    return _run_batch(input, weight, bias, input.shape[1], eps, running_mean, running_var,
+                      momentum)
 
 
 # --- modules ------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """Weight-standardized convolutions for PyTorch (elektronn3's ``wsconv`` module, fixed): torch runs
 the convolution (``_conv_forward`` / ``F.conv_transpose*d``, so padding_mode, string paddings and
-output_size behave as in torch), normkit's core the standardization, as one autograd Function
-over DLPack (a fused statistics pass and write; a fused backward through mean, var and gain).
+output_size behave as in torch), normkit's core the standardization, as one torch custom op
+(``torch.ops.normkit.ws_standardize``, see normkit.torch._ops: a fused statistics pass and write;
+a fused backward through mean, var and gain), which torch.compile and torch.export see.
 
     WSConv1d/2d/3d            torch.nn.Conv*d with ``gain`` (C_out,); forward(input, eps=None)
     WSConvTranspose2d/3d      torch.nn.ConvTranspose*d, standardized per input channel
                               (gain (C_in,)); forward(input, output_size=None, eps=None)
     FWS(layer, ...)           standardizes the wrapped layer's weight in place, learnable gain
-    ws_standardize            the autograd function: (weight, gain, eps, convention) -> w_hat
+    ws_standardize            the function: (weight, gain, eps, convention) -> w_hat
 
 Conventions (LAYERS.md "Weight standardization"): ``"elektronn3"`` (default, elektronn3's
 formula: unbiased var, fan_in = prod(weight.shape) *including C_out*, so at gain 1 a filter's norm
@@ -17,59 +18,15 @@ State dicts (weight, bias, gain; FWS: gain, fan_in, eps, layer.*) interchange wi
 """
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from .. import _C
 from ..functional.wsconv import convention_id
-from ._dlpack import dl, launch, like, param_dtype
+from . import _ops as _registered  # noqa: F401 (defines torch.ops.normkit)
+from ._dlpack import param_dtype
 
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+_ops = torch.ops.normkit
 # eps when none is given: elektronn3's and NFNets' 1e-4, timm's StdConv2d's 1e-6.
 _DEFAULT_EPS = {"elektronn3": 1e-4, "nfnet": 1e-4, "timm": 1e-6}
-
-
-def _kernel_weight(w):
-    """``w`` when the core reads its layout (contiguous or channels-last), else a copy."""
-    if w.is_contiguous():
-        return w
-    fmt = _CHANNELS_LAST.get(w.dim())
-    return w if fmt is not None and w.is_contiguous(memory_format=fmt) else w.contiguous()
-
-
-def _forward(w, gain, eps, cid, out=None):
-    w = _kernel_weight(w)
-    pd = param_dtype(w.dtype)
-    w_hat = torch.empty_like(w) if out is None else out
-    mean = torch.empty(w.shape[0], dtype=pd, device=w.device)
-    rstd = torch.empty(w.shape[0], dtype=pd, device=w.device)
-    _C.ws_standardize_forward(dl(w), dl(gain), cid, float(eps), dl(w_hat), dl(mean), dl(rstd),
-                              **launch(w))
-    return w, w_hat, mean, rstd
-
-
-class _WSStandardize(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, gain, eps, cid):
-        ctx.set_materialize_grads(False)
-        w, w_hat, mean, rstd = _forward(w, gain, eps, cid)
-        ctx.save_for_backward(w, gain, mean, rstd)
-        ctx.eps, ctx.cid = eps, cid
-        return w_hat
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dw_hat):
-        need_w, need_g = ctx.needs_input_grad[:2]
-        if dw_hat is None or not (need_w or need_g):
-            return None, None, None, None
-        w, gain, mean, rstd = ctx.saved_tensors
-        dw_hat = like(w, dw_hat)
-        dw = torch.empty_like(w) if need_w else None
-        dgain = torch.empty_like(mean) if need_g else None
-        _C.ws_standardize_backward(dl(dw_hat), dl(w), dl(gain), dl(mean), dl(rstd), ctx.cid,
-                                   float(ctx.eps), dl(dw), dl(dgain), **launch(w))
-        return dw, dgain, None, None
 
 
 def ws_standardize(weight, gain=None, eps=1e-4, convention="elektronn3"):
@@ -78,11 +35,7 @@ def ws_standardize(weight, gain=None, eps=1e-4, convention="elektronn3"):
     cid = convention_id(convention)
     if gain is not None and gain.dtype != param_dtype(weight.dtype):
         gain = gain.to(param_dtype(weight.dtype))
-    wants_grad = torch.is_grad_enabled() and (
-        weight.requires_grad or (gain is not None and gain.requires_grad))
-    if not wants_grad:
-        return _forward(weight, gain, eps, cid)[1]
-    return _WSStandardize.apply(weight, gain, eps, cid)
+    return _ops.ws_standardize(weight, gain, cid, float(eps))[0]
 
 
 class _WSConvMixin:
@@ -194,13 +147,10 @@ class FWS(nn.Module):
         """weight <- (weight - mean) * rstd in place (no gradient flows through it)."""
         w = self.layer.weight
         with torch.no_grad():
-            if w.is_contiguous():
-                _forward(w, None, float(self.eps), 0, out=w)
-            else:
-                w.copy_(_forward(w, None, float(self.eps), 0)[1])
-        # The core wrote through DLPack: tell autograd, so that a graph that saved the old
-        # weight fails loudly instead of using the new values.
-        torch.autograd.graph.increment_version(w)
+            # A functional op and a copy (not a write into w through DLPack): torch.compile
+            # traces it, and copy_ bumps w's version, so a graph that saved the old weight
+            # fails loudly instead of using the new values.
+            w.copy_(_ops.ws_standardize(w, None, 0, float(self.eps))[0])
 
     def forward(self, *args, **kwargs):
         if self.training or not self.const_eval:
