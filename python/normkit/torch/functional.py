@@ -64,6 +64,41 @@ def _check_params(op, x, pd, **tensors):
             raise TypeError(f"{op}: {name} is on {t.device} but the input is on {x.device}")
 
 
+def _update_running(running_mean, running_var, mean, var, n, momentum):
+    if running_mean is not None and n:
+        running_mean.lerp_(mean, momentum)
+    if running_var is not None and n:
+        running_var.lerp_(var.mul_(n / (n - 1)), momentum)
+
+
+class _EagerBatchNormTrain(torch.autograd.Function):
+    """The eager path of training batch norm: the same kernels as the custom ops
+    ``normkit::batch_norm_train`` / ``batch_norm_train_backward``, in a Function with one output.
+    Autograd's bookkeeping of the op's four outputs (three marked non-differentiable) cost
+    ~200 us per forward+backward on small layers; torch.compile and torch.export still see the
+    custom ops (``_forward_train`` picks them while compiling)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, n):
+        ctx.set_materialize_grads(False)
+        y, mean, var, invstd = _registered._batch_norm_train(x, weight, bias, eps)
+        _update_running(running_mean, running_var, mean, var, n, momentum)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        # Through the backward op: differentiating it (double backward) is its clear error.
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if dy is None or not (need_x or need_w or need_b):
+            return (None,) * 8
+        x, weight, mean, invstd = ctx.saved_tensors
+        dx, sum_dy, sum_dy_xmu = _ops.batch_norm_train_backward(dy, x, mean, invstd, weight,
+                                                                need_x)
+        return (dx if need_x else None, sum_dy_xmu * invstd if need_w else None,
+                sum_dy if need_b else None, None, None, None, None, None)
+
+
 def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
     """y; updates the running statistics (unbiased variance) in place. An empty batch gives an
     empty output and leaves them alone, as in torch."""
@@ -72,11 +107,11 @@ def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
     if n == 1:
         raise ValueError(f"batch_norm: expected more than 1 value per channel when training, got "
                          f"input of shape {tuple(x.shape)}")
+    if not torch.compiler.is_compiling() and x.device.type != "meta":  # meta: the fake kernel
+        return _EagerBatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum,
+                                          float(eps), n)
     y, mean, var, _ = _ops.batch_norm_train(x, weight, bias, float(eps))
-    if running_mean is not None and n:
-        running_mean.lerp_(mean, momentum)
-    if running_var is not None and n:
-        running_var.lerp_(var.mul_(n / (n - 1)), momentum)
+    _update_running(running_mean, running_var, mean, var, n, momentum)
     return y
 
 
