@@ -28,6 +28,29 @@ _PARAMETERS = """
 """
 
 
+def register_norm_state(layer, C, dtype, affine, bias, track_running_stats):
+    """The parameters and buffers of torch's norm layers on `layer`, with torch's names and
+    defaults: weight 1 and bias 0 (bias absent for bias=False), running_mean 0, running_var 1 and
+    num_batches_tracked 0 when tracked; each None where absent, as torch registers them."""
+    if affine:
+        layer.weight = Parameter(np.ones(C, dtype))
+        if bias:
+            layer.bias = Parameter(np.zeros(C, dtype))
+        else:
+            layer.register_parameter("bias", None)
+    else:
+        layer.register_parameter("weight", None)
+        layer.register_parameter("bias", None)
+    if track_running_stats:
+        layer.register_buffer("running_mean", np.zeros(C, dtype))
+        layer.register_buffer("running_var", np.ones(C, dtype))
+        layer.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+    else:
+        layer.register_buffer("running_mean", None)
+        layer.register_buffer("running_var", None)
+        layer.register_buffer("num_batches_tracked", None)
+
+
 class _BatchNorm(Module):
     """Batch norm over (N, C, *) inputs, statistics per channel.
 
@@ -55,23 +78,7 @@ class _BatchNorm(Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         C = self.num_features
-        if affine:
-            self.weight = Parameter(np.ones(C, dtype))
-            if bias:
-                self.bias = Parameter(np.zeros(C, dtype))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", np.zeros(C, dtype))
-            self.register_buffer("running_var", np.ones(C, dtype))
-            self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+        register_norm_state(self, C, dtype, affine, bias, track_running_stats)
         self._saved = None
         if device is not None and parse_device(device) != "cpu":
             self.to(device)

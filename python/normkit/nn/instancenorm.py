@@ -6,9 +6,9 @@ import numpy as np
 
 from .. import functional as F
 from .._backend import array_module, parse_device
-from .batchnorm import BatchNorm2d
+from .batchnorm import BatchNorm2d, register_norm_state
 from .groupnorm import _accumulate, _check_layer_dtype, _param_dtype
-from .module import Module, Parameter
+from .module import Module
 
 
 class _InstanceNorm(Module):
@@ -34,23 +34,7 @@ class _InstanceNorm(Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = Parameter(np.ones(C, dtype))
-            if bias:
-                self.bias = Parameter(np.zeros(C, dtype))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", np.zeros(C, dtype))
-            self.register_buffer("running_var", np.ones(C, dtype))
-            self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+        register_norm_state(self, C, dtype, affine, bias, track_running_stats)
         self._saved = None
         if device is not None and parse_device(device) != "cpu":
             self.to(device)
