@@ -5,6 +5,7 @@ The protocol is small on purpose; anything with these members works with normkit
     rank, size                  this process's index and the number of processes
     allreduce_sum(array)        in-place sum of `array` over all processes
     split(color, key=None)      the sub-communicator of the processes passing the same color
+                                (within the timeout too: a timed agreement comes first)
 
 A collective that some rank never joins must not hang the job. normkit's communicators give up
 after ``timeout`` seconds (default ``NORMKIT_SYNC_TIMEOUT``, else 300: room for a slow training
@@ -434,7 +435,15 @@ class MPICommunicator:
     def split(self, color, key=None):
         """The sub-communicator of the ranks that pass the same `color` (ordered by `key`, then
         by rank). It inherits this communicator's debug and CUDA settings."""
-        sub = self.comm.Split(int(color), self.rank if key is None else int(key))
+        color, key = int(color), self.rank if key is None else int(key)
+        # MPI has no nonblocking Comm_split, and a blocking one waits forever for a rank that
+        # never calls it. So every rank first all-gathers its (color, key) in a nonblocking
+        # collective polled within the timeout, as the layers' all-reduces are; only once every
+        # rank has joined it does the blocking Split run, which then has every rank at it.
+        mine, every = np.array([color, key], np.int64), np.empty(2 * self.size, np.int64)
+        self._wait(lambda: self.comm.Iallgather(mine, every), every.size,
+                   "all-gather ahead of split()")
+        sub = self.comm.Split(color, key)
         return MPICommunicator(sub, debug=self.debug, cuda_aware=self._cuda_aware,
                                timeout=self.timeout, abort_on_exception=self.abort_on_exception)
 
