@@ -115,7 +115,8 @@ class BatchNorm3d(_NormkitBatchNorm, torch.nn.BatchNorm3d):
 # help() shows the constructor's parameters: torch's own documentation of them, which holds here.
 for _layer in (BatchNorm1d, BatchNorm2d, BatchNorm3d):
     _upstream = getattr(torch.nn, _layer.__name__)
-    _layer.__doc__ = f"{_layer.__doc__}\n\n    torch's documentation:\n{_upstream.__doc__ or ''}"
+    _layer.__doc__ = (f"{_layer.__doc__}\n    Notes\n    -----\n    torch's documentation, which "
+                      f"holds here:\n\n    {_upstream.__doc__ or ''}")
 del _layer, _upstream
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
