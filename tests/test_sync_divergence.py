@@ -196,7 +196,8 @@ def test_sync_timeout_option(monkeypatch):
 def test_split_times_out_when_a_rank_never_calls_it():
     """MPICommunicator.split (a blocking MPI_Comm_split underneath) agrees first, within the
     timeout: alike on every rank it splits as MPI does; with one rank never calling it, the other
-    raises SyncTimeoutError naming the communicator within the timeout (tests/mpi/check_split.py)."""
+    raises SyncTimeoutError naming the communicator within the timeout
+    (tests/mpi/check_split.py)."""
     T = TIMEOUTS["nn"]
     cmd = [_mpiexec(), "-n", "2", "--oversubscribe", sys.executable,
            str(Path(__file__).parent / "mpi" / "check_split.py")]

@@ -170,7 +170,8 @@ class _InstanceNorm(Module):
 
 
 class InstanceNorm1d(_InstanceNorm):
-    __doc__ = """Instance norm over (N, C, L) inputs, or unbatched (C, L), as torch.nn.InstanceNorm1d.
+    __doc__ = """Instance norm over (N, C, L) inputs, or unbatched (C, L), as
+    torch.nn.InstanceNorm1d.
 """ + _PARAMETERS
     _no_batch_ndim = 2
 
