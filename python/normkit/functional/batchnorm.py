@@ -61,7 +61,7 @@ def batch_norm_stats(x):
     Parameters
     ----------
     x : NumPy or CuPy array (N, C, *)
-        float16, bfloat16 (CuPy), float32 or float64; any layout.
+        float16, float32 or float64; any layout.
 
     Returns
     -------

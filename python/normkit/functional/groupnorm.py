@@ -47,7 +47,7 @@ def group_norm_stats(x, num_groups):
     Parameters
     ----------
     x : NumPy or CuPy array (N, C, *)
-        float16, bfloat16 (CuPy), float32 or float64; channels-first or channels-last (any
+        float16, float32 or float64; channels-first or channels-last (any
         other strides through one copy).
     num_groups : int
         G, dividing C.
@@ -76,7 +76,7 @@ def group_norm_affine(x, mean, scale, shift, out=None):
     Parameters
     ----------
     x : NumPy or CuPy array (N, C, *)
-        float16, bfloat16 (CuPy), float32 or float64; channels-first or channels-last (any
+        float16, float32 or float64; channels-first or channels-last (any
         other strides through one copy).
     mean : array (N, G)
         The per-(sample, group) means.
@@ -103,7 +103,7 @@ def group_norm_backward_reduce(dy, x, mean):
     dy : array like x
         The gradient of the output.
     x : NumPy or CuPy array (N, C, *)
-        float16, bfloat16 (CuPy), float32 or float64; channels-first or channels-last (any
+        float16, float32 or float64; channels-first or channels-last (any
         other strides through one copy).
     mean : array (N, G)
         The forward's means.
@@ -128,7 +128,7 @@ def group_norm_backward_elemt(dy, x, mean, a, b=None, c=None, out=None):
     dy : array like x
         The gradient of the output.
     x : NumPy or CuPy array (N, C, *)
-        float16, bfloat16 (CuPy), float32 or float64; channels-first or channels-last (any
+        float16, float32 or float64; channels-first or channels-last (any
         other strides through one copy).
     mean : array (N, G)
         The forward's means.
@@ -158,7 +158,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     Parameters
     ----------
     x : NumPy or CuPy array (N, C, *)
-        float16, bfloat16 (CuPy), float32 or float64; channels-first or channels-last (any
+        float16, float32 or float64; channels-first or channels-last (any
         other strides through one copy).
     num_groups : int
         G, dividing C.
@@ -200,7 +200,7 @@ def group_norm_backward(dy, x, mean, rstd, weight=None, bias=None):
     dy : array like x
         The gradient of the output.
     x : NumPy or CuPy array (N, C, *)
-        float16, bfloat16 (CuPy), float32 or float64; channels-first or channels-last (any
+        float16, float32 or float64; channels-first or channels-last (any
         other strides through one copy).
     mean, rstd : arrays (N, G)
         What ``group_norm_forward`` returned.
@@ -257,7 +257,7 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
     Parameters
     ----------
     x : NumPy or CuPy array (N, C, *)
-        float16, bfloat16 (CuPy), float32 or float64; channels-first or channels-last (any
+        float16, float32 or float64; channels-first or channels-last (any
         other strides through one copy).
     running_mean, running_var : arrays (C,) or None
         Updated in place with ``use_input_stats``; normalize without it (then required).
@@ -325,7 +325,7 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, use_input_stats=True,
     dy : array like x
         The gradient of the output.
     x : NumPy or CuPy array (N, C, *)
-        float16, bfloat16 (CuPy), float32 or float64; channels-first or channels-last (any
+        float16, float32 or float64; channels-first or channels-last (any
         other strides through one copy).
     mean, rstd : arrays (N, C)
         What ``instance_norm_forward`` returned.

@@ -116,7 +116,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     Raises
     ------
     ValueError
-        G not a positive int dividing C; one value per group.
+        G not a positive int dividing C; one value per group; parameters of another shape.
     TypeError
         Parameters of another dtype or device.
     """
@@ -167,7 +167,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     ------
     ValueError
         One spatial value with ``use_input_stats``; ``use_input_stats=False`` without running
-        statistics.
+        statistics; statistics or parameters of another shape.
     TypeError
         Statistics or parameters of another dtype or device.
     """
