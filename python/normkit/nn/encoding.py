@@ -6,6 +6,7 @@ import numpy as np
 
 from .. import _C
 from .. import functional as F
+from .. import random as nk_random
 from .._backend import array_module, param_dtype, parse_device
 from .conv import _ConvNd, _float_dtype, _SavesInput, _uniform, accumulate_grad
 from .module import Parameter, _as_numpy
@@ -44,8 +45,9 @@ class Encoding(_SavesInput):
         'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
     dtype : numpy dtype or None
         Of the parameters: float32 (the default) or float64.
-    rng : numpy.random.Generator, int or None
-        Draws the initialization (``numpy.random.default_rng(rng)``); None: fresh entropy.
+    generator : numpy.random.Generator or None
+        Draws the initialization; None: normkit's default generator, which
+        ``normkit.manual_seed`` reseeds.
 
     Shape
     -----
@@ -59,7 +61,7 @@ class Encoding(_SavesInput):
         A dtype other than float32 or float64.
     """
 
-    def __init__(self, D, K, device=None, dtype=None, rng=None):
+    def __init__(self, D, K, device=None, dtype=None, generator=None):
         super().__init__()
         for arg, value in (("D", D), ("K", K)):
             if int(value) != value or value < 1:
@@ -68,12 +70,12 @@ class Encoding(_SavesInput):
         dtype = _float_dtype("Encoding", dtype)
         self.codewords = Parameter(np.empty((self.K, self.D), dtype))
         self.scale = Parameter(np.empty(self.K, dtype))
-        self.reset_parameters(rng)
+        self.reset_parameters(generator)
         if device is not None and parse_device(device) != "cpu":
             self.to(device)
 
-    def reset_parameters(self, rng=None):
-        rng = np.random.default_rng(rng)
+    def reset_parameters(self, generator=None):
+        rng = nk_random.resolve(generator, type(self).__name__)
         xp = array_module(self.codewords.data, "codewords")
         bound = 1.0 / math.sqrt(self.K * self.D)
         self.codewords.data[...] = xp.asarray(
@@ -139,8 +141,9 @@ class Inspiration(_SavesInput):
         'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
     dtype : numpy dtype or None
         Of the parameters: float32 (the default) or float64.
-    rng : numpy.random.Generator, int or None
-        Draws the initialization (``numpy.random.default_rng(rng)``); None: fresh entropy.
+    generator : numpy.random.Generator or None
+        Draws the initialization; None: normkit's default generator, which
+        ``normkit.manual_seed`` reseeds.
 
     Shape
     -----
@@ -154,7 +157,7 @@ class Inspiration(_SavesInput):
         A dtype other than float32 or float64.
     """
 
-    def __init__(self, C, B=1, device=None, dtype=None, rng=None):
+    def __init__(self, C, B=1, device=None, dtype=None, generator=None):
         super().__init__()
         for arg, value in (("C", C), ("B", B)):
             if int(value) != value or value < 1:
@@ -165,12 +168,12 @@ class Inspiration(_SavesInput):
         self.register_buffer("G", np.zeros((int(B), self.C, self.C), dtype))
         self.target_requires_grad = False
         self.target_grad = None
-        self.reset_parameters(rng)
+        self.reset_parameters(generator)
         if device is not None and parse_device(device) != "cpu":
             self.to(device)
 
-    def reset_parameters(self, rng=None):
-        rng = np.random.default_rng(rng)
+    def reset_parameters(self, generator=None):
+        rng = nk_random.resolve(generator, type(self).__name__)
         xp = array_module(self.weight.data, "weight")
         self.weight.data[...] = xp.asarray(
             _uniform(rng, 0.0, 0.02, self.weight.shape, self.weight.dtype))
@@ -252,8 +255,9 @@ class UpsampleConv2d(_ConvNd):
         'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
     dtype : numpy dtype or None
         Of the parameters: float32 (the default) or float64.
-    rng : numpy.random.Generator, int or None
-        Draws the initialization (``numpy.random.default_rng(rng)``); None: fresh entropy.
+    generator : numpy.random.Generator or None
+        Draws the initialization; None: normkit's default generator, which
+        ``normkit.manual_seed`` reseeds.
 
     Raises
     ------
@@ -264,7 +268,7 @@ class UpsampleConv2d(_ConvNd):
     _dims = 2
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, scale_factor=1, bias=True, device=None, dtype=None, rng=None):
+                 groups=1, scale_factor=1, bias=True, device=None, dtype=None, generator=None):
         if int(scale_factor) != scale_factor or scale_factor < 1:
             raise ValueError(f"UpsampleConv2d: scale_factor must be a positive integer, got "
                              f"{scale_factor!r}")
@@ -276,7 +280,7 @@ class UpsampleConv2d(_ConvNd):
             raise ValueError(f"UpsampleConv2d: out_channels * scale_factor^2 "
                              f"({out_channels * s * s}) must be divisible by groups ({groups})")
         super().__init__(in_channels, int(out_channels) * s * s, kernel_size, stride, padding,
-                         dilation, groups, bias, device=None, dtype=dtype, rng=rng)
+                         dilation, groups, bias, device=None, dtype=dtype, generator=generator)
         self.out_channels = int(out_channels)
         self.scale_factor = s
         if device is not None and parse_device(device) != "cpu":

@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from .. import functional as F
+from .. import random as nk_random
 from .._backend import array_module, parse_device
 from ..functional.wsconv import convention_id, ws_standardize, ws_standardize_backward
 from .conv import _ConvNd, _float_dtype, _ntuple, _SavesInput, _uniform, accumulate_grad
@@ -43,7 +44,6 @@ class _WSMixin:
         self.convention = convention
         self.eps = _DEFAULT_EPS[convention] if eps is None else float(eps)
         _eps(self, None)
-        rng = np.random.default_rng(rng)
         xp = array_module(self.weight.data, "weight")
         self.weight.data[...] = xp.asarray(_kaiming_normal(rng, self.weight.shape, dtype))
         self.gain = Parameter(np.ones(channels, dtype))
@@ -81,12 +81,13 @@ _CONV_PARAMETERS = """
     eps : float or None
         The standardization's eps, > 0; None: the convention's default (1e-4, 1e-4, 1e-6).
         ``forward(x, eps=...)`` overrides it per call.
-    dtype : numpy dtype or None
-        float32 (the default) or float64.
     device : str or None
         'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
-    rng : numpy.random.Generator, int or None
-        Draws the kaiming-normal weight (and the bias); None: fresh entropy.
+    dtype : numpy dtype or None
+        float32 (the default) or float64.
+    generator : numpy.random.Generator or None
+        Draws the kaiming-normal weight (and the bias); None: normkit's default generator, which
+        ``normkit.manual_seed`` reseeds.
 
     Raises
     ------
@@ -100,10 +101,10 @@ _CONV_PARAMETERS = """
 class _WSConvNd(_WSMixin, _ConvNd):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", convention="elektronn3", eps=None,
-                 dtype=None, device=None, rng=None):
-        rng = np.random.default_rng(rng)
+                 device=None, dtype=None, generator=None):
+        rng = nk_random.resolve(generator, type(self).__name__)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, device=None, dtype=dtype, rng=rng,
+                         groups, bias, device=None, dtype=dtype, generator=rng,
                          padding_mode=padding_mode)
         self._init_ws(convention, eps, self.out_channels, self.weight.dtype, rng)
         if device is not None and parse_device(device) != "cpu":
@@ -163,12 +164,13 @@ _TRANSPOSE_PARAMETERS = """
     eps : float or None
         The standardization's eps, > 0; None: the convention's default (1e-4, 1e-4, 1e-6).
         ``forward(x, eps=...)`` overrides it per call.
-    dtype : numpy dtype or None
-        float32 (the default) or float64.
     device : str or None
         'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
-    rng : numpy.random.Generator, int or None
-        Draws the kaiming-normal weight (and the bias); None: fresh entropy.
+    dtype : numpy dtype or None
+        float32 (the default) or float64.
+    generator : numpy.random.Generator or None
+        Draws the kaiming-normal weight (and the bias); None: normkit's default generator, which
+        ``normkit.manual_seed`` reseeds.
 
     Raises
     ------
@@ -184,7 +186,7 @@ class _WSConvTransposeNd(_WSMixin, _SavesInput):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
-                 convention="elektronn3", eps=None, dtype=None, device=None, rng=None):
+                 convention="elektronn3", eps=None, device=None, dtype=None, generator=None):
         super().__init__()
         name = type(self).__name__
         for arg, value in (("in_channels", in_channels), ("out_channels", out_channels),
@@ -211,7 +213,7 @@ class _WSConvTransposeNd(_WSMixin, _SavesInput):
             raise ValueError(f"{name}: output_padding {self.output_padding} must be smaller than "
                              f"the stride {self.stride}")
         dtype = _float_dtype(name, dtype)
-        rng = np.random.default_rng(rng)
+        rng = nk_random.resolve(generator, name)
         shape = (self.in_channels, self.out_channels // self.groups) + self.kernel_size
         self.weight = Parameter(np.empty(shape, dtype))
         if bias:
