@@ -883,6 +883,13 @@ struct Choice {
   std::vector<char> batch;
   std::vector<double> mean, invstd;  // the given statistics (forward only)
   bool uses_batch(int64_t c) const { return batch.empty() || batch[c]; }
+  // The statistics channel c is normalized with, given its batch ones.
+  double mean_of(int64_t c, double batch_mean) const {
+    return uses_batch(c) ? batch_mean : mean[c];
+  }
+  double invstd_of(int64_t c, double batch_invstd) const {
+    return uses_batch(c) ? batch_invstd : invstd[c];
+  }
 };
 
 template <class P>
@@ -904,8 +911,6 @@ void forward_train(const Geometry& g, Strided<const T> xs, Strided<T> ys,
   m.assign(g.C, 0.0);
   v.assign(g.C, 0.0);
   is.assign(g.C, 0.0);
-  auto used_mean = [&](int64_t c) { return choice.uses_batch(c) ? m[c] : choice.mean[c]; };
-  auto used_invstd = [&](int64_t c) { return choice.uses_batch(c) ? is[c] : choice.invstd[c]; };
   const int nthreads = threads_for(g.N * g.C * g.S);
   if (g.layout == Layout::Planar && g.C >= nthreads && M > 0 && fuse_planar<T>(g)) {
     // Fused: a thread owns whole channels, normalizing each right after reducing it, while its
@@ -932,7 +937,8 @@ void forward_train(const Geometry& g, Strided<const T> xs, Strided<T> ys,
         v[c] = var < 0 ? 0.0 : var;  // as in moments()
         is[c] = 1.0 / std::sqrt(v[c] + eps);
         planar_affine<T>(nullptr, xs.row(0, c), ys.row(0, c), xs.sN, g.N, g.S, A(0),
-                         A(used_invstd(c) * w[c]), A(used_mean(c)), A(b[c]), stream);
+                         A(choice.invstd_of(c, is[c]) * w[c]), A(choice.mean_of(c, m[c])),
+                         A(b[c]), stream);
       }
       if (stream) stream_fence();
     });
@@ -942,8 +948,8 @@ void forward_train(const Geometry& g, Strided<const T> xs, Strided<T> ys,
   channel_moments<T, A>(g, xs, m, v);
   for (int64_t c = 0; c < g.C; ++c) {
     is[c] = 1.0 / std::sqrt(v[c] + eps);
-    q[c] = used_invstd(c) * w[c];
-    mu[c] = used_mean(c);
+    q[c] = choice.invstd_of(c, is[c]) * w[c];
+    mu[c] = choice.mean_of(c, m[c]);
   }
   affine<T>(g, nullptr, xs, ys, std::vector<A>(g.C, 0), narrow<A>(q), narrow<A>(mu),
             narrow<A>(b));
@@ -1018,8 +1024,8 @@ void batch_norm_forward_train_masked(const TensorView& x, const TensorView& weig
                      read_channels<A>(bias, k.C, 0), eps, choice, m, v, is);
     std::vector<double> um(k.C), uis(k.C);
     for (int64_t c = 0; c < k.C; ++c) {
-      um[c] = choice.uses_batch(c) ? m[c] : choice.mean[c];
-      uis[c] = choice.uses_batch(c) ? is[c] : choice.invstd[c];
+      um[c] = choice.mean_of(c, m[c]);
+      uis[c] = choice.invstd_of(c, is[c]);
     }
     write_channels<A>(mean, m);
     write_channels<A>(var, v);
