@@ -509,10 +509,20 @@ __global__ void __launch_bounds__(kThreads)
 
 constexpr int kWarpsPerBlock = kThreads / 32;
 
+// StochNorm's choice of statistics (the _masked forward): channels with use_batch[c] == 0 are
+// normalized with the running statistics. used_mean and used_invstd get what each channel uses.
+// Absent (null used_mean) for batch norm.
+template <class P>
+struct Choice {
+  ChannelVector<const P> use_batch, running_mean, running_var;
+  ChannelVector<P> used_mean, used_invstd;
+};
+
 template <class P>
 __global__ void __launch_bounds__(kThreads)
     finalize_moments(const double* __restrict__ ws, int64_t C, int64_t G, ChannelVector<P> mean,
-                     ChannelVector<P> var, ChannelVector<P> invstd, double eps) {
+                     ChannelVector<P> var, ChannelVector<P> invstd, double eps,
+                     Choice<P> choice) {
   const int lane = threadIdx.x & 31;
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (c >= C) return;  // whole warps leave together
@@ -530,6 +540,11 @@ __global__ void __launch_bounds__(kThreads)
   mean.set(c, m.n > 0 ? m.mean : 0.0);
   var.set(c, v);
   if (invstd.data) invstd.set(c, 1.0 / sqrt(v + eps));
+  if (choice.used_mean.data) {
+    const bool batch = choice.use_batch.at(c, 1) != 0;
+    choice.used_mean.set(c, batch ? (m.n > 0 ? m.mean : 0.0) : choice.running_mean.at(c, 0));
+    choice.used_invstd.set(c, 1.0 / sqrt((batch ? v : choice.running_var.at(c, 1)) + eps));
+  }
 }
 
 template <class P>
@@ -559,6 +574,7 @@ struct AffineArgs {
   ChannelVector<const P> mean, invstd, weight, bias;  // normalize: y = (x - mean) * invstd * w + b
   ChannelVector<const P> sum_dy, sum_dy_xmu;          // backward, present in training
   double count;
+  ChannelVector<const P> use_batch;  // masked backward: 0 where the statistics are constants
 };
 
 template <class A>
@@ -576,7 +592,7 @@ __device__ Coefficients<P> coefficients(const AffineArgs<P>& a, int64_t c) {
   } else {
     const double p = w * invstd;
     double q = 0, r = 0;
-    if (a.sum_dy.data && a.count > 0) {
+    if (a.sum_dy.data && a.count > 0 && a.use_batch.at(c, 1) != 0) {
       q = -p * invstd * invstd * a.sum_dy_xmu.at(c, 0) / a.count;
       r = -p * a.sum_dy.at(c, 0) / a.count;
     }
@@ -760,11 +776,11 @@ unsigned finalize_grid(int64_t C) { return grid_for(ceil_div(C, kWarpsPerBlock))
 template <class P>
 void launch_finalize_moments(const Plan& plan, const double* ws, const TensorView& mean,
                              const TensorView& var, const TensorView& invstd, double eps,
-                             cudaStream_t stream) {
+                             cudaStream_t stream, const Choice<P>& choice = {}) {
   const int64_t C = channels_of(plan);
   finalize_moments<P><<<finalize_grid(C), kThreads, 0, stream>>>(
       ws, C, plan.partials_per_channel(), channel_vector<P>(mean), channel_vector<P>(var),
-      channel_vector<P>(invstd), eps);
+      channel_vector<P>(invstd), eps, choice);
   check_launch("finalize_moments");
 }
 
@@ -813,16 +829,17 @@ AffineArgs<P> normalize_args(const TensorView& mean, const TensorView& invstd,
                              const TensorView& weight, const TensorView& bias) {
   return {channel_vector<const P>(mean), channel_vector<const P>(invstd),
           channel_vector<const P>(weight), channel_vector<const P>(bias), {nullptr, 0},
-          {nullptr, 0}, 0.0};
+          {nullptr, 0}, 0.0, {nullptr, 0}};
 }
 
 template <class P>
 AffineArgs<P> backward_args(const TensorView& mean, const TensorView& invstd,
                             const TensorView& weight, const TensorView& sum_dy,
-                            const TensorView& sum_dy_xmu, double count) {
+                            const TensorView& sum_dy_xmu, double count,
+                            const TensorView& use_batch = {}) {
   return {channel_vector<const P>(mean), channel_vector<const P>(invstd),
           channel_vector<const P>(weight), {nullptr, 0}, channel_vector<const P>(sum_dy),
-          channel_vector<const P>(sum_dy_xmu), count};
+          channel_vector<const P>(sum_dy_xmu), count, channel_vector<const P>(use_batch)};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -834,6 +851,47 @@ cudaStream_t stream_of(const Launch& launch) { return static_cast<cudaStream_t>(
 double* workspace(const char* op, const Launch& launch, const TensorView& x, const Plan& plan) {
   const int64_t need = channels_of(plan) * plan.partials_per_channel() * kStatsDoubles;
   return checked_workspace(op, launch.workspace, x, need, "batch_norm_workspace_size(x)");
+}
+
+// The fused training forward of batch norm and of StochNorm: the statistics (mean, var, invstd
+// when defined, and the choice's used statistics when it has one), then the normalization with
+// norm_mean and norm_invstd (the batch statistics, or the choice's used ones).
+template <class T>
+void forward_train(const char* op, const TensorView& x, const TensorView& weight,
+                   const TensorView& bias, double eps, const TensorView& y,
+                   const TensorView& mean, const TensorView& var, const TensorView& invstd,
+                   const Choice<acc_t<T>>& choice, const TensorView& norm_mean,
+                   const TensorView& norm_invstd, const Launch& launch) {
+  using P = acc_t<T>;
+  // One plan for both passes, so that the normalization revisits the reduction's work items.
+  const Plan plan = make_plan({&x, &y}, dtype_size(x.dtype), x.device_id);
+  double* ws = workspace(op, launch, x, plan);
+  launch_moments<T>(plan, ws, stream_of(launch));
+  launch_finalize_moments<P>(plan, ws, mean, var, invstd, eps, stream_of(launch), choice);
+  launch_affine<T, false>(plan, normalize_args<P>(norm_mean, norm_invstd, weight, bias),
+                          stream_of(launch));
+}
+
+// The fused training backward of batch norm (use_batch undefined) and of StochNorm.
+template <class T>
+void backward_train(const char* op, const TensorView& dy, const TensorView& x,
+                    const TensorView& mean, const TensorView& invstd, const TensorView& weight,
+                    const TensorView& use_batch, const TensorView& dx, const TensorView& sum_dy,
+                    const TensorView& sum_dy_xmu, const Launch& launch) {
+  using P = acc_t<T>;
+  // dx (when wanted) joins the plan, so that the elementwise pass revisits the reduction's items.
+  const Plan plan = dx.defined() ? make_plan({&dy, &x, &dx}, dtype_size(x.dtype), x.device_id)
+                                 : make_plan({&dy, &x}, dtype_size(x.dtype), x.device_id);
+  double* ws = workspace(op, launch, x, plan);
+  const NCSView v = as_ncs(x, "x");
+  const double count = double(v.N * v.S);
+  launch_sums<T>(plan, mean, ws, stream_of(launch));
+  launch_finalize_sums<P>(plan, ws, sum_dy, sum_dy_xmu, stream_of(launch));
+  if (dx.defined()) {
+    launch_affine<T, true>(
+        plan, backward_args<P>(mean, invstd, weight, sum_dy, sum_dy_xmu, count, use_batch),
+        stream_of(launch));
+  }
 }
 
 }  // namespace
@@ -886,19 +944,32 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
                               double eps, const TensorView& y, const TensorView& mean,
                               const TensorView& var, const TensorView& invstd,
                               const Launch& launch) {
-  const char* op = "batch_norm_forward_train";
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
-  // One plan for both passes, so that the normalization revisits the reduction's work items.
-  const Plan plan = make_plan({&x, &y}, dtype_size(x.dtype), x.device_id);
-  double* ws = workspace(op, launch, x, plan);
+  dispatch_dtype(x.dtype, [&](auto tag) {
+    forward_train<decltype(tag)>("batch_norm_forward_train", x, weight, bias, eps, y, mean, var,
+                                 invstd, {}, mean, invstd, launch);
+  });
+}
+
+void batch_norm_forward_train_masked(const TensorView& x, const TensorView& weight,
+                                     const TensorView& bias, const TensorView& use_batch,
+                                     const TensorView& running_mean,
+                                     const TensorView& running_var, double eps,
+                                     const TensorView& y, const TensorView& mean,
+                                     const TensorView& var, const TensorView& used_mean,
+                                     const TensorView& used_invstd, const Launch& launch) {
+  if (x.shape[1] == 0) return;
+  DeviceGuard guard(x.device_id);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using P = acc_t<T>;
-    launch_moments<T>(plan, ws, stream_of(launch));
-    launch_finalize_moments<P>(plan, ws, mean, var, invstd, eps, stream_of(launch));
-    launch_affine<T, false>(plan, normalize_args<P>(mean, invstd, weight, bias),
-                            stream_of(launch));
+    const Choice<P> choice{channel_vector<const P>(use_batch),
+                           channel_vector<const P>(running_mean),
+                           channel_vector<const P>(running_var), channel_vector<P>(used_mean),
+                           channel_vector<P>(used_invstd)};
+    forward_train<T>("batch_norm_forward_train_masked", x, weight, bias, eps, y, mean, var,
+                     TensorView{}, choice, used_mean, used_invstd, launch);
   });
 }
 
@@ -936,24 +1007,24 @@ void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const 
                                const TensorView& invstd, const TensorView& weight,
                                const TensorView& dx, const TensorView& sum_dy,
                                const TensorView& sum_dy_xmu, const Launch& launch) {
-  const char* op = "batch_norm_backward_train";
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
-  // dx (when wanted) joins the plan, so that the elementwise pass revisits the reduction's items.
-  const Plan plan = dx.defined() ? make_plan({&dy, &x, &dx}, dtype_size(x.dtype), x.device_id)
-                                 : make_plan({&dy, &x}, dtype_size(x.dtype), x.device_id);
-  double* ws = workspace(op, launch, x, plan);
-  const NCSView v = as_ncs(x, "x");
-  const double count = double(v.N * v.S);
   dispatch_dtype(x.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using P = acc_t<T>;
-    launch_sums<T>(plan, mean, ws, stream_of(launch));
-    launch_finalize_sums<P>(plan, ws, sum_dy, sum_dy_xmu, stream_of(launch));
-    if (dx.defined()) {
-      launch_affine<T, true>(plan, backward_args<P>(mean, invstd, weight, sum_dy, sum_dy_xmu, count),
-                             stream_of(launch));
-    }
+    backward_train<decltype(tag)>("batch_norm_backward_train", dy, x, mean, invstd, weight,
+                                  TensorView{}, dx, sum_dy, sum_dy_xmu, launch);
+  });
+}
+
+void batch_norm_backward_train_masked(const TensorView& dy, const TensorView& x,
+                                      const TensorView& mean, const TensorView& invstd,
+                                      const TensorView& weight, const TensorView& use_batch,
+                                      const TensorView& dx, const TensorView& sum_dy,
+                                      const TensorView& sum_dy_xmu, const Launch& launch) {
+  if (x.shape[1] == 0) return;
+  DeviceGuard guard(x.device_id);
+  dispatch_dtype(x.dtype, [&](auto tag) {
+    backward_train<decltype(tag)>("batch_norm_backward_train_masked", dy, x, mean, invstd, weight,
+                                  use_batch, dx, sum_dy, sum_dy_xmu, launch);
   });
 }
 

@@ -876,6 +876,86 @@ void batch_norm_normalize(const TensorView& x, const TensorView& mean, const Ten
   }, [&] { cuda::batch_norm_normalize(x, mean, invstd, weight, bias, y, launch); });
 }
 
+namespace {
+// StochNorm's per-channel choice of statistics (the _masked ops): channels with batch[c] == 0 use
+// the given statistics instead of the batch ones. Empty for batch norm: every channel's own.
+struct Choice {
+  std::vector<char> batch;
+  std::vector<double> mean, invstd;  // the given statistics (forward only)
+  bool uses_batch(int64_t c) const { return batch.empty() || batch[c]; }
+  // The statistics channel c is normalized with, given its batch ones.
+  double mean_of(int64_t c, double batch_mean) const {
+    return uses_batch(c) ? batch_mean : mean[c];
+  }
+  double invstd_of(int64_t c, double batch_invstd) const {
+    return uses_batch(c) ? batch_invstd : invstd[c];
+  }
+};
+
+template <class P>
+Choice read_choice(const TensorView& use_batch, int64_t C) {
+  Choice choice;
+  for (double flag : read_channels<P>(use_batch, C, 1)) choice.batch.push_back(flag != 0);
+  return choice;
+}
+
+// The training forward of batch_norm_forward_train (and of its masked variant): the batch mean m,
+// biased var v and invstd `is` of every channel, y normalized with them or with the choice's.
+template <class T>
+void forward_train(const Geometry& g, Strided<const T> xs, Strided<T> ys,
+                   const std::vector<double>& w, const std::vector<double>& b, double eps,
+                   const Choice& choice, std::vector<double>& m, std::vector<double>& v,
+                   std::vector<double>& is) {
+  using A = acc_t<T>;
+  const double M = double(g.N * g.S);
+  m.assign(g.C, 0.0);
+  v.assign(g.C, 0.0);
+  is.assign(g.C, 0.0);
+  const int nthreads = threads_for(g.N * g.C * g.S);
+  if (g.layout == Layout::Planar && g.C >= nthreads && M > 0 && fuse_planar<T>(g)) {
+    // Fused: a thread owns whole channels, normalizing each right after reducing it, while its
+    // rows are still in cache, so x crosses the memory bus once.
+    const bool stream = should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)));
+    const auto shift = pilot_means(g, xs);
+    parallel(nthreads, [&](int tid, int nt) {
+      int64_t c0, c1;
+      split_range(g.C, tid, nt, &c0, &c1);
+      for (int64_t c = c0; c < c1; ++c) {
+        const A ks = A(shift[c]);
+        double s1 = 0, s2 = 0;
+        planar_pair_sums<T, A>(xs.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, ks, ks, &s1, &s2);
+        double k = double(ks), d = s1 / M, var = s2 / M - d * d;
+        if (needs_reshift<A>(k, k + d, var)) {  // as in channel_moments
+          k += d;
+          s1 = s2 = 0;
+          planar_pair_sums<T, double>(xs.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, k, k, &s1,
+                                      &s2);
+          d = s1 / M;
+          var = s2 / M - d * d;
+        }
+        m[c] = k + d;
+        v[c] = var < 0 ? 0.0 : var;  // as in moments()
+        is[c] = 1.0 / std::sqrt(v[c] + eps);
+        planar_affine<T>(nullptr, xs.row(0, c), ys.row(0, c), xs.sN, g.N, g.S, A(0),
+                         A(choice.invstd_of(c, is[c]) * w[c]), A(choice.mean_of(c, m[c])),
+                         A(b[c]), stream);
+      }
+      if (stream) stream_fence();
+    });
+    return;
+  }
+  std::vector<double> q(g.C), mu(g.C);
+  channel_moments<T, A>(g, xs, m, v);
+  for (int64_t c = 0; c < g.C; ++c) {
+    is[c] = 1.0 / std::sqrt(v[c] + eps);
+    q[c] = choice.invstd_of(c, is[c]) * w[c];
+    mu[c] = choice.mean_of(c, m[c]);
+  }
+  affine<T>(g, nullptr, xs, ys, std::vector<A>(g.C, 0), narrow<A>(q), narrow<A>(mu),
+            narrow<A>(b));
+}
+}  // namespace
+
 void batch_norm_forward_train(const TensorView& x, const TensorView& weight, const TensorView& bias,
                               double eps, const TensorView& y, const TensorView& mean,
                               const TensorView& var, const TensorView& invstd,
@@ -896,56 +976,65 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
     using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x, &yv}), k.x.N, k.C, k.x.S};
-    const auto xs = in<T>(x, k.x);
-    const auto ys = strided<T>(y, yv);
-    const auto w = read_channels<A>(weight, k.C, 1), b = read_channels<A>(bias, k.C, 0);
-    const double M = double(g.N * g.S);
-    std::vector<double> m(k.C, 0.0), v(k.C, 0.0), is(k.C, 0.0);
-
-    const int nthreads = threads_for(g.N * g.C * g.S);
-    if (g.layout == Layout::Planar && g.C >= nthreads && M > 0 && fuse_planar<T>(g)) {
-      // Fused: a thread owns whole channels, normalizing each right after reducing it, while its
-      // rows are still in cache, so x crosses the memory bus once.
-      const bool stream = should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)));
-      const auto shift = pilot_means(g, xs);
-      parallel(nthreads, [&](int tid, int nt) {
-        int64_t c0, c1;
-        split_range(g.C, tid, nt, &c0, &c1);
-        for (int64_t c = c0; c < c1; ++c) {
-          const A ks = A(shift[c]);
-          double s1 = 0, s2 = 0;
-          planar_pair_sums<T, A>(xs.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, ks, ks, &s1, &s2);
-          double k = double(ks), d = s1 / M, var = s2 / M - d * d;
-          if (needs_reshift<A>(k, k + d, var)) {  // as in channel_moments
-            k += d;
-            s1 = s2 = 0;
-            planar_pair_sums<T, double>(xs.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, k, k, &s1,
-                                        &s2);
-            d = s1 / M;
-            var = s2 / M - d * d;
-          }
-          m[c] = k + d;
-          v[c] = var < 0 ? 0.0 : var;  // as in moments()
-          is[c] = 1.0 / std::sqrt(v[c] + eps);
-          planar_affine<T>(nullptr, xs.row(0, c), ys.row(0, c), xs.sN, g.N, g.S, A(0),
-                           A(is[c] * w[c]), A(m[c]), A(b[c]), stream);
-        }
-        if (stream) stream_fence();
-      });
-    } else {
-      std::vector<double> q(k.C);
-      channel_moments<T, A>(g, xs, m, v);
-      for (int64_t c = 0; c < k.C; ++c) {
-        is[c] = 1.0 / std::sqrt(v[c] + eps);
-        q[c] = is[c] * w[c];
-      }
-      affine<T>(g, nullptr, xs, ys, std::vector<A>(k.C, 0), narrow<A>(q), narrow<A>(m),
-                narrow<A>(b));
-    }
+    std::vector<double> m, v, is;
+    forward_train<T>(g, in<T>(x, k.x), strided<T>(y, yv), read_channels<A>(weight, k.C, 1),
+                     read_channels<A>(bias, k.C, 0), eps, Choice{}, m, v, is);
     write_channels<A>(mean, m);
     write_channels<A>(var, v);
     write_channels<A>(invstd, is);
   }, [&] { cuda::batch_norm_forward_train(x, weight, bias, eps, y, mean, var, invstd, launch); });
+}
+
+void batch_norm_forward_train_masked(const TensorView& x, const TensorView& weight,
+                                     const TensorView& bias, const TensorView& use_batch,
+                                     const TensorView& running_mean,
+                                     const TensorView& running_var, double eps,
+                                     const TensorView& y, const TensorView& mean,
+                                     const TensorView& var, const TensorView& used_mean,
+                                     const TensorView& used_invstd, const Launch& launch) {
+  const char* op = "batch_norm_forward_train_masked";
+  const Checked k = check_input(op, x);
+  check_channels(op, weight, "weight", x, k.C, k.param, true);
+  check_channels(op, bias, "bias", x, k.C, k.param, true);
+  check_channels(op, use_batch, "use_batch", x, k.C, k.param, false);
+  check_channels(op, running_mean, "running_mean", x, k.C, k.param, false);
+  check_channels(op, running_var, "running_var", x, k.C, k.param, false);
+  check_channels(op, mean, "mean", x, k.C, k.param, false);
+  check_channels(op, var, "var", x, k.C, k.param, false);
+  check_channels(op, used_mean, "used_mean", x, k.C, k.param, false);
+  check_channels(op, used_invstd, "used_invstd", x, k.C, k.param, false);
+  NK_CHECK_VALUE(eps > 0, op, ": eps must be positive in training (as in torch), got ", eps);
+  const NCSView yv = check_like_x(op, y, "y", x);
+  check_output_memory(op, {{y, "y", true}, {mean, "mean", false}, {var, "var", false},
+                           {used_mean, "used_mean", false}, {used_invstd, "used_invstd", false}},
+                      {{x, "x", true}, {weight, "weight", false}, {bias, "bias", false},
+                       {use_batch, "use_batch", false}, {running_mean, "running_mean", false},
+                       {running_var, "running_var", false}});
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    using A = acc_t<T>;
+    const Geometry g{choose_layout({&k.x, &yv}), k.x.N, k.C, k.x.S};
+    Choice choice = read_choice<A>(use_batch, k.C);
+    choice.mean = read_channels<A>(running_mean, k.C, 0);
+    for (double rv : read_channels<A>(running_var, k.C, 1)) {
+      choice.invstd.push_back(1.0 / std::sqrt(rv + eps));
+    }
+    std::vector<double> m, v, is;
+    forward_train<T>(g, in<T>(x, k.x), strided<T>(y, yv), read_channels<A>(weight, k.C, 1),
+                     read_channels<A>(bias, k.C, 0), eps, choice, m, v, is);
+    std::vector<double> um(k.C), uis(k.C);
+    for (int64_t c = 0; c < k.C; ++c) {
+      um[c] = choice.mean_of(c, m[c]);
+      uis[c] = choice.invstd_of(c, is[c]);
+    }
+    write_channels<A>(mean, m);
+    write_channels<A>(var, v);
+    write_channels<A>(used_mean, um);
+    write_channels<A>(used_invstd, uis);
+  }, [&] {
+    cuda::batch_norm_forward_train_masked(x, weight, bias, use_batch, running_mean, running_var,
+                                          eps, y, mean, var, used_mean, used_invstd, launch);
+  });
 }
 
 void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const TensorView& mean,
@@ -1030,6 +1119,52 @@ void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const 
   });
 }
 
+namespace {
+// The training backward of batch_norm_backward_train (and of its masked variant): the sums of
+// every channel, and dx (when dxs.data) through the batch statistics where the choice uses them,
+// through constant statistics elsewhere.
+template <class T>
+void backward_train(const Geometry& g, Strided<const T> dys, Strided<const T> xs, Strided<T> dxs,
+                    const std::vector<double>& m, const std::vector<double>& is,
+                    const std::vector<double>& w, const Choice& choice, std::vector<double>& s1,
+                    std::vector<double>& s2) {
+  using A = acc_t<T>;
+  const double count = double(g.N * g.S);
+  s1.assign(g.C, 0.0);
+  s2.assign(g.C, 0.0);
+  const int nthreads = threads_for(g.N * g.C * g.S);
+  if (g.layout == Layout::Planar && g.C >= nthreads && count > 0 && fuse_planar<T>(g)) {
+    // Fused as in the forward: each channel's dx is written while its dy and x are in cache.
+    const bool stream = should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)));
+    parallel(nthreads, [&](int tid, int nt) {
+      int64_t c0, c1;
+      split_range(g.C, tid, nt, &c0, &c1);
+      for (int64_t c = c0; c < c1; ++c) {
+        planar_pair_sums<T, A>(dys.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, A(0), A(m[c]),
+                               &s1[c], &s2[c]);
+        if (!dxs.data) continue;
+        const double p = w[c] * is[c];
+        const double through = choice.uses_batch(c) ? 1.0 : 0.0;
+        planar_affine<T>(dys.row(0, c), xs.row(0, c), dxs.row(0, c), xs.sN, g.N, g.S, A(p),
+                         A(-through * p * is[c] * is[c] * s2[c] / count), A(m[c]),
+                         A(-through * p * s1[c] / count), stream);
+      }
+      if (stream) stream_fence();
+    });
+    return;
+  }
+  pair_sums<T, A>(g, dys, xs, std::vector<A>(g.C, 0), narrow<A>(m), s1, s2);
+  if (!dxs.data) return;
+  std::vector<double> p, q, r;
+  grad_input_coefficients(is, w, &s1, &s2, count, p, q, r);
+  for (int64_t c = 0; c < g.C; ++c) {
+    if (!choice.uses_batch(c)) q[c] = r[c] = 0.0;  // constant statistics: dx = p * dy
+  }
+  affine<T>(g, &dys, xs, dxs, narrow<A>(p), narrow<A>(q), narrow<A>(m),
+            narrow<A>(r));
+}
+}  // namespace
+
 void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const TensorView& mean,
                                const TensorView& invstd, const TensorView& weight,
                                const TensorView& dx, const TensorView& sum_dy,
@@ -1051,44 +1186,52 @@ void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const 
     using T = storage_t<decltype(tag)>;
     using A = acc_t<T>;
     const Geometry g{choose_layout({&k.x, &dyv, &dxv}), k.x.N, k.C, k.x.S};
-    const double count = double(g.N * g.S);
-    const auto m = read_channels<A>(mean, k.C, 0), is = read_channels<A>(invstd, k.C, 0);
-    const auto w = read_channels<A>(weight, k.C, 1);
-    const auto xs = in<T>(x, k.x), dys = in<T>(dy, dyv);
-    std::vector<double> s1(k.C, 0.0), s2(k.C, 0.0);
-
-    const int nthreads = threads_for(g.N * g.C * g.S);
-    if (g.layout == Layout::Planar && g.C >= nthreads && count > 0 && fuse_planar<T>(g)) {
-      // Fused as in the forward: each channel's dx is written while its dy and x are in cache.
-      const auto dxs = dx.defined() ? strided<T>(dx, dxv) : Strided<T>{nullptr, 0, 0, 0};
-      const bool stream = should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)));
-      parallel(nthreads, [&](int tid, int nt) {
-        int64_t c0, c1;
-        split_range(g.C, tid, nt, &c0, &c1);
-        for (int64_t c = c0; c < c1; ++c) {
-          planar_pair_sums<T, A>(dys.row(0, c), xs.row(0, c), xs.sN, g.N, g.S, A(0), A(m[c]), &s1[c],
-                              &s2[c]);
-          if (!dxs.data) continue;
-          const double p = w[c] * is[c];
-          planar_affine<T>(dys.row(0, c), xs.row(0, c), dxs.row(0, c), xs.sN, g.N, g.S, A(p),
-                           A(-p * is[c] * is[c] * s2[c] / count), A(m[c]), A(-p * s1[c] / count),
-                           stream);
-        }
-        if (stream) stream_fence();
-      });
-    } else {
-      pair_sums<T, A>(g, dys, xs, std::vector<A>(k.C, 0), narrow<A>(m), s1, s2);
-      if (dx.defined()) {
-        std::vector<double> p, q, r;
-        grad_input_coefficients(is, w, &s1, &s2, count, p, q, r);
-        affine<T>(g, &dys, xs, strided<T>(dx, dxv), narrow<A>(p), narrow<A>(q), narrow<A>(m),
-                  narrow<A>(r));
-      }
-    }
+    const auto dxs = dx.defined() ? strided<T>(dx, dxv) : Strided<T>{nullptr, 0, 0, 0};
+    std::vector<double> s1, s2;
+    backward_train<T>(g, in<T>(dy, dyv), in<T>(x, k.x), dxs, read_channels<A>(mean, k.C, 0),
+                      read_channels<A>(invstd, k.C, 0), read_channels<A>(weight, k.C, 1),
+                      Choice{}, s1, s2);
     write_channels<A>(sum_dy, s1);
     write_channels<A>(sum_dy_xmu, s2);
   }, [&] {
     cuda::batch_norm_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, launch);
+  });
+}
+
+void batch_norm_backward_train_masked(const TensorView& dy, const TensorView& x,
+                                      const TensorView& mean, const TensorView& invstd,
+                                      const TensorView& weight, const TensorView& use_batch,
+                                      const TensorView& dx, const TensorView& sum_dy,
+                                      const TensorView& sum_dy_xmu, const Launch& launch) {
+  const char* op = "batch_norm_backward_train_masked";
+  const Checked k = check_input(op, x);
+  const NCSView dyv = check_like_x(op, dy, "dy", x);
+  const NCSView dxv = dx.defined() ? check_like_x(op, dx, "dx", x) : dyv;
+  check_channels(op, mean, "mean", x, k.C, k.param, false);
+  check_channels(op, invstd, "invstd", x, k.C, k.param, false);
+  check_channels(op, weight, "weight", x, k.C, k.param, true);
+  check_channels(op, use_batch, "use_batch", x, k.C, k.param, false);
+  check_channels(op, sum_dy, "sum_dy", x, k.C, k.param, false);
+  check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, false);
+  check_output_memory(op, {{dx, "dx", true}, {sum_dy, "sum_dy", false},
+                           {sum_dy_xmu, "sum_dy_xmu", false}},
+                      {{dy, "dy", true}, {x, "x", true}, {mean, "mean", false},
+                       {invstd, "invstd", false}, {weight, "weight", false},
+                       {use_batch, "use_batch", false}});
+  dispatch<true>(op, x, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    using A = acc_t<T>;
+    const Geometry g{choose_layout({&k.x, &dyv, &dxv}), k.x.N, k.C, k.x.S};
+    const auto dxs = dx.defined() ? strided<T>(dx, dxv) : Strided<T>{nullptr, 0, 0, 0};
+    std::vector<double> s1, s2;
+    backward_train<T>(g, in<T>(dy, dyv), in<T>(x, k.x), dxs, read_channels<A>(mean, k.C, 0),
+                      read_channels<A>(invstd, k.C, 0), read_channels<A>(weight, k.C, 1),
+                      read_choice<A>(use_batch, k.C), s1, s2);
+    write_channels<A>(sum_dy, s1);
+    write_channels<A>(sum_dy_xmu, s2);
+  }, [&] {
+    cuda::batch_norm_backward_train_masked(dy, x, mean, invstd, weight, use_batch, dx, sum_dy,
+                                           sum_dy_xmu, launch);
   });
 }
 

@@ -1,6 +1,6 @@
 """normkit.torch's StochNorm2d and MixStyle on CUDA tensors against the same layers on the CPU
-with the same (CPU) generator state; marked gpu, skipped without a GPU and normkit's CUDA
-kernels."""
+with the same (CPU) generator state, and the masked batch-norm ops of one process's StochNorm
+against their CPU kernels; marked gpu, skipped without a GPU and normkit's CUDA kernels."""
 import copy
 
 import pytest
@@ -31,6 +31,34 @@ def test_stochnorm_cuda_matches_cpu(device, dtype):
         torch.testing.assert_close(yg.float().cpu(), yc.float(), rtol=tol, atol=tol)
         torch.testing.assert_close(xg.grad.float().cpu(), xc.grad.float(), rtol=tol, atol=tol)
         torch.testing.assert_close(gpu.running_var.cpu(), cpu.running_var, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", CUDA)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_masked_batch_norm_ops_cuda_match_cpu(device, dtype, layout):
+    """normkit::batch_norm_train_masked and its backward (autograd) on CUDA against the CPU
+    kernels: channels 1 and 4 on the running statistics, the others on the batch ones."""
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(4, 5, 9, 7, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
+    x = x.to(dtype).contiguous(memory_format=layout)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    w = torch.rand(5, generator=torch.Generator().manual_seed(2), dtype=pd) + 0.5
+    b = torch.randn(5, generator=torch.Generator().manual_seed(3), dtype=pd)
+    use_batch = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], dtype=pd)
+    rm, rv = torch.linspace(-0.5, 0.5, 5, dtype=pd), torch.linspace(0.5, 2.0, 5, dtype=pd)
+    outs = []
+    for dev in ("cpu", device):
+        xd = x.to(dev).requires_grad_()
+        wd, bd = w.to(dev).requires_grad_(), b.to(dev).requires_grad_()
+        res = torch.ops.normkit.batch_norm_train_masked(xd, wd, bd, use_batch.to(dev),
+                                                        rm.to(dev), rv.to(dev), 1e-5)
+        res[0].backward(dy.to(dev))
+        outs.append([t.detach().cpu().double() for t in (*res, xd.grad, wd.grad, bd.grad)])
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3,
+           torch.bfloat16: 3e-2}[dtype]
+    for got, want in zip(outs[1], outs[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("device", CUDA)

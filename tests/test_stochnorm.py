@@ -1,6 +1,7 @@
 """StochNorm1d/2d/3d in normkit.nn and normkit.torch against a float64 NumPy reference that uses
 the same channel draw, batch norm at p = 0 / p = 1, torch compositions, gradcheck,
-convert_stochnorm, seeding and errors."""
+convert_stochnorm, seeding and errors; the masked fused batch-norm ops that run one process's
+StochNorm against the reference, the split ops and batch norm, in every layout and dtype."""
 import copy
 
 import numpy as np
@@ -8,13 +9,16 @@ import pytest
 import torch
 
 import normkit
+import normkit.functional as F
 import normkit.nn as nkn
 import normkit.torch as nkt
-from helpers import (assert_close, assert_close_dtype, axes, bc, count, make_layout, params,
-                     randn, running)
+from helpers import (TOL, assert_close, assert_close_dtype, axes, bc, count, layouts_for,
+                     make_layout, params, randn, running)
 from torch_helpers import tensor, to_numpy
 
-SHAPES = {1: [(7, 5), (6, 5, 9)], 2: [(5, 6, 7, 3)], 3: [(3, 4, 3, 5, 2)]}
+# (3, 5, 33, 32): rows of 1056 values, long enough for the fused planar kernels (each channel
+# normalized right after it is reduced); the other shapes take the two-pass kernels.
+SHAPES = {1: [(7, 5), (6, 5, 9)], 2: [(5, 6, 7, 3), (3, 5, 33, 32)], 3: [(3, 4, 3, 5, 2)]}
 LAYOUTS = ["contiguous", "channels_last"]
 
 
@@ -393,3 +397,197 @@ def test_bias_false_carried_by_convert():
     assert snn.bias is None
     x = randn((5, 3), 1, np.float32)
     np.testing.assert_allclose(snn(x), bn(x), rtol=1e-6, atol=1e-6)
+
+
+# --- the masked fused batch-norm ops (one process's StochNorm) ------------------------------------
+
+# Fused planar kernels: (3, 5, 33, 32) for float32/float64 rows, (2, 3, 48, 45) for 2-byte ones
+# too, (4, 5, 64, 64) on two threads (each owning whole channels); the rest two-pass kernels.
+MASKED_SHAPES = [(7, 5), (6, 5, 9), (5, 7, 3, 3), (3, 5, 33, 32), (2, 3, 48, 45), (4, 5, 64, 64),
+                 (2, 3, 5, 4, 3)]
+CHOICES = ["mixed", "p0", "p1"]
+
+
+def choice(C, kind):
+    """s: batch statistics on channels 0, 2, 4, ... ("mixed"), on none ("p0") or on all ("p1")."""
+    return {"mixed": np.arange(C) % 2 == 0, "p0": np.zeros(C, bool), "p1": np.ones(C, bool)}[kind]
+
+
+def split_stochnorm(x, dy, w, b, rm, rv, s, eps):
+    """The same step through the split ops (the synchronized layers' passes), in x's dtype:
+    (y, dx, dw, db, used mean, used invstd)."""
+    mean, var = F.batch_norm_stats(x)
+    invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(mean.dtype)
+    sel_mean = np.where(s, mean, rm)
+    run_invstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(mean.dtype)
+    sel_invstd = np.where(s, invstd, run_invstd)
+    y = F.batch_norm_normalize(x, sel_mean, sel_invstd, w, b)
+    sum_dy, sum_dy_xmu = F.batch_norm_backward_reduce(dy, x, sel_mean)
+    keep = s.astype(mean.dtype)
+    dx = F.batch_norm_backward_elemt(dy, x, sel_mean, sel_invstd, w, sum_dy * keep,
+                                     sum_dy_xmu * keep, count=count(x))
+    return y, dx, sum_dy_xmu * sel_invstd, sum_dy, sel_mean, sel_invstd
+
+
+@pytest.mark.parametrize("shape", MASKED_SHAPES, ids=str)
+@pytest.mark.parametrize("kind", CHOICES)
+@pytest.mark.parametrize("xdtype", [np.float16, np.float32, np.float64],
+                         ids=["f16", "f32", "f64"])
+def test_masked_ops_match_reference_and_split_ops(shape, kind, xdtype):
+    C = shape[1]
+    pd = np.float64 if xdtype == np.float64 else np.float32
+    s = choice(C, kind)
+    w, b = params(C, 3, pd)
+    rm, rv = running(C, 4, pd)
+    for layout in layouts_for(len(shape)):
+        x = make_layout(randn(shape, 1, xdtype, offset=0.5), layout)
+        dy = make_layout(randn(shape, 2, xdtype), layout)
+        msg = f"{layout} s={s.astype(int)}"
+        ry, rdx, rdw, rdb, rrm, rrv = ref_stochnorm(x, dy, w, b, rm, rv, s, 0.1, 1e-5)
+        rm_k, rv_k = rm.copy(), rv.copy()
+        y, mean, invstd = F.batch_norm_forward_masked(x, s, rm_k, rv_k, w, b, 0.1, 1e-5)
+        dx, dw, db = F.batch_norm_backward_masked(dy, x, mean, invstd, s, w)
+        assert y.dtype == xdtype and dx.dtype == xdtype and mean.dtype == pd
+        assert y.strides == x.strides or layout not in ("contiguous", "channels_last")
+        assert_close_dtype(y, ry, xdtype, msg)
+        assert_close_dtype(dx, rdx, xdtype, msg, factor=10)
+        assert_close_dtype(dw, rdw, xdtype, msg, factor=10)
+        assert_close_dtype(db, rdb, xdtype, msg, factor=10)
+        # every channel's batch statistics reach the running ones, whatever it normalized with
+        assert_close_dtype(rm_k, rrm, pd, msg)
+        assert_close_dtype(rv_k, rrv, pd, msg)
+        # the split ops (the synchronized path) compute the same step in other passes
+        sy, sdx, sdw, sdb, smean, sinvstd = split_stochnorm(x, dy, w, b, rm, rv, s, 1e-5)
+        assert_close_dtype(mean, smean, pd, msg)
+        assert_close_dtype(invstd, sinvstd, pd, msg)
+        assert_close_dtype(y, sy, xdtype, msg)
+        assert_close_dtype(dx, sdx, xdtype, msg)
+        assert_close_dtype(dw, sdw, xdtype, msg)
+        assert_close_dtype(db, sdb, xdtype, msg)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 9), (3, 5, 33, 32)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_masked_ops_at_p1_and_p0_are_batch_norm(shape, layout, dtype):
+    """All channels on batch statistics: batch norm's fused training ops, bit for bit (the same
+    kernels). None: batch norm in eval with the running statistics."""
+    C = shape[1]
+    x = make_layout(randn(shape, 5, dtype, offset=-0.7), layout)
+    dy = make_layout(randn(shape, 6, dtype), layout)
+    w, b = params(C, 7, dtype)
+    rm, rv = running(C, 8, dtype)
+    rm1, rv1, rm2, rv2 = rm.copy(), rv.copy(), rm.copy(), rv.copy()
+    y, mean, invstd = F.batch_norm_forward_masked(x, np.ones(C, bool), rm1, rv1, w, b, 0.2)
+    dx, dw, db = F.batch_norm_backward_masked(dy, x, mean, invstd, np.ones(C, bool), w)
+    by, bmean, binvstd = F.batch_norm_forward(x, w, b, rm2, rv2, True, 0.2)
+    bdx, bdw, bdb = F.batch_norm_backward(dy, x, bmean, binvstd, w)
+    for got, want in ((y, by), (mean, bmean), (invstd, binvstd), (rm1, rm2), (rv1, rv2),
+                      (dx, bdx), (dw, bdw), (db, bdb)):
+        np.testing.assert_array_equal(got, want)
+    rm0, rv0 = rm.copy(), rv.copy()
+    y, mean, invstd = F.batch_norm_forward_masked(x, np.zeros(C, bool), rm0, rv0, w, b, 0.2)
+    dx, dw, db = F.batch_norm_backward_masked(dy, x, mean, invstd, np.zeros(C, bool), w)
+    ey, emean, einvstd = F.batch_norm_forward(x, w, b, rm, rv, False)
+    edx, edw, edb = F.batch_norm_backward(dy, x, emean, einvstd, w, training=False)
+    tight = TOL[np.dtype(dtype)][0] / 10
+    for got, want in ((y, ey), (mean, emean), (invstd, einvstd), (dx, edx), (dw, edw),
+                      (db, edb)):
+        assert_close(got, want, tight, tight)
+    np.testing.assert_array_equal(rm0, rm1)  # the same running update either way
+    np.testing.assert_array_equal(rv0, rv1)
+
+
+def test_masked_ops_optional_outputs_and_affine_false():
+    x, dy = randn((4, 5, 6), 1, offset=0.3), randn((4, 5, 6), 2)
+    rm, rv = running(5, 3)
+    s = choice(5, "mixed")
+    y, mean, invstd = F.batch_norm_forward_masked(x, s, rm.copy(), rv.copy(), None, None)
+    ry, rdx, _, _, _, _ = ref_stochnorm(x, dy, np.ones(5), np.zeros(5), rm, rv, s, 0.1, 1e-5)
+    assert_close(y, ry, 1e-12, 1e-12)
+    dx, dw, db = F.batch_norm_backward_masked(dy, x, mean, invstd, s)
+    assert dw is None and db is None
+    assert_close(dx, rdx, 1e-11, 1e-11)
+    w = params(5, 4)[0]
+    dx, dw, db = F.batch_norm_backward_masked(dy, x, mean, invstd, s, w, input_grad=False)
+    assert dx is None and dw is not None and db is not None
+
+
+def test_masked_ops_errors():
+    x = randn((4, 3, 5), 1, np.float32)
+    rm, rv = running(3, 2, np.float32)
+    with pytest.raises(ValueError, match="use_batch must have shape"):
+        F.batch_norm_forward_masked(x, np.ones(4, bool), rm, rv)
+    with pytest.raises(ValueError, match="running_var is required"):
+        F.batch_norm_forward_masked(x, np.ones(3, bool), rm, None)
+    with pytest.raises(TypeError, match="running_mean must be float32"):
+        F.batch_norm_forward_masked(x, np.ones(3, bool), rm.astype(np.float64), rv)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        F.batch_norm_forward_masked(x[:1, :, :1], np.ones(3, bool), rm, rv)
+    with pytest.raises(ValueError, match="eps"):
+        F.batch_norm_forward_masked(x, np.ones(3, bool), rm, rv, eps=0.0)
+    with pytest.raises(TypeError, match="use_batch must be float32"):  # the core's own check
+        normkit._C.batch_norm_backward_train_masked(
+            x, x, rm, rv, None, np.ones(3, np.float64), None, np.empty(3, np.float32),
+            np.empty(3, np.float32))
+    with pytest.raises(ValueError, match="use_batch must have shape"):
+        F.batch_norm_backward_masked(x, x, rm, rv, np.ones((3, 1), bool))
+
+
+TORCH_TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5,
+             torch.float64: 1e-10}
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 3, 3), (2, 3, 48, 45)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", CHOICES)
+@pytest.mark.parametrize("tdtype", list(TORCH_TOL), ids=str)
+def test_torch_masked_op_every_dtype(shape, layout, kind, tdtype):
+    """torch.ops.normkit.batch_norm_train_masked and its registered backward against the float64
+    reference on the same (rounded) input; float16/bfloat16 in and out, float32 statistics."""
+    C = shape[1]
+    pd = torch.float64 if tdtype == torch.float64 else torch.float32
+    s = choice(C, kind)
+    w, b = params(C, 3)
+    rm, rv = running(C, 4)
+    x = tensor(randn(shape, 11, offset=0.5), layout=layout).to(tdtype).requires_grad_()
+    dy = tensor(randn(shape, 12), layout=layout).to(tdtype)
+    tw, tb = (torch.tensor(a, dtype=pd, requires_grad=True) for a in (w, b))
+    y, mean, var, used_mean, used_invstd = torch.ops.normkit.batch_norm_train_masked(
+        x, tw, tb, torch.tensor(s, dtype=pd), torch.tensor(rm, dtype=pd),
+        torch.tensor(rv, dtype=pd), 1e-5)
+    y.backward(dy)
+    assert y.dtype == tdtype and x.grad.dtype == tdtype and mean.dtype == pd
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    xr, dyr = to_numpy(x), to_numpy(dy)
+    rmr, rvr = to_numpy(torch.tensor(rm, dtype=pd)), to_numpy(torch.tensor(rv, dtype=pd))
+    ry, rdx, rdw, rdb, _, _ = ref_stochnorm(xr, dyr, to_numpy(tw), to_numpy(tb), rmr, rvr, s,
+                                            0.1, 1e-5)
+    stats_tol = 1e-10 if pd == torch.float64 else 1e-5
+    assert_close(to_numpy(mean), xr.mean(axis=axes(xr)), stats_tol, stats_tol)
+    assert_close(to_numpy(var), xr.var(axis=axes(xr)), stats_tol, stats_tol)
+    assert_close(to_numpy(used_mean), np.where(s, xr.mean(axis=axes(xr)), rmr), stats_tol,
+                 stats_tol)
+    tol = TORCH_TOL[tdtype]
+    assert_close(to_numpy(y), ry, tol, tol)
+    assert_close(to_numpy(x.grad), rdx, 10 * tol, 10 * tol)
+    assert_close(to_numpy(tw.grad), rdw, 10 * tol, 10 * tol)
+    assert_close(to_numpy(tb.grad), rdb, 10 * tol, 10 * tol)
+    if kind == "p1":  # every channel on batch statistics: batch norm's training op exactly
+        by, bmean, bvar, binvstd = torch.ops.normkit.batch_norm_train(x.detach(), tw.detach(),
+                                                                      tb.detach(), 1e-5)
+        for got, want in ((y, by), (mean, bmean), (var, bvar), (used_invstd, binvstd)):
+            assert torch.equal(got.detach(), want)
+
+
+def test_torch_masked_op_gradcheck():
+    C = 5
+    x = torch.from_numpy(randn((3, C, 4), 1, offset=0.4)).requires_grad_()
+    w, b = (torch.from_numpy(a).requires_grad_() for a in params(C, 2))
+    rm, rv = (torch.from_numpy(a) for a in running(C, 3))
+    use_batch = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+
+    def f(x, w, b):
+        return torch.ops.normkit.batch_norm_train_masked(x, w, b, use_batch, rm, rv, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b))

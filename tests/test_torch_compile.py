@@ -90,6 +90,8 @@ def _opcheck_cases(device, layout):
     x, w, b, mean, invstd = _bn_inputs(device, cl, True)
     xd, wd, _, md, isd = (t.detach() for t in (x, w, b, mean, invstd))
     dy = _randn(*x.shape, seed=9, device=device)
+    # StochNorm's choice: channels 0, 2, 3 on batch statistics, 1 and 4 on the running ones
+    use_batch = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], dtype=x.dtype, device=device)
     X, C, s = _enc_inputs(device, cl, True)
     Xd, Cd, sd = (t.detach() for t in (X, C, s))
     SL, D2 = torch_ops.scaled_l2(Xd, Cd, sd)
@@ -99,6 +101,10 @@ def _opcheck_cases(device, layout):
         ("batch_norm_train", (x, None, None, 1e-3)),
         ("batch_norm_train_backward", (dy, xd, md, isd, wd, True)),
         ("batch_norm_train_backward", (dy, xd, md, isd, None, False)),
+        ("batch_norm_train_masked", (x, w, b, use_batch, md, isd, 1e-5)),
+        ("batch_norm_train_masked", (x, None, None, use_batch, md, isd, 1e-3)),
+        ("batch_norm_train_masked_backward", (dy, xd, md, isd, wd, use_batch, True)),
+        ("batch_norm_train_masked_backward", (dy, xd, md, isd, None, use_batch, False)),
         ("batch_norm_stats", (xd,)),
         ("batch_norm_normalize", (x, mean, invstd, w, b)),
         ("batch_norm_normalize", (x, mean, invstd, None, None)),
@@ -116,7 +122,8 @@ def _opcheck_cases(device, layout):
     ]
 
 
-OPS = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_stats", "batch_norm_normalize",
+OPS = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_train_masked",
+       "batch_norm_train_masked_backward", "batch_norm_stats", "batch_norm_normalize",
        "batch_norm_backward_reduce", "batch_norm_backward_elemt", "scaled_l2",
        "scaled_l2_backward", "encoding", "encoding_backward", "group_norm_train",
        "group_norm_train_backward", "group_norm_affine", "group_norm_backward_reduce",

@@ -4,15 +4,16 @@
 //   forward:  batch_norm_stats (local) -> [caller combines across ranks] -> batch_norm_normalize
 //   backward: batch_norm_backward_reduce (local) -> [caller all-reduces] -> batch_norm_backward_elemt
 // For one process, batch_norm_forward_train and batch_norm_backward_train do the same work fused,
-// touching each channel's data while it is still in cache.
+// touching each channel's data while it is still in cache; their _masked variants are StochNorm's
+// (a per-channel choice between the batch statistics and given running ones) in the same passes.
 //
 // Dtypes: x, y, dy, dx share one dtype; mean/var/invstd/weight/bias and the reduced sums have
 // param_dtype(x.dtype) (float32 for float16/bfloat16 inputs). weight and bias may be undefined (affine=False).
 // Any layout works; contiguous channels-first and channels-last have fast paths.
 //
 // On CUDA tensors the ops run on launch.stream without synchronizing the host; those that reduce
-// (stats, forward_train, backward_reduce, backward_train) need launch.workspace of
-// batch_norm_workspace_size(x) float64 values. CPU tensors ignore `launch`.
+// (stats, forward_train, backward_reduce, backward_train and their _masked variants) need
+// launch.workspace of batch_norm_workspace_size(x) float64 values. CPU tensors ignore `launch`.
 #pragma once
 
 #include <cstdint>
@@ -63,6 +64,30 @@ void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const 
                                const TensorView& dx, const TensorView& sum_dy,
                                const TensorView& sum_dy_xmu, const Launch& launch = {});
 
+// StochNorm's training forward of one process: batch_norm_forward_train's passes, with a choice
+// of statistics per channel. mean and var get the batch statistics of every channel (the running
+// update needs them all). Channels with use_batch[c] != 0 are normalized with them; the others
+// with running_mean[c] and 1 / sqrt(running_var[c] + eps), their statistics as given (from before
+// the caller's running update). used_mean and used_invstd get the statistics each channel was
+// normalized with: what batch_norm_backward_train_masked takes. use_batch has the param dtype.
+void batch_norm_forward_train_masked(const TensorView& x, const TensorView& weight,
+                                     const TensorView& bias, const TensorView& use_batch,
+                                     const TensorView& running_mean,
+                                     const TensorView& running_var, double eps,
+                                     const TensorView& y, const TensorView& mean,
+                                     const TensorView& var, const TensorView& used_mean,
+                                     const TensorView& used_invstd, const Launch& launch = {});
+
+// StochNorm's training backward of one process, given the forward's used_mean and used_invstd as
+// mean and invstd: batch_norm_backward_train where use_batch[c] != 0; elsewhere the statistics
+// are constants, so dx = weight * invstd * dy. sum_dy and sum_dy_xmu are the sums of every channel
+// (the parameter gradients are made of them). dx may be undefined.
+void batch_norm_backward_train_masked(const TensorView& dy, const TensorView& x,
+                                      const TensorView& mean, const TensorView& invstd,
+                                      const TensorView& weight, const TensorView& use_batch,
+                                      const TensorView& dx, const TensorView& sum_dy,
+                                      const TensorView& sum_dy_xmu, const Launch& launch = {});
+
 // The CUDA kernels behind the ops above (cuda/batchnorm.cu), with the same arguments. The ops
 // check every argument and call these for CUDA tensors; they are not meant to be called directly.
 namespace cuda {
@@ -87,6 +112,18 @@ void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const 
                                const TensorView& invstd, const TensorView& weight,
                                const TensorView& dx, const TensorView& sum_dy,
                                const TensorView& sum_dy_xmu, const Launch& launch);
+void batch_norm_forward_train_masked(const TensorView& x, const TensorView& weight,
+                                     const TensorView& bias, const TensorView& use_batch,
+                                     const TensorView& running_mean,
+                                     const TensorView& running_var, double eps,
+                                     const TensorView& y, const TensorView& mean,
+                                     const TensorView& var, const TensorView& used_mean,
+                                     const TensorView& used_invstd, const Launch& launch);
+void batch_norm_backward_train_masked(const TensorView& dy, const TensorView& x,
+                                      const TensorView& mean, const TensorView& invstd,
+                                      const TensorView& weight, const TensorView& use_batch,
+                                      const TensorView& dx, const TensorView& sum_dy,
+                                      const TensorView& sum_dy_xmu, const Launch& launch);
 }  // namespace cuda
 
 }  // namespace normkit

@@ -139,6 +139,61 @@ void bind_batchnorm(py::module_& m) {
       },
       py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("weight"),
       py::arg("dx"), py::arg("sum_dy"), py::arg("sum_dy_xmu"), stream_arg, workspace_arg);
+
+  m.def(
+      "batch_norm_forward_train_masked",
+      [](py::handle x, py::handle weight, py::handle bias, py::handle use_batch,
+         py::handle running_mean, py::handle running_var, double eps, py::handle y,
+         py::handle mean, py::handle var, py::handle used_mean, py::handle used_invstd,
+         uintptr_t stream, py::handle workspace) {
+        const char* op = "batch_norm_forward_train_masked";
+        auto X = as_array(x, op, "x", Access::Read, stream);
+        auto W = as_array(weight, op, "weight", Access::Read, stream);
+        auto B = as_array(bias, op, "bias", Access::Read, stream);
+        auto U = as_array(use_batch, op, "use_batch", Access::Read, stream);
+        auto RM = as_array(running_mean, op, "running_mean", Access::Read, stream);
+        auto RV = as_array(running_var, op, "running_var", Access::Read, stream);
+        auto Y = as_array(y, op, "y", Access::Write, stream);
+        auto M = as_array(mean, op, "mean", Access::Write, stream);
+        auto V = as_array(var, op, "var", Access::Write, stream);
+        auto UM = as_array(used_mean, op, "used_mean", Access::Write, stream);
+        auto UI = as_array(used_invstd, op, "used_invstd", Access::Write, stream);
+        auto WS = as_array(workspace, op, "workspace", Access::Write, stream);
+        run(stream, WS, {&X, &W, &B, &U, &RM, &RV, &Y, &M, &V, &UM, &UI, &WS},
+            [&](const Launch& l) {
+              batch_norm_forward_train_masked(X.view, W.view, B.view, U.view, RM.view, RV.view,
+                                              eps, Y.view, M.view, V.view, UM.view, UI.view, l);
+            });
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("use_batch"),
+      py::arg("running_mean"), py::arg("running_var"), py::arg("eps"), py::arg("y"),
+      py::arg("mean"), py::arg("var"), py::arg("used_mean"), py::arg("used_invstd"), stream_arg,
+      workspace_arg);
+
+  m.def(
+      "batch_norm_backward_train_masked",
+      [](py::handle dy, py::handle x, py::handle mean, py::handle invstd, py::handle weight,
+         py::handle use_batch, py::handle dx, py::handle sum_dy, py::handle sum_dy_xmu,
+         uintptr_t stream, py::handle workspace) {
+        const char* op = "batch_norm_backward_train_masked";
+        auto DY = as_array(dy, op, "dy", Access::Read, stream);
+        auto X = as_array(x, op, "x", Access::Read, stream);
+        auto M = as_array(mean, op, "mean", Access::Read, stream);
+        auto I = as_array(invstd, op, "invstd", Access::Read, stream);
+        auto W = as_array(weight, op, "weight", Access::Read, stream);
+        auto U = as_array(use_batch, op, "use_batch", Access::Read, stream);
+        auto DX = as_array(dx, op, "dx", Access::Write, stream);
+        auto S1 = as_array(sum_dy, op, "sum_dy", Access::Write, stream);
+        auto S2 = as_array(sum_dy_xmu, op, "sum_dy_xmu", Access::Write, stream);
+        auto WS = as_array(workspace, op, "workspace", Access::Write, stream);
+        run(stream, WS, {&DY, &X, &M, &I, &W, &U, &DX, &S1, &S2, &WS}, [&](const Launch& l) {
+          batch_norm_backward_train_masked(DY.view, X.view, M.view, I.view, W.view, U.view,
+                                           DX.view, S1.view, S2.view, l);
+        });
+      },
+      py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("weight"),
+      py::arg("use_batch"), py::arg("dx"), py::arg("sum_dy"), py::arg("sum_dy_xmu"), stream_arg,
+      workspace_arg);
 }
 
 }  // namespace normkit::bindings

@@ -5,8 +5,10 @@ Each forward returns its outputs plus what its backward needs; each backward ret
 from .batchnorm import (
     batch_norm_backward,
     batch_norm_backward_elemt,
+    batch_norm_backward_masked,
     batch_norm_backward_reduce,
     batch_norm_forward,
+    batch_norm_forward_masked,
     batch_norm_normalize,
     batch_norm_stats,
     batchnormeval,
@@ -57,8 +59,10 @@ from .wsconv import ws_standardize, ws_standardize_backward
 __all__ = [
     "batch_norm_backward",
     "batch_norm_backward_elemt",
+    "batch_norm_backward_masked",
     "batch_norm_backward_reduce",
     "batch_norm_forward",
+    "batch_norm_forward_masked",
     "batch_norm_normalize",
     "batch_norm_stats",
     "batchnormeval",

@@ -7,6 +7,9 @@ Two levels:
 * The split ops a synchronized batch norm composes, one collective between each pair:
   ``batch_norm_stats`` -> combine across ranks -> ``batch_norm_normalize``, and
   ``batch_norm_backward_reduce`` -> all-reduce -> ``batch_norm_backward_elemt``.
+* ``batch_norm_forward_masked`` / ``batch_norm_backward_masked``: StochNorm's training step for
+  one process in the fused passes of the first level, with a per-channel choice between the batch
+  statistics and the running ones.
 
 Parameters and statistics have the input's dtype, except for float16 inputs, which take float32
 ones. Outputs are allocated by the input's array library in the input's layout. On CuPy arrays the
@@ -279,6 +282,74 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, input_g
         if want_params:
             sum_dy, sum_dy_xmu = batch_norm_backward_reduce(dy, x, mean)
     if not want_params:
+        return dx, None, None
+    return dx, sum_dy_xmu * invstd, sum_dy
+
+
+def _use_batch(use_batch, x):
+    """The per-channel choice as the kernels take it: 1.0 / 0.0 in the parameter dtype."""
+    xp = array_module(x)
+    flags = xp.asarray(use_batch)
+    if flags.shape != (x.shape[1],):
+        raise ValueError(f"use_batch must have shape ({x.shape[1]},) to match the channels of the "
+                         f"input, got {tuple(flags.shape)}")
+    return (flags != 0).astype(param_dtype(x.dtype))
+
+
+def batch_norm_forward_masked(x, use_batch, running_mean, running_var, weight=None, bias=None,
+                              momentum=0.1, eps=1e-5):
+    """StochNorm's training forward for one process, in batch_norm_forward's fused passes.
+
+    Channels where ``use_batch`` (shape (C,), bool or 0/1) is true are normalized with the batch
+    statistics; the others with ``running_mean`` / ``running_var`` as they are on entry. Then the
+    running statistics of every channel are updated in place with the batch ones, as in
+    ``batch_norm_forward`` (``momentum``, unbiased variance).
+
+    Returns
+    -------
+    y : array like x
+    mean, invstd : arrays (C,)
+        The statistics each channel was normalized with, which ``batch_norm_backward_masked``
+        needs.
+    """
+    x = kernel_input(x)
+    xp = array_module(x)
+    eps = check_eps("batch_norm_forward_masked", eps, True)
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is None:
+            raise ValueError(f"batch_norm_forward_masked: {name} is required (the channels "
+                             f"without batch statistics use it)")
+        _check_running(name, stat, x)
+    n = _count(x)
+    if n <= 1:
+        raise ValueError(f"batch_norm_forward_masked: expected more than 1 value per channel "
+                         f"when training, got input of shape {tuple(x.shape)}")
+    flags = _use_batch(use_batch, x)
+    y = xp.empty_like(x)
+    mean, var, used_mean, used_invstd = (_channels(x) for _ in range(4))
+    _C.batch_norm_forward_train_masked(x, weight, bias, flags, running_mean, running_var, eps, y,
+                                       mean, var, used_mean, used_invstd, **_reducing(x))
+    running_mean *= 1.0 - momentum
+    running_mean += momentum * mean
+    running_var *= 1.0 - momentum
+    running_var += (momentum * n / (n - 1)) * var
+    return y, used_mean, used_invstd
+
+
+def batch_norm_backward_masked(dy, x, mean, invstd, use_batch, weight=None, input_grad=True,
+                               weight_grad=True):
+    """Gradients ``(dx, dweight, dbias)`` of ``batch_norm_forward_masked`` given its
+    ``mean, invstd`` and the same ``use_batch``: the gradient through the batch statistics on the
+    channels that used them, through constants (dx = weight * invstd * dy) on the others. As in
+    ``batch_norm_backward``, ``dweight``/``dbias`` are None without ``weight`` or when not
+    ``weight_grad``, ``dx`` is None when not ``input_grad``; everything is one fused pass."""
+    x = kernel_input(x)
+    dy = like(x, kernel_input(dy, "dy"))
+    dx = array_module(x).empty_like(x) if input_grad else None
+    sum_dy, sum_dy_xmu = _channels(x), _channels(x)
+    _C.batch_norm_backward_train_masked(dy, x, mean, invstd, weight, _use_batch(use_batch, x), dx,
+                                        sum_dy, sum_dy_xmu, **_reducing(x))
+    if weight is None or not weight_grad:
         return dx, None, None
     return dx, sum_dy_xmu * invstd, sum_dy
 

@@ -1,9 +1,11 @@
 """StochNorm1d/2d/3d (tllib's stochastic normalization, seed 002) over NumPy / CuPy arrays.
 
-Built on the split batch-norm ops, with no kernel of its own: one statistics pass, one elementwise
-pass with per-channel selected (mean, invstd), and a backward of one reduction and one elementwise
-pass in which the channels on running statistics have their reduction sums zeroed (their
-statistics are constants).
+Built on the batch-norm ops, with no kernel of its own. One process: the masked variants of batch
+norm's fused training ops (statistics and normalization with per-channel selected (mean, invstd)
+in batch norm's passes; a backward whose channels on running statistics treat them as
+constants). Synchronized (``comm``): the split ops around the all-reduces, one statistics pass and
+one elementwise pass with the selected statistics, and a backward of one reduction and one
+elementwise pass in which the channels on running statistics have their reduction sums zeroed.
 """
 import numpy as np
 
@@ -113,18 +115,11 @@ class _StochNorm(_BatchNorm):
         if not self._stochastic() and not self._synchronized():
             return super().forward(x)
         self._check_input(x)
+        if not self._synchronized():
+            return self._forward_one_process(x)
         xp = array_module(x)
         C = self.num_features
-        if self._synchronized():
-            mean, var, invstd, total = global_batch_stats(self.comm, x, self.eps,
-                                                          type(self).__name__)
-        else:
-            total = float(x.size // C)
-            if total <= 1:
-                raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
-                                 f"when training, got input of shape {tuple(x.shape)}")
-            mean, var = F.batch_norm_stats(x)
-            invstd = (1.0 / xp.sqrt(var.astype(xp.float64) + self.eps)).astype(mean.dtype)
+        mean, var, invstd, total = global_batch_stats(self.comm, x, self.eps, type(self).__name__)
         if self._stochastic():
             # one draw per call on every rank alike, before anything can raise on one rank only
             s = xp.asarray(self._rng().random(C) < self.p)
@@ -146,18 +141,34 @@ class _StochNorm(_BatchNorm):
         self._saved = (x, sel_mean, sel_invstd, total)
         return y
 
+    def _forward_one_process(self, x):
+        """Training of one process: the masked fused kernels, which normalize with the running
+        statistics before they update them."""
+        if x.size // self.num_features <= 1:
+            raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
+                             f"when training, got input of shape {tuple(x.shape)}")
+        s = array_module(x).asarray(self._rng().random(self.num_features) < self.p)
+        w, b = self._weight_bias()
+        y, mean, invstd = F.batch_norm_forward_masked(x, s, self.running_mean, self.running_var,
+                                                      w, b, self._momentum(1), self.eps)
+        self.num_batches_tracked += 1
+        self._mask = s
+        self._saved = (x, mean, invstd, None)  # no count: not synchronized
+        return y
+
     def backward(self, dy):
         if self._mask is None:  # eval, plain batch norm, or no forward
             return super().backward(dy)
         x, mean, invstd, total = self._saved
         self._check_dy(dy, x)
-        if self._synchronized():
-            local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(
-                self.comm, dy, x, mean, type(self).__name__)
-        else:
-            local_dy, local_dy_xmu = F.batch_norm_backward_reduce(dy, x, mean)
-            sum_dy, sum_dy_xmu = local_dy, local_dy_xmu
         w = self.weight.data if self.affine else None
+        if total is None:
+            dx, dw, db = F.batch_norm_backward_masked(dy, x, mean, invstd, self._mask, w)
+            self._saved = self._mask = None
+            self._accumulate_grads(dw, db)
+            return dx
+        local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(
+            self.comm, dy, x, mean, type(self).__name__)
         # s = 0 channels: zero sums leave dx = weight * invstd * dy (constant statistics)
         dx = F.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy * self._mask,
                                          sum_dy_xmu * self._mask, count=total)

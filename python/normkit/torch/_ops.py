@@ -183,6 +183,81 @@ def _(dy, x, mean, invstd, weight, need_input):
 _once_differentiable("batch_norm_train_backward")
 
 
+# StochNorm for one process: batch_norm_train's passes with a per-channel choice (use_batch, 1/0 in
+# the parameter dtype) between the batch statistics and the running ones, which are read here and
+# updated by the caller afterwards.
+_lib.define("batch_norm_train_masked(Tensor x, Tensor? weight, Tensor? bias, Tensor use_batch, "
+            "Tensor running_mean, Tensor running_var, float eps) -> (Tensor y, Tensor mean, "
+            "Tensor var, Tensor used_mean, Tensor used_invstd)")
+_lib.define("batch_norm_train_masked_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, "
+            "Tensor? weight, Tensor use_batch, bool need_input) "
+            "-> (Tensor dx, Tensor sum_dy, Tensor sum_dy_xmu)")
+
+
+@_impl("batch_norm_train_masked")
+def _batch_norm_train_masked(x, weight, bias, use_batch, running_mean, running_var, eps):
+    """y; the batch mean and biased variance of every channel (for the running update); the mean
+    and invstd each channel was normalized with (for the backward)."""
+    xk = kernel_input(x)
+    y, mean, var, used_mean, used_invstd = _empty(xk), _stats(x), _stats(x), _stats(x), _stats(x)
+    _C.batch_norm_forward_train_masked(dl(xk), dl(weight), dl(bias), dl(use_batch),
+                                       dl(running_mean), dl(running_var), eps, dl(y), dl(mean),
+                                       dl(var), dl(used_mean), dl(used_invstd),
+                                       **launch(xk, batch_workspace))
+    return _as_input(x, y), mean, var, used_mean, used_invstd
+
+
+@_fake("batch_norm_train_masked")
+def _(x, weight, bias, use_batch, running_mean, running_var, eps):
+    return _empty(x), _stats(x), _stats(x), _stats(x), _stats(x)
+
+
+def _batch_norm_train_masked_setup(ctx, inputs, output):
+    x, weight, _, use_batch, _, _, _ = inputs
+    _, mean, var, used_mean, used_invstd = output
+    ctx.mark_non_differentiable(mean, var, used_mean, used_invstd)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, used_mean, used_invstd, use_batch)
+
+
+def _batch_norm_train_masked_grad(ctx, dy, *_):
+    x, weight, mean, invstd, use_batch = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if dy is None:
+        return (None,) * 7
+    dx, sum_dy, sum_dy_xmu = _ops.batch_norm_train_masked_backward(dy, x, mean, invstd, weight,
+                                                                   use_batch, need_x)
+    return (dx if need_x else None, sum_dy_xmu * invstd if need_w else None,
+            sum_dy if need_b else None, None, None, None, None)
+
+
+_autograd("batch_norm_train_masked", _batch_norm_train_masked_grad,
+          _batch_norm_train_masked_setup)
+
+
+@_impl("batch_norm_train_masked_backward")
+def _batch_norm_train_masked_backward(dy, x, mean, invstd, weight, use_batch, need_input):
+    """dx (when ``need_input``: through the batch statistics where use_batch is 1, through
+    constants elsewhere) and the per-channel sums of every channel, in one fused pass."""
+    xk = kernel_input(x)
+    dy = like(xk, dy)
+    dx = _empty(xk) if need_input else None
+    sum_dy, sum_dy_xmu = torch.empty_like(mean), torch.empty_like(mean)
+    _C.batch_norm_backward_train_masked(dl(dy), dl(xk), dl(mean), dl(invstd), dl(weight),
+                                        dl(use_batch), dl(dx), dl(sum_dy), dl(sum_dy_xmu),
+                                        **launch(xk, batch_workspace))
+    return (_as_input(x, dx) if need_input else _absent(x)), sum_dy, sum_dy_xmu
+
+
+@_fake("batch_norm_train_masked_backward")
+def _(dy, x, mean, invstd, weight, use_batch, need_input):
+    dx = _empty(x) if need_input else _absent(x)
+    return dx, torch.empty_like(mean), torch.empty_like(mean)
+
+
+_once_differentiable("batch_norm_train_masked_backward")
+
+
 @_impl("batch_norm_stats")
 def _batch_norm_stats(x):
     """Per-channel mean and biased variance of one process's batch."""

@@ -1,5 +1,6 @@
 """StochNorm1d/2d/3d: tllib's stochastic normalization (``tllib.normalization.stochnorm``) run by
-normkit's split batch-norm ops, on CPU and CUDA tensors, optionally synchronized across ranks.
+normkit's batch-norm ops (the masked fused ones for one process, the split ones around the
+collectives when synchronized), on CPU and CUDA tensors, optionally synchronized across ranks.
 
 Drop-in for tllib's: same constructor (plus ``generator``, ``process_group``, ``comm``), the same
 ``p`` attribute, parameters and buffers, and tllib's state dicts (which lack
@@ -12,7 +13,8 @@ from torch.autograd.function import once_differentiable
 
 from .. import _C
 from ..distributed import check_communicator
-from ._dlpack import batch_workspace, dl, kernel_input, launch, like, param_dtype
+from . import _ops as _registered
+from ._dlpack import dl, kernel_input, launch, like, param_dtype
 from .batchnorm import _NormkitBatchNorm
 from .distributed import TorchCommunicator
 from .functional import _check_running
@@ -54,69 +56,69 @@ def draw_channels(C, p, generator, device):
     return (torch.rand(C, generator=generator, device=where) < p).to(device)
 
 
-def _local_batch_stats(x, eps, who):
+def _local_count(x, who):
+    """Values per channel of a training batch of one process (more than 1, as in batch norm)."""
     C = x.shape[1]
     total = float(x.numel() // C) if C else 0.0
     if total <= 1:
         raise ValueError(f"{who}: expected more than 1 value per channel when training, got "
                          f"input of shape {tuple(x.shape)}")
-    pd = param_dtype(x.dtype)
-    mean = torch.empty(C, dtype=pd, device=x.device)
-    var = torch.empty(C, dtype=pd, device=x.device)
-    _C.batch_norm_stats(dl(x), dl(mean), dl(var), **launch(x, batch_workspace))
-    return mean, var, (var.double() + eps).rsqrt().to(pd), total
+    return total
 
 
 class _StochNorm(torch.autograd.Function):
     """Training StochNorm with the channel draw ``s`` given: s = 1 channels use the batch (global
     with ``comm``) statistics, s = 0 channels the running ones from before this call's update.
 
-    Forward: one statistics pass (plus one all-reduce with ``comm``), running-stat update, one
-    normalize pass with the selected per-channel mean/invstd. Backward: one reduction pass (plus
-    one all-reduce), then one elementwise pass with the sums zeroed on s = 0 channels, whose
-    statistics are constants there. Grads are materialized: a synchronized rank must join the
-    backward collective even when its own output gradient is undefined."""
+    One process: the masked fused kernels of ``normkit::batch_norm_train_masked`` and its backward
+    (batch norm's passes, the s = 0 channels' statistics constants in the backward). With
+    ``comm``: one statistics pass plus one all-reduce, running-stat update, one normalize pass
+    with the selected per-channel mean/invstd; backward one reduction pass plus one all-reduce,
+    then one elementwise pass with the sums zeroed on s = 0 channels. Grads are materialized: a
+    synchronized rank must join the backward collective even when its own output gradient is
+    undefined."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, s, eps, momentum, comm, who):
         x = kernel_input(x)
+        keep = s.to(param_dtype(x.dtype))
         if comm is None:
-            mean, var, invstd, total = _local_batch_stats(x, eps, who)
+            total = _local_count(x, who)
+            y, mean, var, sel_mean, sel_invstd = _registered._batch_norm_train_masked(
+                x, weight, bias, keep, running_mean, running_var, eps)
         else:
             mean, var, invstd, total = global_batch_stats(comm, x, eps, who)
-        sel_mean = torch.where(s, mean, running_mean)
-        sel_invstd = torch.where(s, invstd, (running_var.double() + eps).rsqrt().to(mean.dtype))
+            sel_mean = torch.where(s, mean, running_mean)
+            sel_invstd = torch.where(s, invstd,
+                                     (running_var.double() + eps).rsqrt().to(mean.dtype))
+            y = torch.empty_like(x)
+            _C.batch_norm_normalize(dl(x), dl(sel_mean), dl(sel_invstd), dl(weight), dl(bias),
+                                    dl(y), **launch(x))
         running_mean.lerp_(mean, momentum)
         running_var.lerp_((var * (total / (total - 1))).to(mean.dtype), momentum)
-        y = torch.empty_like(x)
-        _C.batch_norm_normalize(dl(x), dl(sel_mean), dl(sel_invstd), dl(weight), dl(bias), dl(y),
-                                **launch(x))
-        ctx.save_for_backward(x, weight, sel_mean, sel_invstd, s)
+        ctx.save_for_backward(x, weight, sel_mean, sel_invstd, keep)
         ctx.total, ctx.comm, ctx.who = total, comm, who
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd, s = ctx.saved_tensors
+        x, weight, mean, invstd, keep = ctx.saved_tensors
         dy = like(x, dy)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.comm is None:
-            local_dy = torch.empty_like(mean)
-            local_dy_xmu = torch.empty_like(mean)
-            _C.batch_norm_backward_reduce(dl(dy), dl(x), dl(mean), dl(local_dy), dl(local_dy_xmu),
-                                          **launch(x, batch_workspace))
-            sum_dy, sum_dy_xmu = local_dy, local_dy_xmu
+            dx, local_dy, local_dy_xmu = _registered._batch_norm_train_masked_backward(
+                dy, x, mean, invstd, weight, keep, need_x)
+            dx = dx if need_x else None
         else:
             local_dy, local_dy_xmu, sum_dy, sum_dy_xmu = global_backward_sums(
                 ctx.comm, dy, x, mean, ctx.who)
-        dx = None
-        if need_x:
-            dx = torch.empty_like(x)
-            keep = s.to(mean.dtype)
-            _C.batch_norm_backward_elemt(dl(dy), dl(x), dl(mean), dl(invstd), dl(weight),
-                                         dl(sum_dy * keep), dl(sum_dy_xmu * keep), ctx.total,
-                                         dl(dx), **launch(x))
+            dx = None
+            if need_x:
+                dx = torch.empty_like(x)
+                _C.batch_norm_backward_elemt(dl(dy), dl(x), dl(mean), dl(invstd), dl(weight),
+                                             dl(sum_dy * keep), dl(sum_dy_xmu * keep), ctx.total,
+                                             dl(dx), **launch(x))
         dw = local_dy_xmu * invstd if need_w else None
         db = local_dy.clone() if need_b else None
         return dx, dw, db, None, None, None, None, None, None, None
