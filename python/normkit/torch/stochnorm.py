@@ -13,10 +13,13 @@ from torch.autograd.function import once_differentiable
 from .. import _C
 from ..distributed import check_communicator
 from ._dlpack import batch_workspace, dl, kernel_input, launch, like, param_dtype
+from ._ops import generator_key
 from .batchnorm import _NormkitBatchNorm
 from .distributed import TorchCommunicator
 from .functional import _check_running
 from .sync_batchnorm import global_backward_sums, global_batch_stats
+
+_ops = torch.ops.normkit
 
 
 def _check_p(p, who):
@@ -29,6 +32,26 @@ def _check_generator(generator, who):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{who}: generator must be a torch.Generator, got "
                         f"{type(generator).__name__}")
+
+
+class _Seeded:
+    """A layer's ``generator`` (a torch.Generator, or None for torch's default one) with the key
+    the draw ops of normkit.torch._ops find it by, taken whenever it is set: a compiled forward
+    reads only the key (dynamo cannot trace the generator object)."""
+
+    @property
+    def generator(self):
+        return self._generator
+
+    @generator.setter
+    def generator(self, generator):
+        self._generator = generator
+        self._generator_key = generator_key(generator)
+
+    def __setstate__(self, state):
+        # unpickled or deep-copied: the key of the generator this copy holds
+        super().__setstate__(state)
+        self._generator_key = generator_key(self._generator)
 
 
 def draw_channels(C, p, generator, device):
@@ -106,6 +129,59 @@ class _StochNorm(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None
 
 
+class _StochNormOps(torch.autograd.Function):
+    """_StochNorm's local path (no ``comm``) in normkit's custom ops, which torch.compile traces
+    (it cannot trace the DLPack calls of _StochNorm): the same kernels in the same order. ``rmean``
+    and ``rinvstd`` are the running statistics' selection for s = 0 channels; returns y and the
+    batch (mean, biased var) for the running-statistics update, which the caller does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, s, rmean, rinvstd, eps, total):
+        mean, var = _ops.batch_norm_stats(x)
+        invstd = (var.double() + eps).rsqrt().to(mean.dtype)
+        sel_mean, sel_invstd = torch.where(s, mean, rmean), torch.where(s, invstd, rinvstd)
+        y = _ops.batch_norm_normalize(x, sel_mean, sel_invstd, weight, bias)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, weight, sel_mean, sel_invstd, s)
+        ctx.total = total
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _mean, _var):
+        x, weight, mean, invstd, s = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xmu = _ops.batch_norm_backward_reduce(dy, x, mean)
+        dx = None
+        if need_x:
+            # s = 0 channels: their statistics are constants, no path through the sums
+            keep = s.to(mean.dtype)
+            dx = _ops.batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy * keep,
+                                                sum_dy_xmu * keep, ctx.total)
+        return (dx, sum_dy_xmu * invstd if need_w else None, sum_dy if need_b else None,
+                None, None, None, None, None)
+
+
+def _compiled_stoch_norm(layer, x):
+    """A local StochNorm layer's training forward under torch.compile: the channel draw by the
+    ``draw_uniform`` op (eager's numbers from the layer's generator), then _StochNormOps, then the
+    running-statistics update in torch ops."""
+    who = type(layer).__name__
+    C = x.shape[1]
+    total = x.numel() // C
+    if total <= 1:
+        raise ValueError(f"{who}: expected more than 1 value per channel when training, got "
+                         f"input of shape {tuple(x.shape)}")
+    s = _ops.draw_uniform(x, layer._generator_key, torch.device("cpu"), [C]) < layer.p
+    rm, rv = layer.running_mean, layer.running_var
+    rinvstd = (rv.double() + layer.eps).rsqrt().to(rm.dtype)
+    y, mean, var = _StochNormOps.apply(x, layer.weight, layer.bias, s, rm, rinvstd, layer.eps,
+                                       total)
+    momentum = layer._momentum_factor()
+    rm.lerp_(mean, momentum)
+    rv.lerp_((var * (total / (total - 1))).to(mean.dtype), momentum)
+    return y
+
+
 def stoch_norm(input, running_mean, running_var, weight, bias, s, momentum=0.1, eps=1e-5,
                comm=None):
     """Training StochNorm of ``input`` (N, C, *) for a given channel draw ``s`` (a bool tensor of
@@ -129,7 +205,7 @@ def stoch_norm(input, running_mean, running_var, weight, bias, s, momentum=0.1, 
                             comm, "stoch_norm")
 
 
-class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
+class _StochNormBase(_Seeded, _NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
     """Batch norm whose channels each pick, per training call, the batch statistics (probability
     ``p``) or the running statistics, as tllib's ``StochNorm*d``.
 
@@ -203,6 +279,10 @@ class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
                              device=input.device)
             return _StochNorm.apply(input, self.weight, self.bias, rm, torch.ones_like(rm), s,
                                     self.eps, 0.0, comm, type(self).__name__)
+        if comm is None and torch.compiler.is_compiling():
+            y = _compiled_stoch_norm(self, input)
+            self._count_batch()
+            return y
         s = draw_channels(self.num_features, self.p, self.generator, input.device)
         y = _StochNorm.apply(input, self.weight, self.bias, self.running_mean, self.running_var,
                              s, self.eps, self._momentum_factor(), comm, type(self).__name__)
@@ -222,7 +302,7 @@ class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
         return clone
 
     def __getstate__(self):
-        return dict(self.__dict__, comm=None, process_group=None, generator=None)
+        return dict(self.__dict__, comm=None, process_group=None, _generator=None)
 
 
 class StochNorm1d(_StochNormBase):
