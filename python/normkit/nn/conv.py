@@ -83,6 +83,41 @@ def parse_padding(name, padding, kernel_size, stride, dilation):
     return [(p, p) for p in _ntuple("padding", padding, dims, 0)]
 
 
+_PARAMETERS = """
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        C_in and C_out, each divisible by ``groups``.
+    kernel_size : int or tuple of ints
+        One per spatial dim, or one for all.
+    stride, dilation : int or tuple of ints
+        Positive, one per spatial dim or one for all.
+    padding : int, tuple of ints, "valid" or "same"
+        Values added on both sides of each spatial dim ("same": stride 1 only; an odd total puts
+        the extra value on the right, as torch).
+    groups : int
+        Blocked connections from input to output channels.
+    bias : bool
+        Whether the layer has a bias.
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        float32 (the default) or float64.
+    rng : numpy.random.Generator, int or None
+        Draws the initialization (``numpy.random.default_rng(rng)``); None: fresh entropy (not
+        normkit's default generator).
+    padding_mode : str
+        'zeros' (the default), 'reflect', 'replicate' or 'circular' (keyword-only).
+
+    Raises
+    ------
+    ValueError
+        Non-positive sizes, channels not divisible by groups, a bad padding or padding_mode.
+    TypeError
+        A dtype other than float32 or float64.
+"""
+
+
 class _ConvNd(_SavesInput):
     """Convolution over (B, C_in, *spatial) inputs with ``weight`` (C_out, C_in / groups, *kernel)
     and optional ``bias`` (C_out,), initialized as PyTorch does: U(-b, b) with
@@ -199,17 +234,20 @@ class _ConvNd(_SavesInput):
 
 
 class Conv1d(_ConvNd):
-    """Convolution over (B, C, L) inputs, as torch.nn.Conv1d."""
+    __doc__ = """Convolution over (B, C, L) inputs, as torch.nn.Conv1d.
+""" + _PARAMETERS
     _dims = 1
 
 
 class Conv2d(_ConvNd):
-    """Convolution over (B, C, H, W) inputs, as torch.nn.Conv2d."""
+    __doc__ = """Convolution over (B, C, H, W) inputs, as torch.nn.Conv2d.
+""" + _PARAMETERS
     _dims = 2
 
 
 class Conv3d(_ConvNd):
-    """Convolution over (B, C, D, H, W) inputs, as torch.nn.Conv3d."""
+    __doc__ = """Convolution over (B, C, D, H, W) inputs, as torch.nn.Conv3d.
+""" + _PARAMETERS
     _dims = 3
 
 

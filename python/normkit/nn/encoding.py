@@ -33,6 +33,30 @@ class Encoding(_SavesInput):
     Any input layout works without a copy when its features or its positions are contiguous
     (NCHW, channels-last). float16 input runs with float32 parameters (computed in float32) and
     gives float16 output and input gradient.
+
+    Parameters
+    ----------
+    D : int
+        The feature dimension (the input's channels).
+    K : int
+        The number of codewords.
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        Of the parameters: float32 (the default) or float64.
+    rng : numpy.random.Generator, int or None
+        Draws the initialization (``numpy.random.default_rng(rng)``); None: fresh entropy.
+
+    Shape
+    -----
+    (B, D, H, W) or (B, D, N) -> (B, K, D).
+
+    Raises
+    ------
+    ValueError
+        D or K not a positive integer.
+    TypeError
+        A dtype other than float32 or float64.
     """
 
     def __init__(self, D, K, device=None, dtype=None, rng=None):
@@ -104,6 +128,30 @@ class Inspiration(_SavesInput):
     replaces it, with any batch; a target's batch must be 1 or the input's. ``backward`` returns dx
     and accumulates ``weight.grad``; with ``set_target(G, requires_grad=True)`` it also
     accumulates ``target_grad``, the gradient with respect to the target.
+
+    Parameters
+    ----------
+    C : int
+        The channels of the input.
+    B : int
+        The batch of the initial (zero) target.
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        Of the parameters: float32 (the default) or float64.
+    rng : numpy.random.Generator, int or None
+        Draws the initialization (``numpy.random.default_rng(rng)``); None: fresh entropy.
+
+    Shape
+    -----
+    (B, C, H, W) -> (B, C, H, W).
+
+    Raises
+    ------
+    ValueError
+        C or B not a positive integer.
+    TypeError
+        A dtype other than float32 or float64.
     """
 
     def __init__(self, C, B=1, device=None, dtype=None, rng=None):
@@ -187,6 +235,30 @@ class UpsampleConv2d(_ConvNd):
     (out_channels * s^2,), both U(+-1/sqrt(in_channels / groups * kh * kw)). Output
     (B, out_channels, s * H_conv, s * W_conv) with H_conv = floor((H + 2p - d (kh - 1) - 1) / stride
     + 1) (upstream's docstring formula is wrong; upstream also fails to construct).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        Of the input and of the upsampled output.
+    kernel_size, stride, padding, dilation : int or tuple of 2 ints
+        The convolution's, as ``normkit.nn.Conv2d``'s.
+    groups : int
+        Dividing in_channels and out_channels * scale_factor^2.
+    scale_factor : int
+        s, the upsampling factor (positive).
+    bias : bool
+        Whether the convolution has a bias.
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        Of the parameters: float32 (the default) or float64.
+    rng : numpy.random.Generator, int or None
+        Draws the initialization (``numpy.random.default_rng(rng)``); None: fresh entropy.
+
+    Raises
+    ------
+    ValueError
+        Non-positive sizes or scale_factor, channels not divisible by groups.
     """
 
     _dims = 2
