@@ -164,6 +164,9 @@ class MixStyle(_Seeded, MixStyleControls, torch.nn.Module):
     batches in rank order: one all-gather of the per-instance (mu, sig) forward, none backward,
     and every rank must draw alike (a generator seeded alike, or torch's default seeded alike).
     tllib's MixStyle has no ``mix`` and always mixes cross-domain; Dassl's default is "random".
+    A local layer compiles with ``fullgraph=True``: a compiled call draws eager's gate, lam and
+    perm from the same generator, computes the mix every call and selects x where the gate says
+    so (its ``last_draw`` is not updated).
 
     Parameters
     ----------

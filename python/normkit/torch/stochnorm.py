@@ -305,6 +305,10 @@ class _StochNormBase(_Seeded, _NormkitBatchNorm, torch.nn.modules.batchnorm._Nor
     alike (or seed torch's default one alike) so that all draw the same s; no collective is spent
     on the draw. Without either, a local layer (also under torch.distributed).
 
+    A local layer compiles (``torch.compile(fullgraph=True)``, dynamic shapes) and exports (eval):
+    a compiled call draws s from the same generator, so it draws eager's s (the synchronized
+    layer stays eager: its collectives run in Python).
+
     Differences from tllib, all fixes: 3d training works, CPU works, ``momentum=None`` (cumulative
     average) and ``num_batches_tracked`` work, tllib's backward reads the already-updated running
     statistics (this one matches its forward), float16 input gives float16 output.
