@@ -63,6 +63,8 @@ def _gn_cases(device, channels_last):
         ("group_norm_affine", (xg, mcg, scg, shg)),
         ("group_norm_backward_reduce", (dy, x, mean)),
         ("group_norm_backward_elemt", (dy, x, mc, scale)),
+        ("group_norm_stats", (x, 3)),
+        ("group_norm_stats", (x, 6)),
     ]
 
 
@@ -127,7 +129,8 @@ OPS = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_train_masked
        "batch_norm_backward_reduce", "batch_norm_backward_elemt", "scaled_l2",
        "scaled_l2_backward", "encoding", "encoding_backward", "group_norm_train",
        "group_norm_train_backward", "group_norm_affine", "group_norm_backward_reduce",
-       "group_norm_backward_elemt", "ws_standardize", "ws_standardize_backward"]
+       "group_norm_backward_elemt", "group_norm_stats", "ws_standardize",
+       "ws_standardize_backward"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -140,6 +143,43 @@ def test_opcheck_every_op(device, layout):
     assert sorted({name for name, _ in cases}) == sorted(OPS)
     for name, args in cases:
         torch.library.opcheck(getattr(torch_ops, name).default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_draw_ops(device):
+    """The seeded draw ops: schema, autograd registration (nothing differentiable) and fake
+    kernels for every case; AOT dispatch (which compares a compiled call's outputs with an eager
+    one's, two different draws) only where the draw is deterministic, an inactive MixStyle call.
+    That compiled draws equal eager's is tested on the layers below."""
+    like = _randn(4, 3, 5, seed=1, device=device).requires_grad_()
+    g = torch.Generator().manual_seed(0)  # held: the registry keeps no generator alive
+    key = nkt._ops.generator_key(g)
+    no_aot = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for args in [(like, 0, torch.device("cpu"), [3]), (like, key, like.device, [4, 3, 5])]:
+        torch.library.opcheck(torch_ops.draw_uniform.default, args, test_utils=no_aot)
+    for args in [(like, 0, 1.0, 0.2, 4, False), (like, key, 1.0, 0.2, 5, True)]:
+        torch.library.opcheck(torch_ops.mixstyle_draw.default, args, test_utils=no_aot)
+    torch.library.opcheck(torch_ops.mixstyle_draw.default, (like, key, 0.0, 0.2, 4, True))
+
+
+def test_draw_ops_draw_what_eager_layers_draw():
+    """draw_uniform and mixstyle_draw take the generator's next numbers, as the eager layers'
+    torch.rand / _sample_dirichlet / randperm calls do; an inactive call draws only its gate."""
+    g, ref = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    key = nkt._ops.generator_key(g)
+    like = torch.empty(0, dtype=torch.float64)
+    assert torch.equal(torch_ops.draw_uniform(like, key, like.device, [2, 3]),
+                       torch.rand(2, 3, generator=ref))
+    active, perm, lam = torch_ops.mixstyle_draw(like, key, 1.0, 0.3, 5, False)
+    assert bool(active) and float(torch.rand((), generator=ref)) < 1.0
+    lam_ref = torch._sample_dirichlet(torch.full((5, 2), 0.3, dtype=torch.float64),
+                                      generator=ref)[:, 0]
+    assert torch.equal(lam, lam_ref) and torch.equal(perm, torch.randperm(5, generator=ref))
+    active, perm, lam = torch_ops.mixstyle_draw(like, key, 0.0, 0.3, 5, True)
+    torch.rand((), generator=ref)
+    assert not bool(active) and torch.equal(perm, torch.arange(5))
+    assert torch.equal(lam, torch.ones(5, dtype=torch.float64))
+    assert torch.equal(g.get_state(), ref.get_state())
 
 
 def test_backward_ops_refuse_double_backward():
@@ -324,6 +364,143 @@ def test_compile_per_sample_and_ws_layers_eval_and_export():
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert {"normkit.group_norm_train.default", "normkit.group_norm_affine.default",
             "normkit.ws_standardize.default"} <= targets
+    with torch.no_grad():
+        _assert_same(program.module()(x), eager(x))
+
+
+class StochasticBackbone(torch.nn.Module):
+    """Conv2d -> StochNorm2d -> MixStyle (random) -> StochNorm3d -> MixStyle (crossdomain) ->
+    StochNorm1d, every layer drawing from one generator (so the compiled draws must come in
+    eager's order too)."""
+    out_features = 6
+
+    def __init__(self, generator):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.sn2 = nkt.StochNorm2d(6, p=0.5, generator=generator)
+        self.mix = nkt.MixStyle(p=0.6, alpha=0.3, generator=generator)
+        self.sn3 = nkt.StochNorm3d(6, p=0.3, generator=generator)
+        self.cross = nkt.MixStyle(p=0.6, alpha=0.3, mix="crossdomain", generator=generator)
+        self.sn1 = nkt.StochNorm1d(6, p=0.7, generator=generator)
+
+    def forward(self, x):
+        y = self.mix(torch.relu(self.sn2(self.conv(x))))
+        y = self.cross(self.sn3(y.unsqueeze(2)).squeeze(2))
+        return self.sn1(y.flatten(2)).view(y.shape)
+
+
+class StochasticLayers(torch.nn.Module):
+    """The backbone in AFN's ImageClassifier (two Blocks with dropout from the same generator),
+    and the AFN loss of the features in training (stepwise and hard)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.cls = nkt.ImageClassifier(StochasticBackbone(g), 3, num_blocks=2, bottleneck_dim=5,
+                                       dropout_p=0.3, generator=g)
+        self.afn = nkt.AdaptiveFeatureNorm(0.5)
+        self.hafn = nkt.AdaptiveFeatureNorm(radius=2.0, mode="hard")
+        self.generator = g
+
+    def forward(self, x):
+        if not self.training:
+            return (self.cls(x),)
+        predictions, f = self.cls(x)
+        return predictions, f, self.afn(f) + self.hafn(f)
+
+
+def _stochastic_model(seed=0):
+    torch.manual_seed(0)
+    m = StochasticLayers(seed).double()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.bias.normal_()
+    return m
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static-channels_last", "dynamic"])
+def test_compile_stochastic_layers_training(dynamic):
+    """StochNorm1d/2d/3d, MixStyle (both modes), Block, ImageClassifier and AdaptiveFeatureNorm
+    under explain (no graph break) and fullgraph=True in training, forward and backward: with
+    generators seeded alike, the compiled model draws eager's numbers, so outputs, gradients,
+    running statistics and the generator's final state are eager's (within float64 rounding:
+    inductor evaluates the small torch ops in its own order)."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(_stochastic_model())(_randn(3, 3, 5, 4, seed=9))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    eager, model = _stochastic_model(), _stochastic_model()
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic)
+    shapes = [(3, 3, 5, 4), (4, 3, 6, 3), (5, 3, 4, 4)] if dynamic else [(3, 3, 5, 4)] * 3
+    fmt = torch.contiguous_format if dynamic else torch.channels_last
+    for i, shape in enumerate(shapes):
+        x = _randn(*shape, seed=70 + i).contiguous(memory_format=fmt)
+        for a, e in zip(_step(compiled, x, i), _step(eager, x, i), strict=True):
+            _assert_same(a, e)
+    _assert_same_state(model, eager)
+    assert torch.equal(model.generator.get_state(), eager.generator.get_state())
+    assert int(model.cls.backbone.sn2.num_batches_tracked) == len(shapes)
+
+
+def test_compile_mixstyle_gate():
+    """A compiled MixStyle (p = 0.5, fullgraph, dynamic) over many calls: the calls the gate
+    leaves alone return x exactly, the others mix, both occur, and each equals eager's call."""
+    torch._dynamo.reset()
+    layers = [nkt.MixStyle(p=0.5, alpha=0.2, generator=torch.Generator().manual_seed(1))
+              for _ in range(2)]
+    compiled = torch.compile(layers[0], fullgraph=True, dynamic=True)
+    mixed = []
+    for i in range(8):
+        x = _randn(4 + i % 2, 3, 5, seed=80 + i)
+        y, want = compiled(x), layers[1](x)
+        _assert_same([y], [want])
+        mixed.append(not torch.equal(y, x))
+        assert mixed[-1] == (layers[1].last_draw is not None)
+        layers[1].last_draw = None
+    assert any(mixed) and not all(mixed)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_compile_stochnorm_p_extremes(p):
+    """p = 1: the compiled StochNorm2d is training batch norm (torch's); p = 0: it normalizes
+    with the running statistics (torch's eval batch norm before the update), and both update
+    the running statistics as batch norm."""
+    torch._dynamo.reset()
+    sn, bn = nkt.StochNorm2d(4, p=p).double(), torch.nn.BatchNorm2d(4).double()
+    bn.load_state_dict(sn.state_dict())
+    compiled = torch.compile(sn, fullgraph=True)
+    for i in range(2):
+        x = _randn(3, 4, 5, 2, seed=90 + i)
+        if p == 0.0:
+            want = torch.nn.functional.batch_norm(x, bn.running_mean.clone(),
+                                                  bn.running_var.clone(), bn.weight, bn.bias)
+            bn(x)
+        else:
+            want = bn(x)
+        _assert_same([compiled(x)], [want])
+        _assert_same_state(sn, bn)
+
+
+def test_compile_stochastic_layers_eval_and_export():
+    """Eval (StochNorm's running statistics, MixStyle the identity, no dropout): compiled with
+    dynamic shapes and exported with torch.export.export, both equal to eager."""
+    torch._dynamo.reset()
+    eager = _stochastic_model()
+    _step(eager, _randn(5, 3, 5, 4, seed=1), 0)  # running statistics that are not the defaults
+    eager.eval()
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for i, shape in enumerate([(2, 3, 5, 4), (3, 3, 6, 5)]):
+        x = _randn(*shape, seed=100 + i)
+        for a, e in zip(_step(compiled, x, i), _step(eager, x, i), strict=True):
+            _assert_same(a, e)
+    _assert_same_state(model, eager)
+
+    x = _randn(2, 3, 5, 4, seed=110)
+    program = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "normkit.batch_norm_normalize.default" in targets
     with torch.no_grad():
         _assert_same(program.module()(x), eager(x))
 

@@ -1,5 +1,6 @@
 """normkit.torch.SyncBatchNorm across processes: tests/torch_dist/check_syncbn_torch.py under
-`torchrun --nproc_per_node=2` with gloo, and under `mpiexec -n 2` with normkit's MPICommunicator.
+`torchrun --nproc_per_node=2` with gloo (and compiled: check_compile_torch.py), and under
+`mpiexec -n 2` with normkit's MPICommunicator.
 Skipped with a reason where the launcher or backend is missing (NORMKIT_REQUIRE_MPI=1, set by CI,
 makes a missing MPI a failure, as in test_syncbn_mpi.py)."""
 import importlib.util
@@ -23,10 +24,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(cmd):
+def _run(cmd, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     for r in range(RANKS):
@@ -43,6 +44,20 @@ def test_syncbn_under_torchrun_with_gloo():
                   "DistributedDataParallel",
                   "torch.nn.SyncBatchNorm refuses CPU tensors", "exact combine with |mean| >> std",
                   "normkit.nn.SyncBatchNorm over TorchCommunicator"):
+        assert f"rank 1: ok {check}" in out, out[-5000:]
+
+
+@pytest.mark.timeout(900)
+def test_syncbn_compiles_under_torchrun_with_gloo():
+    """tests/torch_dist/check_compile_torch.py: no graph break, and torch.compile(fullgraph=True)
+    (static and dynamic shapes, forward and backward) equal to eager over a 2-rank gloo group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("this torch build has no torch.distributed gloo backend")
+    out = _run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={RANKS}",
+                "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+                str(SCRIPT.parent / "check_compile_torch.py")], timeout=840)
+    for check in ("explain: 0 graph breaks", "compiled dynamic=False step 1",
+                  "compiled dynamic=True step 1", "compiled dynamic=True shift"):
         assert f"rank 1: ok {check}" in out, out[-5000:]
 
 

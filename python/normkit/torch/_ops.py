@@ -40,6 +40,7 @@ Adding an op family (e.g. group_norm_* core ops)
    case to tests/test_torch_compile.py (OPCHECK_CASES).
 """
 import importlib
+import weakref
 
 import torch
 
@@ -724,3 +725,134 @@ def _(dw_hat, w, gain, mean, rstd, convention, eps, need_w, need_gain):
 
 
 _once_differentiable("ws_standardize_backward")
+
+
+# --- stochastic layers: seeded draws (StochNorm, MixStyle, AFN's dropout), instance moments ------
+# dynamo cannot trace a torch.Generator object (a graph break: "Failed to convert args/kwargs to
+# proxy"), and inductor replaces draws from torch's default generator by its own RNG (other numbers
+# than eager's). These ops draw inside their kernel, from the generator a layer registered under
+# an integer key (``generator_key``), so a compiled layer draws eager's numbers from the same
+# generator state. They are tagged nondeterministic_seeded: AOTAutograd's partitioner then never
+# recomputes a draw in the backward, and no pass merges two draws.
+
+_SEEDED = (torch.Tag.nondeterministic_seeded,)
+_generators = {}  # key -> weakref.ref of a torch.Generator; key 0 is torch's default generator
+
+
+def generator_key(generator):
+    """The key under which the draw ops find ``generator`` (0 for None: torch's default one). The
+    layers take it when their generator is set, outside any compiled region."""
+    if generator is None:
+        return 0
+    key = id(generator)
+
+    def forget(ref):
+        if _generators.get(key) is ref:
+            del _generators[key]
+
+    _generators[key] = weakref.ref(generator, forget)
+    return key
+
+
+def _generator(key):
+    if key == 0:
+        return None
+    ref = _generators.get(key)
+    generator = ref() if ref is not None else None
+    if generator is None:
+        raise RuntimeError("normkit: the torch.Generator a layer was given no longer exists")
+    return generator
+
+
+def _draw(name, n_inputs):
+    """A draw op's autograd: nothing to differentiate (its tensor input only places the draw), and
+    its outputs never require grad."""
+    def setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
+
+    _autograd(name, lambda ctx, *grads: (None,) * n_inputs, setup)
+
+
+_lib.define("draw_uniform(Tensor like, int generator, Device where, SymInt[] size) -> Tensor",
+            tags=_SEEDED)
+_lib.define("mixstyle_draw(Tensor like, int generator, float p, float alpha, SymInt batch, "
+            "bool crossdomain) -> (Tensor active, Tensor perm, Tensor lam)", tags=_SEEDED)
+_lib.define("group_norm_stats(Tensor x, int groups) -> (Tensor mean, Tensor var)")
+
+
+@_impl("draw_uniform")
+def _draw_uniform(like, generator, where, size):
+    """``torch.rand(size)`` (default dtype) from the generator of ``generator``, drawn where that
+    generator lives (on ``where`` for torch's default one), on ``like``'s device."""
+    g = _generator(generator)
+    return torch.rand(size, generator=g, device=where if g is None else g.device).to(like.device)
+
+
+@_fake("draw_uniform")
+def _(like, generator, where, size):
+    return like.new_empty(size, dtype=torch.get_default_dtype())
+
+
+def mix_draws(generator, alpha, batch, crossdomain):
+    """MixStyle's (perm, lam) for a batch of ``batch`` > 1 instances, on the generator's device
+    (the CPU for torch's default one): lam ~ Beta(alpha, alpha) per instance (float64), then a
+    permutation ("random") or Dassl's cross-domain pairing (the reversed batch's halves, each
+    shuffled)."""
+    where = generator.device if generator is not None else "cpu"
+    conc = torch.full((batch, 2), alpha, dtype=torch.float64, device=where)
+    # Beta(a, a) as the first component of a Dirichlet(a, a) (what torch.distributions.Beta
+    # samples), which takes a generator and stays exact for small alpha
+    lam = torch._sample_dirichlet(conc, generator=generator)[:, 0]
+    if not crossdomain:
+        return torch.randperm(batch, generator=generator, device=where), lam
+    order = torch.arange(batch - 1, -1, -1, device=where)
+    first, second = order.chunk(2)
+    perm = torch.cat([first[torch.randperm(len(first), generator=generator, device=where)],
+                      second[torch.randperm(len(second), generator=generator, device=where)]])
+    return perm, lam
+
+
+_draw("draw_uniform", 4)
+
+
+@_impl("mixstyle_draw")
+def _mixstyle_draw(like, generator, p, alpha, batch, crossdomain):
+    """One MixStyle call's draws, in the eager layer's order: the gate U(0, 1) < p, then (when it
+    mixes a batch of more than one) ``mix_draws``. ``active`` is a bool scalar; an inactive call
+    returns the identity permutation and lam = 1. On ``like``'s device."""
+    g = _generator(generator)
+    where = g.device if g is not None else "cpu"
+    active = torch.rand((), generator=g, device=where).item() < p and batch > 1
+    if active:
+        perm, lam = mix_draws(g, alpha, batch, crossdomain)
+    else:
+        perm = torch.arange(batch)
+        lam = torch.ones(batch, dtype=torch.float64)
+    device = like.device
+    return torch.tensor(active, device=device), perm.to(device), lam.to(device).contiguous()
+
+
+@_fake("mixstyle_draw")
+def _(like, generator, p, alpha, batch, crossdomain):
+    return (like.new_empty((), dtype=torch.bool), like.new_empty(batch, dtype=torch.int64),
+            like.new_empty(batch, dtype=torch.float64))
+
+
+_draw("mixstyle_draw", 6)
+
+
+@_impl("group_norm_stats")
+def _group_norm_stats(x, groups):
+    """The (N, groups) mean and biased variance of x's groups of channels."""
+    xk = kernel_input(x)
+    mean, var = _per_sample(x, groups), _per_sample(x, groups)
+    _C.group_norm_stats(dl(xk), dl(mean), dl(var), **launch(xk, group_workspace(groups)))
+    return mean, var
+
+
+@_fake("group_norm_stats")
+def _(x, groups):
+    return _per_sample(x, groups), _per_sample(x, groups)
+
+
+_once_differentiable("group_norm_stats")

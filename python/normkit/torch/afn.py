@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from .batchnorm import BatchNorm1d
-from .stochnorm import _check_generator
+from .stochnorm import _Seeded, _check_generator
+
+_ops = torch.ops.normkit
 
 
 def _check_features(f, who):
@@ -65,17 +67,29 @@ class AdaptiveFeatureNorm(nn.Module):
 
 
 def dropout(x, p, training, generator=None):
-    """Inverted dropout whose mask is drawn from ``generator`` (torch's default when None)."""
+    """Inverted dropout whose mask is drawn from ``generator`` (torch's default when None). Under
+    torch.compile only torch's default generator traces (a generator object is a graph break);
+    ``Block`` compiles with its own."""
+    return _dropout(x, p, training, generator, 0 if generator is None else None)
+
+
+def _dropout(x, p, training, generator, key):
+    """``dropout``; a compiled call draws the same mask through the ``draw_uniform`` op with
+    ``key``, the generator's key (None: no key, the eager draw)."""
     if not training or p == 0.0:
         return x
     if p == 1.0:
         return x * 0.0
-    where = generator.device if generator is not None else x.device
-    keep = torch.rand(x.shape, generator=generator, device=where) >= p
+    if key is not None and torch.compiler.is_compiling():
+        u = _ops.draw_uniform(x, key, x.device, x.shape)
+    else:
+        where = generator.device if generator is not None else x.device
+        u = torch.rand(x.shape, generator=generator, device=where)
+    keep = u >= p
     return x * keep.to(x.device, x.dtype) * (1.0 / (1.0 - p))
 
 
-class Block(nn.Module):
+class Block(_Seeded, nn.Module):
     """AFN's basic block: fc -> bn -> ReLU -> dropout(p) -> (training) * sqrt(1 - p), so that kept
     units are scaled by 1 / sqrt(1 - p) and the expected squared L2 norm is preserved. Keys
     ``fc.*`` and ``bn.*`` as tllib's. ``dropout_p=0`` works (tllib's backward raises: an in-place
@@ -118,7 +132,8 @@ class Block(nn.Module):
         f = torch.relu(self.bn(self.fc(x)))
         if not self.training:
             return f
-        return dropout(f, self.dropout_p, True, self.generator) * math.sqrt(1.0 - self.dropout_p)
+        return (_dropout(f, self.dropout_p, True, self.generator, self._generator_key)
+                * math.sqrt(1.0 - self.dropout_p))
 
 
 class ImageClassifier(nn.Module):

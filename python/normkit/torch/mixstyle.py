@@ -11,9 +11,19 @@ from ..nn.mixstyle import (MODES, MixStyleControls, activate_mixstyle, crossdoma
                            deactivate_mixstyle, random_mixstyle, run_with_mixstyle,
                            run_without_mixstyle)
 from ._dlpack import dl, group_workspace, kernel_input, launch, like, param_dtype
-from .stochnorm import _check_generator
+from ._ops import mix_draws
+from .stochnorm import _Seeded, _check_generator
+
+_ops = torch.ops.normkit
 
 
+def _sig(x, var, eps):
+    """sqrt(unbiased var + eps) from the biased (B, C) var of x's instances, in place."""
+    B, C = x.shape[:2]
+    S = x[0, 0].numel() if B and C else 1
+    if S > 1:
+        var.mul_(S / (S - 1))
+    return var.add_(eps).sqrt_()
 
 
 def instance_moments(x, eps=1e-6):
@@ -37,10 +47,7 @@ def instance_moments(x, eps=1e-6):
     mu = torch.empty(B, C, dtype=pd, device=x.device)
     var = torch.empty(B, C, dtype=pd, device=x.device)
     _C.group_norm_stats(dl(x), dl(mu), dl(var), **launch(x, group_workspace(C)))
-    S = x[0, 0].numel() if B and C else 1
-    if S > 1:
-        var.mul_(S / (S - 1))
-    return mu, var.add_(eps).sqrt_()
+    return mu, _sig(x, var, eps)
 
 
 class _StyleAffine(torch.autograd.Function):
@@ -140,7 +147,7 @@ def mixstyle(x, perm, lam, eps=1e-6, comm=None):
     return y
 
 
-class MixStyle(MixStyleControls, torch.nn.Module):
+class MixStyle(_Seeded, MixStyleControls, torch.nn.Module):
     """Dassl's / tllib's ``MixStyle`` (same constructor, plus ``mix`` for tllib's users,
     ``generator``, ``process_group`` and ``comm``) run by normkit.
 
@@ -157,6 +164,9 @@ class MixStyle(MixStyleControls, torch.nn.Module):
     batches in rank order: one all-gather of the per-instance (mu, sig) forward, none backward,
     and every rank must draw alike (a generator seeded alike, or torch's default seeded alike).
     tllib's MixStyle has no ``mix`` and always mixes cross-domain; Dassl's default is "random".
+    A local layer compiles with ``fullgraph=True``: a compiled call draws eager's gate, lam and
+    perm from the same generator, computes the mix every call and selects x where the gate says
+    so (its ``last_draw`` is not updated).
 
     Parameters
     ----------
@@ -214,24 +224,18 @@ class MixStyle(MixStyleControls, torch.nn.Module):
         where = self.generator.device if self.generator is not None else "cpu"
         return torch.rand(*shape, generator=self.generator, device=where)
 
-    def _randperm(self, n):
-        where = self.generator.device if self.generator is not None else "cpu"
-        return torch.randperm(n, generator=self.generator, device=where)
-
-    def _draw(self, B, dtype):
-        where = self.generator.device if self.generator is not None else "cpu"
-        conc = torch.full((B, 2), self.alpha, dtype=torch.float64, device=where)
-        # Beta(a, a) as the first component of a Dirichlet(a, a) (what torch.distributions.Beta
-        # samples), which takes a generator and stays exact for small alpha
-        lam = torch._sample_dirichlet(conc, generator=self.generator)[:, 0].to(dtype)
-        if self.mix == "random":
-            perm = self._randperm(B)
-        else:
-            order = torch.arange(B - 1, -1, -1, device=where)
-            first, second = order.chunk(2) if B > 1 else (order, order[:0])
-            perm = torch.cat([first[self._randperm(len(first))],
-                              second[self._randperm(len(second))]])
-        return perm, lam
+    def _compiled_forward(self, x):
+        """A local layer's mixing call under torch.compile: the draws by the ``mixstyle_draw`` op
+        (eager's numbers from the layer's generator, the gate included), the moments and the
+        affine pass by normkit's ops, and the gate as a select (a traced graph cannot branch on
+        it): an inactive call returns x's values. ``last_draw`` is left as it is."""
+        active, perm, lam = _ops.mixstyle_draw(x, self._generator_key, float(self.p),
+                                               float(self.alpha), x.shape[0],
+                                               self.mix == "crossdomain")
+        mu, var = _ops.group_norm_stats(x.detach(), x.shape[1])  # constants, as upstream's
+        sig = _sig(x, var, self.eps)
+        scale, shift = _coefficients(mu, sig, mu, sig, 0, perm, lam)
+        return torch.where(active, _ops.group_norm_affine(x, mu, scale, shift), x)
 
     def forward(self, x):
         if x.dim() < 3:
@@ -239,6 +243,8 @@ class MixStyle(MixStyleControls, torch.nn.Module):
                              f"{x.dim()}D input")
         if not self.training or not self._activated:
             return x
+        if torch.compiler.is_compiling() and self.comm is None and self.process_group is None:
+            return self._compiled_forward(x)
         if self._rand(()).item() >= self.p:
             return x
         comm = self._communicator()
@@ -249,14 +255,15 @@ class MixStyle(MixStyleControls, torch.nn.Module):
         B = mu_all.shape[0]
         if B <= 1:
             return x
-        perm, lam = self._draw(B, mu.dtype)
+        perm, lam = mix_draws(self.generator, self.alpha, B, self.mix == "crossdomain")
+        lam = lam.to(mu.dtype)
         self.last_draw = (perm, lam)
         scale, shift = _coefficients(mu, sig, mu_all, sig_all, offset, perm.to(x.device),
                                      lam.to(x.device))
         return _StyleAffine.apply(x, mu, scale, shift)
 
     def __getstate__(self):
-        return dict(self.__dict__, comm=None, process_group=None, generator=None)
+        return dict(self.__dict__, comm=None, process_group=None, _generator=None)
 
 
 __all__ = ["MODES", "MixStyle", "activate_mixstyle", "crossdomain_mixstyle",

@@ -15,10 +15,13 @@ from .. import _C
 from ..distributed import check_communicator
 from . import _ops as _registered
 from ._dlpack import dl, kernel_input, launch, like, param_dtype
+from ._ops import generator_key
 from .batchnorm import _NormkitBatchNorm
 from .distributed import TorchCommunicator
 from .functional import _check_running
 from .sync_batchnorm import global_backward_sums, global_batch_stats
+
+_ops = torch.ops.normkit
 
 
 def _check_p(p, who):
@@ -31,6 +34,26 @@ def _check_generator(generator, who):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{who}: generator must be a torch.Generator, got "
                         f"{type(generator).__name__}")
+
+
+class _Seeded:
+    """A layer's ``generator`` (a torch.Generator, or None for torch's default one) with the key
+    the draw ops of normkit.torch._ops find it by, taken whenever it is set: a compiled forward
+    reads only the key (dynamo cannot trace the generator object)."""
+
+    @property
+    def generator(self):
+        return self._generator
+
+    @generator.setter
+    def generator(self, generator):
+        self._generator = generator
+        self._generator_key = generator_key(generator)
+
+    def __setstate__(self, state):
+        # unpickled or deep-copied: the key of the generator this copy holds
+        super().__setstate__(state)
+        self._generator_key = generator_key(self._generator)
 
 
 def draw_channels(C, p, generator, device):
@@ -124,6 +147,28 @@ class _StochNorm(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None
 
 
+def _compiled_stoch_norm(layer, x):
+    """A local StochNorm layer's training forward under torch.compile, which cannot trace
+    _StochNorm's DLPack calls: the channel draw by the ``draw_uniform`` op (eager's numbers from the
+    layer's generator), the same masked fused kernels as the custom op ``batch_norm_train_masked``
+    (its registered autograd is the backward), then the running-statistics update in torch ops."""
+    who = type(layer).__name__
+    C = x.shape[1]
+    total = x.numel() // C
+    if total <= 1:
+        raise ValueError(f"{who}: expected more than 1 value per channel when training, got "
+                         f"input of shape {tuple(x.shape)}")
+    s = _ops.draw_uniform(x, layer._generator_key, torch.device("cpu"), [C]) < layer.p
+    rm, rv = layer.running_mean, layer.running_var
+    y, mean, var, _, _ = _ops.batch_norm_train_masked(x, layer.weight, layer.bias,
+                                                      s.to(param_dtype(x.dtype)), rm, rv,
+                                                      layer.eps)
+    momentum = layer._momentum_factor()
+    rm.lerp_(mean, momentum)
+    rv.lerp_((var * (total / (total - 1))).to(mean.dtype), momentum)
+    return y
+
+
 def stoch_norm(input, running_mean, running_var, weight, bias, s, momentum=0.1, eps=1e-5,
                comm=None):
     """Training StochNorm of ``input`` (N, C, *) for a given channel draw ``s`` (a bool tensor of
@@ -213,7 +258,7 @@ _PARAMETERS = """
 """
 
 
-class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
+class _StochNormBase(_Seeded, _NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
     """Batch norm whose channels each pick, per training call, the batch statistics (probability
     ``p``) or the running statistics, as tllib's ``StochNorm*d``.
 
@@ -230,6 +275,10 @@ class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
     forward, one backward, uneven and empty batches), and every rank must pass a generator seeded
     alike (or seed torch's default one alike) so that all draw the same s; no collective is spent
     on the draw. Without either, a local layer (also under torch.distributed).
+
+    A local layer compiles (``torch.compile(fullgraph=True)``, dynamic shapes) and exports (eval):
+    a compiled call draws s from the same generator, so it draws eager's s (the synchronized
+    layer stays eager: its collectives run in Python).
 
     Differences from tllib, all fixes: 3d training works, CPU works, ``momentum=None`` (cumulative
     average) and ``num_batches_tracked`` work, tllib's backward reads the already-updated running
@@ -287,6 +336,10 @@ class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
                              device=input.device)
             return _StochNorm.apply(input, self.weight, self.bias, rm, torch.ones_like(rm), s,
                                     self.eps, 0.0, comm, type(self).__name__)
+        if comm is None and torch.compiler.is_compiling():
+            y = _compiled_stoch_norm(self, input)
+            self._count_batch()
+            return y
         s = draw_channels(self.num_features, self.p, self.generator, input.device)
         y = _StochNorm.apply(input, self.weight, self.bias, self.running_mean, self.running_var,
                              s, self.eps, self._momentum_factor(), comm, type(self).__name__)
@@ -306,7 +359,7 @@ class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
         return clone
 
     def __getstate__(self):
-        return dict(self.__dict__, comm=None, process_group=None, generator=None)
+        return dict(self.__dict__, comm=None, process_group=None, _generator=None)
 
 
 class StochNorm1d(_StochNormBase):

@@ -14,6 +14,10 @@ from ..distributed import check_communicator
 from .distributed import TorchCommunicator
 from .functional import _check_running, check_eps
 
+if torch.distributed.is_available():  # what a compiled forward all-reduces with
+    import torch.distributed._functional_collectives as funcol
+
+_ops = torch.ops.normkit
 _HEADER = 4  # the agreement header in front of every all-reduce (distributed.agreement_header)
 _SHIFT_TOLERANCE = 10.0  # as normkit.nn.SyncBatchNorm's: a shift further off sums again
 
@@ -158,6 +162,52 @@ class _SyncBatchNorm(torch.autograd.Function):
         dw = local_dy_xmu * invstd if need_w else None
         db = local_dy.clone() if need_b else None
         return dx, dw, db, None, None, None, None, None, None, None
+
+
+class _SyncBatchNormOps(torch.autograd.Function):
+    """_SyncBatchNorm over a torch.distributed group under torch.compile: normkit's split ops with
+    torch.distributed's functional collectives between them, which dynamo traces (the eager
+    path's Python collectives it cannot). One all-reduce of 2C+1 float64 values forward (the
+    count, and n * (mean - K) and n * (var + (mean - K)^2) about the layer's shift K, as eager's),
+    one of 2C backward. The global count stays a tensor (no host synchronization): the backward's
+    global sums are scaled by n / count, for the elementwise op given this rank's n as its count
+    (the op takes a float). Returns y, the global
+    mean and biased var (float64) and count, for the running-statistics update."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, shift, eps, group):
+        C = x.shape[1]
+        mean, var = _ops.batch_norm_stats(x)
+        n = x.numel() // C
+        d = mean.double() - shift
+        sums = torch.cat([shift.new_ones(1), d, var.double() + d * d]) * n
+        sums = funcol.all_reduce(sums, "sum", group)
+        total = sums[0]
+        d_mean = sums[1:C + 1] / total
+        g_var = (sums[C + 1:] / total - d_mean * d_mean).clamp(min=0.0)
+        g_mean = shift + d_mean
+        g_mean_p, invstd = g_mean.to(mean.dtype), (g_var + eps).rsqrt().to(mean.dtype)
+        y = _ops.batch_norm_normalize(x, g_mean_p, invstd, weight, bias)
+        ctx.mark_non_differentiable(g_mean, g_var, total)
+        ctx.save_for_backward(x, weight, g_mean_p, invstd, total)
+        ctx.group, ctx.n = group, n
+        return y, g_mean, g_var, total
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, weight, mean, invstd, total = ctx.saved_tensors
+        C = x.shape[1]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xmu = _ops.batch_norm_backward_reduce(dy, x, mean)
+        sums = funcol.all_reduce(torch.cat([sum_dy, sum_dy_xmu]).double(), "sum", ctx.group)
+        sums = (sums * (ctx.n / total)).to(mean.dtype)
+        dx = None
+        if need_x:
+            dx = _ops.batch_norm_backward_elemt(dy, x, mean, invstd, weight, sums[:C], sums[C:],
+                                                float(ctx.n))
+        # weight and bias gradients are this rank's, as in PyTorch (DDP all-reduces them).
+        return (dx, sum_dy_xmu * invstd if need_w else None, sum_dy if need_b else None, None,
+                None, None)
 
 
 def sync_batch_norm(input, weight, bias, running_mean, running_var, eps, momentum, comm,
@@ -325,7 +375,33 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
             shift = self._shift = torch.zeros(C, dtype=torch.float64, device=input.device)
         return shift
 
+    def _compiled_forward(self, input):
+        """The forward under torch.compile, over ``process_group`` or the default group (not a
+        ``comm``): _SyncBatchNormOps in training with more than one rank, else batch norm. The
+        debug checks, the empty-batch error and the second all-reduce of a shift further than 10
+        std off are the eager path's only (each needs a value on the host)."""
+        group = self.process_group
+        if group is None and torch.distributed.is_available() and \
+                torch.distributed.is_initialized():
+            group = torch.distributed.group.WORLD
+        if not self.training or group is None or torch.distributed.get_world_size(group) == 1:
+            return super().forward(input)
+        self._check_input(input)
+        shift = self._sync_shift(input)
+        y, g_mean, g_var, total = _SyncBatchNormOps.apply(input, self.weight, self.bias, shift,
+                                                         self.eps, group)
+        if self.track_running_stats:
+            momentum = self._momentum_factor()
+            self.running_mean.lerp_(g_mean.to(self.running_mean.dtype), momentum)
+            self.running_var.lerp_((g_var * (total / (total - 1))).to(self.running_var.dtype),
+                                   momentum)
+        shift.copy_(g_mean)
+        self._count_batch()
+        return y
+
     def forward(self, input):
+        if self.comm is None and torch.compiler.is_compiling():
+            return self._compiled_forward(input)
         debug = self._debug_comm()
         if debug is not None:
             self._check_ranks_agree(debug, input, self.training, "forward")
