@@ -37,8 +37,8 @@ constexpr int64_t kPilot = 16;         // values whose mean shifts the forward's
 // dw is a parameter's gradient: nothing reads it before the optimizer step, after the rest of the
 // backward has been through the cache, so a large one is written with streaming stores (no read
 // of each line before it is overwritten, and w and dw_hat stay cached). Measured on a 2-core
-// Zen 4: even at 2.4 MB, 30% off the backward at 9.4 MB (a 512x512x3x3 weight). w_hat is not:
-// the convolution reads it right away.
+// Zen 4: no change at 2.4 MB, 20-30% off the backward at 9.4 MB (a 512x512x3x3 weight). w_hat
+// is not streamed below the cache size: the convolution reads it right away.
 constexpr int64_t kStreamGradBytes = int64_t(4) << 20;
 
 // Arithmetic type of a storage type: float64 for float64, float32 for float32 and bfloat16.
@@ -156,10 +156,9 @@ NK_INLINE void row_sums(const T* __restrict x, const T* __restrict g, int64_t K,
 }
 
 // out = a * g + b * (x - m) + c over a row of K values (without the g term: kHasG false, g
-// unused). out may be x.
-// The row is in cache by now (and the next one on its way: rows follow each other in memory, so
-// the hardware prefetchers' streams carry on from row to row). `stream`: streaming stores
-// (float32/float64; see cpu_stream.h).
+// unused); out may be x. The row is in cache by now (and the next one on its way: rows follow
+// each other in memory, so the hardware prefetchers' streams carry on from row to row).
+// `stream`: streaming stores (float32/float64; see cpu_stream.h).
 template <class T, bool kHasG, class A = arith_t<T>>
 NK_INLINE void row_affine(const T* g, const T* x, T* out, int64_t K, A a, A b, A m, A c,
                           bool stream) {

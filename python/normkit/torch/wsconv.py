@@ -30,11 +30,11 @@ _DEFAULT_EPS = {"elektronn3": 1e-4, "nfnet": 1e-4, "timm": 1e-6}
 
 
 class _EagerWSStandardize(torch.autograd.Function):
-    """The eager path of ``ws_standardize``: the kernels of the custom op ``normkit::ws_standardize``
-    in a Function with one output. Autograd's bookkeeping of the op's three outputs (two marked
-    non-differentiable) cost ~200 us per forward+backward; torch.compile and torch.export still
-    see the custom op (``ws_standardize`` picks it while compiling). Saved for the backward: w,
-    gain and the per-channel mean and rstd (not w_hat)."""
+    """The eager path of ``ws_standardize``: the kernels of the custom op
+    ``normkit::ws_standardize`` in a Function with one output (autograd's bookkeeping of the op's
+    three outputs, two marked non-differentiable, cost 30-50 us more per forward+backward);
+    torch.compile and torch.export still see the custom op (``ws_standardize`` picks it while
+    compiling). Saved for the backward: w, gain and the per-channel mean and rstd (not w_hat)."""
 
     @staticmethod
     def forward(ctx, weight, gain, convention, eps):
