@@ -2,6 +2,10 @@
 function) against float64 torch compositions of each convention, finite differences and
 gradcheck; the transposed convolution and padding modes of normkit.functional against torch;
 bad input."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -124,6 +128,64 @@ def test_layouts_and_in_place():
     big = torch.tensor(weight((6, 10, 3, 3), np.float32))
     torch.testing.assert_close(torch_ws(big[:, ::2], None, 1e-4, "timm"),
                                torch_ws(big[:, ::2].contiguous(), None, 1e-4, "timm"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_long_rows_and_streamed_gradient(dtype):
+    """Rows of 9279 values (several float32 lane blocks, a ragged tail, rows not 16-byte aligned)
+    and a dw over 4 MiB, which the backward writes with streaming stores; |mean| = 60 std, which
+    the shifted float32 sums keep."""
+    R = 130 if dtype == np.float32 else 70
+    w, gn, dy = weight((R, 1031, 3, 3), offset=3.0), gain(R), g.standard_normal((R, 1031, 3, 3))
+    assert w.size * np.dtype(dtype).itemsize >= 4 << 20
+    w_hat, mean, rstd = F.ws_standardize(w.astype(dtype), gn.astype(dtype), 1e-4, "nfnet")
+    dw, dg = F.ws_standardize_backward(dy.astype(dtype), w.astype(dtype), gn.astype(dtype), mean,
+                                       rstd, 1e-4, "nfnet")
+    wt, gt = torch.tensor(w, requires_grad=True), torch.tensor(gn, requires_grad=True)
+    ref = ref_standardize(wt, gt, 1e-4, "nfnet")
+    dwr, dgr = (t.numpy() for t in torch.autograd.grad(ref, (wt, gt), torch.tensor(dy)))
+    tol = 1e-11 if dtype == np.float64 else 2e-5
+    r = ref.detach().numpy()
+    np.testing.assert_allclose(w_hat, r, rtol=tol, atol=tol * abs(r).max())
+    np.testing.assert_allclose(dw, dwr, rtol=tol * 10, atol=tol * 10 * abs(dwr).max())
+    np.testing.assert_allclose(dg, dgr, rtol=tol * 10, atol=tol * 10 * abs(dgr).max())
+
+
+_STREAM_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import numpy as np, torch
+import normkit.functional as F
+from wsconv_reference import ref_standardize
+g = np.random.default_rng(5)
+for dtype, tol in [(np.float32, 2e-5), (np.float64, 1e-12)]:
+    for shape in [(7, 5, 3, 3), (5, 33), (3, 2, 2, 2, 2)]:
+        for conv in ["elektronn3", "nfnet", "timm"]:
+            w = g.standard_normal(shape) * 0.05 + 0.3
+            gn, dy = g.random(shape[0]) + 0.5, g.standard_normal(shape)
+            w_hat, mean, rstd = F.ws_standardize(w.astype(dtype), gn.astype(dtype), 1e-4, conv)
+            dw, dg = F.ws_standardize_backward(dy.astype(dtype), w.astype(dtype),
+                                               gn.astype(dtype), mean, rstd, 1e-4, conv)
+            wt, gt = torch.tensor(w, requires_grad=True), torch.tensor(gn, requires_grad=True)
+            ref = ref_standardize(wt, gt, 1e-4, conv)
+            dwr, dgr = torch.autograd.grad(ref, (wt, gt), torch.tensor(dy))
+            for got, want, t in [(w_hat, ref.detach(), tol), (dw, dwr, 10 * tol),
+                                 (dg, dgr, 10 * tol)]:
+                want = want.numpy()
+                np.testing.assert_allclose(got, want, rtol=t, atol=t * abs(want).max())
+print("checked")
+"""
+
+
+def test_streaming_stores_in_subprocess():
+    """w_hat and dw written with streaming stores (below 4 MiB only when forced by the threshold
+    NORMKIT_STREAM_MIN_BYTES, read once per process): the values of the plain stores."""
+    env = dict(os.environ, NORMKIT_STREAM_MIN_BYTES="256")
+    script = _STREAM_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "checked" in proc.stdout
 
 
 def test_errors():

@@ -173,6 +173,21 @@ class Elektronn3FWS(nn.Module):
         return self.layer(x)
 
 
+def test_saved_for_backward_and_double_backward():
+    """The eager path saves w, gain and the per-channel mean and rstd (one weight-sized tensor,
+    not w_hat too); its backward is not differentiable again, with a clear error."""
+    w = randn(6, 4, 3, 3).requires_grad_()
+    gain = (randn(6).abs() + 0.5).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        w_hat = nkt.ws_standardize(w, gain, 1e-4, "nfnet")
+    assert sorted(saved) == sorted([w.shape, (6,), (6,), (6,)])
+    dw, = torch.autograd.grad(w_hat, w, randn(6, 4, 3, 3), create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        dw.sum().backward()
+
+
 def test_state_dicts_interchange_with_elektronn3():
     ours = nkt.WSConv2d(3, 4, 3, padding=1)
     theirs = Elektronn3WSConv2d(3, 4, 3, padding=1)

@@ -10,10 +10,11 @@
 //     NFNet:      d = max(var_biased * K, eps)
 //     Timm:       d = var_biased + eps
 //
-// The forward is one statistics pass over each row (float64 sums shifted by the row's first value,
-// so they stay exact when |mean| >> std) and one pass writing w_hat while the row is in cache. The
-// backward is one pass of sums (of dw_hat, dw_hat * (w - mean) and (w - mean)^2) and one pass
-// writing dw, through mean, var (zero where eps clamps it) and gain.
+// The forward is one statistics pass over each row (sums shifted by an estimate of its mean from
+// its first values, so they stay exact when |mean| >> std; in float64, on the CPU in float32
+// lanes flushed into float64 every few thousand values) and one pass writing w_hat while the row
+// is in cache. The backward is one pass of sums (of dw_hat, dw_hat * (w - mean) and
+// (w - mean)^2) and one pass writing dw, through mean, var (zero where eps clamps it) and gain.
 //
 // Dtypes: w, w_hat, dw_hat, dw share one dtype (bfloat16/float32/float64 on the CPU, also float16
 // on CUDA); gain, mean, rstd, dgain have param_dtype of it (float32 for 16-bit weights). gain may be undefined (gain 1).

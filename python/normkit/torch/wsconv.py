@@ -21,12 +21,34 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..functional.wsconv import convention_id
-from . import _ops as _registered  # noqa: F401 (defines torch.ops.normkit)
+from . import _ops as _registered  # defines torch.ops.normkit
 from ._dlpack import param_dtype
 
 _ops = torch.ops.normkit
 # eps when none is given: elektronn3's and NFNets' 1e-4, timm's StdConv2d's 1e-6.
 _DEFAULT_EPS = {"elektronn3": 1e-4, "nfnet": 1e-4, "timm": 1e-6}
+
+
+class _EagerWSStandardize(torch.autograd.Function):
+    """The eager path of ``ws_standardize``: the kernels of the custom op
+    ``normkit::ws_standardize`` in a Function with one output (autograd's bookkeeping of the op's
+    three outputs, two marked non-differentiable, cost 30-50 us more per forward+backward);
+    torch.compile and torch.export still see the custom op (``ws_standardize`` picks it while
+    compiling). Saved for the backward: w, gain and the per-channel mean and rstd (not w_hat)."""
+
+    @staticmethod
+    def forward(ctx, weight, gain, convention, eps):
+        ctx.set_materialize_grads(False)
+        w_hat, mean, rstd = _registered._ws_standardize(weight, gain, convention, eps)
+        ctx.save_for_backward(weight, gain, mean, rstd)
+        ctx.convention, ctx.eps = convention, eps
+        return w_hat
+
+    @staticmethod
+    def backward(ctx, dw_hat):
+        # The custom op's own backward, through the backward op (differentiating it, double
+        # backward, is its clear error).
+        return _registered._ws_standardize_grad(ctx, dw_hat)
 
 
 def ws_standardize(weight, gain=None, eps=1e-4, convention="elektronn3"):
@@ -56,6 +78,8 @@ def ws_standardize(weight, gain=None, eps=1e-4, convention="elektronn3"):
     cid = convention_id(convention)
     if gain is not None and gain.dtype != param_dtype(weight.dtype):
         gain = gain.to(param_dtype(weight.dtype))
+    if not torch.compiler.is_compiling() and weight.device.type != "meta":  # meta: fake kernel
+        return _EagerWSStandardize.apply(weight, gain, cid, float(eps))
     return _ops.ws_standardize(weight, gain, cid, float(eps))[0]
 
 
