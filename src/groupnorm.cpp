@@ -205,37 +205,86 @@ NK_HOT void run_affine(const T* u, const T* v, T* out, int64_t len, acc_t<T> p, 
 // ------------------------------------------------------------------------------------------------
 // Channels-last rows: `rows` consecutive positions s of one sample, C contiguous channels each.
 
-// The rows are walked in chunks of kFlushRows, and within a chunk one run of kLanes channels at a
-// time down all its rows, so that run's accumulators stay in registers (the chunk stays in L1).
-template <class T>
+// s[0, kLanes) += u, in float64 vectors (a scalar loop here would cost as much as the rows).
+template <class V>
+NK_INLINE void flush_lanes(double* __restrict s, const V& u) {
+  typedef double D __attribute__((vector_size(kLanes * sizeof(double))));
+  D d;
+  std::memcpy(&d, s, sizeof d);
+  d += __builtin_convertvector(u, D);
+  std::memcpy(s, &d, sizeof d);
+}
+
+// Channels [c, c + NB * kLanes) of rows [0, rows) (rows <= kFlushRows): NB runs of kLanes
+// channels side by side, so each row's part of them is one contiguous read and the NB
+// accumulator chains hide each other's add latency. Each load also prefetches the same channels
+// `ahead` rows on, which the hardware prefetchers miss on strided walks (C > NB * kLanes).
+template <int NB, class T, bool kSame>
+NK_INLINE void rows_group_sums(const T* a, const T* b, int64_t sa, int64_t sb, int64_t rows,
+                               int64_t c, int64_t ahead, const acc_t<T>* ka,
+                               const acc_t<T>* kb, double* s1, double* s2) {
+  using A = acc_t<T>;
+  using L = Lanes<T>;
+  using V = typename L::V;
+  constexpr int64_t kBytes = NB * kLanes * int64_t(sizeof(T));
+  V k1[NB], k2[NB], u1[NB], u2[NB];
+  for (int j = 0; j < NB; ++j) {
+    k1[j] = Lanes<A>::load(ka + c + j * kLanes);
+    k2[j] = Lanes<A>::load(kb + c + j * kLanes);
+    u1[j] = u2[j] = V{};
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* ar = a + r * sa + c;
+    const T* br = b + r * sb + c;
+    if (ahead) {
+      for (int64_t byte = 0; byte < kBytes; byte += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(ar + ahead * sa) + byte);
+        if (!kSame) __builtin_prefetch(reinterpret_cast<const char*>(br + ahead * sb) + byte);
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      const V d = L::load(ar + j * kLanes) - k1[j];
+      u1[j] += d;
+      u2[j] += d * (kSame ? d : L::load(br + j * kLanes) - k2[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    flush_lanes(s1 + c + j * kLanes, u1[j]);
+    flush_lanes(s2 + c + j * kLanes, u2[j]);
+  }
+}
+
+// s1[c] += sum (a - ka[c]), s2[c] += sum (a - ka[c]) (b - kb[c]) over the rows; kSame: b is a.
+// The rows are walked in chunks of kFlushRows (float32 partials, flushed to float64 per chunk)
+// and, within a chunk, kGroupBlocks runs of kLanes channels at a time down all its rows, so the
+// accumulators stay in registers. With C <= kGroupBlocks * kLanes the walk is sequential.
+constexpr int kGroupBlocks = 4;
+
+template <class T, bool kSame>
 NK_HOT void rows_sums(const T* a, const T* b, int64_t sa, int64_t sb, int64_t rows, int64_t C,
                       const acc_t<T>* __restrict ka, const acc_t<T>* __restrict kb,
                       double* __restrict s1, double* __restrict s2) {
   using A = acc_t<T>;
-  using L = Lanes<T>;
-  using V = typename L::V;
+  // Prefetch only strided walks, the next chunk's rows (none past the last row).
+  const bool strided_walk = C > kGroupBlocks * kLanes;
   for (int64_t r0 = 0; r0 < rows; r0 += kFlushRows) {
-    const int64_t r1 = std::min(rows, r0 + kFlushRows);
+    const int64_t todo = std::min(rows - r0, kFlushRows);
+    const int64_t ahead = strided_walk && r0 + kFlushRows + todo <= rows ? kFlushRows : 0;
+    const T* ar = a + r0 * sa;
+    const T* br = b + r0 * sb;
     int64_t c = 0;
+    for (; c + kGroupBlocks * kLanes <= C; c += kGroupBlocks * kLanes) {
+      rows_group_sums<kGroupBlocks, T, kSame>(ar, br, sa, sb, todo, c, ahead, ka, kb, s1, s2);
+    }
     for (; c + kLanes <= C; c += kLanes) {
-      const V k1 = Lanes<A>::load(ka + c), k2 = Lanes<A>::load(kb + c);
-      V u1 = {}, u2 = {};
-      for (int64_t r = r0; r < r1; ++r) {
-        const V d = L::load(a + r * sa + c) - k1;
-        u1 += d;
-        u2 += d * (L::load(b + r * sb + c) - k2);
-      }
-      for (int l = 0; l < kLanes; ++l) {
-        s1[c + l] += double(u1[l]);
-        s2[c + l] += double(u2[l]);
-      }
+      rows_group_sums<1, T, kSame>(ar, br, sa, sb, todo, c, ahead, ka, kb, s1, s2);
     }
     for (; c < C; ++c) {
       A t1 = 0, t2 = 0;
-      for (int64_t r = r0; r < r1; ++r) {
-        const A d = ld(a[r * sa + c]) - ka[c];
+      for (int64_t r = 0; r < todo; ++r) {
+        const A d = ld(ar[r * sa + c]) - ka[c];
         t1 += d;
-        t2 += d * (ld(b[r * sb + c]) - kb[c]);
+        t2 += d * (kSame ? d : ld(br[r * sb + c]) - kb[c]);
       }
       s1[c] += double(t1);
       s2[c] += double(t2);
@@ -337,8 +386,15 @@ void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b, bool s
         const int64_t r0 = std::max(e0, n * g.S) - n * g.S;
         const int64_t r1 = std::min(e1, (n + 1) * g.S) - n * g.S;
         double* p1 = p.data() + 2 * (n - n0) * g.C;
-        rows_sums<T>(a.data + n * a.sN + r0 * a.sS, b.data + n * b.sN + r0 * b.sS, a.sS, b.sS,
-                     r1 - r0, g.C, ka.data() + n * g.C, kb.data() + n * g.C, p1, p1 + g.C);
+        const T* ar = a.data + n * a.sN + r0 * a.sS;
+        const T* br = b.data + n * b.sN + r0 * b.sS;
+        if (same) {
+          rows_sums<T, true>(ar, ar, a.sS, a.sS, r1 - r0, g.C, ka.data() + n * g.C,
+                             ka.data() + n * g.C, p1, p1 + g.C);
+        } else {
+          rows_sums<T, false>(ar, br, a.sS, b.sS, r1 - r0, g.C, ka.data() + n * g.C,
+                              kb.data() + n * g.C, p1, p1 + g.C);
+        }
       }
       return;
     }
@@ -776,7 +832,8 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
           std::fill(s1.begin(), s1.end(), 0.0);
           std::fill(s2.begin(), s2.end(), 0.0);
           const T* xn = xs.data + n * xs.sN;
-          rows_sums<T>(xn, xn, xs.sS, xs.sS, g.S, g.C, ks.data(), ks.data(), s1.data(), s2.data());
+          rows_sums<T, true>(xn, xn, xs.sS, xs.sS, g.S, g.C, ks.data(), ks.data(), s1.data(),
+                             s2.data());
           for (int64_t j = 0; j < g.G; ++j) {
             double t1 = 0, t2 = 0;
             for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) t1 += s1[c], t2 += s2[c];
@@ -923,8 +980,8 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
         for (int64_t n = n0; n < n1; ++n) {
           const T* dyn = dys.data + n * dys.sN;
           const T* xn = xs.data + n * xs.sN;
-          rows_sums<T>(dyn, xn, dys.sS, xs.sS, g.S, g.C, zero.data(), mc.data() + n * g.C,
-                       s1.data() + n * g.C, s2.data() + n * g.C);
+          rows_sums<T, false>(dyn, xn, dys.sS, xs.sS, g.S, g.C, zero.data(),
+                              mc.data() + n * g.C, s1.data() + n * g.C, s2.data() + n * g.C);
           if (!dxs.data) continue;
           for (int64_t j = 0; j < g.G; ++j) {
             const int64_t blk = n * g.G + j;

@@ -15,7 +15,9 @@ from helpers import assert_close, assert_close_dtype, fd_grad, make_layout, rand
 DEVICES = ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
     gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))])]
 
-# (shape, groups): C not a multiple of 16, N*G = 1, a spatial size of 2, (N, C) input (S = 1)
+# (shape, groups): C not a multiple of 16, N*G = 1, a spatial size of 2, (N, C) input (S = 1);
+# C = 83 and 144 with S > 128 reach every part of the channels-last reduction (runs of 64 and of 16
+# channels, a scalar tail, prefetches for rows longer than 64 channels, several row chunks)
 CASES = [
     ((4, 6, 5, 7), 3),
     ((3, 10, 7), 5),
@@ -24,6 +26,8 @@ CASES = [
     ((2, 3, 4, 5, 3), 3),
     ((5, 12), 4),
     ((2, 20, 9, 11), 20),
+    ((2, 83, 9, 15), 83),
+    ((2, 144, 9, 15), 48),
 ]
 IDS = [f"{'x'.join(map(str, s))}-G{g}" for s, g in CASES]
 TOL16 = 4.0  # float16 results are rounded to float16 twice (input and output)
