@@ -115,11 +115,24 @@ struct Lanes {
   }
 };
 
+// The sum of a vector's lanes in float64, pairwise: a sequential sum would be a chain of kLanes
+// dependent adds, which would dominate the cost of small planes (7x7: 49 values).
 template <class V>
 NK_INLINE double hsum(const V& v) {
-  double sum = 0;
-  for (int l = 0; l < kLanes; ++l) sum += double(v[l]);
-  return sum;
+  static_assert(kLanes == 16, "hsum halves 16 lanes four times");
+  typedef double D16 __attribute__((vector_size(16 * sizeof(double))));
+  typedef double D8 __attribute__((vector_size(8 * sizeof(double))));
+  typedef double D4 __attribute__((vector_size(4 * sizeof(double))));
+  const D16 d = __builtin_convertvector(v, D16);
+  D8 lo8, hi8;
+  std::memcpy(&lo8, &d, sizeof lo8);
+  std::memcpy(&hi8, reinterpret_cast<const char*>(&d) + sizeof lo8, sizeof hi8);
+  const D8 s8 = lo8 + hi8;
+  D4 lo4, hi4;
+  std::memcpy(&lo4, &s8, sizeof lo4);
+  std::memcpy(&hi4, reinterpret_cast<const char*>(&s8) + sizeof lo4, sizeof hi4);
+  const D4 s4 = lo4 + hi4;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -292,21 +305,36 @@ NK_HOT void rows_sums(const T* a, const T* b, int64_t sa, int64_t sb, int64_t ro
   }
 }
 
+// out = p[c] * u + q[c] * (v - m[c]) + r[c] over the rows; u may be null (p ignored). `stream`:
+// streaming stores (float32/float64, rows of at least kLanes channels; see cpu_stream.h).
 template <class T>
 NK_HOT void rows_affine(const T* u, const T* v, T* out, int64_t su, int64_t sv, int64_t so,
                         int64_t rows, int64_t C, const acc_t<T>* __restrict p,
                         const acc_t<T>* __restrict q, const acc_t<T>* __restrict m,
-                        const acc_t<T>* __restrict r) {
+                        const acc_t<T>* __restrict r, bool stream) {
+  using A = acc_t<T>;
+  using L = Lanes<T>;
+  using LA = Lanes<A>;
   for (int64_t k = 0; k < rows; ++k) {
     const T* __restrict vv = v + k * sv;
+    const T* __restrict uu = u ? u + k * su : nullptr;
     T* __restrict o = out + k * so;
-    if (u) {
-      const T* __restrict uu = u + k * su;
-      for (int64_t c = 0; c < C; ++c) {
-        o[c] = st<T>(p[c] * ld(uu[c]) + q[c] * (ld(vv[c]) - m[c]) + r[c]);
+    int64_t c = 0;
+    if constexpr (cpu::kCanStream<T>) {
+      if (stream && C >= kLanes) {
+        for (; c < C && reinterpret_cast<uintptr_t>(o + c) % 16; ++c) {
+          o[c] = st<T>(q[c] * (ld(vv[c]) - m[c]) + r[c] + (uu ? p[c] * ld(uu[c]) : A(0)));
+        }
+        for (; c + kLanes <= C; c += kLanes) {
+          const auto t = LA::load(q + c) * (L::load(vv + c) - LA::load(m + c)) + LA::load(r + c);
+          cpu::stream_store(o + c, uu ? LA::load(p + c) * L::load(uu + c) + t : t);
+        }
       }
+    }
+    if (uu) {
+      for (; c < C; ++c) o[c] = st<T>(p[c] * ld(uu[c]) + q[c] * (ld(vv[c]) - m[c]) + r[c]);
     } else {
-      for (int64_t c = 0; c < C; ++c) o[c] = st<T>(q[c] * (ld(vv[c]) - m[c]) + r[c]);
+      for (; c < C; ++c) o[c] = st<T>(q[c] * (ld(vv[c]) - m[c]) + r[c]);
     }
   }
 }
@@ -463,9 +491,10 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
         rows_affine<T>(u ? u->data + n * u->sN + s0 * u->sS : nullptr,
                        v.data + n * v.sN + s0 * v.sS, out.data + n * out.sN + s0 * out.sS,
                        u ? u->sS : 0, v.sS, out.sS, s1 - s0, g.C, p.data() + k, q.data() + k,
-                       m.data() + k, r.data() + k);
+                       m.data() + k, r.data() + k, stream);
         e0 += s1 - s0;
       }
+      if (stream) cpu::stream_fence();
       return;
     }
     for_plane_pieces(g, e0, e1, [&](int64_t n, int64_t c, int64_t s0, int64_t s1) {
@@ -492,13 +521,14 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
 // first channel. Sums of (x - shift) then lose nothing to cancellation when |mean| >> std (the
 // shift need only be within a few std of the mean). Few values: for small planes (7x7) a longer
 // pilot would cost as much as the statistics themselves.
-constexpr int64_t kPilot = 16;
+constexpr int64_t kPilot = kLanes;  // one vector when the plane is contiguous
 
 template <class T>
 double pilot_mean(const Geometry& g, Strided<const T> x, int64_t n, int64_t group) {
   const int64_t count = std::min(kPilot, g.S);
   if (count == 0) return 0.0;
   const T* plane = x.plane(n, group * g.Cg());
+  if (count == kLanes && x.sS == 1) return hsum(Lanes<T>::load(plane)) / double(count);
   double sum = 0;
   for (int64_t s = 0; s < count; ++s) sum += double(ld(plane[s * x.sS]));
   return sum / double(count);
@@ -823,6 +853,7 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
     } else if (fuse_rows(g, nthreads)) {
       // Channels-last: a thread owns whole samples (contiguous runs of S rows of C) and
       // normalizes each right after reducing it, while it is still in cache.
+      const bool stream = cpu::should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)));
       cpu::parallel_ranges(nthreads, g.N, [&](int, int64_t n0, int64_t n1) {
         std::vector<A> ks(g.C), q(g.C), r(g.C), zero(g.C, A(0));
         std::vector<double> kg(g.G), s1(g.C), s2(g.C);
@@ -850,8 +881,9 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
             r[c] = A(b[c] - qc * (m[blk] - kg[c / Cg]));
           }
           rows_affine<T>(nullptr, xn, ys.data + n * ys.sN, 0, xs.sS, ys.sS, g.S, g.C,
-                         zero.data(), q.data(), ks.data(), r.data());
+                         zero.data(), q.data(), ks.data(), r.data(), stream);
         }
+        if (stream) cpu::stream_fence();
       });
     } else {
       std::vector<double> shift(NG), s1, s2;
@@ -975,6 +1007,7 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
     } else if (fuse_rows(g, nthreads)) {
       // Channels-last, as in the forward: a thread owns whole samples.
       const auto mc = per_channel<A>(m, g);
+      const bool stream = cpu::should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)));
       cpu::parallel_ranges(nthreads, g.N, [&](int, int64_t n0, int64_t n1) {
         std::vector<A> zero(g.C, A(0)), p(g.C), q(g.C), r(g.C);
         for (int64_t n = n0; n < n1; ++n) {
@@ -993,8 +1026,9 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
             }
           }
           rows_affine<T>(dyn, xn, dxs.data + n * dxs.sN, dys.sS, xs.sS, dxs.sS, g.S, g.C,
-                         p.data(), q.data(), mc.data() + n * g.C, r.data());
+                         p.data(), q.data(), mc.data() + n * g.C, r.data(), stream);
         }
+        if (stream) cpu::stream_fence();
       });
     } else {
       pair_sums<T>(g, dys, xs, false, std::vector<A>(g.N * g.C, 0), per_channel<A>(m, g), s1,
