@@ -209,16 +209,18 @@ def test_split_reduction_one_huge_block(shape, layout, dev):
 
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_exact_when_mean_dominates(layout, dev):
-    """|mean| = 1e4 with std 1 in float32: shifted sums keep the variance exact."""
-    x0 = (rng(40).standard_normal((3, 8, 17, 19)) + 1e4).astype(np.float32)
+@pytest.mark.parametrize("shape,G", [((3, 8, 17, 19), 4), ((2, 80, 9, 11), 80)])
+def test_exact_when_mean_dominates(shape, G, layout, dev):
+    """|mean| = 1e4 with std 1 in float32: shifted sums keep the variance exact (group norm, and
+    instance norm with rows longer than 64 channels)."""
+    x0 = (rng(40).standard_normal(shape) + 1e4).astype(np.float32)
     x = dev_array(make_layout(x0, layout), dev)
-    mean, var = F.group_norm_stats(x, 4)
-    _, m_ref, v_ref, _ = ref_forward(x0, 4, None, None, 0)
+    mean, var = F.group_norm_stats(x, G)
+    _, m_ref, v_ref, _ = ref_forward(x0, G, None, None, 0)
     np.testing.assert_allclose(to_host(mean), m_ref, rtol=1e-7)
     np.testing.assert_allclose(to_host(var), v_ref, rtol=1e-5)
-    y, _, _ = F.group_norm_forward(x, 4)
-    assert_close(to_host(y), ref_forward(x0, 4, None, None, 1e-5)[0], 1e-4, 1e-4)
+    y, _, _ = F.group_norm_forward(x, G)
+    assert_close(to_host(y), ref_forward(x0, G, None, None, 1e-5)[0], 1e-4, 1e-4)
 
 
 _STREAM_SCRIPT = """
