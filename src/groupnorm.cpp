@@ -115,11 +115,24 @@ struct Lanes {
   }
 };
 
+// The sum of a vector's lanes in float64, pairwise: a sequential sum would be a chain of kLanes
+// dependent adds, which would dominate the cost of small planes (7x7: 49 values).
 template <class V>
 NK_INLINE double hsum(const V& v) {
-  double sum = 0;
-  for (int l = 0; l < kLanes; ++l) sum += double(v[l]);
-  return sum;
+  static_assert(kLanes == 16, "hsum halves 16 lanes four times");
+  typedef double D16 __attribute__((vector_size(16 * sizeof(double))));
+  typedef double D8 __attribute__((vector_size(8 * sizeof(double))));
+  typedef double D4 __attribute__((vector_size(4 * sizeof(double))));
+  const D16 d = __builtin_convertvector(v, D16);
+  D8 lo8, hi8;
+  std::memcpy(&lo8, &d, sizeof lo8);
+  std::memcpy(&hi8, reinterpret_cast<const char*>(&d) + sizeof lo8, sizeof hi8);
+  const D8 s8 = lo8 + hi8;
+  D4 lo4, hi4;
+  std::memcpy(&lo4, &s8, sizeof lo4);
+  std::memcpy(&hi4, reinterpret_cast<const char*>(&s8) + sizeof lo4, sizeof hi4);
+  const D4 s4 = lo4 + hi4;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -205,37 +218,126 @@ NK_HOT void run_affine(const T* u, const T* v, T* out, int64_t len, acc_t<T> p, 
 // ------------------------------------------------------------------------------------------------
 // Channels-last rows: `rows` consecutive positions s of one sample, C contiguous channels each.
 
-// The rows are walked in chunks of kFlushRows, and within a chunk one run of kLanes channels at a
-// time down all its rows, so that run's accumulators stay in registers (the chunk stays in L1).
-template <class T>
+// s[0, kLanes) += u, in float64 vectors (a scalar loop here would cost as much as the rows).
+template <class V>
+NK_INLINE void flush_lanes(double* __restrict s, const V& u) {
+  typedef double D __attribute__((vector_size(kLanes * sizeof(double))));
+  D d;
+  std::memcpy(&d, s, sizeof d);
+  d += __builtin_convertvector(u, D);
+  std::memcpy(s, &d, sizeof d);
+}
+
+// Channels [c, c + NB * kLanes) of rows [0, rows) (rows <= kFlushRows): NB runs of kLanes
+// channels side by side, so each row's part of them is one contiguous read and the NB
+// accumulator chains hide each other's add latency.
+template <int NB, class T, bool kSame>
+NK_INLINE void rows_group_sums(const T* a, const T* b, int64_t sa, int64_t sb, int64_t rows,
+                               int64_t c, const acc_t<T>* ka, const acc_t<T>* kb, double* s1,
+                               double* s2) {
+  using A = acc_t<T>;
+  using L = Lanes<T>;
+  using V = typename L::V;
+  V k1[NB], k2[NB], u1[NB], u2[NB];
+  for (int j = 0; j < NB; ++j) {
+    k1[j] = Lanes<A>::load(ka + c + j * kLanes);
+    k2[j] = Lanes<A>::load(kb + c + j * kLanes);
+    u1[j] = u2[j] = V{};
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* ar = a + r * sa + c;
+    const T* br = b + r * sb + c;
+    for (int j = 0; j < NB; ++j) {
+      const V d = L::load(ar + j * kLanes) - k1[j];
+      u1[j] += d;
+      u2[j] += d * (kSame ? d : L::load(br + j * kLanes) - k2[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    flush_lanes(s1 + c + j * kLanes, u1[j]);
+    flush_lanes(s2 + c + j * kLanes, u2[j]);
+  }
+}
+
+// Channels [c0, c0 + width) of rows [0, rows) (rows <= kFlushRows), row after row: the float32
+// partials live in L1 arrays instead of registers, so that the walk is sequential in memory
+// (a walk down the rows for each run of channels would stride by C, which the hardware
+// prefetchers follow poorly: 7x7 planes of 512 channels ran at a fifth of the speed).
+constexpr int64_t kWideChannels = 1024;
+
+template <class T, bool kSame>
+NK_INLINE void rows_wide_sums(const T* a, const T* b, int64_t sa, int64_t sb, int64_t rows,
+                              int64_t c0, int64_t width, const acc_t<T>* ka,
+                              const acc_t<T>* kb, double* s1, double* s2) {
+  using A = acc_t<T>;
+  using L = Lanes<T>;
+  using LA = Lanes<A>;
+  using V = typename L::V;
+  alignas(64) A u1[kWideChannels], u2[kWideChannels];
+  const int64_t vec = width / kLanes * kLanes;
+  std::fill(u1, u1 + width, A(0));
+  std::fill(u2, u2 + width, A(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* ar = a + r * sa + c0;
+    const T* br = b + r * sb + c0;
+    for (int64_t j = 0; j < vec; j += kLanes) {
+      const V d = L::load(ar + j) - LA::load(ka + c0 + j);
+      const V e = kSame ? d : L::load(br + j) - LA::load(kb + c0 + j);
+      LA::store(u1 + j, LA::load(u1 + j) + d);
+      LA::store(u2 + j, LA::load(u2 + j) + d * e);
+    }
+    for (int64_t j = vec; j < width; ++j) {
+      const A d = ld(ar[j]) - ka[c0 + j];
+      u1[j] += d;
+      u2[j] += d * (kSame ? d : ld(br[j]) - kb[c0 + j]);
+    }
+  }
+  for (int64_t j = 0; j < vec; j += kLanes) {
+    flush_lanes(s1 + c0 + j, LA::load(u1 + j));
+    flush_lanes(s2 + c0 + j, LA::load(u2 + j));
+  }
+  for (int64_t j = vec; j < width; ++j) {
+    s1[c0 + j] += double(u1[j]);
+    s2[c0 + j] += double(u2[j]);
+  }
+}
+
+// s1[c] += sum (a - ka[c]), s2[c] += sum (a - ka[c]) (b - kb[c]) over the rows; kSame: b is a.
+// The rows are walked in chunks of kFlushRows (float32 partials, flushed to float64 per chunk).
+// Rows of up to kGroupBlocks * kLanes channels keep their partials in registers, kGroupBlocks
+// runs of kLanes channels at a time down the chunk (sequential in memory: the chunk is whole
+// rows); longer rows are walked row after row by rows_wide_sums.
+constexpr int kGroupBlocks = 4;
+
+template <class T, bool kSame>
 NK_HOT void rows_sums(const T* a, const T* b, int64_t sa, int64_t sb, int64_t rows, int64_t C,
                       const acc_t<T>* __restrict ka, const acc_t<T>* __restrict kb,
                       double* __restrict s1, double* __restrict s2) {
   using A = acc_t<T>;
-  using L = Lanes<T>;
-  using V = typename L::V;
   for (int64_t r0 = 0; r0 < rows; r0 += kFlushRows) {
-    const int64_t r1 = std::min(rows, r0 + kFlushRows);
+    const int64_t todo = std::min(rows - r0, kFlushRows);
+    const T* ar = a + r0 * sa;
+    const T* br = b + r0 * sb;
+    if (C > kGroupBlocks * kLanes) {
+      for (int64_t c = 0; c < C; c += kWideChannels) {
+        rows_wide_sums<T, kSame>(ar, br, sa, sb, todo, c, std::min(kWideChannels, C - c), ka,
+                                 kb, s1, s2);
+      }
+      continue;
+    }
     int64_t c = 0;
+    for (; c + kGroupBlocks * kLanes <= C; c += kGroupBlocks * kLanes) {
+      rows_group_sums<kGroupBlocks, T, kSame>(ar, br, sa, sb, todo, c, ka, kb, s1, s2);
+    }
     for (; c + kLanes <= C; c += kLanes) {
-      const V k1 = Lanes<A>::load(ka + c), k2 = Lanes<A>::load(kb + c);
-      V u1 = {}, u2 = {};
-      for (int64_t r = r0; r < r1; ++r) {
-        const V d = L::load(a + r * sa + c) - k1;
-        u1 += d;
-        u2 += d * (L::load(b + r * sb + c) - k2);
-      }
-      for (int l = 0; l < kLanes; ++l) {
-        s1[c + l] += double(u1[l]);
-        s2[c + l] += double(u2[l]);
-      }
+      rows_group_sums<1, T, kSame>(ar, br, sa, sb, todo, c, ka, kb, s1, s2);
     }
     for (; c < C; ++c) {
       A t1 = 0, t2 = 0;
-      for (int64_t r = r0; r < r1; ++r) {
-        const A d = ld(a[r * sa + c]) - ka[c];
+      for (int64_t r = 0; r < todo; ++r) {
+        const A d = ld(ar[r * sa + c]) - ka[c];
         t1 += d;
-        t2 += d * (ld(b[r * sb + c]) - kb[c]);
+        t2 += d * (kSame ? d : ld(br[r * sb + c]) - kb[c]);
       }
       s1[c] += double(t1);
       s2[c] += double(t2);
@@ -243,21 +345,36 @@ NK_HOT void rows_sums(const T* a, const T* b, int64_t sa, int64_t sb, int64_t ro
   }
 }
 
+// out = p[c] * u + q[c] * (v - m[c]) + r[c] over the rows; u may be null (p ignored). `stream`:
+// streaming stores (float32/float64, rows of at least kLanes channels; see cpu_stream.h).
 template <class T>
 NK_HOT void rows_affine(const T* u, const T* v, T* out, int64_t su, int64_t sv, int64_t so,
                         int64_t rows, int64_t C, const acc_t<T>* __restrict p,
                         const acc_t<T>* __restrict q, const acc_t<T>* __restrict m,
-                        const acc_t<T>* __restrict r) {
+                        const acc_t<T>* __restrict r, bool stream) {
+  using A = acc_t<T>;
+  using L = Lanes<T>;
+  using LA = Lanes<A>;
   for (int64_t k = 0; k < rows; ++k) {
     const T* __restrict vv = v + k * sv;
+    const T* __restrict uu = u ? u + k * su : nullptr;
     T* __restrict o = out + k * so;
-    if (u) {
-      const T* __restrict uu = u + k * su;
-      for (int64_t c = 0; c < C; ++c) {
-        o[c] = st<T>(p[c] * ld(uu[c]) + q[c] * (ld(vv[c]) - m[c]) + r[c]);
+    int64_t c = 0;
+    if constexpr (cpu::kCanStream<T>) {
+      if (stream && C >= kLanes) {
+        for (; c < C && reinterpret_cast<uintptr_t>(o + c) % 16; ++c) {
+          o[c] = st<T>(q[c] * (ld(vv[c]) - m[c]) + r[c] + (uu ? p[c] * ld(uu[c]) : A(0)));
+        }
+        for (; c + kLanes <= C; c += kLanes) {
+          const auto t = LA::load(q + c) * (L::load(vv + c) - LA::load(m + c)) + LA::load(r + c);
+          cpu::stream_store(o + c, uu ? LA::load(p + c) * L::load(uu + c) + t : t);
+        }
       }
+    }
+    if (uu) {
+      for (; c < C; ++c) o[c] = st<T>(p[c] * ld(uu[c]) + q[c] * (ld(vv[c]) - m[c]) + r[c]);
     } else {
-      for (int64_t c = 0; c < C; ++c) o[c] = st<T>(q[c] * (ld(vv[c]) - m[c]) + r[c]);
+      for (; c < C; ++c) o[c] = st<T>(q[c] * (ld(vv[c]) - m[c]) + r[c]);
     }
   }
 }
@@ -337,8 +454,15 @@ void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b, bool s
         const int64_t r0 = std::max(e0, n * g.S) - n * g.S;
         const int64_t r1 = std::min(e1, (n + 1) * g.S) - n * g.S;
         double* p1 = p.data() + 2 * (n - n0) * g.C;
-        rows_sums<T>(a.data + n * a.sN + r0 * a.sS, b.data + n * b.sN + r0 * b.sS, a.sS, b.sS,
-                     r1 - r0, g.C, ka.data() + n * g.C, kb.data() + n * g.C, p1, p1 + g.C);
+        const T* ar = a.data + n * a.sN + r0 * a.sS;
+        const T* br = b.data + n * b.sN + r0 * b.sS;
+        if (same) {
+          rows_sums<T, true>(ar, ar, a.sS, a.sS, r1 - r0, g.C, ka.data() + n * g.C,
+                             ka.data() + n * g.C, p1, p1 + g.C);
+        } else {
+          rows_sums<T, false>(ar, br, a.sS, b.sS, r1 - r0, g.C, ka.data() + n * g.C,
+                              kb.data() + n * g.C, p1, p1 + g.C);
+        }
       }
       return;
     }
@@ -407,9 +531,10 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
         rows_affine<T>(u ? u->data + n * u->sN + s0 * u->sS : nullptr,
                        v.data + n * v.sN + s0 * v.sS, out.data + n * out.sN + s0 * out.sS,
                        u ? u->sS : 0, v.sS, out.sS, s1 - s0, g.C, p.data() + k, q.data() + k,
-                       m.data() + k, r.data() + k);
+                       m.data() + k, r.data() + k, stream);
         e0 += s1 - s0;
       }
+      if (stream) cpu::stream_fence();
       return;
     }
     for_plane_pieces(g, e0, e1, [&](int64_t n, int64_t c, int64_t s0, int64_t s1) {
@@ -436,16 +561,37 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
 // first channel. Sums of (x - shift) then lose nothing to cancellation when |mean| >> std (the
 // shift need only be within a few std of the mean). Few values: for small planes (7x7) a longer
 // pilot would cost as much as the statistics themselves.
-constexpr int64_t kPilot = 16;
+constexpr int64_t kPilot = kLanes;  // one vector when the plane is contiguous
 
 template <class T>
 double pilot_mean(const Geometry& g, Strided<const T> x, int64_t n, int64_t group) {
   const int64_t count = std::min(kPilot, g.S);
   if (count == 0) return 0.0;
   const T* plane = x.plane(n, group * g.Cg());
+  if (count == kLanes && x.sS == 1) return hsum(Lanes<T>::load(plane)) / double(count);
   double sum = 0;
   for (int64_t s = 0; s < count; ++s) sum += double(ld(plane[s * x.sS]));
   return sum / double(count);
+}
+
+// The shifts of every group of sample n, rounded to the arithmetic type A, into shift[0, G).
+// Channels-last instance norm takes them row after row, vectorized over the channels (the same
+// sums, in the same order, as pilot_mean): a walk down each channel would read the first rows
+// once per channel.
+template <class T>
+NK_HOT void pilot_means(const Geometry& g, Strided<const T> x, int64_t n, double* shift) {
+  using A = acc_t<T>;
+  const int64_t count = std::min(kPilot, g.S);
+  if (g.layout == Layout::ChannelsLast && g.G == g.C && x.sC == 1 && count > 0) {
+    std::fill(shift, shift + g.C, 0.0);
+    for (int64_t s = 0; s < count; ++s) {
+      const T* __restrict row = x.data + n * x.sN + s * x.sS;
+      for (int64_t c = 0; c < g.C; ++c) shift[c] += double(ld(row[c]));
+    }
+    for (int64_t c = 0; c < g.C; ++c) shift[c] = double(A(shift[c] / double(count)));
+    return;
+  }
+  for (int64_t j = 0; j < g.G; ++j) shift[j] = double(A(pilot_mean(g, x, n, j)));
 }
 
 // Whether the single-process forward/backward fuse their passes per (n, g) block: planar blocks,
@@ -680,7 +826,7 @@ void group_norm_stats(const TensorView& x, const TensorView& mean, const TensorV
     const auto xs = in<T>(x, k.x);
     std::vector<double> shift(g.N * g.G), s1, s2, m, v;
     for (int64_t n = 0; n < g.N; ++n) {
-      for (int64_t j = 0; j < g.G; ++j) shift[n * g.G + j] = double(A(pilot_mean(g, xs, n, j)));
+      pilot_means(g, xs, n, shift.data() + n * g.G);
     }
     const auto ks = per_channel<A>(shift, g);
     pair_sums<T>(g, xs, xs, true, ks, ks, s1, s2);
@@ -767,16 +913,18 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
     } else if (fuse_rows(g, nthreads)) {
       // Channels-last: a thread owns whole samples (contiguous runs of S rows of C) and
       // normalizes each right after reducing it, while it is still in cache.
+      const bool stream = cpu::should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)));
       cpu::parallel_ranges(nthreads, g.N, [&](int, int64_t n0, int64_t n1) {
         std::vector<A> ks(g.C), q(g.C), r(g.C), zero(g.C, A(0));
         std::vector<double> kg(g.G), s1(g.C), s2(g.C);
         for (int64_t n = n0; n < n1; ++n) {
-          for (int64_t j = 0; j < g.G; ++j) kg[j] = double(A(pilot_mean(g, xs, n, j)));
+          pilot_means(g, xs, n, kg.data());
           for (int64_t c = 0; c < g.C; ++c) ks[c] = A(kg[c / Cg]);
           std::fill(s1.begin(), s1.end(), 0.0);
           std::fill(s2.begin(), s2.end(), 0.0);
           const T* xn = xs.data + n * xs.sN;
-          rows_sums<T>(xn, xn, xs.sS, xs.sS, g.S, g.C, ks.data(), ks.data(), s1.data(), s2.data());
+          rows_sums<T, true>(xn, xn, xs.sS, xs.sS, g.S, g.C, ks.data(), ks.data(), s1.data(),
+                             s2.data());
           for (int64_t j = 0; j < g.G; ++j) {
             double t1 = 0, t2 = 0;
             for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) t1 += s1[c], t2 += s2[c];
@@ -793,13 +941,14 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
             r[c] = A(b[c] - qc * (m[blk] - kg[c / Cg]));
           }
           rows_affine<T>(nullptr, xn, ys.data + n * ys.sN, 0, xs.sS, ys.sS, g.S, g.C,
-                         zero.data(), q.data(), ks.data(), r.data());
+                         zero.data(), q.data(), ks.data(), r.data(), stream);
         }
+        if (stream) cpu::stream_fence();
       });
     } else {
       std::vector<double> shift(NG), s1, s2;
       for (int64_t n = 0; n < g.N; ++n) {
-        for (int64_t j = 0; j < g.G; ++j) shift[n * g.G + j] = double(A(pilot_mean(g, xs, n, j)));
+        pilot_means(g, xs, n, shift.data() + n * g.G);
       }
       const auto ks = per_channel<A>(shift, g);
       pair_sums<T>(g, xs, xs, true, ks, ks, s1, s2);
@@ -918,13 +1067,14 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
     } else if (fuse_rows(g, nthreads)) {
       // Channels-last, as in the forward: a thread owns whole samples.
       const auto mc = per_channel<A>(m, g);
+      const bool stream = cpu::should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)));
       cpu::parallel_ranges(nthreads, g.N, [&](int, int64_t n0, int64_t n1) {
         std::vector<A> zero(g.C, A(0)), p(g.C), q(g.C), r(g.C);
         for (int64_t n = n0; n < n1; ++n) {
           const T* dyn = dys.data + n * dys.sN;
           const T* xn = xs.data + n * xs.sN;
-          rows_sums<T>(dyn, xn, dys.sS, xs.sS, g.S, g.C, zero.data(), mc.data() + n * g.C,
-                       s1.data() + n * g.C, s2.data() + n * g.C);
+          rows_sums<T, false>(dyn, xn, dys.sS, xs.sS, g.S, g.C, zero.data(),
+                              mc.data() + n * g.C, s1.data() + n * g.C, s2.data() + n * g.C);
           if (!dxs.data) continue;
           for (int64_t j = 0; j < g.G; ++j) {
             const int64_t blk = n * g.G + j;
@@ -936,8 +1086,9 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
             }
           }
           rows_affine<T>(dyn, xn, dxs.data + n * dxs.sN, dys.sS, xs.sS, dxs.sS, g.S, g.C,
-                         p.data(), q.data(), mc.data() + n * g.C, r.data());
+                         p.data(), q.data(), mc.data() + n * g.C, r.data(), stream);
         }
+        if (stream) cpu::stream_fence();
       });
     } else {
       pair_sums<T>(g, dys, xs, false, std::vector<A>(g.N * g.C, 0), per_channel<A>(m, g), s1,

@@ -2,6 +2,10 @@
 NumPy reference and torch's F.group_norm / F.instance_norm: every layout, dtype and odd shape,
 finite differences in float64, exactness at |mean| >> std, bfloat16 through DLPack, and the
 errors of bad input. The `dev` parameter runs each test on NumPy and (marked `gpu`) on CuPy."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +19,9 @@ from helpers import assert_close, assert_close_dtype, fd_grad, make_layout, rand
 DEVICES = ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
     gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))])]
 
-# (shape, groups): C not a multiple of 16, N*G = 1, a spatial size of 2, (N, C) input (S = 1)
+# (shape, groups): C not a multiple of 16, N*G = 1, a spatial size of 2, (N, C) input (S = 1);
+# C = 83 and 144 with S > 128 reach every part of the channels-last reduction (runs of 64 and of 16
+# channels, a scalar tail, prefetches for rows longer than 64 channels, several row chunks)
 CASES = [
     ((4, 6, 5, 7), 3),
     ((3, 10, 7), 5),
@@ -24,6 +30,8 @@ CASES = [
     ((2, 3, 4, 5, 3), 3),
     ((5, 12), 4),
     ((2, 20, 9, 11), 20),
+    ((2, 83, 9, 15), 83),
+    ((2, 144, 9, 15), 48),
 ]
 IDS = [f"{'x'.join(map(str, s))}-G{g}" for s, g in CASES]
 TOL16 = 4.0  # float16 results are rounded to float16 twice (input and output)
@@ -201,16 +209,56 @@ def test_split_reduction_one_huge_block(shape, layout, dev):
 
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_exact_when_mean_dominates(layout, dev):
-    """|mean| = 1e4 with std 1 in float32: shifted sums keep the variance exact."""
-    x0 = (rng(40).standard_normal((3, 8, 17, 19)) + 1e4).astype(np.float32)
+@pytest.mark.parametrize("shape,G", [((3, 8, 17, 19), 4), ((2, 80, 9, 11), 80)])
+def test_exact_when_mean_dominates(shape, G, layout, dev):
+    """|mean| = 1e4 with std 1 in float32: shifted sums keep the variance exact (group norm, and
+    instance norm with rows longer than 64 channels)."""
+    x0 = (rng(40).standard_normal(shape) + 1e4).astype(np.float32)
     x = dev_array(make_layout(x0, layout), dev)
-    mean, var = F.group_norm_stats(x, 4)
-    _, m_ref, v_ref, _ = ref_forward(x0, 4, None, None, 0)
+    mean, var = F.group_norm_stats(x, G)
+    _, m_ref, v_ref, _ = ref_forward(x0, G, None, None, 0)
     np.testing.assert_allclose(to_host(mean), m_ref, rtol=1e-7)
     np.testing.assert_allclose(to_host(var), v_ref, rtol=1e-5)
-    y, _, _ = F.group_norm_forward(x, 4)
-    assert_close(to_host(y), ref_forward(x0, 4, None, None, 1e-5)[0], 1e-4, 1e-4)
+    y, _, _ = F.group_norm_forward(x, G)
+    assert_close(to_host(y), ref_forward(x0, G, None, None, 1e-5)[0], 1e-4, 1e-4)
+
+
+_STREAM_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+import normkit.functional as F
+from helpers import make_layout, randn, rng
+from test_groupnorm_functional import ref_backward, ref_forward
+checked = 0
+for shape, G in [((3, 83, 9, 7), 83), ((2, 48, 5, 7), 12), ((4, 64, 7, 7), 64)]:
+    for layout in ("contiguous", "channels_last"):
+        for dt, tol in ((np.float32, 2e-5), (np.float64, 1e-12)):
+            x0, dy0 = randn(shape, 60, dt, offset=0.5), randn(shape, 61, dt)
+            w, b = (rng(62).random(shape[1]) + 0.5).astype(dt), randn((shape[1],), 63, dt)
+            x, dy = make_layout(x0, layout), make_layout(dy0, layout)
+            y, mean, rstd = F.group_norm_forward(x, G, w, b)
+            dx, dw, db = F.group_norm_backward(dy, x, mean, rstd, w, b)
+            ry = ref_forward(x0, G, w, b, 1e-5)[0]
+            rdx, rdw, rdb = ref_backward(dy0, x0, G, w, 1e-5)
+            for name, got, want in (("y", y, ry), ("dx", dx, rdx), ("dw", dw, rdw)):
+                err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+                assert err < tol, (shape, layout, dt, name, err)
+            checked += 1
+print("checked", checked)
+"""
+
+
+def test_streaming_stores_in_subprocess():
+    """Outputs far larger than the last-level cache are written with streaming stores. A low
+    threshold (NORMKIT_STREAM_MIN_BYTES, read once per process) puts small tensors on that path,
+    planar and channels-last, with rows of channels that start anywhere in a cache line."""
+    env = dict(os.environ, NORMKIT_STREAM_MIN_BYTES="4096")
+    script = _STREAM_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "checked 12" in proc.stdout
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
