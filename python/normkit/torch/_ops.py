@@ -48,6 +48,13 @@ from ._dlpack import (_CHANNELS_LAST, batch_workspace, dl, group_workspace, kern
                       like, param_dtype)
 
 _lib = torch.library.Library("normkit", "DEF")
+# The forward ops' kernels read any layout and their outputs follow the input's (see _empty): with
+# this tag inductor hands them its own choice (channels_last around convolutions) instead of a copy
+# in the strides of the eager trace (its default for custom ops). The backward ops keep the
+# default: given the layouts inductor picks for x and dy they can differ (a channels_last x, the
+# contiguous gradient of a model's output), and the kernel's own copy of dy would cost more than
+# inductor's fused one.
+_ANY_LAYOUT = (torch.Tag.flexible_layout,)
 _ops = torch.ops.normkit
 
 
@@ -132,12 +139,12 @@ def _stats(x):
 # --- batch norm -----------------------------------------------------------------------------------
 
 _lib.define("batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, float eps) "
-            "-> (Tensor y, Tensor mean, Tensor var, Tensor invstd)")
+            "-> (Tensor y, Tensor mean, Tensor var, Tensor invstd)", tags=_ANY_LAYOUT)
 _lib.define("batch_norm_train_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, "
             "Tensor? weight, bool need_input) -> (Tensor dx, Tensor sum_dy, Tensor sum_dy_xmu)")
-_lib.define("batch_norm_stats(Tensor x) -> (Tensor mean, Tensor var)")
+_lib.define("batch_norm_stats(Tensor x) -> (Tensor mean, Tensor var)", tags=_ANY_LAYOUT)
 _lib.define("batch_norm_normalize(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
-            "Tensor? bias) -> Tensor")
+            "Tensor? bias) -> Tensor", tags=_ANY_LAYOUT)
 _lib.define("batch_norm_backward_reduce(Tensor dy, Tensor x, Tensor mean) "
             "-> (Tensor sum_dy, Tensor sum_dy_xmu)")
 _lib.define("batch_norm_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor invstd, "
@@ -424,10 +431,11 @@ _once_differentiable("encoding_backward")
 # The core infers the groups from the shape of `mean`.
 
 _lib.define("group_norm_train(Tensor x, int groups, Tensor? weight, Tensor? bias, float eps) "
-            "-> (Tensor y, Tensor mean, Tensor var, Tensor rstd)")
+            "-> (Tensor y, Tensor mean, Tensor var, Tensor rstd)", tags=_ANY_LAYOUT)
 _lib.define("group_norm_train_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, "
             "Tensor? weight, bool need_input) -> (Tensor dx, Tensor sum_dy, Tensor sum_dy_xmu)")
-_lib.define("group_norm_affine(Tensor x, Tensor mean, Tensor scale, Tensor shift) -> Tensor")
+_lib.define("group_norm_affine(Tensor x, Tensor mean, Tensor scale, Tensor shift) -> Tensor",
+            tags=_ANY_LAYOUT)
 _lib.define("group_norm_backward_reduce(Tensor dy, Tensor x, Tensor mean) "
             "-> (Tensor sum_dy, Tensor sum_dy_xmu)")
 _lib.define("group_norm_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor a) -> Tensor")
