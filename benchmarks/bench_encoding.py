@@ -114,7 +114,7 @@ def make_step(variant, shape):
     if variant == "normkit":
         import normkit as nk
 
-        layer = nk.nn.Encoding(D, K, rng=1)
+        layer = nk.nn.Encoding(D, K, generator=np.random.default_rng(1))
 
         def step():
             layer(x)

@@ -23,6 +23,8 @@ from torch.nn import functional as F
 import normkit.nn as nkn
 import normkit.torch as nkt
 
+seeded = np.random.default_rng  # a layer's generator= for a reproducible initialization
+
 # (N, C_in, C_out, spatial, kernel)
 SHAPES = [(1, 512, 512, (7, 7), 3), (8, 256, 256, (14, 14), 3), (8, 64, 64, (56, 56), 3),
           (1, 32, 32, (32, 32, 32), 3)]
@@ -115,8 +117,10 @@ def numpy_cases(shape, repeat):
     dims = len(spatial)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((N, C_in) + spatial).astype(np.float32)
-    ws = (nkn.WSConv2d if dims == 2 else nkn.WSConv3d)(C_in, C_out, k, padding=1, rng=0)
-    plain = (nkn.Conv2d if dims == 2 else nkn.Conv3d)(C_in, C_out, k, padding=1, rng=0)
+    ws = (nkn.WSConv2d if dims == 2 else nkn.WSConv3d)(C_in, C_out, k, padding=1,
+                                                       generator=seeded(0))
+    plain = (nkn.Conv2d if dims == 2 else nkn.Conv3d)(C_in, C_out, k, padding=1,
+                                                      generator=seeded(0))
     dy = rng.standard_normal(plain(x).shape).astype(np.float32)
     layers = {"normkit.nn WS": ws, "normkit.nn conv": plain}
     results = {}

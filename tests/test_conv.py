@@ -141,7 +141,7 @@ def test_pixel_shuffle_matches_torch():
      dict(kernel_size=2, padding=(1, 0, 1), bias=False)),
 ])
 def test_conv_layers_vs_torch(cls, tcls, xs, kw, dtype):
-    layer = cls(xs[1], 6, dtype=dtype, rng=0, **kw)
+    layer = cls(xs[1], 6, dtype=dtype, generator=rng(0), **kw)
     ref = tcls(xs[1], 6, dtype=torch.float64, **kw)
     ref.load_state_dict({k: torch.tensor(np.array(v, np.float64)) for k, v in
                          layer.state_dict().items()})
@@ -167,14 +167,40 @@ def test_conv_layers_vs_torch(cls, tcls, xs, kw, dtype):
 
 
 def test_conv_layer_initialization():
-    layer = nn.Conv2d(8, 16, (3, 5), groups=2, rng=1)
+    layer = nn.Conv2d(8, 16, (3, 5), groups=2, generator=rng(1))
     bound = 1 / np.sqrt(8 // 2 * 3 * 5)
     for p in (layer.weight.data, layer.bias.data):
         assert np.all(np.abs(p) <= bound) and np.max(np.abs(p)) > 0.8 * bound
     assert layer.weight.shape == (16, 4, 3, 5) and layer.weight.dtype == np.float32
-    np.testing.assert_array_equal(nn.Conv2d(8, 16, (3, 5), groups=2, rng=1).weight.data,
+    np.testing.assert_array_equal(nn.Conv2d(8, 16, (3, 5), groups=2, generator=rng(1)).weight.data,
                                   layer.weight.data)
 
+
+
+def test_layer_initialization_follows_normkit_manual_seed():
+    """Without generator=, initialization draws from normkit's default generator, so
+    normkit.manual_seed reproduces a model; a seed or RandomState is a TypeError naming the layer."""
+    import normkit
+    import normkit.nn as nkn
+    makers = [lambda: nkn.Conv2d(4, 6, 3), lambda: nkn.Conv1d(4, 6, 3),
+              lambda: nkn.WSConv2d(4, 6, 3), lambda: nkn.WSConvTranspose2d(4, 6, 3),
+              lambda: nkn.Encoding(5, 3), lambda: nkn.Inspiration(5),
+              lambda: nkn.UpsampleConv2d(4, 6, 3, scale_factor=2)]
+    for make in makers:
+        normkit.manual_seed(11)
+        a = make()
+        normkit.manual_seed(11)
+        b = make()
+        c = make()  # the default generator moved on: another draw
+        for (name, pa), (_, pb), (_, pc) in zip(a.named_parameters(), b.named_parameters(),
+                                                c.named_parameters()):
+            np.testing.assert_array_equal(pa.data, pb.data, err_msg=f"{type(a).__name__}.{name}")
+            if name in ("weight", "codewords"):
+                assert not np.array_equal(pa.data, pc.data), f"{type(a).__name__}.{name}"
+    with pytest.raises(TypeError, match="Conv2d: generator must be a numpy.random.Generator"):
+        nkn.Conv2d(4, 6, 3, generator=3)
+    with pytest.raises(TypeError, match="Encoding: generator must be"):
+        nkn.Encoding(5, 3, generator=np.random.RandomState(0))
 
 # --------------------------------------------------------------------------------------------------
 # Errors

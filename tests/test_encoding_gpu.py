@@ -235,8 +235,8 @@ def test_core_errors_on_the_gpu():
 
 def test_encoding_layer_on_the_gpu(gdtype):
     pdt = np.float64 if gdtype == np.float64 else np.float32
-    cpu = nn.Encoding(6, 5, dtype=pdt, rng=3)
-    gpu = nn.Encoding(6, 5, dtype=pdt, rng=3).to("cuda")
+    cpu = nn.Encoding(6, 5, dtype=pdt, generator=rng(3))
+    gpu = nn.Encoding(6, 5, dtype=pdt, generator=rng(3)).to("cuda")
     for x in (randn((2, 6, 9, 7), 4, gdtype), channels_last(randn((2, 6, 9, 7), 5, gdtype))):
         y = cpu(x)
         dy = rng(6).standard_normal(y.shape).astype(gdtype)
@@ -258,7 +258,8 @@ def test_gram_inspiration_upsample_layers_on_the_gpu():
     dG = rng(11).standard_normal(G.shape).astype(np.float32)
     _near_cpu(ggram.backward(to_gpu(dG)), gram.backward(dG), "gram dx")
 
-    insp, ginsp = nn.Inspiration(C, rng=12), nn.Inspiration(C, rng=12).to("cuda")
+    insp = nn.Inspiration(C, generator=rng(12))
+    ginsp = nn.Inspiration(C, generator=rng(12)).to("cuda")
     for layer in (insp, ginsp):
         layer.set_target(G[:1], requires_grad=True)
     y = insp(x)
@@ -268,9 +269,10 @@ def test_gram_inspiration_upsample_layers_on_the_gpu():
     _near_cpu(ginsp.weight.grad, insp.weight.grad, "inspiration weight.grad")
     _near_cpu(ginsp.target_grad, insp.target_grad, "inspiration target_grad")
 
-    up = nn.UpsampleConv2d(C, 3, 3, stride=2, padding=1, groups=1, scale_factor=2, rng=14)
+    up = nn.UpsampleConv2d(C, 3, 3, stride=2, padding=1, groups=1, scale_factor=2,
+                           generator=rng(14))
     gup = nn.UpsampleConv2d(C, 3, 3, stride=2, padding=1, groups=1, scale_factor=2,
-                            rng=14).to("cuda")
+                            generator=rng(14)).to("cuda")
     y = up(x)
     dy = rng(15).standard_normal(y.shape).astype(np.float32)
     _near_cpu(gup(to_gpu(x)), y, "upsample y")

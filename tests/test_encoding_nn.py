@@ -35,7 +35,7 @@ def _torch_encoding_layer(x, C, s):
                          ids=["4d", "4d-channels-last", "3d", "4d-one-feature"])
 def test_encoding_layer_vs_torch(shape, layout, dtype):
     D, K = shape[1], 4
-    layer = nn.Encoding(D, K, dtype=dtype, rng=3)
+    layer = nn.Encoding(D, K, dtype=dtype, generator=rng(3))
     x0 = randn(shape, 1, np.float64, offset=0.2)
     x = channels_last(x0.astype(dtype)) if layout == "channels_last" else x0.astype(dtype)
     C, s = layer.codewords.data.copy(), layer.scale.data.copy()
@@ -57,13 +57,13 @@ def test_encoding_layer_vs_torch(shape, layout, dtype):
 
 
 def test_encoding_layer_float16_input_runs_with_float32_parameters():
-    layer = nn.Encoding(5, 3, rng=4)
+    layer = nn.Encoding(5, 3, generator=rng(4))
     x = randn((2, 5, 4, 3), 5, np.float16)
     y = layer(x)
     dy = randn(y.shape, 6, np.float16)
     dx = layer.backward(dy)
     assert y.dtype == dx.dtype == np.float16 and dx.shape == x.shape
-    ref = nn.Encoding(5, 3, rng=4)
+    ref = nn.Encoding(5, 3, generator=rng(4))
     y32 = ref(x.astype(np.float32))
     dx32 = ref.backward(dy.astype(np.float32))
     np.testing.assert_array_equal(y, y32.astype(np.float16))
@@ -77,7 +77,7 @@ def test_encoding_layer_float16_input_runs_with_float32_parameters():
 
 
 def test_encoding_layer_finite_differences():
-    layer = nn.Encoding(3, 4, dtype=np.float64, rng=5)
+    layer = nn.Encoding(3, 4, dtype=np.float64, generator=rng(5))
     x = randn((2, 3, 2, 3), 6)
     R = rng(7).standard_normal((2, 4, 3))
 
@@ -94,15 +94,15 @@ def test_encoding_layer_finite_differences():
 
 
 def test_encoding_layer_initialization_and_state():
-    layer = nn.Encoding(16, 8, rng=0)
+    layer = nn.Encoding(16, 8, generator=rng(0))
     bound = 1 / np.sqrt(16 * 8)
     C, s = layer.codewords.data, layer.scale.data
     assert C.shape == (8, 16) and s.shape == (8,) and C.dtype == s.dtype == np.float32
     assert np.all(np.abs(C) <= bound) and np.max(np.abs(C)) > 0.8 * bound
     assert np.all((s >= -1) & (s <= 0)) and s.min() < -0.5
-    np.testing.assert_array_equal(nn.Encoding(16, 8, rng=0).codewords.data, C)
+    np.testing.assert_array_equal(nn.Encoding(16, 8, generator=rng(0)).codewords.data, C)
     assert list(layer.state_dict()) == ["codewords", "scale"]
-    other = nn.Encoding(16, 8, rng=1)
+    other = nn.Encoding(16, 8, generator=rng(1))
     other.load_state_dict({k: torch.tensor(v) for k, v in layer.state_dict().items()})
     np.testing.assert_array_equal(other.codewords.data, C)
     layer.to(dtype=np.float64)
@@ -134,8 +134,8 @@ def test_encoding_layer_errors():
 
 def test_encoding_after_conv_in_sequential():
     """A Sequential's backward chains the layers' backwards: Conv2d -> Encoding against torch."""
-    net = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, dtype=np.float64, rng=1),
-                        nn.Encoding(5, 3, dtype=np.float64, rng=2))
+    net = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, dtype=np.float64, generator=rng(1)),
+                        nn.Encoding(5, 3, dtype=np.float64, generator=rng(2)))
     x = randn((2, 3, 6, 5), 3)
     conv = torch.nn.Conv2d(3, 5, 3, padding=1, dtype=torch.float64)
     conv.load_state_dict({k: torch.tensor(v) for k, v in net[0].state_dict().items()})
@@ -199,7 +199,7 @@ def _torch_inspiration(x, W, G):
 @pytest.mark.parametrize("target_batch", [1, 3])
 def test_inspiration_vs_torch(target_batch, dtype):
     C = 5
-    layer = nn.Inspiration(C, dtype=dtype, rng=4)
+    layer = nn.Inspiration(C, dtype=dtype, generator=rng(4))
     G = rng(20).standard_normal((target_batch, C, C)).astype(dtype)
     layer.set_target(G, requires_grad=True)
     x = randn((3, C, 4, 3), 21, dtype)
@@ -231,7 +231,7 @@ def test_inspiration_finite_differences():
 
 def test_inspiration_target_is_a_buffer():
     C = 4
-    layer = nn.Inspiration(C, B=2, rng=5)
+    layer = nn.Inspiration(C, B=2, generator=rng(5))
     w = layer.weight.data
     assert w.shape == (1, C, C) and np.all((w >= 0) & (w <= 0.02)) and w.max() > 0.01
     assert layer.G.shape == (2, C, C) and not np.any(layer.G)
@@ -243,7 +243,8 @@ def test_inspiration_target_is_a_buffer():
     target[...] = 0
     assert np.any(layer.G)  # the layer keeps a copy
     sd = layer.state_dict()
-    other = nn.Inspiration(C, B=3, rng=6)  # another target batch: the buffer takes the checkpoint's
+    # another target batch: the buffer takes the checkpoint's
+    other = nn.Inspiration(C, B=3, generator=rng(6))
     other.load_state_dict(sd)
     np.testing.assert_array_equal(other.G, layer.G)
     np.testing.assert_array_equal(other.weight.data, layer.weight.data)
@@ -280,7 +281,7 @@ def test_inspiration_errors():
     (dict(kernel_size=1, bias=False), 1),
 ])
 def test_upsample_conv2d_vs_torch(args, scale, dtype):
-    layer = nn.UpsampleConv2d(4, 6, scale_factor=scale, dtype=dtype, rng=7, **args)
+    layer = nn.UpsampleConv2d(4, 6, scale_factor=scale, dtype=dtype, generator=rng(7), **args)
     x = randn((2, 4, 7, 6), 50, dtype)
     k = args["kernel_size"]
     k = (k, k) if isinstance(k, int) else k
@@ -303,7 +304,8 @@ def test_upsample_conv2d_vs_torch(args, scale, dtype):
 
 
 def test_upsample_conv2d_finite_differences_and_init():
-    layer = nn.UpsampleConv2d(2, 2, 3, stride=2, padding=1, scale_factor=2, dtype=np.float64, rng=8)
+    layer = nn.UpsampleConv2d(2, 2, 3, stride=2, padding=1, scale_factor=2, dtype=np.float64,
+                              generator=rng(8))
     bound = 1 / np.sqrt(2 * 3 * 3)
     w = np.abs(layer.weight.data)
     assert np.all(w <= bound) and np.max(w) > 0.8 * bound

@@ -191,3 +191,27 @@ def test_sync_timeout_option(monkeypatch):
             sync_timeout(bad)
     with pytest.raises(TypeError, match="timeout must be a number"):
         sync_timeout("5")
+
+
+def test_split_times_out_when_a_rank_never_calls_it():
+    """MPICommunicator.split (a blocking MPI_Comm_split underneath) agrees first, within the
+    timeout: alike on every rank it splits as MPI does; with one rank never calling it, the other
+    raises SyncTimeoutError naming the communicator within the timeout
+    (tests/mpi/check_split.py)."""
+    T = TIMEOUTS["nn"]
+    cmd = [_mpiexec(), "-n", "2", "--oversubscribe", sys.executable,
+           str(Path(__file__).parent / "mpi" / "check_split.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, errors="replace",
+                          env=dict(ENV, NORMKIT_SYNC_TIMEOUT=str(T)))
+    out = proc.stdout + proc.stderr
+    for r in range(2):
+        assert f"rank {r}: DONE" in out, out[-5000:]
+        # key = size - rank reverses the order: rank 0 is the sub-communicator's rank 1.
+        assert f"rank {r}: together: size 2 rank {1 - r} sum 3" in out, out[-5000:]
+        assert f"rank {r}: apart: size 1 rank 0 sum {r + 1}" in out, out[-5000:]
+    m = re.search(r"rank 0: diverge: ERROR (\w+): (.*) \(([\d.]+) s\)$", out, re.M)
+    assert m, out[-5000:]
+    assert m[1] == "SyncTimeoutError", m[0]
+    assert "MPICommunicator(rank=0, size=2" in m[2] and "split()" in m[2], m[0]
+    assert f"not joined by every rank within {T} s" in m[2], m[0]
+    assert T - 0.5 <= float(m[3]) <= T + 3.0, m[0]

@@ -566,12 +566,13 @@ def _modules(dtype=torch.float32):
     insp = nkt.Inspiration(5, dtype=dtype)
     insp.set_target(torch.tensor(rng(60).standard_normal((3, 5, 5)), dtype=dtype))
     return [
-        ("Encoding", nkt.Encoding(5, 3, dtype=dtype), nn.Encoding(5, 3, dtype=np_dtype, rng=1),
+        ("Encoding", nkt.Encoding(5, 3, dtype=dtype),
+         nn.Encoding(5, 3, dtype=np_dtype, generator=rng(1)),
          (3, 5, 4, 3)),
         ("GramMatrix", nkt.GramMatrix(), nn.GramMatrix(), (3, 5, 4, 3)),
-        ("Inspiration", insp, nn.Inspiration(5, dtype=np_dtype, rng=2), (3, 5, 4, 3)),
+        ("Inspiration", insp, nn.Inspiration(5, dtype=np_dtype, generator=rng(2)), (3, 5, 4, 3)),
         ("UpsampleConv2d", nkt.UpsampleConv2d(5, 2, 3, padding=1, scale_factor=2, dtype=dtype),
-         nn.UpsampleConv2d(5, 2, 3, padding=1, scale_factor=2, dtype=np_dtype, rng=3),
+         nn.UpsampleConv2d(5, 2, 3, padding=1, scale_factor=2, dtype=np_dtype, generator=rng(3)),
          (3, 5, 4, 3)),
     ]
 

@@ -13,6 +13,8 @@ import normkit.functional as F
 import normkit.nn as nn
 from gpu_helpers import gpu_skip_reason, to_gpu, to_host
 
+seeded = np.random.default_rng  # a layer's generator= for a reproducible initialization
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(gpu_skip_reason() is not None,
                                                   reason=str(gpu_skip_reason()))]
 
@@ -69,9 +71,9 @@ def test_gpu_in_place_and_stream():
 
 def test_gpu_nn_layers_vs_cpu():
     cpu = nn.WSConv2d(4, 6, 3, padding=1, padding_mode="reflect", groups=2, dtype=np.float64,
-                      rng=0)
+                      generator=seeded(0))
     gpu = nn.WSConv2d(4, 6, 3, padding=1, padding_mode="reflect", groups=2, dtype=np.float64,
-                      rng=0).to("cuda")
+                      generator=seeded(0)).to("cuda")
     x = rng.standard_normal((2, 4, 7, 6))
     y = cpu(x)
     dy = rng.standard_normal(y.shape)
@@ -81,8 +83,8 @@ def test_gpu_nn_layers_vs_cpu():
     for name in ("weight", "gain", "bias"):
         np.testing.assert_allclose(to_host(getattr(gpu, name).grad), getattr(cpu, name).grad,
                                    rtol=1e-9, atol=1e-10)
-    tcpu = nn.WSConvTranspose2d(4, 6, 3, stride=2, dtype=np.float64, rng=1)
-    tgpu = nn.WSConvTranspose2d(4, 6, 3, stride=2, dtype=np.float64, rng=1).to("cuda")
+    tcpu = nn.WSConvTranspose2d(4, 6, 3, stride=2, dtype=np.float64, generator=seeded(1))
+    tgpu = nn.WSConvTranspose2d(4, 6, 3, stride=2, dtype=np.float64, generator=seeded(1)).to("cuda")
     np.testing.assert_allclose(to_host(tgpu(to_gpu(x), output_size=(16, 14))),
                                tcpu(x, output_size=(16, 14)), rtol=1e-10, atol=1e-10)
 

@@ -9,6 +9,8 @@ import torch
 import normkit.nn as nn
 import normkit.torch as nkt
 
+seeded = np.random.default_rng  # a layer's generator= for a reproducible initialization
+
 rng = np.random.default_rng(5)
 CASES = [  # (dims, C_in, C_out, kernel, kwargs, spatial)
     (1, 4, 6, 3, dict(stride=2, padding=1, padding_mode="circular"), (11,)),
@@ -53,7 +55,8 @@ def check_grads(ours, theirs, x, y, dy, dx, tol):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 def test_ws_layers_vs_torch(case, convention, dtype):
     dims, cin, cout, k, kw, spatial = case
-    ours = randomize(NN[dims](cin, cout, k, convention=convention, dtype=dtype, rng=1, **kw))
+    ours = randomize(NN[dims](cin, cout, k, convention=convention, dtype=dtype,
+                              generator=seeded(1), **kw))
     theirs = to_torch_layer(ours, TORCH[dims](cin, cout, k, convention=convention,
                                               dtype=torch.float64 if dtype == np.float64
                                               else torch.float32, **kw))
@@ -66,8 +69,8 @@ def test_ws_layers_vs_torch(case, convention, dtype):
 
 
 def test_initialization_is_kaiming_normal_and_seeded():
-    a = nn.WSConv2d(64, 32, 3, rng=3)
-    b = nn.WSConv2d(64, 32, 3, rng=3)
+    a = nn.WSConv2d(64, 32, 3, generator=seeded(3))
+    b = nn.WSConv2d(64, 32, 3, generator=seeded(3))
     np.testing.assert_array_equal(a.weight.data, b.weight.data)
     assert abs(a.weight.data.std() - np.sqrt(2 / (64 * 9))) < 0.05 * np.sqrt(2 / (64 * 9))
     np.testing.assert_array_equal(a.gain.data, np.ones(32, np.float32))
@@ -78,7 +81,7 @@ def test_transposed_layers_vs_torch(dims):
     cls, tcls = {2: (nn.WSConvTranspose2d, nkt.WSConvTranspose2d),
                  3: (nn.WSConvTranspose3d, nkt.WSConvTranspose3d)}[dims]
     kw = dict(stride=2, padding=1, groups=2, dilation=1)
-    ours = randomize(cls(4, 6, 3, dtype=np.float64, rng=2, **kw))
+    ours = randomize(cls(4, 6, 3, dtype=np.float64, generator=seeded(2), **kw))
     theirs = to_torch_layer(ours, tcls(4, 6, 3, dtype=torch.float64, **kw))
     x = rng.standard_normal((2, 4) + (4,) * dims)
     size = (8,) * dims
@@ -101,7 +104,8 @@ def test_transposed_layers_vs_torch(dims):
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("padding", [2, "same", (1, 0)])
 def test_plain_conv_padding_modes_vs_torch(mode, padding):
-    ours = nn.Conv2d(3, 4, (3, 4), padding=padding, padding_mode=mode, dtype=np.float64, rng=0)
+    ours = nn.Conv2d(3, 4, (3, 4), padding=padding, padding_mode=mode, dtype=np.float64,
+                     generator=seeded(0))
     theirs = torch.nn.Conv2d(3, 4, (3, 4), padding=padding, padding_mode=mode,
                              dtype=torch.float64)
     to_torch_layer(ours, theirs)
@@ -113,7 +117,7 @@ def test_plain_conv_padding_modes_vs_torch(mode, padding):
 
 
 def test_fws_vs_torch():
-    conv = nn.Conv2d(3, 5, 3, padding=1, dtype=np.float64, rng=4)
+    conv = nn.Conv2d(3, 5, 3, padding=1, dtype=np.float64, generator=seeded(4))
     tconv = to_torch_layer(conv, torch.nn.Conv2d(3, 5, 3, padding=1, dtype=torch.float64))
     ours, theirs = nn.FWS(conv), nkt.FWS(tconv)
     g = (rng.random(5) + 0.5).astype(np.float32)

@@ -5,6 +5,7 @@ The protocol is small on purpose; anything with these members works with normkit
     rank, size                  this process's index and the number of processes
     allreduce_sum(array)        in-place sum of `array` over all processes
     split(color, key=None)      the sub-communicator of the processes passing the same color
+                                (within the timeout too: a timed agreement comes first)
 
 A collective that some rank never joins must not hang the job. normkit's communicators give up
 after ``timeout`` seconds (default ``NORMKIT_SYNC_TIMEOUT``, else 300: room for a slow training
@@ -54,7 +55,25 @@ DEFAULT_SYNC_TIMEOUT = 300.0
 
 def sync_timeout(timeout=None):
     """The collective timeout in seconds: ``timeout`` if given, else NORMKIT_SYNC_TIMEOUT, else
-    300. ``math.inf`` waits forever."""
+    300. ``math.inf`` waits forever.
+
+    Parameters
+    ----------
+    timeout : int, float or None
+        Seconds, positive (``math.inf``: no timeout); None reads NORMKIT_SYNC_TIMEOUT.
+
+    Returns
+    -------
+    float
+        The timeout in seconds.
+
+    Raises
+    ------
+    TypeError
+        ``timeout`` is not a number (a bool or a string is not).
+    ValueError
+        ``timeout`` (or NORMKIT_SYNC_TIMEOUT) is not a positive number of seconds.
+    """
     where = "timeout"
     if timeout is None:
         env = os.environ.get("NORMKIT_SYNC_TIMEOUT")
@@ -254,7 +273,27 @@ def _check_buffer(who, array):
 def check_communicator(comm, who, needs=("allreduce_sum",)):
     """`comm` itself when it is None or has rank, size and the collectives a layer `needs` (the
     protocol of this module); a TypeError naming `who` otherwise (a string such as ``"world"`` is
-    not a communicator)."""
+    not a communicator).
+
+    Parameters
+    ----------
+    comm : communicator or None
+        What a layer was given as ``comm=``.
+    who : str
+        The layer, for the message (e.g. ``"SyncBatchNorm"``).
+    needs : tuple of str
+        The collectives the layer calls, besides ``rank`` and ``size``.
+
+    Returns
+    -------
+    communicator or None
+        ``comm``.
+
+    Raises
+    ------
+    TypeError
+        ``comm`` lacks one of the members.
+    """
     if comm is None:
         return None
     missing = [a for a in ("rank", "size") + tuple(needs) if not hasattr(comm, a)]
@@ -323,6 +362,26 @@ class MPICommunicator:
     ``SyncTimeoutError``. ``abort_on_exception`` (default ``NORMKIT_SYNC_ABORT``, on): an
     uncaught exception on this rank calls ``MPI.COMM_WORLD.Abort``, which ends every rank (the
     hook is the process's: once a communicator installed it, it stays).
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm or None
+        The MPI communicator; None: ``MPI.COMM_WORLD``.
+    debug : bool or None
+        The layers' cross-rank consistency check; None: NORMKIT_SYNC_DEBUG.
+    cuda_aware : bool or None
+        Whether MPI takes device buffers; None: ``mpi_cuda_aware()``, asked on first use.
+    timeout : float or None
+        Seconds each collective (and ``split``) waits; None: NORMKIT_SYNC_TIMEOUT, else 300.
+    abort_on_exception : bool or None
+        Whether an uncaught exception aborts the job; None: NORMKIT_SYNC_ABORT (default on).
+
+    Raises
+    ------
+    ImportError
+        mpi4py (or the MPI library under it) is missing.
+    TypeError, ValueError
+        A bad ``timeout`` (see ``sync_timeout``).
     """
 
     def __init__(self, comm=None, debug=None, cuda_aware=None, timeout=None,
@@ -356,7 +415,27 @@ class MPICommunicator:
         return self._cuda_aware
 
     def allreduce_sum(self, array):
-        """Sums `array` (a contiguous NumPy or CuPy array) over all ranks, in place."""
+        """Sums `array` (a contiguous NumPy or CuPy array) over all ranks, in place.
+
+        Parameters
+        ----------
+        array : numpy.ndarray or cupy.ndarray
+            Contiguous and writable; every rank passes the same length and dtype.
+
+        Returns
+        -------
+        array
+            The same array, now holding the sum.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Not a NumPy or CuPy array; not contiguous and writable.
+        SyncTimeoutError
+            Some rank did not join within the timeout (the communicator is unusable after it).
+        CollectiveError
+            The collective failed (lengths that differ across ranks), or an earlier one did.
+        """
         _check_buffer("MPICommunicator", array)
         if isinstance(array, np.ndarray):
             self._allreduce(array)
@@ -379,7 +458,23 @@ class MPICommunicator:
         """The concatenation along axis 0, in rank order, of every rank's `array` (NumPy or
         CuPy; the leading sizes may differ, the other dims and the dtype must agree), as the same
         kind of array. Two small collectives of host arrays (the leading sizes, then the data:
-        per-instance statistics), each within the timeout; CuPy arrays go through host memory."""
+        per-instance statistics), each within the timeout; CuPy arrays go through host memory.
+
+        Parameters
+        ----------
+        array : numpy.ndarray or cupy.ndarray
+            This rank's rows.
+
+        Returns
+        -------
+        numpy.ndarray or cupy.ndarray
+            Every rank's rows, rank 0's first.
+
+        Raises
+        ------
+        SyncTimeoutError, CollectiveError
+            As ``allreduce_sum``.
+        """
         host = np.ascontiguousarray(_to_host(array))
         mine, sizes = np.array([host.shape[0]], np.int64), np.zeros(self.size, np.int64)
         self._wait(lambda: self.comm.Iallgather(mine, sizes), self.size, "all-gather")
@@ -433,8 +528,41 @@ class MPICommunicator:
 
     def split(self, color, key=None):
         """The sub-communicator of the ranks that pass the same `color` (ordered by `key`, then
-        by rank). It inherits this communicator's debug and CUDA settings."""
-        sub = self.comm.Split(int(color), self.rank if key is None else int(key))
+        by rank). It inherits this communicator's debug, CUDA, timeout and abort settings.
+
+        Every rank must call it. A timed all-gather of every rank's (color, key) comes first, so
+        that a rank that never calls it is a ``SyncTimeoutError`` on the others after the
+        timeout, not a blocking ``MPI_Comm_split`` that waits forever.
+
+        Parameters
+        ----------
+        color : int
+            Ranks passing the same color form one sub-communicator (non-negative).
+        key : int or None
+            Orders the ranks in it (ties by rank here); None: this rank.
+
+        Returns
+        -------
+        MPICommunicator
+            Over the ranks of this rank's color.
+
+        Raises
+        ------
+        SyncTimeoutError
+            Some rank did not call ``split`` within the timeout (this communicator is unusable
+            after it).
+        CollectiveError
+            The agreement failed, or an earlier collective did.
+        """
+        color, key = int(color), self.rank if key is None else int(key)
+        # MPI has no nonblocking Comm_split, and a blocking one waits forever for a rank that
+        # never calls it. So every rank first all-gathers its (color, key) in a nonblocking
+        # collective polled within the timeout, as the layers' all-reduces are; only once every
+        # rank has joined it does the blocking Split run, which then has every rank at it.
+        mine, every = np.array([color, key], np.int64), np.empty(2 * self.size, np.int64)
+        self._wait(lambda: self.comm.Iallgather(mine, every), every.size,
+                   "all-gather ahead of split()")
+        sub = self.comm.Split(color, key)
         return MPICommunicator(sub, debug=self.debug, cuda_aware=self._cuda_aware,
                                timeout=self.timeout, abort_on_exception=self.abort_on_exception)
 
@@ -473,6 +601,22 @@ class NCCLCommunicator:
     the NCCL communicator is aborted (freeing the stream) and a ``SyncTimeoutError`` raised. That
     wait costs a host synchronization per collective: ``timeout=math.inf`` leaves the stream
     unsynchronized (CUDA-graph capture) and the hang possible. (No GPU was at hand to run this.)
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm or None
+        The MPI communicator that bootstraps NCCL and sums NumPy arrays; None: ``MPI.COMM_WORLD``.
+    debug : bool or None
+        The layers' cross-rank consistency check; None: NORMKIT_SYNC_DEBUG.
+    timeout : float or None
+        Seconds each collective waits; None: NORMKIT_SYNC_TIMEOUT, else 300.
+    abort_on_exception : bool or None
+        Whether an uncaught exception aborts the job; None: NORMKIT_SYNC_ABORT (default on).
+
+    Raises
+    ------
+    ImportError
+        CuPy, its NCCL library, or mpi4py is missing.
     """
 
     def __init__(self, comm=None, debug=None, timeout=None, abort_on_exception=None):
@@ -503,7 +647,25 @@ class NCCLCommunicator:
 
     def allreduce_sum(self, array):
         """Sums `array` (a contiguous CuPy array, or a NumPy one over MPI) over all ranks, in
-        place, on CuPy's current stream."""
+        place, on CuPy's current stream.
+
+        Parameters
+        ----------
+        array : cupy.ndarray or numpy.ndarray
+            Contiguous and writable: float16, float32, float64, int32 or int64 for NCCL.
+
+        Returns
+        -------
+        array
+            The same array, now holding the sum.
+
+        Raises
+        ------
+        TypeError
+            Not a NumPy or CuPy array, or a dtype NCCL has no type for.
+        SyncTimeoutError, CollectiveError
+            As ``MPICommunicator.allreduce_sum``.
+        """
         _check_buffer("NCCLCommunicator", array)
         if isinstance(array, np.ndarray):
             return self._mpi.allreduce_sum(array)
@@ -529,12 +691,37 @@ class NCCLCommunicator:
 
     def allgather(self, array):
         """As ``MPICommunicator.allgather``, over the bootstrap MPI communicator: what it gathers
-        (per-instance statistics) is small, and NCCL's all-gather needs equal sizes."""
+        (per-instance statistics) is small, and NCCL's all-gather needs equal sizes.
+
+        Parameters
+        ----------
+        array : cupy.ndarray or numpy.ndarray
+            This rank's rows.
+
+        Returns
+        -------
+        cupy.ndarray or numpy.ndarray
+            Every rank's rows, rank 0's first.
+        """
         return self._mpi.allgather(array)
 
     def split(self, color, key=None):
         """The sub-communicator of the ranks that pass the same `color`: a new NCCL communicator
-        bootstrapped over the MPI split."""
+        bootstrapped over the MPI split (which waits within the timeout, see
+        ``MPICommunicator.split``).
+
+        Parameters
+        ----------
+        color : int
+            Ranks passing the same color form one sub-communicator.
+        key : int or None
+            Orders the ranks in it; None: this rank.
+
+        Returns
+        -------
+        NCCLCommunicator
+            Over the ranks of this rank's color.
+        """
         sub = self._mpi.split(color, key)
         return NCCLCommunicator(sub.comm, debug=self.debug, timeout=self.timeout,
                                 abort_on_exception=self._mpi.abort_on_exception)

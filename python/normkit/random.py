@@ -11,7 +11,18 @@ _default = np.random.default_rng()
 
 
 def manual_seed(seed):
-    """Reseeds the default generator of normkit.nn's stochastic layers; returns it."""
+    """Reseeds the default generator of normkit.nn's stochastic layers; returns it.
+
+    Parameters
+    ----------
+    seed : int, sequence of int or None
+        Anything ``numpy.random.default_rng`` takes.
+
+    Returns
+    -------
+    numpy.random.Generator
+        The new default generator.
+    """
     global _default
     _default = np.random.default_rng(seed)
     return _default
@@ -23,7 +34,24 @@ def default_generator():
 
 
 def resolve(generator, who):
-    """``generator`` if it is a ``numpy.random.Generator``, the default one if it is None."""
+    """``generator`` if it is a ``numpy.random.Generator``, the default one if it is None.
+
+    Parameters
+    ----------
+    generator : numpy.random.Generator or None
+        A layer's ``generator=``.
+    who : str
+        The layer, for the message.
+
+    Returns
+    -------
+    numpy.random.Generator
+
+    Raises
+    ------
+    TypeError
+        ``generator`` is something else (a seed, a RandomState).
+    """
     if generator is None:
         return _default
     if not isinstance(generator, np.random.Generator):

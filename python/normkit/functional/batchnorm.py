@@ -56,7 +56,19 @@ def _invstd(var, eps):
 
 
 def batch_norm_stats(x):
-    """Per-channel ``(mean, var)`` of ``x`` with var biased; an empty batch gives zeros."""
+    """Per-channel ``(mean, var)`` of ``x`` with var biased; an empty batch gives zeros.
+
+    Parameters
+    ----------
+    x : NumPy or CuPy array (N, C, *)
+        float16, float32 or float64; any layout.
+
+    Returns
+    -------
+    mean, var : arrays (C,)
+        float32 for half-precision input, else x's dtype; the local partial statistics a
+        synchronized batch norm combines across ranks.
+    """
     x = kernel_input(x)
     mean, var = _channels(x), _channels(x)
     _C.batch_norm_stats(x, mean, var, **_reducing(x))
@@ -64,7 +76,24 @@ def batch_norm_stats(x):
 
 
 def batch_norm_normalize(x, mean, invstd, weight=None, bias=None, out=None):
-    """``(x - mean) * invstd * weight + bias`` per channel; ``out`` if given, else a new array."""
+    """``(x - mean) * invstd * weight + bias`` per channel; ``out`` if given, else a new array.
+
+    Parameters
+    ----------
+    x : NumPy or CuPy array (N, C, *)
+        Any layout.
+    mean, invstd : arrays (C,)
+        The statistics, of the parameter dtype (float32 for half-precision input).
+    weight, bias : arrays (C,) or None
+        The affine parameters; None: 1 and 0.
+    out : array like x, or None
+        Written in place (writable, not overlapping x unless it is x itself).
+
+    Returns
+    -------
+    array like x
+        ``out``, or a new array of x's shape, dtype and layout.
+    """
     x = kernel_input(x)
     y = array_module(x).empty_like(x) if out is None else out
     _C.batch_norm_normalize(x, mean, invstd, weight, bias, y, **launch_args(x))
@@ -72,7 +101,22 @@ def batch_norm_normalize(x, mean, invstd, weight=None, bias=None, out=None):
 
 
 def batch_norm_backward_reduce(dy, x, mean):
-    """Per-channel ``(sum dy, sum dy * (x - mean))``: the sums a synchronized backward all-reduces."""
+    """Per-channel ``(sum dy, sum dy * (x - mean))``: the sums a synchronized backward all-reduces.
+
+    Parameters
+    ----------
+    dy : array like x
+        The gradient of the output.
+    x : NumPy or CuPy array (N, C, *)
+        The forward's input.
+    mean : array (C,)
+        The mean the forward normalized with.
+
+    Returns
+    -------
+    sum_dy, sum_dy_xmu : arrays (C,)
+        Of the parameter dtype.
+    """
     x = kernel_input(x)
     dy = like(x, kernel_input(dy, "dy"))
     sum_dy, sum_dy_xmu = _channels(x), _channels(x)
@@ -84,7 +128,36 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, weight=None, sum_dy=None, sum
                               count=None, out=None):
     """dx of batch norm. With ``sum_dy``/``sum_dy_xmu`` (reduced over ``count`` values per channel,
     all ranks together), the gradient through the batch statistics; without them, through
-    constant statistics (eval)."""
+    constant statistics (eval).
+
+    Parameters
+    ----------
+    dy : array like x
+        The gradient of the output.
+    x : NumPy or CuPy array (N, C, *)
+        The forward's input.
+    mean, invstd : arrays (C,)
+        The statistics the forward normalized with.
+    weight : array (C,) or None
+        The affine weight; None: 1.
+    sum_dy, sum_dy_xmu : arrays (C,) or None
+        ``batch_norm_backward_reduce``'s sums (all-reduced over the ranks); None: eval's
+        gradient.
+    count : int, float or None
+        The number of values per channel the sums cover (all ranks); None: x's own.
+    out : array like x, or None
+        Written in place; None: a new array.
+
+    Returns
+    -------
+    array like x
+        dx.
+
+    Raises
+    ------
+    ValueError
+        ``count`` is not finite; shapes or dtypes that do not fit (also TypeError).
+    """
     x = kernel_input(x)
     dy = like(x, kernel_input(dy, "dy"))
     dx = array_module(x).empty_like(x) if out is None else out
@@ -124,6 +197,14 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     y : array like x
     mean, invstd : arrays (C,)
         The statistics used, which ``batch_norm_backward`` needs.
+
+    Raises
+    ------
+    ValueError
+        Eval without running statistics; one value per channel in training; a bad eps; shapes
+        that do not fit.
+    TypeError
+        Statistics or parameters of another dtype or array type than x needs.
     """
     x = kernel_input(x)
     xp = array_module(x)
@@ -159,6 +240,28 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, input_g
     ``training`` says whether those were batch statistics (gradient flows through them) or
     running ones. ``dweight``/``dbias`` are None without ``weight`` or when not ``weight_grad``;
     ``dx`` is None when not ``input_grad``.
+
+    Parameters
+    ----------
+    dy : array like x
+        The gradient of the output.
+    x : NumPy or CuPy array (N, C, *)
+        The forward's input.
+    mean, invstd : arrays (C,)
+        What ``batch_norm_forward`` returned.
+    weight : array (C,) or None
+        The affine weight; None: no affine (and no dweight, dbias).
+    training : bool
+        Whether the forward used batch statistics.
+    input_grad : bool
+        Whether to compute dx.
+    weight_grad : bool
+        Whether to compute dweight and dbias.
+
+    Returns
+    -------
+    dx : array like x, or None
+    dweight, dbias : arrays (C,) or None
     """
     x = kernel_input(x)
     dy = like(x, kernel_input(dy, "dy"))
@@ -185,13 +288,44 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, input_g
 def batchnormtrain(input, gamma, beta, mean, std):
     """``(input - mean) / std * gamma + beta`` per channel, for (N, C) or (N, C, L) inputs; the
     mean and std (usually computed from ``input``) receive gradients in
-    ``batchnormtrain_backward``."""
+    ``batchnormtrain_backward``.
+
+    Parameters
+    ----------
+    input : NumPy or CuPy array (N, C) or (N, C, L)
+        float32 or float64 (float16 with float32 parameters).
+    gamma, beta : arrays (C,)
+        The affine parameters.
+    mean, std : arrays (C,)
+        The statistics (std > 0).
+
+    Returns
+    -------
+    array like input
+    """
     return batch_norm_normalize(input, mean, 1.0 / std, gamma, beta)
 
 
 def batchnormtrain_backward(dy, input, gamma, mean, std):
     """Gradients ``(dinput, dgamma, dbeta, dmean, dstd)`` of ``batchnormtrain`` (``dinput`` holds
-    only the direct path; the caller chains ``dmean``/``dstd`` to wherever mean and std came from)."""
+    only the direct path; the caller chains ``dmean``/``dstd`` to wherever mean and std came from).
+
+    Parameters
+    ----------
+    dy : array like input
+        The gradient of the output.
+    input : NumPy or CuPy array (N, C) or (N, C, L)
+        The forward's input.
+    gamma : array (C,)
+        The affine weight.
+    mean, std : arrays (C,)
+        The forward's statistics.
+
+    Returns
+    -------
+    dinput : array like input
+    dgamma, dbeta, dmean, dstd : arrays (C,)
+    """
     invstd = 1.0 / std
     dx = batch_norm_backward_elemt(dy, input, mean, invstd, gamma)
     sum_dy, sum_dy_xmu = batch_norm_backward_reduce(dy, input, mean)
@@ -200,11 +334,42 @@ def batchnormtrain_backward(dy, input, gamma, mean, std):
 
 
 def batchnormeval(input, gamma, beta, mean, std):
-    """As ``batchnormtrain``, but ``mean`` and ``std`` are constants: no gradient reaches them."""
+    """As ``batchnormtrain``, but ``mean`` and ``std`` are constants: no gradient reaches them.
+
+    Parameters
+    ----------
+    input : NumPy or CuPy array (N, C) or (N, C, L)
+        float32 or float64 (float16 with float32 parameters).
+    gamma, beta : arrays (C,)
+        The affine parameters.
+    mean, std : arrays (C,)
+        The (running) statistics.
+
+    Returns
+    -------
+    array like input
+    """
     return batch_norm_normalize(input, mean, 1.0 / std, gamma, beta)
 
 
 def batchnormeval_backward(dy, input, gamma, mean, std):
-    """Gradients ``(dinput, dgamma, dbeta)`` of ``batchnormeval``."""
+    """Gradients ``(dinput, dgamma, dbeta)`` of ``batchnormeval``.
+
+    Parameters
+    ----------
+    dy : array like input
+        The gradient of the output.
+    input : NumPy or CuPy array (N, C) or (N, C, L)
+        The forward's input.
+    gamma : array (C,)
+        The affine weight.
+    mean, std : arrays (C,)
+        The forward's statistics.
+
+    Returns
+    -------
+    dinput : array like input
+    dgamma, dbeta : arrays (C,)
+    """
     dx, dgamma, dbeta = batch_norm_backward(dy, input, mean, 1.0 / std, gamma, training=False)
     return dx, dgamma, dbeta

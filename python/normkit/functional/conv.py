@@ -102,7 +102,31 @@ def _columns(x, kernel, stride, padding, dilation, out, xp):
 
 
 def convolution(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """y = weight * x (+ bias), as ``torch.nn.functional.conv{1,2,3}d`` with zero padding."""
+    """y = weight * x (+ bias), as ``torch.nn.functional.conv{1,2,3}d`` with zero padding.
+
+    Parameters
+    ----------
+    x : NumPy or CuPy array (B, C_in, *spatial)
+        float32 or float64, 1 to 3 spatial dims.
+    weight : array (C_out, C_in / groups, *kernel)
+        Of x's dtype and array type.
+    bias : array (C_out,) or None
+    stride, padding, dilation : int or sequence of ints
+        One per spatial dim, or one for all (stride, dilation >= 1; padding >= 0, zeros).
+    groups : int
+        Dividing both channel counts.
+
+    Returns
+    -------
+    array (B, C_out, *out_spatial)
+
+    Raises
+    ------
+    TypeError
+        Mixed array types or dtypes, or a dtype other than float32/float64.
+    ValueError
+        Shapes, groups or geometry that do not fit (naming which).
+    """
     xp, stride, padding, dilation, out = _check(x, weight, bias, stride, padding, dilation, groups)
     B = x.shape[0]
     C_out, C_group = weight.shape[:2]
@@ -120,7 +144,27 @@ def convolution(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
 def convolution_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1,
                          input_grad=True, weight_grad=True, bias_grad=True):
     """Gradients ``(dx, dweight, dbias)`` of ``convolution``; each is None when not asked for
-    (``dbias`` is the sum of dy over all dims but the channels)."""
+    (``dbias`` is the sum of dy over all dims but the channels).
+
+    Parameters
+    ----------
+    dy : array (B, C_out, *out_spatial)
+        The gradient of the output.
+    x, weight : arrays
+        The forward's input and weight.
+    stride, padding, dilation : int or sequence of ints
+        One per spatial dim, or one for all (stride, dilation >= 1; padding >= 0, zeros).
+    groups : int
+        Dividing both channel counts.
+    input_grad, weight_grad, bias_grad : bool
+        Which gradients to compute.
+
+    Returns
+    -------
+    dx : array like x, or None
+    dweight : array like weight, or None
+    dbias : array (C_out,) or None
+    """
     xp, stride, padding, dilation, out = _check(x, weight, None, stride, padding, dilation, groups)
     B = x.shape[0]
     C_out, C_group = weight.shape[:2]
@@ -198,7 +242,27 @@ def _transpose_check(x, weight, bias, stride, padding, output_padding, dilation,
 
 def conv_transpose_output_padding(input_size, output_size, kernel, stride, padding, dilation):
     """torch's output_padding for a requested output_size (the spatial sizes, or with the batch
-    and channel dims in front): a ValueError when no output_padding < stride gives it."""
+    and channel dims in front): a ValueError when no output_padding < stride gives it.
+
+    Parameters
+    ----------
+    input_size : sequence of int
+        The input's spatial sizes.
+    output_size : sequence of int
+        The wanted output's spatial sizes (or the whole shape).
+    kernel, stride, padding, dilation : sequences of int
+        One per spatial dim.
+
+    Returns
+    -------
+    list of int
+        The output_padding per spatial dim.
+
+    Raises
+    ------
+    ValueError
+        ``output_size`` has the wrong length or is out of reach.
+    """
     dims = len(kernel)
     output_size = list(output_size)[-dims:]
     if len(output_size) != dims:
@@ -218,7 +282,29 @@ def conv_transpose_output_padding(input_size, output_size, kernel, stride, paddi
 
 def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
                    dilation=1):
-    """y = weight^T * x (+ bias), as ``torch.nn.functional.conv_transpose{1,2,3}d``."""
+    """y = weight^T * x (+ bias), as ``torch.nn.functional.conv_transpose{1,2,3}d``.
+
+    Parameters
+    ----------
+    x : NumPy or CuPy array (B, C_in, *spatial)
+        float32 or float64, 1 to 3 spatial dims.
+    weight : array (C_in, C_out / groups, *kernel)
+        Of x's dtype and array type.
+    bias : array (C_out,) or None
+    stride, padding, output_padding, dilation : int or sequence of ints
+        One per spatial dim, or one for all (output_padding < stride or dilation).
+    groups : int
+        Dividing both channel counts.
+
+    Returns
+    -------
+    array (B, C_out, *out_spatial)
+
+    Raises
+    ------
+    TypeError, ValueError
+        As ``convolution``.
+    """
     xp, stride, padding, dilation, out = _transpose_check(x, weight, bias, stride, padding,
                                                           output_padding, dilation, groups)
     B, C_in = x.shape[:2]
@@ -238,7 +324,27 @@ def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, 
 
 def conv_transpose_backward(dy, x, weight, stride=1, padding=0, output_padding=0, groups=1,
                             dilation=1, input_grad=True, weight_grad=True, bias_grad=True):
-    """Gradients ``(dx, dweight, dbias)`` of ``conv_transpose``; each None when not asked for."""
+    """Gradients ``(dx, dweight, dbias)`` of ``conv_transpose``; each None when not asked for.
+
+    Parameters
+    ----------
+    dy : array (B, C_out, *out_spatial)
+        The gradient of the output.
+    x, weight : arrays
+        The forward's input and weight.
+    stride, padding, output_padding, dilation : int or sequence of ints
+        As in the forward.
+    groups : int
+        As in the forward.
+    input_grad, weight_grad, bias_grad : bool
+        Which gradients to compute.
+
+    Returns
+    -------
+    dx : array like x, or None
+    dweight : array like weight, or None
+    dbias : array (C_out,) or None
+    """
     xp, stride, padding, dilation, out = _transpose_check(x, weight, None, stride, padding,
                                                           output_padding, dilation, groups)
     B, C_in = x.shape[:2]
@@ -271,7 +377,25 @@ _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge",
 
 def pad(x, pads, mode="zeros"):
     """x with (left, right) = pads[d] values added around spatial dim d, as torch's Conv layers
-    pad for ``padding_mode`` (reflect: pad < size; circular: pad <= size)."""
+    pad for ``padding_mode`` (reflect: pad < size; circular: pad <= size).
+
+    Parameters
+    ----------
+    x : NumPy or CuPy array (B, C, *spatial)
+    pads : sequence of (int, int)
+        (left, right) per spatial dim.
+    mode : str
+        'zeros', 'reflect', 'replicate' or 'circular'.
+
+    Returns
+    -------
+    array (B, C, *padded)
+
+    Raises
+    ------
+    ValueError
+        An unknown mode, or padding too large for reflect / circular.
+    """
     if mode not in _PAD_MODES:
         raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, got {mode!r}")
     for d, (lo, hi) in enumerate(pads):
@@ -285,7 +409,21 @@ def pad(x, pads, mode="zeros"):
 
 def pad_backward(dxp, pads, mode="zeros"):
     """The gradient of ``pad``'s input: each padded value's gradient folded back onto the value
-    it copied (dims in reverse order, the adjoint of padding them one after another)."""
+    it copied (dims in reverse order, the adjoint of padding them one after another).
+
+    Parameters
+    ----------
+    dxp : NumPy or CuPy array (B, C, *padded)
+        The gradient of ``pad``'s output.
+    pads : sequence of (int, int)
+        As given to ``pad``.
+    mode : str
+        As given to ``pad``.
+
+    Returns
+    -------
+    array (B, C, *spatial)
+    """
     g = dxp
     for d in reversed(range(len(pads))):
         lo, hi = pads[d]
@@ -314,7 +452,18 @@ def pad_backward(dxp, pads, mode="zeros"):
 
 def pixel_shuffle(x, scale):
     """(B, C * s^2, H, W) -> (B, C, H * s, W * s): ``out[b, c, h*s + i, w*s + j] =
-    x[b, c*s^2 + i*s + j, h, w]`` (as ``torch.nn.functional.pixel_shuffle``)."""
+    x[b, c*s^2 + i*s + j, h, w]`` (as ``torch.nn.functional.pixel_shuffle``).
+
+    Parameters
+    ----------
+    x : NumPy or CuPy array (B, C * s^2, H, W)
+    scale : int
+        s.
+
+    Returns
+    -------
+    array (B, C, H * s, W * s)
+    """
     B, Cs, H, W = x.shape
     C = Cs // (scale * scale)
     return x.reshape(B, C, scale, scale, H, W).transpose(0, 1, 4, 2, 5, 3).reshape(
@@ -323,7 +472,18 @@ def pixel_shuffle(x, scale):
 
 def pixel_unshuffle(y, scale):
     """The inverse (and adjoint) of ``pixel_shuffle``:
-    (B, C, H * s, W * s) -> (B, C * s^2, H, W)."""
+    (B, C, H * s, W * s) -> (B, C * s^2, H, W).
+
+    Parameters
+    ----------
+    y : NumPy or CuPy array (B, C, H * s, W * s)
+    scale : int
+        s.
+
+    Returns
+    -------
+    array (B, C * s^2, H, W)
+    """
     B, C, Hs, Ws = y.shape
     H, W = Hs // scale, Ws // scale
     return y.reshape(B, C, H, scale, W, scale).transpose(0, 1, 3, 5, 2, 4).reshape(

@@ -188,7 +188,29 @@ def _weights_times(P, Q, n_major, xp):
 
 def scaled_l2_forward(X, C, s):
     """``SL[b,i,k] = s[k] ||x[b,i] - c[k]||^2`` and what the backward needs: returns ``(SL, D2)``
-    with ``D2 = ||x - c||^2`` (B, N, K)."""
+    with ``D2 = ||x - c||^2`` (B, N, K).
+
+    Parameters
+    ----------
+    X : NumPy or CuPy array (B, N, D)
+        The features: float16, float32 or float64.
+    C : array (K, D)
+        The codewords (parameter dtype: float32 for float16 X).
+    s : array (K,)
+        The smoothing factors, as C.
+
+    Returns
+    -------
+    SL : array (B, N, K), X's dtype
+    D2 : array (B, N, K)
+
+    Raises
+    ------
+    TypeError
+        Mixed array types, or dtypes that do not fit.
+    ValueError
+        Shapes that do not fit (naming which).
+    """
     op = "scaled_l2"
     xp, B, N, D, K = _check_codebook(op, X, C, s)
     Xc, n_major = _blas_view(_compute(X), xp)
@@ -199,13 +221,54 @@ def scaled_l2_forward(X, C, s):
 
 
 def scaled_l2(X, C, s):
-    """``SL[b,i,k] = s[k] ||x[b,i] - c[k]||^2`` for X (B, N, D), C (K, D), s (K,)."""
+    """``SL[b,i,k] = s[k] ||x[b,i] - c[k]||^2`` for X (B, N, D), C (K, D), s (K,).
+
+    Parameters
+    ----------
+    X : NumPy or CuPy array (B, N, D)
+        The features: float16, float32 or float64.
+    C : array (K, D)
+        The codewords (parameter dtype: float32 for float16 X).
+    s : array (K,)
+        The smoothing factors, as C.
+
+    Returns
+    -------
+    array (B, N, K)
+
+    Raises
+    ------
+    TypeError
+        Mixed array types, or dtypes that do not fit.
+    ValueError
+        Shapes that do not fit (naming which).
+    """
     return scaled_l2_forward(X, C, s)[0]
 
 
 def scaled_l2_backward(dSL, X, C, s, D2):
     """Gradients ``(dX, dC, ds)`` of ``scaled_l2`` given the forward's ``D2``:
-    ``dX = sum_k 2 s g (x - c)``, ``dC = -sum_{b,i} 2 s g (x - c)``, ``ds = sum_{b,i} g D2``."""
+    ``dX = sum_k 2 s g (x - c)``, ``dC = -sum_{b,i} 2 s g (x - c)``, ``ds = sum_{b,i} g D2``.
+
+    Parameters
+    ----------
+    dSL : array (B, N, K)
+        g, the gradient of SL.
+    X : NumPy or CuPy array (B, N, D)
+        The features: float16, float32 or float64.
+    C : array (K, D)
+        The codewords (parameter dtype: float32 for float16 X).
+    s : array (K,)
+        The smoothing factors, as C.
+    D2 : array (B, N, K)
+        What ``scaled_l2_forward`` returned.
+
+    Returns
+    -------
+    dX : array like X
+    dC : array like C
+    ds : array like s
+    """
     op = "scaled_l2_backward"
     xp, B, N, D, K = _check_codebook(op, X, C, s)
     _check_grad(op, "dSL", dSL, (B, N, K), "B, N, K", X, xp)
@@ -228,7 +291,28 @@ def scaled_l2_backward(dSL, X, C, s, D2):
 
 def aggregate(A, X, C):
     """``E[b,k] = sum_i A[b,i,k] (x[b,i] - c[k])`` for A (B, N, K), X (B, N, D), C (K, D):
-    (B, K, D)."""
+    (B, K, D).
+
+    Parameters
+    ----------
+    A : array (B, N, K)
+        The assignment weights (parameter dtype).
+    X : NumPy or CuPy array (B, N, D)
+        float16, float32 or float64.
+    C : array (K, D)
+        The codewords (parameter dtype).
+
+    Returns
+    -------
+    array (B, K, D)
+
+    Raises
+    ------
+    TypeError
+        Mixed array types, or dtypes that do not fit.
+    ValueError
+        Shapes that do not fit (naming which).
+    """
     op = "aggregate"
     xp = _check_aggregate(op, A, X, C)
     A, _ = _blas_view(A, xp)
@@ -240,7 +324,21 @@ def aggregate(A, X, C):
 
 def aggregate_backward(dE, A, X, C):
     """Gradients ``(dA, dX, dC)`` of ``aggregate``: ``dA = <g[b,k], x[b,i] - c[k]>``,
-    ``dX = sum_k A g``, ``dC = -sum_b (sum_i A) g``."""
+    ``dX = sum_k A g``, ``dC = -sum_b (sum_i A) g``.
+
+    Parameters
+    ----------
+    dE : array (B, K, D)
+        g, the gradient of E.
+    A, X, C : arrays
+        As given to ``aggregate``.
+
+    Returns
+    -------
+    dA : array like A
+    dX : array like X
+    dC : array like C
+    """
     op = "aggregate_backward"
     xp = _check_aggregate(op, A, X, C)
     B, N, D = X.shape
@@ -278,7 +376,29 @@ def _check_aggregate(op, A, X, C):
 
 def encoding_forward(X, C, s):
     """The Encoding layer's op on X (B, N, D): returns ``(E, A, D2)``, E (B, K, D) and the
-    assignment weights A and distances D2 (B, N, K) its backward needs."""
+    assignment weights A and distances D2 (B, N, K) its backward needs.
+
+    Parameters
+    ----------
+    X : NumPy or CuPy array (B, N, D)
+        The features: float16, float32 or float64.
+    C : array (K, D)
+        The codewords (parameter dtype: float32 for float16 X).
+    s : array (K,)
+        The smoothing factors, as C.
+
+    Returns
+    -------
+    E : array (B, K, D)
+    A, D2 : arrays (B, N, K)
+
+    Raises
+    ------
+    TypeError
+        Mixed array types, or dtypes that do not fit.
+    ValueError
+        Shapes that do not fit (naming which).
+    """
     op = "encoding"
     xp, B, N, D, K = _check_codebook(op, X, C, s)
     Xc, n_major = _blas_view(_compute(X), xp)
@@ -293,12 +413,53 @@ def encoding_forward(X, C, s):
 
 
 def encoding(X, C, s):
-    """``E[b,k] = sum_i softmax_k(s[k] ||x[b,i] - c[k]||^2) (x[b,i] - c[k])``: (B, K, D)."""
+    """``E[b,k] = sum_i softmax_k(s[k] ||x[b,i] - c[k]||^2) (x[b,i] - c[k])``: (B, K, D).
+
+    Parameters
+    ----------
+    X : NumPy or CuPy array (B, N, D)
+        The features: float16, float32 or float64.
+    C : array (K, D)
+        The codewords (parameter dtype: float32 for float16 X).
+    s : array (K,)
+        The smoothing factors, as C.
+
+    Returns
+    -------
+    array (B, K, D)
+
+    Raises
+    ------
+    TypeError
+        Mixed array types, or dtypes that do not fit.
+    ValueError
+        Shapes that do not fit (naming which).
+    """
     return encoding_forward(X, C, s)[0]
 
 
 def encoding_backward(dE, X, C, s, A, D2):
-    """Gradients ``(dX, dC, ds)`` of ``encoding`` given the forward's A and D2."""
+    """Gradients ``(dX, dC, ds)`` of ``encoding`` given the forward's A and D2.
+
+    Parameters
+    ----------
+    dE : array (B, K, D)
+        The gradient of E.
+    X : NumPy or CuPy array (B, N, D)
+        The features: float16, float32 or float64.
+    C : array (K, D)
+        The codewords (parameter dtype: float32 for float16 X).
+    s : array (K,)
+        The smoothing factors, as C.
+    A, D2 : arrays (B, N, K)
+        What ``encoding_forward`` returned.
+
+    Returns
+    -------
+    dX : array like X
+    dC : array like C
+    ds : array like s
+    """
     op = "encoding_backward"
     xp, B, N, D, K = _check_codebook(op, X, C, s)
     _check_grad(op, "dE", dE, (B, K, D), "B, K, D", X, xp)
@@ -347,14 +508,43 @@ def _gram_scale(F):
 
 
 def gram_matrix(y):
-    """``G[b] = F[b] F[b]^T / (C H W)`` with ``F = y.reshape(B, C, H*W)``: (B, C, C)."""
+    """``G[b] = F[b] F[b]^T / (C H W)`` with ``F = y.reshape(B, C, H*W)``: (B, C, C).
+
+    Parameters
+    ----------
+    y : NumPy or CuPy array (B, C, *spatial)
+        float16, float32 or float64, at least one spatial dim (an empty one gives zeros).
+
+    Returns
+    -------
+    array (B, C, C)
+
+    Raises
+    ------
+    TypeError
+        Mixed array types, or dtypes that do not fit.
+    ValueError
+        Shapes that do not fit (naming which).
+    """
     xp = _check_maps("gram_matrix", "y", y)
     F = _features(y)
     return xp.matmul(F, _t(F)) / _gram_scale(F)
 
 
 def gram_matrix_backward(dG, y):
-    """Gradient of ``gram_matrix`` with respect to y: ``(dG + dG^T) F / (C H W)``, shaped like y."""
+    """Gradient of ``gram_matrix`` with respect to y: ``(dG + dG^T) F / (C H W)``, shaped like y.
+
+    Parameters
+    ----------
+    dG : array (B, C, C)
+        The gradient of G.
+    y : NumPy or CuPy array (B, C, *spatial)
+        The forward's input.
+
+    Returns
+    -------
+    array like y
+    """
     op = "gram_matrix_backward"
     xp = _check_maps(op, "y", y)
     B, C = y.shape[:2]
@@ -379,7 +569,29 @@ def _check_inspiration(op, X, weight, G):
 
 def inspiration_forward(X, weight, G):
     """MSG-Net's CoMatch: ``P = weight G`` (weight (1, C, C) broadcast over G's batch) and
-    ``Y[b] = P[b]^T X[b].reshape(C, H*W)``, shaped like X; G (1 or B, C, C). Returns (Y, P)."""
+    ``Y[b] = P[b]^T X[b].reshape(C, H*W)``, shaped like X; G (1 or B, C, C). Returns (Y, P).
+
+    Parameters
+    ----------
+    X : NumPy or CuPy array (B, C, *spatial)
+        float16, float32 or float64.
+    weight : array (1, C, C)
+        The layer's weight, of X's dtype.
+    G : array (1, C, C) or (B, C, C)
+        The target's Gram matrix, of X's dtype.
+
+    Returns
+    -------
+    Y : array like X
+    P : array (1 or B, C, C)
+
+    Raises
+    ------
+    TypeError
+        Mixed array types, or dtypes that do not fit.
+    ValueError
+        Shapes that do not fit (naming which).
+    """
     xp = _check_inspiration("inspiration", X, weight, G)
     B, C = X.shape[:2]
     P = xp.matmul(weight, G)
@@ -388,13 +600,56 @@ def inspiration_forward(X, weight, G):
 
 
 def inspiration(X, weight, G):
-    """``Y[b] = (weight G[b])^T X[b]`` over X's flattened spatial dims, shaped like X."""
+    """``Y[b] = (weight G[b])^T X[b]`` over X's flattened spatial dims, shaped like X.
+
+    Parameters
+    ----------
+    X : NumPy or CuPy array (B, C, *spatial)
+        float16, float32 or float64.
+    weight : array (1, C, C)
+        The layer's weight, of X's dtype.
+    G : array (1, C, C) or (B, C, C)
+        The target's Gram matrix, of X's dtype.
+
+    Returns
+    -------
+    array like X
+
+    Raises
+    ------
+    TypeError
+        Mixed array types, or dtypes that do not fit.
+    ValueError
+        Shapes that do not fit (naming which).
+    """
     return inspiration_forward(X, weight, G)[0]
 
 
 def inspiration_backward(dY, X, weight, G, P, target_grad=False):
     """Gradients ``(dX, dweight, dG)`` of ``inspiration`` given the forward's P; dG is None unless
-    ``target_grad``."""
+    ``target_grad``.
+
+    Parameters
+    ----------
+    dY : array like X
+        The gradient of Y.
+    X : NumPy or CuPy array (B, C, *spatial)
+        float16, float32 or float64.
+    weight : array (1, C, C)
+        The layer's weight, of X's dtype.
+    G : array (1, C, C) or (B, C, C)
+        The target's Gram matrix, of X's dtype.
+    P : array (1 or B, C, C)
+        What ``inspiration_forward`` returned.
+    target_grad : bool
+        Whether to compute dG.
+
+    Returns
+    -------
+    dX : array like X
+    dweight : array (1, C, C)
+    dG : array like G, or None
+    """
     op = "inspiration_backward"
     xp = _check_inspiration(op, X, weight, G)
     B, C = X.shape[:2]

@@ -42,7 +42,26 @@ def _spread(v, c):
 
 
 def group_norm_stats(x, num_groups):
-    """Per-(sample, group) ``(mean, var)`` of ``x``, each (N, G), var biased."""
+    """Per-(sample, group) ``(mean, var)`` of ``x``, each (N, G), var biased.
+
+    Parameters
+    ----------
+    x : NumPy or CuPy array (N, C, *)
+        float16, float32 or float64; channels-first or channels-last (any
+        other strides through one copy).
+    num_groups : int
+        G, dividing C.
+
+    Returns
+    -------
+    mean, var : arrays (N, G)
+        float32 for half-precision input, else x's dtype.
+
+    Raises
+    ------
+    ValueError
+        G does not divide C, or is not positive.
+    """
     x = kernel_input(x)
     g = _check_groups("group_norm_stats", x, num_groups)
     mean, var = _per_sample(x, g), _per_sample(x, g)
@@ -52,7 +71,24 @@ def group_norm_stats(x, num_groups):
 
 def group_norm_affine(x, mean, scale, shift, out=None):
     """``(x - mean[n, g(c)]) * scale[n, c] + shift[n, c]``, mean (N, G), scale and shift (N, C);
-    ``out`` if given (it may be ``x``), else a new array in ``x``'s layout."""
+    ``out`` if given (it may be ``x``), else a new array in ``x``'s layout.
+
+    Parameters
+    ----------
+    x : NumPy or CuPy array (N, C, *)
+        float16, float32 or float64; channels-first or channels-last (any
+        other strides through one copy).
+    mean : array (N, G)
+        The per-(sample, group) means.
+    scale, shift : arrays (N, C)
+        Per-(sample, channel) coefficients (``rstd * weight``, ``bias``), parameter dtype.
+    out : array like x, or None
+        Written in place (may be x itself); None: a new array.
+
+    Returns
+    -------
+    array like x
+    """
     x = kernel_input(x)
     y = array_module(x).empty_like(x) if out is None else out
     _C.group_norm_affine(x, mean, scale, shift, y, **launch_args(x))
@@ -60,7 +96,22 @@ def group_norm_affine(x, mean, scale, shift, out=None):
 
 
 def group_norm_backward_reduce(dy, x, mean):
-    """Per-(sample, channel) ``(sum dy, sum dy * (x - mean[n, g(c)]))``, each (N, C)."""
+    """Per-(sample, channel) ``(sum dy, sum dy * (x - mean[n, g(c)]))``, each (N, C).
+
+    Parameters
+    ----------
+    dy : array like x
+        The gradient of the output.
+    x : NumPy or CuPy array (N, C, *)
+        float16, float32 or float64; channels-first or channels-last (any
+        other strides through one copy).
+    mean : array (N, G)
+        The forward's means.
+
+    Returns
+    -------
+    sum_dy, sum_dy_xmu : arrays (N, C)
+    """
     x = kernel_input(x)
     dy = like(x, kernel_input(dy, "dy"))
     sum_dy, sum_dy_xmu = _per_sample(x, x.shape[1]), _per_sample(x, x.shape[1])
@@ -70,7 +121,29 @@ def group_norm_backward_reduce(dy, x, mean):
 
 def group_norm_backward_elemt(dy, x, mean, a, b=None, c=None, out=None):
     """``dx = a[n, c] * dy + b[n, g] * (x - mean[n, g]) + c[n, g]``; b, c None mean 0 (statistics
-    held constant)."""
+    held constant).
+
+    Parameters
+    ----------
+    dy : array like x
+        The gradient of the output.
+    x : NumPy or CuPy array (N, C, *)
+        float16, float32 or float64; channels-first or channels-last (any
+        other strides through one copy).
+    mean : array (N, G)
+        The forward's means.
+    a : array (N, C)
+        The coefficient of dy.
+    b, c : arrays (N, G) or None
+        The coefficient of (x - mean) and the constant term; None: 0.
+    out : array like x, or None
+        Written in place; None: a new array.
+
+    Returns
+    -------
+    array like x
+        dx.
+    """
     x = kernel_input(x)
     dy = like(x, kernel_input(dy, "dy"))
     dx = array_module(x).empty_like(x) if out is None else out
@@ -80,7 +153,30 @@ def group_norm_backward_elemt(dy, x, mean, a, b=None, c=None, out=None):
 
 def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     """Group norm as ``torch.nn.functional.group_norm``; returns ``(y, mean, rstd)``, the (N, G)
-    statistics ``group_norm_backward`` needs."""
+    statistics ``group_norm_backward`` needs.
+
+    Parameters
+    ----------
+    x : NumPy or CuPy array (N, C, *)
+        float16, float32 or float64; channels-first or channels-last (any
+        other strides through one copy).
+    num_groups : int
+        G, dividing C.
+    weight, bias : arrays (C,) or None
+        The affine parameters (parameter dtype: float32 for half-precision input).
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    y : array like x
+    mean, rstd : arrays (N, G)
+
+    Raises
+    ------
+    ValueError, TypeError
+        G does not divide C; parameters of another shape or dtype.
+    """
     y, mean, _, rstd = _forward(x, num_groups, weight, bias, eps, "group_norm_forward")
     return y, mean, rstd
 
@@ -97,7 +193,27 @@ def _forward(x, num_groups, weight, bias, eps, op):
 def group_norm_backward(dy, x, mean, rstd, weight=None, bias=None):
     """Gradients ``(dx, dweight, dbias)`` of ``group_norm_forward`` given its ``mean, rstd``.
     ``dweight`` is None without ``weight``, ``dbias`` None without ``bias`` (only whether it is
-    given matters: pass the bias array, or True)."""
+    given matters: pass the bias array, or True).
+
+    Parameters
+    ----------
+    dy : array like x
+        The gradient of the output.
+    x : NumPy or CuPy array (N, C, *)
+        float16, float32 or float64; channels-first or channels-last (any
+        other strides through one copy).
+    mean, rstd : arrays (N, G)
+        What ``group_norm_forward`` returned.
+    weight : array (C,) or None
+        The affine weight.
+    bias : array, True or None
+        Whether to return dbias.
+
+    Returns
+    -------
+    dx : array like x
+    dweight, dbias : arrays (C,) or None
+    """
     x = kernel_input(x)
     dy = like(x, kernel_input(dy, "dy"))
     c = x.shape[1]
@@ -136,7 +252,37 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
     (N, C): the statistics used (per instance with ``use_input_stats``, else the running ones
     broadcast over the batch) are what ``instance_norm_backward`` needs. With
     ``use_input_stats`` the running statistics (if given) move by ``momentum`` toward the batch
-    average of the per-instance mean and unbiased variance."""
+    average of the per-instance mean and unbiased variance.
+
+    Parameters
+    ----------
+    x : NumPy or CuPy array (N, C, *)
+        float16, float32 or float64; channels-first or channels-last (any
+        other strides through one copy).
+    running_mean, running_var : arrays (C,) or None
+        Updated in place with ``use_input_stats``; normalize without it (then required).
+    weight, bias : arrays (C,) or None
+        The affine parameters.
+    use_input_stats : bool
+        Per-instance statistics (True) or the running ones.
+    momentum : float
+        Factor of the batch's statistics in the running ones.
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    y : array like x
+    mean, rstd : arrays (N, C)
+
+    Raises
+    ------
+    ValueError
+        ``use_input_stats=False`` without running statistics; one spatial value with
+        ``use_input_stats``.
+    TypeError
+        Running statistics of another array type or dtype.
+    """
     x = kernel_input(x)
     xp = array_module(x)
     n, c = x.shape[0], x.shape[1]
@@ -172,7 +318,29 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
 def instance_norm_backward(dy, x, mean, rstd, weight=None, use_input_stats=True, bias=None):
     """Gradients ``(dx, dweight, dbias)`` of ``instance_norm_forward`` given its ``mean, rstd``
     ((N, C)); ``use_input_stats`` says whether they were per-instance statistics (gradient flows
-    through them) or running ones. ``dweight``/``dbias`` are None without ``weight``/``bias``."""
+    through them) or running ones. ``dweight``/``dbias`` are None without ``weight``/``bias``.
+
+    Parameters
+    ----------
+    dy : array like x
+        The gradient of the output.
+    x : NumPy or CuPy array (N, C, *)
+        float16, float32 or float64; channels-first or channels-last (any
+        other strides through one copy).
+    mean, rstd : arrays (N, C)
+        What ``instance_norm_forward`` returned.
+    weight : array (C,) or None
+        The affine weight.
+    use_input_stats : bool
+        As in the forward.
+    bias : array, True or None
+        Whether to return dbias.
+
+    Returns
+    -------
+    dx : array like x
+    dweight, dbias : arrays (C,) or None
+    """
     if use_input_stats:
         return group_norm_backward(dy, x, mean, rstd, weight, bias)
     x = kernel_input(x)

@@ -36,7 +36,32 @@ def _dense(w, xp):
 
 def ws_standardize(w, gain=None, eps=1e-4, convention="elektronn3"):
     """``(w_hat, mean, rstd)``: the standardized weight and what ``ws_standardize_backward``
-    needs."""
+    needs.
+
+    Parameters
+    ----------
+    w : NumPy or CuPy array (C0, *)
+        The weight, standardized per slice of dim 0 (see the module's docstring).
+    gain : array (C0,) or None
+        Per-channel gain (parameter dtype); None: 1.
+    eps : float
+        The floor of the variance term (its meaning per convention, see the module).
+    convention : str
+        'elektronn3' (the default), 'nfnet' or 'timm'.
+
+    Returns
+    -------
+    w_hat : array like w
+    mean, rstd : arrays (C0,)
+        Of the parameter dtype.
+
+    Raises
+    ------
+    ValueError
+        An unknown convention; shapes that do not fit.
+    TypeError
+        Dtypes that do not fit.
+    """
     xp = array_module(w, "w")
     cid = convention_id(convention)
     w = _dense(w, xp)
@@ -50,7 +75,30 @@ def ws_standardize(w, gain=None, eps=1e-4, convention="elektronn3"):
 
 def ws_standardize_backward(dw_hat, w, gain, mean, rstd, eps=1e-4, convention="elektronn3",
                             weight_grad=True, gain_grad=True):
-    """``(dw, dgain)`` of ``ws_standardize``; each is None when not asked for."""
+    """``(dw, dgain)`` of ``ws_standardize``; each is None when not asked for.
+
+    Parameters
+    ----------
+    dw_hat : array like w
+        The gradient of w_hat.
+    w : NumPy or CuPy array (C0, *)
+        The weight, standardized per slice of dim 0 (see the module's docstring).
+    gain : array (C0,) or None
+        Per-channel gain (parameter dtype); None: 1.
+    eps : float
+        The floor of the variance term (its meaning per convention, see the module).
+    convention : str
+        'elektronn3' (the default), 'nfnet' or 'timm'.
+    mean, rstd : arrays (C0,)
+        What ``ws_standardize`` returned.
+    weight_grad, gain_grad : bool
+        Which gradients to compute.
+
+    Returns
+    -------
+    dw : array like w, or None
+    dgain : array (C0,) or None
+    """
     xp = array_module(w, "w")
     cid = convention_id(convention)
     w = _dense(w, xp)

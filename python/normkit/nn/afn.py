@@ -13,7 +13,28 @@ from .module import Module, Parameter
 
 class Linear(_SavesInput):
     """``y = x @ weight.T + bias`` over (N, in_features), initialized as torch.nn.Linear
-    (U(-b, b), b = 1 / sqrt(in_features)) from ``generator`` (normkit's default when None)."""
+    (U(-b, b), b = 1 / sqrt(in_features)) from ``generator`` (normkit's default when None).
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        The sizes of each input and output row.
+    bias : bool
+        Whether the layer has a bias.
+    dtype : numpy dtype or None
+        float32 (the default) or float64.
+    generator : numpy.random.Generator or None
+        Draws the initialization; None: normkit's default (``normkit.manual_seed``).
+
+    Shape
+    -----
+    (N, in_features) -> (N, out_features).
+
+    Raises
+    ------
+    TypeError
+        Another dtype, or a generator that is not a numpy.random.Generator.
+    """
 
     def __init__(self, in_features, out_features, bias=True, dtype=None, generator=None):
         super().__init__()
@@ -49,6 +70,8 @@ class Linear(_SavesInput):
 
 
 class ReLU(_SavesInput):
+    """``max(x, 0)`` elementwise; ``backward(dy)`` passes dy where x > 0. No parameters."""
+
     def forward(self, x):
         self._saved = x > 0
         return x * self._saved
@@ -59,7 +82,22 @@ class ReLU(_SavesInput):
 
 class Dropout(_SavesInput):
     """Inverted dropout (kept units scaled 1 / (1 - p)) in training; the mask is drawn from
-    ``generator`` (normkit's default when None). Identity in eval."""
+    ``generator`` (normkit's default when None). Identity in eval.
+
+    Parameters
+    ----------
+    p : float
+        The probability of zeroing a unit, in [0, 1].
+    generator : numpy.random.Generator or None
+        Draws the masks; None: normkit's default (``normkit.manual_seed``).
+
+    Raises
+    ------
+    ValueError
+        p outside [0, 1].
+    TypeError
+        A generator that is not a numpy.random.Generator.
+    """
 
     def __init__(self, p=0.5, generator=None):
         super().__init__()
@@ -91,7 +129,22 @@ class AdaptiveFeatureNorm(Module):
 
     ``mode="stepwise"`` (SAFN): ``mean_i (||f_i|| - (||f_i||.detached + delta))^2`` = delta^2, of
     gradient -(2 delta / N) f_i / ||f_i|| (0 for a zero row). ``mode="hard"`` (HAFN):
-    ``(mean_i ||f_i|| - radius)^2``."""
+    ``(mean_i ||f_i|| - radius)^2``.
+
+    Parameters
+    ----------
+    delta : float
+        The step by which SAFN enlarges the norms.
+    radius : float or None
+        HAFN's target norm (keyword-only; required for mode="hard").
+    mode : str
+        "stepwise" (the default) or "hard" (keyword-only).
+
+    Raises
+    ------
+    ValueError
+        An unknown mode, or mode="hard" without a radius.
+    """
 
     def __init__(self, delta=1.0, *, radius=None, mode="stepwise"):
         super().__init__()
@@ -135,7 +188,30 @@ class AdaptiveFeatureNorm(Module):
 
 class Block(Module):
     """AFN's basic block: fc -> bn -> ReLU -> Dropout(p) -> (training) * sqrt(1 - p) (kept units
-    scaled 1 / sqrt(1 - p), "L2-preserved"). Keys ``fc.*`` and ``bn.*`` as tllib's."""
+    scaled 1 / sqrt(1 - p), "L2-preserved"). Keys ``fc.*`` and ``bn.*`` as tllib's.
+
+    Parameters
+    ----------
+    in_features : int
+        The size of each input row.
+    bottleneck_dim : int
+        The size of each output row (fc's and bn's width).
+    dropout_p : float
+        Dropout's probability, in [0, 1).
+    dtype : numpy dtype or None
+        float32 (the default) or float64.
+    generator : numpy.random.Generator or None
+        Draws fc's initialization and the dropout masks; None: normkit's default.
+
+    Shape
+    -----
+    (N, in_features) -> (N, bottleneck_dim).
+
+    Raises
+    ------
+    ValueError
+        dropout_p outside [0, 1).
+    """
 
     def __init__(self, in_features, bottleneck_dim=1000, dropout_p=0.5, dtype=None,
                  generator=None):

@@ -25,6 +25,13 @@ _PARAMETERS = """
     dtype : numpy dtype or None
         Of the parameters and buffers: float32 (the default) or float64; float16 inputs run with
         float32 ones.
+    bias : bool
+        Keyword-only, as in torch 2.13: False with ``affine=True`` gives a weight and no bias.
+
+    Raises
+    ------
+    ValueError, TypeError
+        A bad num_features (not a positive int), eps or dtype.
 """
 
 

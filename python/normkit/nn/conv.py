@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from .. import functional as F
+from .. import random as nk_random
 from .._backend import array_module, param_dtype, parse_device
 from .module import Module, Parameter
 
@@ -83,16 +84,51 @@ def parse_padding(name, padding, kernel_size, stride, dilation):
     return [(p, p) for p in _ntuple("padding", padding, dims, 0)]
 
 
+_PARAMETERS = """
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        C_in and C_out, each divisible by ``groups``.
+    kernel_size : int or tuple of ints
+        One per spatial dim, or one for all.
+    stride, dilation : int or tuple of ints
+        Positive, one per spatial dim or one for all.
+    padding : int, tuple of ints, "valid" or "same"
+        Values added on both sides of each spatial dim ("same": stride 1 only; an odd total puts
+        the extra value on the right, as torch).
+    groups : int
+        Blocked connections from input to output channels.
+    bias : bool
+        Whether the layer has a bias.
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        float32 (the default) or float64.
+    generator : numpy.random.Generator or None
+        Draws the initialization; None: normkit's default generator, which
+        ``normkit.manual_seed`` reseeds.
+    padding_mode : str
+        'zeros' (the default), 'reflect', 'replicate' or 'circular' (keyword-only).
+
+    Raises
+    ------
+    ValueError
+        Non-positive sizes, channels not divisible by groups, a bad padding or padding_mode.
+    TypeError
+        A dtype other than float32 or float64.
+"""
+
+
 class _ConvNd(_SavesInput):
     """Convolution over (B, C_in, *spatial) inputs with ``weight`` (C_out, C_in / groups, *kernel)
     and optional ``bias`` (C_out,), initialized as PyTorch does: U(-b, b) with
-    b = 1 / sqrt(C_in / groups * prod(kernel)). ``rng`` (a numpy Generator or seed) makes the
-    initialization reproducible."""
+    b = 1 / sqrt(C_in / groups * prod(kernel)), drawn from ``generator`` (normkit's default
+    generator when None)."""
 
     _dims = None
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, device=None, dtype=None, rng=None, *,
+                 groups=1, bias=True, device=None, dtype=None, generator=None, *,
                  padding_mode="zeros"):
         super().__init__()
         name = type(self).__name__
@@ -126,12 +162,12 @@ class _ConvNd(_SavesInput):
             self.bias = Parameter(np.empty(self.out_channels, dtype))
         else:
             self.register_parameter("bias", None)
-        self.reset_parameters(rng)
+        self.reset_parameters(generator)
         if device is not None and parse_device(device) != "cpu":
             self.to(device)
 
-    def reset_parameters(self, rng=None):
-        rng = np.random.default_rng(rng)
+    def reset_parameters(self, generator=None):
+        rng = nk_random.resolve(generator, type(self).__name__)
         bound = 1.0 / math.sqrt(self.in_channels // self.groups * math.prod(self.kernel_size))
         xp = array_module(self.weight.data, "weight")
         w = _uniform(rng, -bound, bound, self.weight.shape, self.weight.dtype)
@@ -199,17 +235,20 @@ class _ConvNd(_SavesInput):
 
 
 class Conv1d(_ConvNd):
-    """Convolution over (B, C, L) inputs, as torch.nn.Conv1d."""
+    __doc__ = """Convolution over (B, C, L) inputs, as torch.nn.Conv1d.
+""" + _PARAMETERS
     _dims = 1
 
 
 class Conv2d(_ConvNd):
-    """Convolution over (B, C, H, W) inputs, as torch.nn.Conv2d."""
+    __doc__ = """Convolution over (B, C, H, W) inputs, as torch.nn.Conv2d.
+""" + _PARAMETERS
     _dims = 2
 
 
 class Conv3d(_ConvNd):
-    """Convolution over (B, C, D, H, W) inputs, as torch.nn.Conv3d."""
+    __doc__ = """Convolution over (B, C, D, H, W) inputs, as torch.nn.Conv3d.
+""" + _PARAMETERS
     _dims = 3
 
 

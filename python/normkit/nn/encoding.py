@@ -6,6 +6,7 @@ import numpy as np
 
 from .. import _C
 from .. import functional as F
+from .. import random as nk_random
 from .._backend import array_module, param_dtype, parse_device
 from .conv import _ConvNd, _float_dtype, _SavesInput, _uniform, accumulate_grad
 from .module import Parameter, _as_numpy
@@ -33,9 +34,34 @@ class Encoding(_SavesInput):
     Any input layout works without a copy when its features or its positions are contiguous
     (NCHW, channels-last). float16 input runs with float32 parameters (computed in float32) and
     gives float16 output and input gradient.
+
+    Parameters
+    ----------
+    D : int
+        The feature dimension (the input's channels).
+    K : int
+        The number of codewords.
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        Of the parameters: float32 (the default) or float64.
+    generator : numpy.random.Generator or None
+        Draws the initialization; None: normkit's default generator, which
+        ``normkit.manual_seed`` reseeds.
+
+    Shape
+    -----
+    (B, D, H, W) or (B, D, N) -> (B, K, D).
+
+    Raises
+    ------
+    ValueError
+        D or K not a positive integer.
+    TypeError
+        A dtype other than float32 or float64.
     """
 
-    def __init__(self, D, K, device=None, dtype=None, rng=None):
+    def __init__(self, D, K, device=None, dtype=None, generator=None):
         super().__init__()
         for arg, value in (("D", D), ("K", K)):
             if int(value) != value or value < 1:
@@ -44,12 +70,12 @@ class Encoding(_SavesInput):
         dtype = _float_dtype("Encoding", dtype)
         self.codewords = Parameter(np.empty((self.K, self.D), dtype))
         self.scale = Parameter(np.empty(self.K, dtype))
-        self.reset_parameters(rng)
+        self.reset_parameters(generator)
         if device is not None and parse_device(device) != "cpu":
             self.to(device)
 
-    def reset_parameters(self, rng=None):
-        rng = np.random.default_rng(rng)
+    def reset_parameters(self, generator=None):
+        rng = nk_random.resolve(generator, type(self).__name__)
         xp = array_module(self.codewords.data, "codewords")
         bound = 1.0 / math.sqrt(self.K * self.D)
         self.codewords.data[...] = xp.asarray(
@@ -104,9 +130,34 @@ class Inspiration(_SavesInput):
     replaces it, with any batch; a target's batch must be 1 or the input's. ``backward`` returns dx
     and accumulates ``weight.grad``; with ``set_target(G, requires_grad=True)`` it also
     accumulates ``target_grad``, the gradient with respect to the target.
+
+    Parameters
+    ----------
+    C : int
+        The channels of the input.
+    B : int
+        The batch of the initial (zero) target.
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        Of the parameters: float32 (the default) or float64.
+    generator : numpy.random.Generator or None
+        Draws the initialization; None: normkit's default generator, which
+        ``normkit.manual_seed`` reseeds.
+
+    Shape
+    -----
+    (B, C, H, W) -> (B, C, H, W).
+
+    Raises
+    ------
+    ValueError
+        C or B not a positive integer.
+    TypeError
+        A dtype other than float32 or float64.
     """
 
-    def __init__(self, C, B=1, device=None, dtype=None, rng=None):
+    def __init__(self, C, B=1, device=None, dtype=None, generator=None):
         super().__init__()
         for arg, value in (("C", C), ("B", B)):
             if int(value) != value or value < 1:
@@ -117,12 +168,12 @@ class Inspiration(_SavesInput):
         self.register_buffer("G", np.zeros((int(B), self.C, self.C), dtype))
         self.target_requires_grad = False
         self.target_grad = None
-        self.reset_parameters(rng)
+        self.reset_parameters(generator)
         if device is not None and parse_device(device) != "cpu":
             self.to(device)
 
-    def reset_parameters(self, rng=None):
-        rng = np.random.default_rng(rng)
+    def reset_parameters(self, generator=None):
+        rng = nk_random.resolve(generator, type(self).__name__)
         xp = array_module(self.weight.data, "weight")
         self.weight.data[...] = xp.asarray(
             _uniform(rng, 0.0, 0.02, self.weight.shape, self.weight.dtype))
@@ -187,12 +238,37 @@ class UpsampleConv2d(_ConvNd):
     (out_channels * s^2,), both U(+-1/sqrt(in_channels / groups * kh * kw)). Output
     (B, out_channels, s * H_conv, s * W_conv) with H_conv = floor((H + 2p - d (kh - 1) - 1) / stride
     + 1) (upstream's docstring formula is wrong; upstream also fails to construct).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        Of the input and of the upsampled output.
+    kernel_size, stride, padding, dilation : int or tuple of 2 ints
+        The convolution's, as ``normkit.nn.Conv2d``'s.
+    groups : int
+        Dividing in_channels and out_channels * scale_factor^2.
+    scale_factor : int
+        s, the upsampling factor (positive).
+    bias : bool
+        Whether the convolution has a bias.
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        Of the parameters: float32 (the default) or float64.
+    generator : numpy.random.Generator or None
+        Draws the initialization; None: normkit's default generator, which
+        ``normkit.manual_seed`` reseeds.
+
+    Raises
+    ------
+    ValueError
+        Non-positive sizes or scale_factor, channels not divisible by groups.
     """
 
     _dims = 2
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, scale_factor=1, bias=True, device=None, dtype=None, rng=None):
+                 groups=1, scale_factor=1, bias=True, device=None, dtype=None, generator=None):
         if int(scale_factor) != scale_factor or scale_factor < 1:
             raise ValueError(f"UpsampleConv2d: scale_factor must be a positive integer, got "
                              f"{scale_factor!r}")
@@ -204,7 +280,7 @@ class UpsampleConv2d(_ConvNd):
             raise ValueError(f"UpsampleConv2d: out_channels * scale_factor^2 "
                              f"({out_channels * s * s}) must be divisible by groups ({groups})")
         super().__init__(in_channels, int(out_channels) * s * s, kernel_size, stride, padding,
-                         dilation, groups, bias, device=None, dtype=dtype, rng=rng)
+                         dilation, groups, bias, device=None, dtype=dtype, generator=generator)
         self.out_channels = int(out_channels)
         self.scale_factor = s
         if device is not None and parse_device(device) != "cpu":

@@ -34,7 +34,37 @@ class GroupNorm(Module):
     """Group norm over (N, C, *) inputs: statistics per (sample, group of C/G channels) over the
     group's channels and all spatial dims, biased variance, then a per-channel affine
     (``affine=True``; keyword-only ``bias=False`` keeps the weight only). Any layout; the output
-    keeps the input's (channels-last in, channels-last out)."""
+    keeps the input's (channels-last in, channels-last out).
+
+    Parameters
+    ----------
+    num_groups : int
+        G, dividing num_channels.
+    num_channels : int
+        C, the channels of the input.
+    eps : float
+        Added to the variance.
+    affine : bool
+        Whether the layer has a per-channel ``weight`` (ones) and ``bias`` (zeros).
+    bias : bool
+        Keyword-only: False with ``affine=True`` keeps the weight only.
+    dtype : numpy dtype or None
+        Of the parameters: float32 (the default) or float64; float16 inputs run with float32
+        ones (keyword-only).
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays) (keyword-only).
+
+    Shape
+    -----
+    (N, C, *) -> (N, C, *), in the input's layout.
+
+    Raises
+    ------
+    ValueError
+        num_groups or num_channels not a positive integer, or G not dividing C.
+    TypeError
+        A dtype other than float32 or float64.
+    """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, bias=True, dtype=None,
                  device=None):

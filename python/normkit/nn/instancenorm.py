@@ -11,6 +11,37 @@ from .groupnorm import _accumulate, _check_layer_dtype, _param_dtype
 from .module import Module
 
 
+_PARAMETERS = """
+    Parameters
+    ----------
+    num_features : int
+        C, the channels of the input.
+    eps : float
+        Added to the variance.
+    momentum : float or None
+        Factor of each batch's statistics in the running ones; None: their cumulative average.
+    affine : bool
+        Whether the layer has a per-channel ``weight`` (ones) and ``bias`` (zeros); default False,
+        as torch.
+    track_running_stats : bool
+        Whether the layer keeps running statistics (and eval normalizes with them); default False.
+    bias : bool
+        Keyword-only: False with ``affine=True`` keeps the weight only.
+    dtype : numpy dtype or None
+        Of the parameters and buffers: float32 (the default) or float64; float16 inputs run with
+        float32 ones (keyword-only).
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays) (keyword-only).
+
+    Raises
+    ------
+    ValueError
+        num_features not a positive integer.
+    TypeError
+        A dtype other than float32 or float64.
+"""
+
+
 class _InstanceNorm(Module):
     """Instance norm: statistics per (sample, channel) over the spatial dims, biased variance.
 
@@ -139,17 +170,23 @@ class _InstanceNorm(Module):
 
 
 class InstanceNorm1d(_InstanceNorm):
-    """Instance norm over (N, C, L) inputs, or unbatched (C, L)."""
+    __doc__ = """Instance norm over (N, C, L) inputs, or unbatched (C, L), as
+    torch.nn.InstanceNorm1d.
+""" + _PARAMETERS
     _no_batch_ndim = 2
 
 
 class InstanceNorm2d(_InstanceNorm):
-    """Instance norm over (N, C, H, W) inputs (NCHW or channels-last), or unbatched (C, H, W)."""
+    __doc__ = """Instance norm over (N, C, H, W) inputs (NCHW or channels-last), or unbatched
+    (C, H, W), as torch.nn.InstanceNorm2d.
+""" + _PARAMETERS
     _no_batch_ndim = 3
 
 
 class InstanceNorm3d(_InstanceNorm):
-    """Instance norm over (N, C, D, H, W) inputs, or unbatched (C, D, H, W)."""
+    __doc__ = """Instance norm over (N, C, D, H, W) inputs, or unbatched (C, D, H, W), as
+    torch.nn.InstanceNorm3d.
+""" + _PARAMETERS
     _no_batch_ndim = 4
 
 
@@ -158,7 +195,28 @@ class InstanceBatchNorm2d(Module):
     ``InstanceNorm2d(half, affine=True)`` (submodule ``IN``), the other ``planes - half`` through
     ``BatchNorm2d`` (submodule ``BN``), the halves concatenated along the channels. Any planes and
     ratio: half = 0 or half = planes leave out the empty part's submodule. The output keeps the
-    input's layout."""
+    input's layout.
+
+    Parameters
+    ----------
+    planes : int
+        C, the channels of the input.
+    ratio : float
+        The share of channels instance-normalized, in [0, 1].
+    dtype : numpy dtype or None
+        Of the parameters and buffers: float32 (the default) or float64 (keyword-only).
+    device : str or None
+        'cpu' (the default) or 'cuda[:N]' (keyword-only).
+
+    Shape
+    -----
+    (N, planes, H, W) -> (N, planes, H, W).
+
+    Raises
+    ------
+    ValueError
+        planes not a positive integer, or ratio outside [0, 1].
+    """
 
     def __init__(self, planes, ratio=0.5, *, dtype=None, device=None):
         super().__init__()

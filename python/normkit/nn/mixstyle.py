@@ -76,6 +76,32 @@ class MixStyle(MixStyleControls, Module):
 
     tllib's MixStyle has no ``mix`` argument and always mixes cross-domain (its batch is two
     domains concatenated); Dassl's default is "random", as here.
+
+    Parameters
+    ----------
+    p : float
+        The probability of mixing in a training call, in [0, 1].
+    alpha : float
+        The Beta(alpha, alpha) parameter of lam, > 0.
+    eps : float
+        Added to the variance, > 0.
+    mix : str
+        "random" (the default) or "crossdomain".
+    generator : numpy.random.Generator or None
+        Draws the gate, lam and perm; None: normkit's default.
+    comm : communicator or None
+        Mixes over all ranks' batches (with ``allgather``); None: this process's batch.
+
+    Shape
+    -----
+    (B, C, *) -> (B, C, *), in the input's layout.
+
+    Raises
+    ------
+    ValueError
+        p, alpha, eps or mix out of range.
+    TypeError
+        A generator that is not a numpy.random.Generator, a comm that is not a communicator.
     """
 
     def __init__(self, p=0.5, alpha=0.1, eps=1e-6, mix="random", generator=None, comm=None):
@@ -129,25 +155,49 @@ def _is_mixstyle(m):
 
 
 def deactivate_mixstyle(m):
-    """For ``model.apply``: switches a MixStyle off (identity)."""
+    """For ``model.apply``: switches a MixStyle off (identity).
+
+    Parameters
+    ----------
+    m : module
+        Any module; only MixStyle layers (normkit.nn's or normkit.torch's) change.
+    """
     if _is_mixstyle(m):
         m.set_activation_status(False)
 
 
 def activate_mixstyle(m):
-    """For ``model.apply``: switches a MixStyle on."""
+    """For ``model.apply``: switches a MixStyle on.
+
+    Parameters
+    ----------
+    m : module
+        Any module; only MixStyle layers (normkit.nn's or normkit.torch's) change.
+    """
     if _is_mixstyle(m):
         m.set_activation_status(True)
 
 
 def random_mixstyle(m):
-    """For ``model.apply``: sets a MixStyle to mix="random"."""
+    """For ``model.apply``: sets a MixStyle to mix="random".
+
+    Parameters
+    ----------
+    m : module
+        Any module; only MixStyle layers (normkit.nn's or normkit.torch's) change.
+    """
     if _is_mixstyle(m):
         m.update_mix_method("random")
 
 
 def crossdomain_mixstyle(m):
-    """For ``model.apply``: sets a MixStyle to mix="crossdomain"."""
+    """For ``model.apply``: sets a MixStyle to mix="crossdomain".
+
+    Parameters
+    ----------
+    m : module
+        Any module; only MixStyle layers (normkit.nn's or normkit.torch's) change.
+    """
     if _is_mixstyle(m):
         m.update_mix_method("crossdomain")
 
@@ -159,7 +209,13 @@ def _apply(model, fn):
 
 @contextmanager
 def run_without_mixstyle(model):
-    """Every MixStyle of ``model`` off inside the block, on again after it (as Dassl's)."""
+    """Every MixStyle of ``model`` off inside the block, on again after it (as Dassl's).
+
+    Parameters
+    ----------
+    model : normkit.nn.Module or torch.nn.Module
+        Its MixStyle layers (any depth) are switched.
+    """
     try:
         _apply(model, deactivate_mixstyle)
         yield
@@ -170,7 +226,15 @@ def run_without_mixstyle(model):
 @contextmanager
 def run_with_mixstyle(model, mix=None):
     """Every MixStyle of ``model`` on inside the block (with mode ``mix`` when given), off after
-    it (as Dassl's)."""
+    it (as Dassl's).
+
+    Parameters
+    ----------
+    model : normkit.nn.Module or torch.nn.Module
+        Its MixStyle layers (any depth) are switched.
+    mix : str or None
+        "random" or "crossdomain" for the block; None: each layer's own mode.
+    """
     if mix is not None:
         if mix not in MODES:
             raise ValueError(f"run_with_mixstyle: mix must be 'random' or 'crossdomain', got "

@@ -12,7 +12,13 @@ from .._backend import array_module, parse_device, to_device
 
 
 class Parameter:
-    """A learnable array: ``.data`` (NumPy or CuPy array) and ``.grad`` (array or None)."""
+    """A learnable array: ``.data`` (NumPy or CuPy array) and ``.grad`` (array or None).
+
+    Parameters
+    ----------
+    data : numpy.ndarray or cupy.ndarray
+        The values, held as they are (not copied); ``.grad`` starts None.
+    """
 
     def __init__(self, data):
         self.data = data
@@ -277,7 +283,13 @@ class Module:
 
 
 class Sequential(Module):
-    """Runs its modules in order; backward runs their backwards in reverse."""
+    """Runs its modules in order; backward runs their backwards in reverse.
+
+    Parameters
+    ----------
+    *modules : Module
+        The modules, registered as children "0", "1", ... in order.
+    """
 
     def __init__(self, *modules):
         super().__init__()

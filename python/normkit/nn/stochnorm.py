@@ -21,6 +21,42 @@ def check_p(p, who):
     return float(p)
 
 
+_PARAMETERS = """
+    Parameters
+    ----------
+    num_features : int
+        C, the channels of the (N, C, *) input.
+    eps : float
+        Added to the variance before its square root; must be positive in training.
+    momentum : float or None
+        Factor of each batch's statistics in the running ones; None: their cumulative average.
+    affine : bool
+        Whether the layer has a learnable per-channel ``weight`` and ``bias``.
+    track_running_stats : bool
+        Whether the layer keeps ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+    p : float
+        The probability that a channel uses the batch statistics, in [0, 1].
+    generator : numpy.random.Generator or None
+        Draws ``s`` and the initial weight; None: normkit's default (``normkit.manual_seed``).
+    comm : communicator or None
+        Batch statistics over all ranks (a ``normkit.distributed`` communicator); None: local.
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        Of the parameters and buffers: float32 (the default) or float64; float16 inputs run with
+        float32 ones.
+    bias : bool
+        Keyword-only: False with ``affine=True`` gives a weight and no bias.
+
+    Raises
+    ------
+    ValueError
+        p outside [0, 1]; a bad num_features or eps.
+    TypeError
+        A bad dtype, generator or comm.
+"""
+
+
 class _StochNorm(_BatchNorm):
     """Batch norm whose channels each pick, per training call, the batch statistics
     (probability ``p``) or the running statistics.
@@ -134,17 +170,23 @@ class _StochNorm(_BatchNorm):
 
 
 class StochNorm1d(_StochNorm):
-    """StochNorm over (N, C) or (N, C, L) inputs."""
+    __doc__ = """StochNorm over (N, C) or (N, C, L) inputs.
+
+    """ + _StochNorm.__doc__ + _PARAMETERS
     _expected_ndim = (2, 3)
 
 
 class StochNorm2d(_StochNorm):
-    """StochNorm over (N, C, H, W) inputs (NCHW or channels-last NHWC strides)."""
+    __doc__ = """StochNorm over (N, C, H, W) inputs (NCHW or channels-last NHWC strides).
+
+    """ + _StochNorm.__doc__ + _PARAMETERS
     _expected_ndim = (4,)
 
 
 class StochNorm3d(_StochNorm):
-    """StochNorm over (N, C, D, H, W) inputs (NCDHW or channels-last NDHWC strides)."""
+    __doc__ = """StochNorm over (N, C, D, H, W) inputs (NCDHW or channels-last NDHWC strides).
+
+    """ + _StochNorm.__doc__ + _PARAMETERS
     _expected_ndim = (5,)
 
 
@@ -155,7 +197,28 @@ def convert_stochnorm(module, p=0.5, generator=None, comm=None):
     """Replaces every BatchNorm1d/2d/3d of ``module``'s tree by a StochNorm1d/2d/3d with copies of
     its parameters and buffers, the same eps, momentum, affine, track_running_stats and train/eval
     mode, and the given ``p`` (and ``generator``, ``comm``). Returns the converted module (a new
-    one when ``module`` itself is a batch norm)."""
+    one when ``module`` itself is a batch norm).
+
+    Parameters
+    ----------
+    module : normkit.nn.Module
+        Converted in place (its children replaced).
+    p : float
+        The StochNorms' probability, in [0, 1].
+    generator : numpy.random.Generator or None
+        Shared by every StochNorm made; None: normkit's default.
+    comm : communicator or None
+        The StochNorms' communicator; None: local statistics.
+
+    Returns
+    -------
+    normkit.nn.Module
+
+    Raises
+    ------
+    ValueError
+        p outside [0, 1].
+    """
     check_p(p, "convert_stochnorm")
     kind = _STOCH_OF.get(type(module))
     if kind is not None:

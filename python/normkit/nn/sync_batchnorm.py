@@ -126,6 +126,37 @@ class SyncBatchNorm(_BatchNorm):
     Numerics: within a rank the variance is exact (shifted sums); across ranks the sums are taken
     about a common shift near the global mean, so the float64 combine is exact to ~1e-15 relative
     whatever |mean| / std (a forward whose shift was far off, the first one say, sums once more).
+
+    Parameters
+    ----------
+    num_features : int
+        C, the channels of the (N, C, *) input.
+    eps : float
+        Added to the variance before its square root; must be positive in training.
+    momentum : float or None
+        Factor of each batch's statistics in the running ones; None: their cumulative average.
+    affine : bool
+        Whether the layer has a learnable per-channel ``weight`` and ``bias``.
+    track_running_stats : bool
+        Whether the layer keeps ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+    comm : communicator or None
+        A ``normkit.distributed`` communicator; None: ``MPICommunicator()``, made on first use.
+    sync_param_grads : bool
+        Whether weight.grad and bias.grad are summed over all ranks (default: this rank's).
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        Of the parameters and buffers: float32 (the default) or float64; float16 inputs run with
+        float32 ones.
+    bias : bool
+        Keyword-only: False with ``affine=True`` gives a weight and no bias.
+
+    Raises
+    ------
+    TypeError
+        A comm that is not a communicator (e.g. a string), a bad dtype.
+    ValueError
+        A bad num_features or eps.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
@@ -227,7 +258,21 @@ class SyncBatchNorm(_BatchNorm):
 def convert_sync_batchnorm(module, comm=None, sync_param_grads=False):
     """Replaces every BatchNorm1d/2d/3d in `module`'s tree by a SyncBatchNorm over `comm`, keeping
     its parameters, buffers (the same arrays) and train/eval mode. Returns the converted module
-    (a new one when `module` itself is a batch norm)."""
+    (a new one when `module` itself is a batch norm).
+
+    Parameters
+    ----------
+    module : normkit.nn.Module
+        Converted in place (its children replaced).
+    comm : communicator or None
+        The SyncBatchNorms' communicator; None: ``MPICommunicator()`` on first use.
+    sync_param_grads : bool
+        As ``SyncBatchNorm``'s.
+
+    Returns
+    -------
+    normkit.nn.Module
+    """
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats, comm=comm,

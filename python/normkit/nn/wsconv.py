@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from .. import functional as F
+from .. import random as nk_random
 from .._backend import array_module, parse_device
 from ..functional.wsconv import convention_id, ws_standardize, ws_standardize_backward
 from .conv import _ConvNd, _float_dtype, _ntuple, _SavesInput, _uniform, accumulate_grad
@@ -43,7 +44,6 @@ class _WSMixin:
         self.convention = convention
         self.eps = _DEFAULT_EPS[convention] if eps is None else float(eps)
         _eps(self, None)
-        rng = np.random.default_rng(rng)
         xp = array_module(self.weight.data, "weight")
         self.weight.data[...] = xp.asarray(_kaiming_normal(rng, self.weight.shape, dtype))
         self.gain = Parameter(np.ones(channels, dtype))
@@ -63,13 +63,48 @@ class _WSMixin:
         return f", convention={self.convention!r}" if self.convention != "elektronn3" else ""
 
 
+_CONV_PARAMETERS = """
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        C_in and C_out.
+    kernel_size, stride, padding, dilation : int or tuple of ints
+        As ``normkit.nn.Conv*d``'s (padding also "same" or "valid").
+    groups : int
+        Blocked connections, dividing both channel counts.
+    bias : bool
+        Whether the layer has a bias.
+    padding_mode : str
+        'zeros' (the default), 'reflect', 'replicate' or 'circular'.
+    convention : str
+        'elektronn3' (the default), 'nfnet' or 'timm' (see normkit.functional.wsconv).
+    eps : float or None
+        The standardization's eps, > 0; None: the convention's default (1e-4, 1e-4, 1e-6).
+        ``forward(x, eps=...)`` overrides it per call.
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        float32 (the default) or float64.
+    generator : numpy.random.Generator or None
+        Draws the kaiming-normal weight (and the bias); None: normkit's default generator, which
+        ``normkit.manual_seed`` reseeds.
+
+    Raises
+    ------
+    ValueError
+        Bad sizes, groups, padding, convention or eps.
+    TypeError
+        A dtype other than float32 or float64.
+"""
+
+
 class _WSConvNd(_WSMixin, _ConvNd):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", convention="elektronn3", eps=None,
-                 dtype=None, device=None, rng=None):
-        rng = np.random.default_rng(rng)
+                 device=None, dtype=None, generator=None):
+        rng = nk_random.resolve(generator, type(self).__name__)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, device=None, dtype=dtype, rng=rng,
+                         groups, bias, device=None, dtype=dtype, generator=rng,
                          padding_mode=padding_mode)
         self._init_ws(convention, eps, self.out_channels, self.weight.dtype, rng)
         if device is not None and parse_device(device) != "cpu":
@@ -94,18 +129,56 @@ class _WSConvNd(_WSMixin, _ConvNd):
 
 
 class WSConv1d(_WSConvNd):
-    """Conv1d on the weight standardized per output channel (gain (C_out,), init 1)."""
+    __doc__ = """Conv1d on the weight standardized per output channel (gain (C_out,), init 1).
+""" + _CONV_PARAMETERS
     _dims = 1
 
 
 class WSConv2d(_WSConvNd):
-    """Conv2d on the weight standardized per output channel (gain (C_out,), init 1)."""
+    __doc__ = """Conv2d on the weight standardized per output channel (gain (C_out,), init 1).
+""" + _CONV_PARAMETERS
     _dims = 2
 
 
 class WSConv3d(_WSConvNd):
-    """Conv3d on the weight standardized per output channel (gain (C_out,), init 1)."""
+    __doc__ = """Conv3d on the weight standardized per output channel (gain (C_out,), init 1).
+""" + _CONV_PARAMETERS
     _dims = 3
+
+
+_TRANSPOSE_PARAMETERS = """
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        C_in and C_out.
+    kernel_size, stride, padding, output_padding, dilation : int or tuple of ints
+        As torch.nn.ConvTranspose*d's (output_padding < stride or dilation).
+    groups : int
+        Blocked connections, dividing both channel counts.
+    bias : bool
+        Whether the layer has a bias.
+    padding_mode : str
+        'zeros' (the default), 'reflect', 'replicate' or 'circular'.
+    convention : str
+        'elektronn3' (the default), 'nfnet' or 'timm' (see normkit.functional.wsconv).
+    eps : float or None
+        The standardization's eps, > 0; None: the convention's default (1e-4, 1e-4, 1e-6).
+        ``forward(x, eps=...)`` overrides it per call.
+    device : str or None
+        'cpu' (NumPy arrays, the default) or 'cuda[:N]' (CuPy arrays).
+    dtype : numpy dtype or None
+        float32 (the default) or float64.
+    generator : numpy.random.Generator or None
+        Draws the kaiming-normal weight (and the bias); None: normkit's default generator, which
+        ``normkit.manual_seed`` reseeds.
+
+    Raises
+    ------
+    ValueError
+        Bad sizes, groups, padding, convention or eps.
+    TypeError
+        A dtype other than float32 or float64.
+"""
 
 
 class _WSConvTransposeNd(_WSMixin, _SavesInput):
@@ -113,7 +186,7 @@ class _WSConvTransposeNd(_WSMixin, _SavesInput):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
-                 convention="elektronn3", eps=None, dtype=None, device=None, rng=None):
+                 convention="elektronn3", eps=None, device=None, dtype=None, generator=None):
         super().__init__()
         name = type(self).__name__
         for arg, value in (("in_channels", in_channels), ("out_channels", out_channels),
@@ -140,7 +213,7 @@ class _WSConvTransposeNd(_WSMixin, _SavesInput):
             raise ValueError(f"{name}: output_padding {self.output_padding} must be smaller than "
                              f"the stride {self.stride}")
         dtype = _float_dtype(name, dtype)
-        rng = np.random.default_rng(rng)
+        rng = nk_random.resolve(generator, name)
         shape = (self.in_channels, self.out_channels // self.groups) + self.kernel_size
         self.weight = Parameter(np.empty(shape, dtype))
         if bias:
@@ -193,14 +266,16 @@ class _WSConvTransposeNd(_WSMixin, _SavesInput):
 
 
 class WSConvTranspose2d(_WSConvTransposeNd):
-    """ConvTranspose2d on its weight (C_in, C_out / groups, kh, kw) standardized per input
-    channel (gain (C_in,)); output_size honoured."""
+    __doc__ = """ConvTranspose2d on its weight (C_in, C_out / groups, kh, kw) standardized per
+    input channel (gain (C_in,)); output_size honoured.
+""" + _TRANSPOSE_PARAMETERS
     _dims = 2
 
 
 class WSConvTranspose3d(_WSConvTransposeNd):
-    """ConvTranspose3d on its weight (C_in, C_out / groups, kd, kh, kw) standardized per input
-    channel (gain (C_in,)); output_size honoured."""
+    __doc__ = """ConvTranspose3d on its weight (C_in, C_out / groups, kd, kh, kw) standardized per
+    input channel (gain (C_in,)); output_size honoured.
+""" + _TRANSPOSE_PARAMETERS
     _dims = 3
 
 
@@ -208,7 +283,26 @@ class FWS(Module):
     """Wraps a normkit.nn Conv1d/2d/3d: standardizes its weight in place (elektronn3 convention,
     gain 1) before each forward (skipped in eval when ``const_eval``), then convolves with
     ``gain * weight``. Keys gain, fan_in, eps (buffers as upstream; gain a Parameter when
-    learnable), layer.*. The learnable gain receives its gradient (upstream's never does)."""
+    learnable), layer.*. The learnable gain receives its gradient (upstream's never does).
+
+    Parameters
+    ----------
+    layer : normkit.nn.Conv1d, Conv2d or Conv3d
+        The wrapped convolution (not a WSConv*d); its weight is standardized in place.
+    learnable_gain : bool
+        Whether the gain (C_out, init 1) is a Parameter (else a buffer).
+    const_eval : bool
+        Whether eval skips the standardization (the weight is already standardized).
+    eps : float
+        The standardization's eps, > 0.
+
+    Raises
+    ------
+    TypeError
+        ``layer`` is not a normkit.nn convolution.
+    ValueError
+        eps not > 0.
+    """
 
     def __init__(self, layer, learnable_gain=True, const_eval=False, eps=1e-4):
         super().__init__()

@@ -21,6 +21,24 @@ class AdaptiveFeatureNorm(nn.Module):
     ``mode="stepwise"`` (SAFN, tllib's): ``mean_i (||f_i|| - (||f_i||.detach() + delta))^2``; its
     value is delta^2 and its gradient -(2 delta / N) f_i / ||f_i|| (0 for a zero row): each step
     pushes every norm up by delta. ``mode="hard"`` (HAFN): ``(mean_i ||f_i|| - radius)^2``.
+
+    Parameters
+    ----------
+    delta : float
+        The step by which SAFN enlarges the norms.
+    radius : float or None
+        HAFN's target norm (keyword-only; required for mode="hard").
+    mode : str
+        "stepwise" (the default) or "hard" (keyword-only).
+
+    Shape
+    -----
+    (N, F) -> a scalar tensor.
+
+    Raises
+    ------
+    ValueError
+        An unknown mode, or mode="hard" without a radius.
     """
 
     def __init__(self, delta=1.0, *, radius=None, mode="stepwise"):
@@ -61,7 +79,30 @@ class Block(nn.Module):
     """AFN's basic block: fc -> bn -> ReLU -> dropout(p) -> (training) * sqrt(1 - p), so that kept
     units are scaled by 1 / sqrt(1 - p) and the expected squared L2 norm is preserved. Keys
     ``fc.*`` and ``bn.*`` as tllib's. ``dropout_p=0`` works (tllib's backward raises: an in-place
-    multiply of ReLU's saved output); the mask comes from ``generator``."""
+    multiply of ReLU's saved output); the mask comes from ``generator``.
+
+    Parameters
+    ----------
+    in_features : int
+        The size of each input row.
+    bottleneck_dim : int
+        The size of each output row.
+    dropout_p : float
+        Dropout's probability, in [0, 1).
+    generator : torch.Generator or None
+        Draws the dropout masks; None: torch's default generator.
+
+    Shape
+    -----
+    (N, in_features) -> (N, bottleneck_dim).
+
+    Raises
+    ------
+    ValueError
+        dropout_p outside [0, 1).
+    TypeError
+        A generator that is not a torch.Generator.
+    """
 
     def __init__(self, in_features, bottleneck_dim=1000, dropout_p=0.5, generator=None):
         super().__init__()
@@ -87,6 +128,28 @@ class ImageClassifier(nn.Module):
     Keys as tllib's (``backbone.*``, ``bottleneck.0.0.*``, ``bottleneck.1.*``, ``head.*``).
     Init: bottleneck BN weight N(1, 0.01), bias 0; every Linear of bottleneck and head weight and
     bias N(0, 0.01). Training returns ``(predictions, features)``, eval the predictions.
+
+    Parameters
+    ----------
+    backbone : torch.nn.Module
+        Returns (N, C, H, W) maps; has ``out_features`` (C).
+    num_classes : int
+        The head's outputs.
+    num_blocks : int
+        The bottleneck's Blocks, at least 1.
+    bottleneck_dim : int
+        The Blocks' width (the features' size).
+    dropout_p : float
+        The Blocks' dropout probability, in [0, 1).
+    finetune : bool
+        Whether ``get_parameters`` gives the backbone 0.1 * base_lr (else base_lr).
+    generator : torch.Generator or None
+        Draws the Blocks' dropout masks; None: torch's default generator.
+
+    Raises
+    ------
+    ValueError
+        num_blocks < 1, or a bad dropout_p.
     """
 
     def __init__(self, backbone, num_classes, num_blocks=1, bottleneck_dim=1000, dropout_p=0.5,

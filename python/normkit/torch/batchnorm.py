@@ -72,22 +72,53 @@ class _NormkitBatchNorm(_CountsBatches):
 
 
 class BatchNorm1d(_NormkitBatchNorm, torch.nn.BatchNorm1d):
-    """``torch.nn.BatchNorm1d`` over (N, C) or (N, C, L) inputs, run by normkit."""
+    """``torch.nn.BatchNorm1d`` over (N, C) or (N, C, L) inputs, run by normkit.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the channels of the input (a positive int; else a ValueError or TypeError naming it).
+    *args, **kwargs
+        Forwarded to ``torch.nn.BatchNorm1d``: eps=1e-5, momentum=0.1 (None: cumulative
+        average), affine=True, track_running_stats=True, device=None, dtype=None (float32, or
+        float64; float16/bfloat16 inputs take float32 parameters), keyword-only bias=True.
+    """
 
 
 class BatchNorm2d(_NormkitBatchNorm, torch.nn.BatchNorm2d):
-    """``torch.nn.BatchNorm2d`` over (N, C, H, W) inputs (NCHW or channels_last), run by normkit."""
+    """``torch.nn.BatchNorm2d`` over (N, C, H, W) inputs (NCHW or channels_last), run by normkit.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the channels of the input (a positive int; else a ValueError or TypeError naming it).
+    *args, **kwargs
+        Forwarded to ``torch.nn.BatchNorm2d``: eps=1e-5, momentum=0.1 (None: cumulative
+        average), affine=True, track_running_stats=True, device=None, dtype=None (float32, or
+        float64; float16/bfloat16 inputs take float32 parameters), keyword-only bias=True.
+    """
 
 
 class BatchNorm3d(_NormkitBatchNorm, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` over (N, C, D, H, W) inputs (NCDHW or channels_last_3d), run by
-    normkit."""
+    normkit.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the channels of the input (a positive int; else a ValueError or TypeError naming it).
+    *args, **kwargs
+        Forwarded to ``torch.nn.BatchNorm3d``: eps=1e-5, momentum=0.1 (None: cumulative
+        average), affine=True, track_running_stats=True, device=None, dtype=None (float32, or
+        float64; float16/bfloat16 inputs take float32 parameters), keyword-only bias=True.
+    """
 
 
 # help() shows the constructor's parameters: torch's own documentation of them, which holds here.
 for _layer in (BatchNorm1d, BatchNorm2d, BatchNorm3d):
     _upstream = getattr(torch.nn, _layer.__name__)
-    _layer.__doc__ = f"{_layer.__doc__}\n\n    torch's documentation:\n{_upstream.__doc__ or ''}"
+    _layer.__doc__ = (f"{_layer.__doc__}\n    Notes\n    -----\n    torch's documentation, which "
+                      f"holds here:\n\n    {_upstream.__doc__ or ''}")
 del _layer, _upstream
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]

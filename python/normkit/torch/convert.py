@@ -89,7 +89,25 @@ def to_torch(model):
     torch.nn.SyncBatchNorm, InstanceNorm*d -> torch.nn.InstanceNorm*d, GroupNorm ->
     torch.nn.GroupNorm; InstanceBatchNorm2d stays, with its children converted), parameters,
     buffers and train/eval mode carried. Raises ValueError naming the first layer without a torch
-    equivalent (e.g. Encoding, WSConv2d)."""
+    equivalent (e.g. Encoding, WSConv2d).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any model; normkit's layers in it are replaced in the copy.
+
+    Returns
+    -------
+    torch.nn.Module
+        The converted copy.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a torch.nn.Module.
+    ValueError
+        A normkit layer without a torch equivalent, named by its path in the model.
+    """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"to_torch: expected a torch.nn.Module, got {type(model).__name__}")
     return _convert(copy.deepcopy(model), "")

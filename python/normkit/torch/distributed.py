@@ -49,6 +49,24 @@ class TorchCommunicator:
     ``SyncTimeoutError``. ``abort_on_exception`` (default ``NORMKIT_SYNC_ABORT``, on): an
     uncaught exception aborts the process group and exits this process, so that the launcher
     (torchrun) ends the job.
+
+    Parameters
+    ----------
+    group : torch.distributed.ProcessGroup or None
+        The group; None: the default (whole world) group.
+    debug : bool or None
+        The layers' cross-rank consistency check; None: NORMKIT_SYNC_DEBUG.
+    timeout : float or None
+        Seconds each collective waits; None: NORMKIT_SYNC_TIMEOUT, else 300.
+    abort_on_exception : bool or None
+        Whether an uncaught exception aborts the group and exits; None: NORMKIT_SYNC_ABORT (on).
+
+    Raises
+    ------
+    RuntimeError
+        torch.distributed is not initialized.
+    TypeError, ValueError
+        A bad ``timeout`` (see ``normkit.distributed.sync_timeout``).
     """
 
     def __init__(self, group=None, debug=None, timeout=None, abort_on_exception=None):
@@ -79,7 +97,27 @@ class TorchCommunicator:
         return torch.device("cuda", torch.cuda.current_device())
 
     def allreduce_sum(self, array):
-        """Sums ``array`` (a contiguous torch tensor or NumPy array) over the group, in place."""
+        """Sums ``array`` (a contiguous torch tensor or NumPy array) over the group, in place.
+
+        Parameters
+        ----------
+        array : torch.Tensor or numpy.ndarray
+            Contiguous (and writable); every rank passes the same length and dtype.
+
+        Returns
+        -------
+        array
+            The same tensor or array, now holding the sum.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Neither a tensor nor an array; not contiguous (and writable).
+        SyncTimeoutError
+            Some rank did not join within the timeout (the communicator is unusable after it).
+        CollectiveError
+            The backend failed the collective, or an earlier one timed out or failed.
+        """
         if isinstance(array, np.ndarray):
             if not array.flags.c_contiguous or not array.flags.writeable:
                 raise ValueError("TorchCommunicator.allreduce_sum needs a contiguous, writable "
@@ -104,7 +142,25 @@ class TorchCommunicator:
         or NumPy array; leading sizes may differ, the other dims and the dtype must agree), as the
         same kind of array on its device. Two all-reduces within the timeout (of the leading
         sizes, then of a zero table each rank fills its rows of: adding zeros is exact) of small
-        arrays (per-instance statistics)."""
+        arrays (per-instance statistics).
+
+        Parameters
+        ----------
+        array : torch.Tensor or numpy.ndarray
+            This rank's rows.
+
+        Returns
+        -------
+        torch.Tensor or numpy.ndarray
+            Every rank's rows, rank 0's first.
+
+        Raises
+        ------
+        TypeError
+            Neither a tensor nor an array.
+        SyncTimeoutError, CollectiveError
+            As ``allreduce_sum``.
+        """
         if isinstance(array, torch.Tensor):
             host = array.detach().cpu()
         elif isinstance(array, np.ndarray):
@@ -149,7 +205,28 @@ class TorchCommunicator:
     def split(self, color, key=None):
         """The sub-communicator of the ranks that pass the same ``color``, ranked by ``key``
         (default: their rank here). Every rank of this group must call it; each color becomes a new
-        torch.distributed group, created by its own members only."""
+        torch.distributed group, created by its own members only. The colors are agreed by an
+        all-reduce within the timeout first, so a rank that never calls it is a
+        ``SyncTimeoutError`` on the others.
+
+        Parameters
+        ----------
+        color : int
+            Ranks passing the same color form one sub-communicator.
+        key : int or None
+            Orders the ranks in it (ties by rank); None: this rank.
+
+        Returns
+        -------
+        TorchCommunicator
+            Over the ranks of this rank's color, with this one's debug, timeout and abort
+            settings.
+
+        Raises
+        ------
+        SyncTimeoutError, CollectiveError
+            As ``allreduce_sum``.
+        """
         rank, size = self.rank, self.size
         table = torch.zeros(2, size, dtype=torch.float64, device=self._device())
         table[0, rank] = float(color)

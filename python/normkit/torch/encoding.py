@@ -225,7 +225,28 @@ def _scaled_l2_backward(dSL, X, C, s, D2, need_x, need_c):
 
 def scaled_l2(X, C, s):
     """``SL[b,i,k] = s[k] ||x[b,i] - c[k]||^2`` for X (B, N, D), C (K, D), s (K,): (B, N, K), with
-    gradients to all three."""
+    gradients to all three.
+
+    Parameters
+    ----------
+    X : torch.Tensor (B, N, D)
+        The features: float16, bfloat16, float32 or float64.
+    C : torch.Tensor (K, D)
+        The codewords (float32 for half-precision X, else X's dtype).
+    s : torch.Tensor (K,)
+        The smoothing factors, as C.
+
+    Returns
+    -------
+    torch.Tensor (B, N, K), X's dtype
+
+    Raises
+    ------
+    TypeError
+        Dtypes or devices that do not fit.
+    ValueError
+        Shapes that do not fit (naming which).
+    """
     dtype = _check_codebook("scaled_l2", X, C, s)
     return _ops.scaled_l2(X.to(dtype), C, s)[0].to(X.dtype)
 
@@ -236,7 +257,28 @@ def scaled_l2(X, C, s):
 
 def aggregate(A, X, C):
     """``E[b,k] = sum_i A[b,i,k] (x[b,i] - c[k])`` for A (B, N, K), X (B, N, D), C (K, D):
-    (B, K, D), as ``A^T X - (sum_i A) c``: matrix products, differentiated by autograd."""
+    (B, K, D), as ``A^T X - (sum_i A) c``: matrix products, differentiated by autograd.
+
+    Parameters
+    ----------
+    A : torch.Tensor (B, N, K)
+        The assignment weights.
+    X : torch.Tensor (B, N, D)
+        The features: float16, bfloat16, float32 or float64.
+    C : torch.Tensor (K, D)
+        The codewords.
+
+    Returns
+    -------
+    torch.Tensor (B, K, D), X's dtype
+
+    Raises
+    ------
+    TypeError
+        Dtypes or devices that do not fit.
+    ValueError
+        Shapes that do not fit (naming which).
+    """
     dtype = _check_aggregate("aggregate", A, X, C)
     Ac, Xc = A.to(dtype), X.to(dtype)
     E = torch.baddbmm(Ac.sum(1).unsqueeze(2) * C, Ac.mT, Xc, beta=-1)
@@ -291,7 +333,28 @@ def _encoding_backward(dE, X, C, s, A, D2, need_x, need_c):
 
 def encoding(X, C, s):
     """``E[b,k] = sum_i softmax_k(s[k] ||x[b,i] - c[k]||^2) (x[b,i] - c[k])`` for X (B, N, D),
-    C (K, D), s (K,): (B, K, D), with gradients to all three."""
+    C (K, D), s (K,): (B, K, D), with gradients to all three.
+
+    Parameters
+    ----------
+    X : torch.Tensor (B, N, D)
+        The features: float16, bfloat16, float32 or float64.
+    C : torch.Tensor (K, D)
+        The codewords (float32 for half-precision X, else X's dtype).
+    s : torch.Tensor (K,)
+        The smoothing factors, as C.
+
+    Returns
+    -------
+    torch.Tensor (B, K, D), X's dtype
+
+    Raises
+    ------
+    TypeError
+        Dtypes or devices that do not fit.
+    ValueError
+        Shapes that do not fit (naming which).
+    """
     dtype = _check_codebook("encoding", X, C, s)
     return _ops.encoding(X.to(dtype), C, s)[0].to(X.dtype)
 
@@ -353,6 +416,24 @@ class Encoding(_LoadsArrays, torch.nn.Module):
     ``codewords`` (K, D) start U(-1/sqrt(K*D), 1/sqrt(K*D)), ``scale`` (K,) U(-1, 0); float32 or
     float64 (float16/bfloat16 inputs run with float32 ones). NCHW and channels_last inputs are read
     without a copy. The state_dict is normkit.nn.Encoding's.
+
+    Parameters
+    ----------
+    D : int
+        The feature dimension (the input's channels).
+    K : int
+        The number of codewords.
+    device, dtype
+        torch's factory arguments of the parameters: float32 (the default) or float64.
+
+    Shape
+    -----
+    (B, D, H, W) or (B, D, N) -> (B, K, D).
+
+    Raises
+    ------
+    ValueError
+        D or K not a positive integer.
     """
 
     def __init__(self, D, K, device=None, dtype=None):
@@ -391,7 +472,17 @@ class Encoding(_LoadsArrays, torch.nn.Module):
 class GramMatrix(torch.nn.Module):
     """Gram matrix of (B, C, H, W) feature maps: ``G[b] = F F^T / (C H W)``, F = y.reshape(B, C,
     H*W); (B, C, C). Other (B, C, *spatial) shapes work alike; float16/bfloat16 maps are multiplied
-    in float32 and the result returned in their dtype."""
+    in float32 and the result returned in their dtype.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        Forwarded to ``torch.nn.Module`` (GramMatrix itself takes no arguments).
+
+    Shape
+    -----
+    (B, C, *spatial) -> (B, C, C).
+    """
 
     def forward(self, y):
         _check_tensor("GramMatrix", "input", y)
@@ -420,6 +511,24 @@ class Inspiration(_LoadsArrays, torch.nn.Module):
     the layer's) and moves with ``.to()`` (upstream keeps it outside both). As upstream, the layer
     keeps the tensor it is given (converted when its dtype or device differ from the layer's), so a
     target that requires grad receives gradients. The state_dict is normkit.nn.Inspiration's.
+
+    Parameters
+    ----------
+    C : int
+        The channels of the input.
+    B : int
+        The batch of the initial (zero) target.
+    device, dtype
+        torch's factory arguments of the parameters: float32 (the default) or float64.
+
+    Shape
+    -----
+    (B, C, *spatial) -> (B, C, *spatial).
+
+    Raises
+    ------
+    ValueError
+        C or B not a positive integer.
     """
 
     def __init__(self, C, B=1, device=None, dtype=None):
@@ -490,6 +599,26 @@ class UpsampleConv2d(_LoadsArrays, torch.nn.Module):
     (B, out_channels, s * H_conv, s * W_conv) with H_conv = floor((H + 2p - d (kh - 1) - 1) / stride
     + 1) (upstream's docstring formula is wrong; upstream also fails to construct). The state_dict
     is normkit.nn.UpsampleConv2d's.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        Of the input and of the upsampled output.
+    kernel_size, stride, padding, dilation : int or pair of ints
+        The convolution's.
+    groups : int
+        Dividing in_channels and out_channels * scale_factor^2.
+    scale_factor : int
+        s, the upsampling factor (positive).
+    bias : bool
+        Whether the convolution has a bias.
+    device, dtype
+        torch's factory arguments of the parameters: float32 (the default) or float64.
+
+    Raises
+    ------
+    ValueError
+        Non-positive sizes or scale_factor, channels not divisible by groups.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,

@@ -141,7 +141,35 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                momentum=0.1, eps=1e-5):
     """``torch.nn.functional.batch_norm`` run by normkit: per-channel batch norm of an (N, C, *)
     tensor. In training the batch statistics normalize and ``running_mean``/``running_var`` (if
-    given) are updated in place with ``momentum``; otherwise the running statistics normalize."""
+    given) are updated in place with ``momentum``; otherwise the running statistics normalize.
+
+    Parameters
+    ----------
+    input : torch.Tensor (N, C, *)
+        float16, bfloat16, float32 or float64; contiguous or channels_last.
+    running_mean, running_var : torch.Tensor (C,) or None
+        Updated in place in training; required in eval.
+    weight, bias : torch.Tensor (C,) or None
+        The affine parameters (float32 for half-precision input).
+    training : bool
+        Batch statistics (True) or the running ones.
+    momentum : float
+        Factor of the batch's statistics in the running ones.
+    eps : float
+        Added to the variance: positive in training, non-negative in eval (as torch).
+
+    Returns
+    -------
+    torch.Tensor like input
+
+    Raises
+    ------
+    ValueError
+        A bad eps; input of fewer than 2 dims; eval without running statistics; one value per
+        channel in training.
+    TypeError
+        Parameters or statistics of another dtype or device.
+    """
     check_eps(eps, training)
     if input.dim() < 2:
         raise ValueError(f"batch_norm: expected input of shape (N, C, ...), got {input.dim()}D "
@@ -176,13 +204,55 @@ def _check_given(op, input, gamma, beta, mean, std):
 
 def batchnormtrain(input, gamma, beta, mean, std):
     """``(input - mean) / std * gamma + beta`` per channel of an (N, C, *) tensor (PyTorch-Encoding
-    documents (N, C) and (N, C, L)); gradients reach input, gamma, beta, mean and std."""
+    documents (N, C) and (N, C, L)); gradients reach input, gamma, beta, mean and std.
+
+    Parameters
+    ----------
+    input : torch.Tensor (N, C, *)
+        float16, bfloat16, float32 or float64.
+    gamma, beta : torch.Tensor (C,)
+        The affine parameters (float32 for half-precision input).
+    mean, std : torch.Tensor (C,)
+        The statistics (std > 0).
+
+    Returns
+    -------
+    torch.Tensor like input
+
+    Raises
+    ------
+    TypeError
+        An argument that is not a tensor, or of another dtype or device.
+    ValueError
+        Input of fewer than 2 dims, or shapes that do not fit.
+    """
     _check_given("batchnormtrain", input, gamma, beta, mean, std)
     return _ops.batch_norm_normalize(input, mean, torch.reciprocal(std), gamma, beta)
 
 
 def batchnormeval(input, gamma, beta, mean, std):
-    """As ``batchnormtrain``, but ``mean`` and ``std`` are constants: no gradient reaches them."""
+    """As ``batchnormtrain``, but ``mean`` and ``std`` are constants: no gradient reaches them.
+
+    Parameters
+    ----------
+    input : torch.Tensor (N, C, *)
+        float16, bfloat16, float32 or float64.
+    gamma, beta : torch.Tensor (C,)
+        The affine parameters (float32 for half-precision input).
+    mean, std : torch.Tensor (C,)
+        The statistics (std > 0).
+
+    Returns
+    -------
+    torch.Tensor like input
+
+    Raises
+    ------
+    TypeError
+        An argument that is not a tensor, or of another dtype or device.
+    ValueError
+        Input of fewer than 2 dims, or shapes that do not fit.
+    """
     _check_given("batchnormeval", input, gamma, beta, mean, std)
     return _ops.batch_norm_normalize(input, mean.detach(), torch.reciprocal(std.detach()), gamma,
                                      beta)

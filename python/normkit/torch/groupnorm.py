@@ -138,7 +138,30 @@ def _run_running(x, weight, bias, running_mean, running_var, eps):
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """``torch.nn.functional.group_norm`` run by normkit: each sample of an (N, C, *) tensor
     normalized over groups of C / num_groups channels and every spatial dim, then a per-channel
-    ``weight`` and ``bias`` (either may be None)."""
+    ``weight`` and ``bias`` (either may be None).
+
+    Parameters
+    ----------
+    input : torch.Tensor (N, C, *)
+        float16, bfloat16, float32 or float64; contiguous or channels_last.
+    num_groups : int
+        G, dividing C.
+    weight, bias : torch.Tensor (C,) or None
+        The affine parameters (float32 for half-precision input).
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    torch.Tensor like input
+
+    Raises
+    ------
+    ValueError
+        G not a positive int dividing C; one value per group; parameters of another shape.
+    TypeError
+        Parameters of another dtype or device.
+    """
     _check_input("group_norm", input)
     C = input.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
@@ -161,7 +184,35 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     (N, C, *) tensor normalized over its spatial dims. With ``use_input_stats`` the input's own
     statistics normalize and ``running_mean``/``running_var`` (if given) are updated in place with
     the batch average of the per-instance mean and unbiased variance; otherwise the running
-    statistics normalize."""
+    statistics normalize.
+
+    Parameters
+    ----------
+    input : torch.Tensor (N, C, *)
+        float16, bfloat16, float32 or float64.
+    running_mean, running_var : torch.Tensor (C,) or None
+        Updated in place with ``use_input_stats``; required without it.
+    weight, bias : torch.Tensor (C,) or None
+        The affine parameters.
+    use_input_stats : bool
+        Per-instance statistics (True) or the running ones.
+    momentum : float
+        Factor of the batch's statistics in the running ones.
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    torch.Tensor like input
+
+    Raises
+    ------
+    ValueError
+        One spatial value with ``use_input_stats``; ``use_input_stats=False`` without running
+        statistics; statistics or parameters of another shape.
+    TypeError
+        Statistics or parameters of another dtype or device.
+    """
     _check_input("instance_norm", input)
     _check_running("running_mean", running_mean, input)
     _check_running("running_var", running_var, input)
@@ -184,7 +235,27 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
 
 class GroupNorm(torch.nn.GroupNorm):
     """``torch.nn.GroupNorm`` over (N, C, *) inputs, run by normkit (a subclass: same constructor,
-    ``bias=False`` included, parameters and state_dict)."""
+    ``bias=False`` included, parameters and state_dict).
+
+    Parameters
+    ----------
+    num_groups : int
+        G, dividing num_channels.
+    num_channels : int
+        C, the channels of the input.
+    eps : float
+        Added to the variance (default 1e-5).
+    affine : bool
+        Whether the layer has a per-channel weight (ones) and bias (zeros) (default True).
+    device, dtype
+        torch's factory arguments of the parameters (float32 by default).
+    bias : bool
+        Keyword-only: False with affine=True keeps the weight only.
+
+    Shape
+    -----
+    (N, C, *) -> (N, C, *), in the input's memory format.
+    """
 
     def forward(self, input):
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
@@ -221,17 +292,74 @@ class _NormkitInstanceNorm(_CountsBatches):
 
 class InstanceNorm1d(_NormkitInstanceNorm, torch.nn.InstanceNorm1d):
     """``torch.nn.InstanceNorm1d`` over (N, C, L) or unbatched (C, L) inputs, run by normkit
-    (running statistics as in ``_NormkitInstanceNorm``)."""
+    (running statistics as in ``_NormkitInstanceNorm``).
+
+    Parameters
+    ----------
+    num_features : int
+        C, the channels of the input.
+    eps : float
+        Added to the variance (default 1e-5).
+    momentum : float or None
+        Factor of each batch's statistics in the running ones (default 0.1); None: their
+        cumulative average.
+    affine : bool
+        Whether the layer has a per-channel weight and bias (default False).
+    track_running_stats : bool
+        Whether the layer keeps running statistics, used in eval (default False).
+    device, dtype
+        torch's factory arguments of the parameters and buffers.
+    bias : bool
+        Keyword-only: False with affine=True keeps the weight only.
+    """
 
 
 class InstanceNorm2d(_NormkitInstanceNorm, torch.nn.InstanceNorm2d):
     """``torch.nn.InstanceNorm2d`` over (N, C, H, W) (NCHW or channels_last) or unbatched
-    (C, H, W) inputs, run by normkit (running statistics as in ``_NormkitInstanceNorm``)."""
+    (C, H, W) inputs, run by normkit (running statistics as in ``_NormkitInstanceNorm``).
+
+    Parameters
+    ----------
+    num_features : int
+        C, the channels of the input.
+    eps : float
+        Added to the variance (default 1e-5).
+    momentum : float or None
+        Factor of each batch's statistics in the running ones (default 0.1); None: their
+        cumulative average.
+    affine : bool
+        Whether the layer has a per-channel weight and bias (default False).
+    track_running_stats : bool
+        Whether the layer keeps running statistics, used in eval (default False).
+    device, dtype
+        torch's factory arguments of the parameters and buffers.
+    bias : bool
+        Keyword-only: False with affine=True keeps the weight only.
+    """
 
 
 class InstanceNorm3d(_NormkitInstanceNorm, torch.nn.InstanceNorm3d):
     """``torch.nn.InstanceNorm3d`` over (N, C, D, H, W) (NCDHW or channels_last_3d) or unbatched
-    (C, D, H, W) inputs, run by normkit (running statistics as in ``_NormkitInstanceNorm``)."""
+    (C, D, H, W) inputs, run by normkit (running statistics as in ``_NormkitInstanceNorm``).
+
+    Parameters
+    ----------
+    num_features : int
+        C, the channels of the input.
+    eps : float
+        Added to the variance (default 1e-5).
+    momentum : float or None
+        Factor of each batch's statistics in the running ones (default 0.1); None: their
+        cumulative average.
+    affine : bool
+        Whether the layer has a per-channel weight and bias (default False).
+    track_running_stats : bool
+        Whether the layer keeps running statistics, used in eval (default False).
+    device, dtype
+        torch's factory arguments of the parameters and buffers.
+    bias : bool
+        Keyword-only: False with affine=True keeps the weight only.
+    """
 
 
 class InstanceBatchNorm2d(torch.nn.Module):
@@ -243,7 +371,24 @@ class InstanceBatchNorm2d(torch.nn.Module):
     ``torch.split(x, half)`` and fails when ``planes - half > half``, any planes and ratio in
     [0, 1] work; ``half = 0`` (or ``half = planes``) leaves ``IN`` (or ``BN``) None. As upstream,
     the attribute ``half`` hides ``Module.half()`` on this module (a parent's ``.half()`` works).
-    ``convert_sync_batchnorm`` converts the BN half."""
+    ``convert_sync_batchnorm`` converts the BN half.
+
+    Parameters
+    ----------
+    planes : int
+        C, the channels of the input.
+    ratio : float
+        The share of channels instance-normalized, in [0, 1].
+
+    Shape
+    -----
+    (N, planes, H, W) -> (N, planes, H, W).
+
+    Raises
+    ------
+    ValueError
+        planes not a positive int, or ratio outside [0, 1].
+    """
 
     def __init__(self, planes, ratio=0.5):
         super().__init__()

@@ -18,7 +18,20 @@ from .stochnorm import _check_generator
 
 def instance_moments(x, eps=1e-6):
     """(mu, sig), each (B, C) in the statistics dtype: the per-(instance, channel) mean over every
-    dim >= 2 and sqrt(unbiased var + eps) (var 0 for a spatial size of 1). Constants (no grad)."""
+    dim >= 2 and sqrt(unbiased var + eps) (var 0 for a spatial size of 1). Constants (no grad).
+
+    Parameters
+    ----------
+    x : torch.Tensor (B, C, *)
+        float16, bfloat16, float32 or float64; any layout.
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    mu, sig : torch.Tensor (B, C)
+        float32 for half-precision input, else x's dtype.
+    """
     B, C = x.shape[:2]
     pd = param_dtype(x.dtype)
     mu = torch.empty(B, C, dtype=pd, device=x.device)
@@ -80,7 +93,30 @@ def _coefficients(mu, sig, mu_all, sig_all, offset, perm, lam):
 def mixstyle(x, perm, lam, eps=1e-6, comm=None):
     """MixStyle of ``x`` (B, C, *) for given draws: ``perm`` (a permutation of the global batch:
     all ranks of ``comm`` in rank order, else this batch) and ``lam`` (one weight per instance of
-    it). Differentiable in x (dx = dy * sig_mix / sig)."""
+    it). Differentiable in x (dx = dy * sig_mix / sig).
+
+    Parameters
+    ----------
+    x : torch.Tensor (B, C, *)
+        At least one spatial dim.
+    perm : torch.Tensor or sequence of int (B_global,)
+        Each instance's partner.
+    lam : torch.Tensor or sequence of float (B_global,)
+        Each instance's weight of its own statistics.
+    eps : float
+        Added to the variance.
+    comm : communicator or None
+        The global batch is all its ranks' (one all-gather); None: this batch.
+
+    Returns
+    -------
+    torch.Tensor like x
+
+    Raises
+    ------
+    ValueError
+        x of fewer than 3 dims; perm or lam of another length than the global batch.
+    """
     if x.dim() < 3:
         raise ValueError(f"mixstyle: expected input of shape (B, C, *spatial), got {x.dim()}D "
                          f"input")
@@ -121,6 +157,34 @@ class MixStyle(MixStyleControls, torch.nn.Module):
     batches in rank order: one all-gather of the per-instance (mu, sig) forward, none backward,
     and every rank must draw alike (a generator seeded alike, or torch's default seeded alike).
     tllib's MixStyle has no ``mix`` and always mixes cross-domain; Dassl's default is "random".
+
+    Parameters
+    ----------
+    p : float
+        The probability of mixing in a training call, in [0, 1].
+    alpha : float
+        The Beta(alpha, alpha) parameter of lam, > 0.
+    eps : float
+        Added to the variance, > 0.
+    mix : str
+        "random" (the default) or "crossdomain".
+    generator : torch.Generator or None
+        Draws the gate, lam and perm; None: torch's default generator.
+    process_group : torch.distributed.ProcessGroup or None
+        Mixes over all ranks of this group; not together with ``comm``.
+    comm : communicator or None
+        Mixes over all ranks of this normkit communicator instead.
+
+    Shape
+    -----
+    (B, C, *) -> (B, C, *), in the input's memory format.
+
+    Raises
+    ------
+    ValueError
+        p, alpha, eps or mix out of range; both process_group and comm.
+    TypeError
+        A generator that is not a torch.Generator; a comm that is not a communicator.
     """
 
     def __init__(self, p=0.5, alpha=0.1, eps=1e-6, mix="random", generator=None,

@@ -33,7 +33,23 @@ def _check_generator(generator, who):
 
 def draw_channels(C, p, generator, device):
     """s: C Bernoulli(p) draws as a bool tensor on ``device``, from ``generator`` (torch's default
-    generator when None). Drawn where the generator lives, so a CPU generator serves CUDA layers."""
+    generator when None). Drawn where the generator lives, so a CPU generator serves CUDA layers.
+
+    Parameters
+    ----------
+    C : int
+        The number of channels.
+    p : float
+        The probability of True, in [0, 1].
+    generator : torch.Generator or None
+        Draws s; None: torch's default generator (on the CPU).
+    device : torch.device or str
+        Where s is returned.
+
+    Returns
+    -------
+    torch.Tensor (C,) bool
+    """
     where = generator.device if generator is not None else "cpu"
     return (torch.rand(C, generator=generator, device=where) < p).to(device)
 
@@ -111,7 +127,37 @@ def stoch_norm(input, running_mean, running_var, weight, bias, s, momentum=0.1, 
     """Training StochNorm of ``input`` (N, C, *) for a given channel draw ``s`` (a bool tensor of
     shape (C,)): channels with s True are normalized with the batch statistics (of all ranks of
     ``comm`` when given), the others with ``running_mean``/``running_var`` as they are on entry;
-    then the running statistics are updated in place with the batch ones and ``momentum``."""
+    then the running statistics are updated in place with the batch ones and ``momentum``.
+
+    Parameters
+    ----------
+    input : torch.Tensor (N, C, *)
+        float16, bfloat16, float32 or float64.
+    running_mean, running_var : torch.Tensor (C,)
+        Required (the s = 0 channels normalize with them); updated in place.
+    weight, bias : torch.Tensor (C,) or None
+        The affine parameters.
+    s : torch.Tensor (C,) bool
+        The channel draw (see ``draw_channels``).
+    momentum : float
+        Factor of the batch's statistics in the running ones.
+    eps : float
+        Added to the variance.
+    comm : communicator or None
+        Batch statistics over all ranks of this normkit communicator; None: local.
+
+    Returns
+    -------
+    torch.Tensor like input
+
+    Raises
+    ------
+    ValueError
+        Input of fewer than 2 dims; missing running statistics; an s of the wrong dtype or shape;
+        one value per channel.
+    TypeError
+        Statistics of another dtype or device.
+    """
     if input.dim() < 2:
         raise ValueError(f"stoch_norm: expected input of shape (N, C, ...), got {input.dim()}D "
                          f"input")
@@ -127,6 +173,42 @@ def stoch_norm(input, running_mean, running_var, weight, bias, s, momentum=0.1, 
     s = s.to(input.device)
     return _StochNorm.apply(input, weight, bias, running_mean, running_var, s, eps, momentum,
                             comm, "stoch_norm")
+
+
+_PARAMETERS = """
+    Parameters
+    ----------
+    num_features : int
+        C, the channels of the input.
+    eps : float
+        Added to the variance (default 1e-5).
+    momentum : float or None
+        Factor of each batch's statistics in the running ones (default 0.1); None: their
+        cumulative average.
+    affine : bool
+        Whether the layer has a per-channel weight (U(0, 1)) and bias (0) (default True).
+    track_running_stats : bool
+        Whether the layer keeps running statistics (default True; False: plain batch norm).
+    p : float
+        The probability that a channel uses the batch statistics, in [0, 1] (default 0.5).
+    generator : torch.Generator or None
+        Draws s and the initial weight; None: torch's default generator.
+    process_group : torch.distributed.ProcessGroup or None
+        Synchronizes the batch statistics over this group; not together with ``comm``.
+    comm : communicator or None
+        Synchronizes over this normkit communicator instead.
+    device, dtype
+        torch's factory arguments of the parameters and buffers.
+    bias : bool
+        Keyword-only: False with affine=True gives a weight and no bias.
+
+    Raises
+    ------
+    ValueError
+        p outside [0, 1]; both process_group and comm; a bad num_features.
+    TypeError
+        A generator that is not a torch.Generator; a comm that is not a communicator.
+"""
 
 
 class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
@@ -226,18 +308,25 @@ class _StochNormBase(_NormkitBatchNorm, torch.nn.modules.batchnorm._NormBase):
 
 
 class StochNorm1d(_StochNormBase):
-    """tllib's ``StochNorm1d`` over (N, C) or (N, C, L) inputs, run by normkit."""
+    __doc__ = """tllib's ``StochNorm1d`` over (N, C) or (N, C, L) inputs, run by normkit.
+
+    """ + _StochNormBase.__doc__ + _PARAMETERS
     _expected_ndim = (2, 3)
 
 
 class StochNorm2d(_StochNormBase):
-    """tllib's ``StochNorm2d`` over (N, C, H, W) inputs (NCHW or channels_last), run by normkit."""
+    __doc__ = """tllib's ``StochNorm2d`` over (N, C, H, W) inputs (NCHW or channels_last), run by
+    normkit.
+
+    """ + _StochNormBase.__doc__ + _PARAMETERS
     _expected_ndim = (4,)
 
 
 class StochNorm3d(_StochNormBase):
-    """tllib's ``StochNorm3d`` over (N, C, D, H, W) inputs, run by normkit (tllib's cannot
-    train)."""
+    __doc__ = """tllib's ``StochNorm3d`` over (N, C, D, H, W) inputs, run by normkit (tllib's cannot
+    train).
+
+    """ + _StochNormBase.__doc__ + _PARAMETERS
     _expected_ndim = (5,)
 
 
@@ -254,7 +343,30 @@ def convert_stochnorm(module, p=0.5, generator=None, process_group=None, comm=No
     a StochNorm1d/2d/3d holding COPIES of its weight, bias, running statistics and
     num_batches_tracked, with the same eps, momentum, affine, track_running_stats, device, dtype
     and train/eval mode, and the given ``p`` (0 and 1 included). Returns the converted module (a
-    new one when ``module`` itself is a batch norm)."""
+    new one when ``module`` itself is a batch norm).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Converted in place (its children replaced).
+    p : float
+        The StochNorms' probability, in [0, 1].
+    generator : torch.Generator or None
+        Shared by every StochNorm made; None: torch's default generator.
+    process_group : torch.distributed.ProcessGroup or None
+        The StochNorms' group.
+    comm : communicator or None
+        The StochNorms' normkit communicator instead.
+
+    Returns
+    -------
+    torch.nn.Module
+
+    Raises
+    ------
+    ValueError
+        p outside [0, 1].
+    """
     _check_p(p, "convert_stochnorm")
     kind = _stoch_kind(module)
     if kind is not None:

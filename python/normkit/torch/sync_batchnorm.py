@@ -169,7 +169,37 @@ def sync_batch_norm(input, weight, bias, running_mean, running_var, eps, momentu
     ``shift`` (optional): a float64 tensor of C values, equal on every rank, that the sums are
     taken about; it is overwritten with this batch's global mean, the next call's shift (the
     module keeps one). Without it, data with |mean| >> std takes a second all-reduce to stay
-    exact."""
+    exact.
+
+    Parameters
+    ----------
+    input : torch.Tensor (N, C, *)
+        This rank's batch (N may be 0).
+    weight, bias : torch.Tensor (C,) or None
+        The affine parameters.
+    running_mean, running_var : torch.Tensor (C,) or None
+        Updated in place with the global statistics.
+    eps : float
+        Added to the variance, positive.
+    momentum : float
+        Factor of the batch's statistics in the running ones.
+    comm : communicator
+        A normkit communicator (``normkit.distributed``, or a ``TorchCommunicator``).
+    shift : torch.Tensor (C,) float64, or None
+        See above.
+
+    Returns
+    -------
+    torch.Tensor like input
+
+    Raises
+    ------
+    ValueError
+        Input of fewer than 2 dims, a bad eps or shift, one value per channel over all ranks.
+    RuntimeError
+        A collective that timed out or failed (``normkit.distributed.SyncTimeoutError`` and
+        ``CollectiveError``), or ranks whose calls differ.
+    """
     if input.dim() < 2:
         raise ValueError(f"sync_batch_norm: expected input of shape (N, C, ...), got "
                          f"{input.dim()}D input")
@@ -210,6 +240,35 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
 
     ``copy.deepcopy`` shares the communicator (it is a connection, not state); pickling
     (``torch.save`` of the module) leaves it out, and a loaded layer uses the default group.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the channels of the (N, C, *) input.
+    eps : float
+        Added to the variance, positive (default 1e-5).
+    momentum : float or None
+        Factor of each batch's statistics in the running ones (default 0.1); None: their
+        cumulative average.
+    affine : bool
+        Whether the layer has a per-channel weight and bias (default True).
+    track_running_stats : bool
+        Whether the layer keeps running statistics (default True).
+    process_group : torch.distributed.ProcessGroup or None
+        The group to synchronize over (as torch's); not together with ``comm``.
+    comm : communicator or None
+        A normkit communicator to synchronize over instead.
+    device, dtype
+        torch's factory arguments of the parameters and buffers.
+    bias : bool
+        Keyword-only: False with affine=True gives a weight and no bias.
+
+    Raises
+    ------
+    ValueError
+        Both process_group and comm; a bad num_features.
+    TypeError
+        A comm that is not a communicator.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
@@ -306,7 +365,21 @@ def convert_sync_batchnorm(module, process_group=None, comm=None):
     """Replaces every ``torch.nn.BatchNorm*d`` / ``torch.nn.SyncBatchNorm`` (and normkit's
     BatchNorm*d) in ``module``'s tree by a normkit ``SyncBatchNorm`` over ``process_group`` or
     ``comm``, keeping its parameters and buffers (the same tensors) and train/eval mode. Returns the
-    converted module (a new one when ``module`` itself is a batch norm)."""
+    converted module (a new one when ``module`` itself is a batch norm).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Converted in place (its children replaced).
+    process_group : torch.distributed.ProcessGroup or None
+        The SyncBatchNorms' group.
+    comm : communicator or None
+        The SyncBatchNorms' normkit communicator instead.
+
+    Returns
+    -------
+    torch.nn.Module
+    """
     out = module
     if (isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
             and not isinstance(module, SyncBatchNorm)):

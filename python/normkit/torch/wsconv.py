@@ -31,7 +31,28 @@ _DEFAULT_EPS = {"elektronn3": 1e-4, "nfnet": 1e-4, "timm": 1e-6}
 
 def ws_standardize(weight, gain=None, eps=1e-4, convention="elektronn3"):
     """``(weight - mean) * gain * rstd`` per channel of dim 0 (see the module docstring), with
-    autograd through mean, var and gain. gain (weight.shape[0],) or None (1)."""
+    autograd through mean, var and gain. gain (weight.shape[0],) or None (1).
+
+    Parameters
+    ----------
+    weight : torch.Tensor (C0, *)
+        float16, bfloat16, float32 or float64.
+    gain : torch.Tensor (C0,) or None
+        Per-channel gain (cast to float32 for half-precision weights); None: 1.
+    eps : float
+        The floor of the variance term (its meaning per convention).
+    convention : str
+        'elektronn3' (the default), 'nfnet' or 'timm'.
+
+    Returns
+    -------
+    torch.Tensor like weight
+
+    Raises
+    ------
+    ValueError
+        An unknown convention.
+    """
     cid = convention_id(convention)
     if gain is not None and gain.dtype != param_dtype(weight.dtype):
         gain = gain.to(param_dtype(weight.dtype))
@@ -63,6 +84,60 @@ class _WSConvMixin:
                                        if self.convention != "elektronn3" else "")
 
 
+_CONV_PARAMETERS = """
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        C_in and C_out.
+    kernel_size, stride, padding, dilation : int, tuple of ints (padding also a str)
+        As torch.nn.Conv*d's.
+    groups : int
+        Blocked connections, dividing both channel counts.
+    bias : bool
+        Whether the layer has a bias.
+    padding_mode : str
+        'zeros' (the default), 'reflect', 'replicate' or 'circular'.
+    convention : str
+        'elektronn3' (the default), 'nfnet' or 'timm'.
+    eps : float or None
+        The standardization's eps, > 0; None: the convention's default (1e-4, 1e-4, 1e-6).
+    device, dtype
+        torch's factory arguments of the parameters.
+
+    Raises
+    ------
+    ValueError
+        An unknown convention, eps not > 0, or what torch's constructor refuses.
+"""
+_TRANSPOSE_PARAMETERS = """
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        C_in and C_out.
+    kernel_size, stride, padding, output_padding, dilation : int or tuple of ints
+        As torch.nn.ConvTranspose*d's.
+    groups : int
+        Blocked connections, dividing both channel counts.
+    bias : bool
+        Whether the layer has a bias.
+    padding_mode : str
+        'zeros' (the default), 'reflect', 'replicate' or 'circular'.
+    convention : str
+        'elektronn3' (the default), 'nfnet' or 'timm'.
+    eps : float or None
+        The standardization's eps, > 0; None: the convention's default (1e-4, 1e-4, 1e-6).
+    device, dtype
+        torch's factory arguments of the parameters.
+
+    Raises
+    ------
+    ValueError
+        An unknown convention, eps not > 0, or what torch's constructor refuses.
+"""
+
+
 def _conv_class(base, dims):
     class WSConv(_WSConvMixin, base):
         def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
@@ -79,7 +154,8 @@ def _conv_class(base, dims):
     WSConv.__name__ = WSConv.__qualname__ = f"WSConv{dims}d"
     WSConv.__doc__ = (f"torch.nn.Conv{dims}d on the weight standardized per output channel "
                       f"(``gain`` (C_out,), init 1; weight kaiming normal). forward(input, "
-                      f"eps=None): eps defaults to the layer's (1e-4; 1e-6 for 'timm').")
+                      f"eps=None): eps defaults to the layer's (1e-4; 1e-6 for 'timm')."
+                      + _CONV_PARAMETERS)
     return WSConv
 
 
@@ -106,7 +182,7 @@ def _transpose_class(base, dims):
     WSConvTranspose.__doc__ = (
         f"torch.nn.ConvTranspose{dims}d on its weight (C_in, C_out / groups, *k) standardized "
         f"per input channel (``gain`` (C_in,)); output_size honoured (elektronn3 convolves the "
-        f"raw weight or calls conv_transpose2d on 5-D input).")
+        f"raw weight or calls conv_transpose2d on 5-D input)." + _TRANSPOSE_PARAMETERS)
     return WSConvTranspose
 
 
@@ -122,7 +198,26 @@ class FWS(nn.Module):
     convention, gain 1) before each forward (skipped in eval when ``const_eval``); the forward
     then runs the layer with ``gain * weight``. Keys: gain, fan_in, eps (buffers, as upstream;
     gain a Parameter when learnable), layer.*. Unlike upstream, which bakes the gain into the
-    stored weight under no_grad, the learnable gain here receives its gradient."""
+    stored weight under no_grad, the learnable gain here receives its gradient.
+
+    Parameters
+    ----------
+    layer : torch.nn.Module
+        Any layer with a ``weight`` tensor (C, ...), standardized in place.
+    learnable_gain : bool
+        Whether the gain (C,, init 1) is a Parameter (else a buffer).
+    const_eval : bool
+        Whether eval skips the standardization.
+    eps : float
+        The standardization's eps, > 0.
+
+    Raises
+    ------
+    TypeError
+        ``layer`` has no weight tensor.
+    ValueError
+        eps not > 0.
+    """
 
     def __init__(self, layer, learnable_gain=True, const_eval=False, eps=1e-4):
         super().__init__()

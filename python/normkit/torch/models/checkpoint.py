@@ -18,7 +18,28 @@ def resolve_pretrained(pretrained, release, who):
     """The local path of ``pretrained`` (str or os.PathLike), or None for None/False.
 
     ``pretrained=True`` is the upstream spelling of "download the release": a ValueError naming
-    ``release`` (the file and where to fetch it), since normkit never goes to the network."""
+    ``release`` (the file and where to fetch it), since normkit never goes to the network.
+
+    Parameters
+    ----------
+    pretrained : str, os.PathLike, bool or None
+        A model builder's ``pretrained=``.
+    release : str
+        The released file's URL, for the message.
+    who : str
+        The builder, for the message.
+
+    Returns
+    -------
+    str, os.PathLike or None
+
+    Raises
+    ------
+    ValueError
+        ``pretrained=True`` (a download).
+    TypeError
+        Anything else that is not a path.
+    """
     if pretrained is None or pretrained is False:
         return None
     if pretrained is True:
@@ -34,7 +55,25 @@ def resolve_pretrained(pretrained, release, who):
 
 def read_checkpoint(path):
     """The state dict in the file at ``path``: tensors only (``weights_only=True``: a file
-    cannot run code), unwrapped and without the ``module.`` prefix (see ``state_dict_of``)."""
+    cannot run code), unwrapped and without the ``module.`` prefix (see ``state_dict_of``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A local checkpoint file.
+
+    Returns
+    -------
+    dict
+        Names to tensors.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        The file holds more than tensors and plain values, or no state dict.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file {os.fspath(path)!r} does not exist")
     try:
@@ -49,7 +88,24 @@ def read_checkpoint(path):
 
 def state_dict_of(obj, where="the checkpoint"):
     """A released checkpoint's state dict: ``obj`` itself or ``obj["state_dict"]``, with a
-    ``module.`` prefix (``torch.nn.DataParallel``'s) removed when every key has it."""
+    ``module.`` prefix (``torch.nn.DataParallel``'s) removed when every key has it.
+
+    Parameters
+    ----------
+    obj : Mapping
+        A state dict, or a training checkpoint holding one under "state_dict".
+    where : str
+        What ``obj`` came from, for the message.
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ValueError
+        ``obj`` is not a mapping of string keys.
+    """
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
@@ -82,7 +138,29 @@ def load_checkpoint(model, checkpoint, who=None):
     ``model``. A file's ``fc.*`` is dropped when ``model`` has no ``fc`` (a backbone).
 
     Missing keys, unexpected keys and shape mismatches are one ValueError listing them, raised
-    before anything is copied (the model is left as it was)."""
+    before anything is copied (the model is left as it was).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Loaded in place.
+    checkpoint : str, os.PathLike or Mapping
+        A local file, a state dict, or a ``{"state_dict": ...}`` checkpoint.
+    who : str or None
+        The model's name in messages; None: its class name.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model``.
+
+    Raises
+    ------
+    ValueError
+        Keys or shapes that do not fit, a file that is not a plain checkpoint.
+    FileNotFoundError
+        A path that does not exist.
+    """
     who = who or type(model).__name__
     if isinstance(checkpoint, (str, os.PathLike)):
         where = f"checkpoint {os.fspath(checkpoint)!r}"

@@ -34,6 +34,24 @@ class IBNNet(ResNetTrunk):
     given: global average pooling, then ``fc``, and forward returns the logits. IBN-Net pools with
     AvgPool2d(7), which works only for 193-416 px inputs; this pools over any size, and equals it
     on IBN-Net's 224 px.
+
+    Parameters
+    ----------
+    block : BasicBlock or Bottleneck
+        The residual block class.
+    layers : sequence of 4 int
+        The blocks per stage (positive).
+    ibn_cfg : sequence of 4 (None, "a" or "b")
+        Each stage's block kind.
+    num_classes : int or None
+        The classifier's outputs; None: a backbone without pooling and fc.
+
+    Raises
+    ------
+    TypeError
+        Another block class.
+    ValueError
+        Bad layers, ibn_cfg or num_classes.
     """
 
     def __init__(self, block, layers, ibn_cfg=("a", "a", "a", None), num_classes=None):
@@ -70,42 +88,162 @@ def _ibnnet(depth, kind, pretrained, num_classes, **kwargs):
 
 
 def resnet18_ibn_a(pretrained=None, num_classes=None, **kwargs):
-    """ResNet-18-IBN-a; ``pretrained``: the local path of ``resnet18_ibn_a-2f571257.pth``."""
+    """ResNet-18-IBN-a; ``pretrained``: the local path of ``resnet18_ibn_a-2f571257.pth``.
+
+    Parameters
+    ----------
+    pretrained : str, os.PathLike or None
+        The local path of the released checkpoint (its ``fc`` is dropped when num_classes is
+        None); None: random init. True (a download) is a ValueError: normkit never downloads.
+    num_classes : int or None
+        The classifier's outputs (1000 for the released files); None: a backbone.
+    **kwargs
+        Forwarded to ``IBNNet`` (which takes no others: any is a TypeError).
+
+    Returns
+    -------
+    IBNNet
+    """
     return _ibnnet(18, "a", pretrained, num_classes, **kwargs)
 
 
 def resnet34_ibn_a(pretrained=None, num_classes=None, **kwargs):
-    """ResNet-34-IBN-a; ``pretrained``: the local path of ``resnet34_ibn_a-94bc1577.pth``."""
+    """ResNet-34-IBN-a; ``pretrained``: the local path of ``resnet34_ibn_a-94bc1577.pth``.
+
+    Parameters
+    ----------
+    pretrained : str, os.PathLike or None
+        The local path of the released checkpoint (its ``fc`` is dropped when num_classes is
+        None); None: random init. True (a download) is a ValueError: normkit never downloads.
+    num_classes : int or None
+        The classifier's outputs (1000 for the released files); None: a backbone.
+    **kwargs
+        Forwarded to ``IBNNet`` (which takes no others: any is a TypeError).
+
+    Returns
+    -------
+    IBNNet
+    """
     return _ibnnet(34, "a", pretrained, num_classes, **kwargs)
 
 
 def resnet50_ibn_a(pretrained=None, num_classes=None, **kwargs):
-    """ResNet-50-IBN-a; ``pretrained``: the local path of ``resnet50_ibn_a-d9d0bb7b.pth``."""
+    """ResNet-50-IBN-a; ``pretrained``: the local path of ``resnet50_ibn_a-d9d0bb7b.pth``.
+
+    Parameters
+    ----------
+    pretrained : str, os.PathLike or None
+        The local path of the released checkpoint (its ``fc`` is dropped when num_classes is
+        None); None: random init. True (a download) is a ValueError: normkit never downloads.
+    num_classes : int or None
+        The classifier's outputs (1000 for the released files); None: a backbone.
+    **kwargs
+        Forwarded to ``IBNNet`` (which takes no others: any is a TypeError).
+
+    Returns
+    -------
+    IBNNet
+    """
     return _ibnnet(50, "a", pretrained, num_classes, **kwargs)
 
 
 def resnet101_ibn_a(pretrained=None, num_classes=None, **kwargs):
-    """ResNet-101-IBN-a; ``pretrained``: the local path of ``resnet101_ibn_a-59ea0ac6.pth``."""
+    """ResNet-101-IBN-a; ``pretrained``: the local path of ``resnet101_ibn_a-59ea0ac6.pth``.
+
+    Parameters
+    ----------
+    pretrained : str, os.PathLike or None
+        The local path of the released checkpoint (its ``fc`` is dropped when num_classes is
+        None); None: random init. True (a download) is a ValueError: normkit never downloads.
+    num_classes : int or None
+        The classifier's outputs (1000 for the released files); None: a backbone.
+    **kwargs
+        Forwarded to ``IBNNet`` (which takes no others: any is a TypeError).
+
+    Returns
+    -------
+    IBNNet
+    """
     return _ibnnet(101, "a", pretrained, num_classes, **kwargs)
 
 
 def resnet18_ibn_b(pretrained=None, num_classes=None, **kwargs):
-    """ResNet-18-IBN-b; ``pretrained``: the local path of ``resnet18_ibn_b-bc2f3c11.pth``."""
+    """ResNet-18-IBN-b; ``pretrained``: the local path of ``resnet18_ibn_b-bc2f3c11.pth``.
+
+    Parameters
+    ----------
+    pretrained : str, os.PathLike or None
+        The local path of the released checkpoint (its ``fc`` is dropped when num_classes is
+        None); None: random init. True (a download) is a ValueError: normkit never downloads.
+    num_classes : int or None
+        The classifier's outputs (1000 for the released files); None: a backbone.
+    **kwargs
+        Forwarded to ``IBNNet`` (which takes no others: any is a TypeError).
+
+    Returns
+    -------
+    IBNNet
+    """
     return _ibnnet(18, "b", pretrained, num_classes, **kwargs)
 
 
 def resnet34_ibn_b(pretrained=None, num_classes=None, **kwargs):
-    """ResNet-34-IBN-b; ``pretrained``: the local path of ``resnet34_ibn_b-04134c37.pth``."""
+    """ResNet-34-IBN-b; ``pretrained``: the local path of ``resnet34_ibn_b-04134c37.pth``.
+
+    Parameters
+    ----------
+    pretrained : str, os.PathLike or None
+        The local path of the released checkpoint (its ``fc`` is dropped when num_classes is
+        None); None: random init. True (a download) is a ValueError: normkit never downloads.
+    num_classes : int or None
+        The classifier's outputs (1000 for the released files); None: a backbone.
+    **kwargs
+        Forwarded to ``IBNNet`` (which takes no others: any is a TypeError).
+
+    Returns
+    -------
+    IBNNet
+    """
     return _ibnnet(34, "b", pretrained, num_classes, **kwargs)
 
 
 def resnet50_ibn_b(pretrained=None, num_classes=None, **kwargs):
-    """ResNet-50-IBN-b; ``pretrained``: the local path of ``resnet50_ibn_b-9ca61e85.pth``."""
+    """ResNet-50-IBN-b; ``pretrained``: the local path of ``resnet50_ibn_b-9ca61e85.pth``.
+
+    Parameters
+    ----------
+    pretrained : str, os.PathLike or None
+        The local path of the released checkpoint (its ``fc`` is dropped when num_classes is
+        None); None: random init. True (a download) is a ValueError: normkit never downloads.
+    num_classes : int or None
+        The classifier's outputs (1000 for the released files); None: a backbone.
+    **kwargs
+        Forwarded to ``IBNNet`` (which takes no others: any is a TypeError).
+
+    Returns
+    -------
+    IBNNet
+    """
     return _ibnnet(50, "b", pretrained, num_classes, **kwargs)
 
 
 def resnet101_ibn_b(pretrained=None, num_classes=None, **kwargs):
-    """ResNet-101-IBN-b; ``pretrained``: the local path of ``resnet101_ibn_b-c55f6dba.pth``."""
+    """ResNet-101-IBN-b; ``pretrained``: the local path of ``resnet101_ibn_b-c55f6dba.pth``.
+
+    Parameters
+    ----------
+    pretrained : str, os.PathLike or None
+        The local path of the released checkpoint (its ``fc`` is dropped when num_classes is
+        None); None: random init. True (a download) is a ValueError: normkit never downloads.
+    num_classes : int or None
+        The classifier's outputs (1000 for the released files); None: a backbone.
+    **kwargs
+        Forwarded to ``IBNNet`` (which takes no others: any is a TypeError).
+
+    Returns
+    -------
+    IBNNet
+    """
     return _ibnnet(101, "b", pretrained, num_classes, **kwargs)
 
 

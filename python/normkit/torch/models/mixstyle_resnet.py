@@ -27,6 +27,32 @@ class MixStyleResNet(ResNetTrunk):
     "crossdomain" (pass ``mix="crossdomain"`` for its behaviour). ``fc`` (``num_classes``
     outputs) is unused by forward, kept for torchvision's keys and for ``copy_head``; torchvision's
     ``avgpool`` (no keys) is left out, as forward does not pool.
+
+    Parameters
+    ----------
+    block : BasicBlock or Bottleneck
+        The residual block class.
+    layers : sequence of 4 int
+        The blocks per stage.
+    mix_layers : sequence of str or None
+        The stages after which MixStyle runs, among "layer1", "layer2", "layer3"; None: none.
+    mix_p, mix_alpha : float
+        MixStyle's p and alpha.
+    mix : str
+        MixStyle's mode: "random" (the default) or "crossdomain" (tllib's behaviour).
+    generator : torch.Generator or None
+        MixStyle's draws; None: torch's default generator.
+    process_group : torch.distributed.ProcessGroup or None
+        MixStyle over all ranks of this group.
+    comm : communicator or None
+        MixStyle over all ranks of this normkit communicator instead.
+    num_classes : int
+        The (unused by forward) fc's outputs.
+
+    Raises
+    ------
+    ValueError
+        mix_layers naming other stages; bad layers or MixStyle arguments.
     """
 
     def __init__(self, block, layers, mix_layers=None, mix_p=0.5, mix_alpha=0.1, mix="random",
@@ -72,19 +98,76 @@ def _mixstyle_resnet(depth, pretrained, mix_layers, mix_p, mix_alpha, mix, **kwa
 def mixstyle_resnet18(pretrained=None, mix_layers=None, mix_p=0.5, mix_alpha=0.1, mix="random",
                       **kwargs):
     """ResNet-18 with MixStyle (tllib's ``mixstyle.resnet.resnet18``); ``pretrained``: the local
-    path of torchvision's ``resnet18-f37072fd.pth``; ``kwargs`` as MixStyleResNet's."""
+    path of torchvision's ``resnet18-f37072fd.pth``; ``kwargs`` as MixStyleResNet's.
+
+    Parameters
+    ----------
+    pretrained : str, os.PathLike or None
+        The local path of torchvision's checkpoint; None: random init. True (a download) is a
+        ValueError: normkit never downloads.
+    mix_layers : sequence of str or None
+        The stages after which MixStyle runs, among "layer1", "layer2", "layer3"; None: none.
+    mix_p, mix_alpha : float
+        MixStyle's p and alpha.
+    mix : str
+        MixStyle's mode: "random" (the default) or "crossdomain" (tllib's behaviour).
+    **kwargs
+        Forwarded to ``MixStyleResNet``: generator, process_group, comm, num_classes.
+
+    Returns
+    -------
+    MixStyleResNet
+    """
     return _mixstyle_resnet(18, pretrained, mix_layers, mix_p, mix_alpha, mix, **kwargs)
 
 
 def mixstyle_resnet34(pretrained=None, mix_layers=None, mix_p=0.5, mix_alpha=0.1, mix="random",
                       **kwargs):
-    """ResNet-34 with MixStyle; ``pretrained``: the local path of ``resnet34-b627a593.pth``."""
+    """ResNet-34 with MixStyle; ``pretrained``: the local path of ``resnet34-b627a593.pth``.
+
+    Parameters
+    ----------
+    pretrained : str, os.PathLike or None
+        The local path of torchvision's checkpoint; None: random init. True (a download) is a
+        ValueError: normkit never downloads.
+    mix_layers : sequence of str or None
+        The stages after which MixStyle runs, among "layer1", "layer2", "layer3"; None: none.
+    mix_p, mix_alpha : float
+        MixStyle's p and alpha.
+    mix : str
+        MixStyle's mode: "random" (the default) or "crossdomain" (tllib's behaviour).
+    **kwargs
+        Forwarded to ``MixStyleResNet``: generator, process_group, comm, num_classes.
+
+    Returns
+    -------
+    MixStyleResNet
+    """
     return _mixstyle_resnet(34, pretrained, mix_layers, mix_p, mix_alpha, mix, **kwargs)
 
 
 def mixstyle_resnet50(pretrained=None, mix_layers=None, mix_p=0.5, mix_alpha=0.1, mix="random",
                       **kwargs):
-    """ResNet-50 with MixStyle; ``pretrained``: the local path of ``resnet50-0676ba61.pth``."""
+    """ResNet-50 with MixStyle; ``pretrained``: the local path of ``resnet50-0676ba61.pth``.
+
+    Parameters
+    ----------
+    pretrained : str, os.PathLike or None
+        The local path of torchvision's checkpoint; None: random init. True (a download) is a
+        ValueError: normkit never downloads.
+    mix_layers : sequence of str or None
+        The stages after which MixStyle runs, among "layer1", "layer2", "layer3"; None: none.
+    mix_p, mix_alpha : float
+        MixStyle's p and alpha.
+    mix : str
+        MixStyle's mode: "random" (the default) or "crossdomain" (tllib's behaviour).
+    **kwargs
+        Forwarded to ``MixStyleResNet``: generator, process_group, comm, num_classes.
+
+    Returns
+    -------
+    MixStyleResNet
+    """
     return _mixstyle_resnet(50, pretrained, mix_layers, mix_p, mix_alpha, mix, **kwargs)
 
 

@@ -26,7 +26,21 @@ def _norm_after_add(planes, ibn):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions (stride on the first) and a residual; ``expansion`` 1."""
+    """Two 3x3 convolutions (stride on the first) and a residual; ``expansion`` 1.
+
+    Parameters
+    ----------
+    inplanes : int
+        The input's channels.
+    planes : int
+        The block's width (its output has planes * expansion channels).
+    ibn : None, "a" or "b"
+        IBN-Net's block kind (see the module docstring).
+    stride : int
+        The stride of the strided convolution.
+    downsample : torch.nn.Module or None
+        Maps the input to the residual's shape (needed when stride > 1 or the channels change).
+    """
 
     expansion = 1
 
@@ -52,7 +66,21 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (stride here, as torchvision's "ResNet v1.5" and IBN-Net), 1x1 expand and a
-    residual; ``expansion`` 4."""
+    residual; ``expansion`` 4.
+
+    Parameters
+    ----------
+    inplanes : int
+        The input's channels.
+    planes : int
+        The block's width (its output has planes * expansion channels).
+    ibn : None, "a" or "b"
+        IBN-Net's block kind (see the module docstring).
+    stride : int
+        The stride of the strided convolution.
+    downsample : torch.nn.Module or None
+        Maps the input to the residual's shape (needed when stride > 1 or the channels change).
+    """
 
     expansion = 4
 
