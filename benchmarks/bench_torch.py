@@ -2,7 +2,7 @@
 called as torch modules.
 
     python benchmarks/bench_torch.py [--layer batchnorm|instancenorm|groupnorm] [--repeat 15]
-                                     [--shapes 32,64,56,56 ...] [--device cpu]
+                                     [--shapes 32,64,56,56 ...] [--device cpu] [--threads 1]
 
 For the shapes of bench_batchnorm.py plus a small one, where the adapter's per-call overhead
 (DLPack capsules, output allocation, autograd.Function) shows, and each layout (NCHW,
@@ -116,6 +116,9 @@ def compiled_cnn(device, repeat):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 3, 32, 32, generator=g).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    # Compiled afresh: inductor's on-disk cache keys on the graph, not on the custom ops' tags or
+    # code, and would serve the code compiled for an older normkit.
+    torch._inductor.config.force_disable_caches = True
     fns = []
     for cls in (nkt.BatchNorm2d, torch.nn.BatchNorm2d):
         torch.manual_seed(0)
@@ -140,7 +143,12 @@ def main():
                              "normkit have it)")
     parser.add_argument("--no-compiled", action="store_true",
                         help="skip the compiled small-CNN comparison")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (normkit's CPU kernels share torch's "
+                             "OpenMP runtime)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     devices = [args.device] if args.device else (
         ["cpu"] + (["cuda"] if torch.cuda.is_available() and normkit.cuda_available() else []))

@@ -190,6 +190,55 @@ def test_backward_ops_refuse_double_backward():
         dx.sum().backward()
 
 
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops that reach the dispatcher, as a FLOP counter or a tracer sees them."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_eager_fast_paths_equal_the_ops_and_dispatch_modes_see_the_ops(grad):
+    """Eager calls skip the ops' dispatch (kernels called directly, or one-output Functions); under
+    a dispatch mode they go through torch.ops.normkit, with the same results."""
+    x = _randn(4, 6, 5, 3, seed=11, dtype=torch.float32).contiguous(
+        memory_format=torch.channels_last)
+    modules = (nkt.BatchNorm2d(6), nkt.GroupNorm(3, 6),
+               nkt.InstanceNorm2d(6, affine=True, track_running_stats=True))
+    expect = ("normkit::batch_norm_train", "normkit::batch_norm_normalize",
+              "normkit::group_norm_train", "normkit::group_norm_train",
+              "normkit::group_norm_affine")
+    results = []
+    for mode in (None, _OpRecorder()):
+        outs = []
+        for m in copy.deepcopy(modules):
+            for training in (True, False):
+                if not training and isinstance(m, nkt.GroupNorm):
+                    continue
+                m.train(training)
+                xi = x.clone().requires_grad_(grad)
+                with torch.enable_grad() if grad else torch.no_grad():
+                    if mode is None:
+                        y = m(xi)
+                    else:
+                        with mode:
+                            y = m(xi)
+                    outs.append(y.detach())
+                    if grad:
+                        outs += torch.autograd.grad(y, (xi, m.weight), y.detach().cos())
+                outs += [t.clone() for t in m.buffers()]
+        results.append(outs)
+        if mode is not None:
+            assert set(expect) <= mode.names
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 # --- every layer in one model ---------------------------------------------------------------------
 
 class AllLayers(torch.nn.Module):

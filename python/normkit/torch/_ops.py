@@ -49,6 +49,13 @@ from ._dlpack import (_CHANNELS_LAST, batch_workspace, dl, group_workspace, kern
                       like, param_dtype)
 
 _lib = torch.library.Library("normkit", "DEF")
+# The forward ops' kernels read any layout and their outputs follow the input's (see _empty): with
+# this tag inductor hands them its own choice (channels_last around convolutions) instead of a copy
+# in the strides of the eager trace (its default for custom ops). The backward ops keep the
+# default: given the layouts inductor picks for x and dy they can differ (a channels_last x, the
+# contiguous gradient of a model's output), and the kernel's own copy of dy would cost more than
+# inductor's fused one.
+_ANY_LAYOUT = (torch.Tag.flexible_layout,)
 _ops = torch.ops.normkit
 
 
@@ -80,6 +87,21 @@ def _once_differentiable(name):
     _autograd(name, backward, lambda ctx, inputs, output: None)
 
 
+def runs_directly(x):
+    """Whether a call on ``x`` may run the real kernels below (``_batch_norm_train``, ...) itself,
+    skipping the dispatch of ``torch.ops.normkit`` (~10 us of Python per op): for plain tensors
+    in eager mode. Under torch.compile/export, functorch transforms, dispatch modes (fake tensors,
+    op counters), on meta tensors and tensor subclasses calls go through the ops."""
+    return (type(x) is torch.Tensor and not x.is_meta and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+            and not torch._C._len_torch_dispatch_stack())
+
+
+def records_graph(*tensors):
+    """Whether autograd records a call on ``tensors`` (None entries are absent arguments)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _absent(x):
     """The output of a gradient that was not asked for."""
     return x.new_empty(0)
@@ -89,17 +111,21 @@ def _empty(x):
     """An output shaped like ``x``: ``torch.empty_like(x)``, but with plain contiguous or
     channels-last strides whenever ``x`` is one of those (a size-1 dim of ``x`` may carry any
     stride, e.g. after ``unsqueeze``, which inductor then cannot order under dynamic shapes)."""
+    # (empty_like with a memory format: a third of the cost of allocating from x.shape)
     if x.is_contiguous():
-        return x.new_empty(x.shape)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
     fmt = _CHANNELS_LAST.get(x.dim())
     if fmt is not None and x.is_contiguous(memory_format=fmt):
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        return torch.empty_like(x, memory_format=fmt)
     return torch.empty_like(x)
 
 
 def _as_input(x, y):
     """``y`` (laid out like the kernels' copy of ``x``) in ``x``'s own layout: what the fake
     kernels promise, ``_empty(x)``. Only layouts the kernels cannot read are copied."""
+    if y.stride() == x.stride():
+        # y = _empty(x) (the kernels read x in place; a copy of x would have other strides)
+        return y
     out = _empty(x)
     if y.stride() == out.stride():
         return y
@@ -114,12 +140,12 @@ def _stats(x):
 # --- batch norm -----------------------------------------------------------------------------------
 
 _lib.define("batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, float eps) "
-            "-> (Tensor y, Tensor mean, Tensor var, Tensor invstd)")
+            "-> (Tensor y, Tensor mean, Tensor var, Tensor invstd)", tags=_ANY_LAYOUT)
 _lib.define("batch_norm_train_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, "
             "Tensor? weight, bool need_input) -> (Tensor dx, Tensor sum_dy, Tensor sum_dy_xmu)")
-_lib.define("batch_norm_stats(Tensor x) -> (Tensor mean, Tensor var)")
+_lib.define("batch_norm_stats(Tensor x) -> (Tensor mean, Tensor var)", tags=_ANY_LAYOUT)
 _lib.define("batch_norm_normalize(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
-            "Tensor? bias) -> Tensor")
+            "Tensor? bias) -> Tensor", tags=_ANY_LAYOUT)
 _lib.define("batch_norm_backward_reduce(Tensor dy, Tensor x, Tensor mean) "
             "-> (Tensor sum_dy, Tensor sum_dy_xmu)")
 _lib.define("batch_norm_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor invstd, "
@@ -481,10 +507,11 @@ _once_differentiable("encoding_backward")
 # The core infers the groups from the shape of `mean`.
 
 _lib.define("group_norm_train(Tensor x, int groups, Tensor? weight, Tensor? bias, float eps) "
-            "-> (Tensor y, Tensor mean, Tensor var, Tensor rstd)")
+            "-> (Tensor y, Tensor mean, Tensor var, Tensor rstd)", tags=_ANY_LAYOUT)
 _lib.define("group_norm_train_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, "
             "Tensor? weight, bool need_input) -> (Tensor dx, Tensor sum_dy, Tensor sum_dy_xmu)")
-_lib.define("group_norm_affine(Tensor x, Tensor mean, Tensor scale, Tensor shift) -> Tensor")
+_lib.define("group_norm_affine(Tensor x, Tensor mean, Tensor scale, Tensor shift) -> Tensor",
+            tags=_ANY_LAYOUT)
 _lib.define("group_norm_backward_reduce(Tensor dy, Tensor x, Tensor mean) "
             "-> (Tensor sum_dy, Tensor sum_dy_xmu)")
 _lib.define("group_norm_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor a) -> Tensor")
@@ -525,6 +552,12 @@ def _group_norm_train_grad(ctx, dy, *_):
     if dy is None:
         return None, None, None, None, None
     dx, sum_dy, sum_dy_xmu = _ops.group_norm_train_backward(dy, x, mean, rstd, weight, need_x)
+    dw, db = group_norm_param_grads(sum_dy, sum_dy_xmu, rstd, need_w, need_b)
+    return (dx if need_x else None), None, dw, db, None
+
+
+def group_norm_param_grads(sum_dy, sum_dy_xmu, rstd, need_w, need_b):
+    """dweight and dbias (None where not needed) from the (N, C) sums of the backward."""
     dw = db = None
     if need_w:
         # sum over n of sum_dy_xmu[n, c] * rstd[n, g(c)]: the channels of a group are adjacent.
@@ -533,7 +566,7 @@ def _group_norm_train_grad(ctx, dy, *_):
         dw = (sum_dy_xmu.view(N, G, C // G) * rstd.unsqueeze(2)).sum(0).view(C)
     if need_b:
         db = sum_dy.sum(0)
-    return (dx if need_x else None), None, dw, db, None
+    return dw, db
 
 
 _autograd("group_norm_train", _group_norm_train_grad, _group_norm_train_setup)

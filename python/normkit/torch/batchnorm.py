@@ -47,24 +47,26 @@ class _NormkitBatchNorm(_CountsBatches):
         if input.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}): input has "
                              f"{input.shape[1]} channels (shape {tuple(input.shape)})")
-        own = self.weight if self.weight is not None else self.running_mean
+        own = self.weight
+        if own is None:
+            own = self.running_mean
         if own is not None and own.dtype != param_dtype(input.dtype):
             raise TypeError(f"{type(self).__name__}: {input.dtype} input needs "
                             f"{param_dtype(input.dtype)} parameters, this layer's are {own.dtype} "
                             f"(convert it with .to(dtype))")
 
-    def _uses_batch_stats(self):
-        """Batch statistics in training, and in eval when there are no running ones."""
-        return self.training or (self.running_mean is None and self.running_var is None)
-
     def forward(self, input):
         self._check_input(input)
         # Running statistics are updated only when tracked, and read only in eval. The counter
-        # moves only after the op has passed its checks.
-        pass_running = not self.training or self.track_running_stats
-        y = F.batch_norm(input, self.running_mean if pass_running else None,
-                         self.running_var if pass_running else None, self.weight, self.bias,
-                         self._uses_batch_stats(), self._momentum_factor(), self.eps)
+        # moves only after the op has passed its checks. (Each module attribute is read once:
+        # a buffer or parameter costs a Module.__getattr__.)
+        running_mean, running_var = self.running_mean, self.running_var
+        # Batch statistics in training, and in eval when there are no running ones.
+        batch_stats = self.training or (running_mean is None and running_var is None)
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
+        y = F.batch_norm(input, running_mean, running_var, self.weight, self.bias, batch_stats,
+                         self._momentum_factor(), self.eps)
         self._count_batch()
         return y
 

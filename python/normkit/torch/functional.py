@@ -17,7 +17,7 @@ once-differentiable (double backward raises a RuntimeError).
 """
 import torch
 
-from . import _ops as _registered  # noqa: F401 (defines torch.ops.normkit)
+from . import _ops as _registered  # (also defines torch.ops.normkit)
 from ._dlpack import param_dtype
 from .encoding import aggregate, encoding, scaled_l2
 from .groupnorm import group_norm, instance_norm
@@ -51,24 +51,32 @@ def _check_params(op, x, pd, **tensors):
     if x.dtype not in _DTYPES:
         raise TypeError(f"{op}: input has dtype {x.dtype}; normkit takes float16, bfloat16, "
                         f"float32 and float64 tensors")
+    shape, device = (x.shape[1],), x.device  # (each x.device is a new object)
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.shape != (x.shape[1],):
+        if t.shape != shape:
             raise ValueError(f"{op}: {name} must have shape ({x.shape[1]},) to match the channels "
                              f"of the input of shape {tuple(x.shape)}, got {tuple(t.shape)}")
         if t.dtype != pd:
             raise TypeError(f"{op}: {name} must be {str(pd)[6:]} for {str(x.dtype)[6:]} input, "
                             f"got {str(t.dtype)[6:]}")
-        if t.device != x.device:
+        if t.device != device:
             raise TypeError(f"{op}: {name} is on {t.device} but the input is on {x.device}")
 
 
 def _update_running(running_mean, running_var, mean, var, n, momentum):
-    if running_mean is not None and n:
+    if not n:
+        return
+    if running_var is not None:
+        var = var.mul_(n / (n - 1))
+        if running_mean is not None:
+            # Both in one call (the same lerp per tensor): one dispatch fewer per training step.
+            torch._foreach_lerp_((running_mean, running_var), (mean, var), momentum)
+            return
+        running_var.lerp_(var, momentum)
+    elif running_mean is not None:
         running_mean.lerp_(mean, momentum)
-    if running_var is not None and n:
-        running_var.lerp_(var.mul_(n / (n - 1)), momentum)
 
 
 class _EagerBatchNormTrain(torch.autograd.Function):
@@ -88,13 +96,15 @@ class _EagerBatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        # Through the backward op: differentiating it (double backward) is its clear error.
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if dy is None or not (need_x or need_w or need_b):
             return (None,) * 8
         x, weight, mean, invstd = ctx.saved_tensors
-        dx, sum_dy, sum_dy_xmu = _ops.batch_norm_train_backward(dy, x, mean, invstd, weight,
-                                                                need_x)
+        # The backward op's kernel, without the op's dispatch; with create_graph (grad mode on)
+        # through the op, so that differentiating it (double backward) is its clear error.
+        backward = (_ops.batch_norm_train_backward if torch.is_grad_enabled()
+                    else _registered._batch_norm_train_backward)
+        dx, sum_dy, sum_dy_xmu = backward(dy, x, mean, invstd, weight, need_x)
         return (dx if need_x else None, sum_dy_xmu * invstd if need_w else None,
                 sum_dy if need_b else None, None, None, None, None, None)
 
@@ -107,10 +117,13 @@ def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
     if n == 1:
         raise ValueError(f"batch_norm: expected more than 1 value per channel when training, got "
                          f"input of shape {tuple(x.shape)}")
-    if not torch.compiler.is_compiling() and x.device.type != "meta":  # meta: the fake kernel
+    if not _registered.runs_directly(x):
+        y, mean, var, _ = _ops.batch_norm_train(x, weight, bias, float(eps))
+    elif _registered.records_graph(x, weight, bias):
         return _EagerBatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum,
                                           float(eps), n)
-    y, mean, var, _ = _ops.batch_norm_train(x, weight, bias, float(eps))
+    else:
+        y, mean, var, _ = _registered._batch_norm_train(x, weight, bias, float(eps))
     _update_running(running_mean, running_var, mean, var, n, momentum)
     return y
 
@@ -172,6 +185,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                          "running_var")
     # Running statistics are constants here (buffers): nothing differentiates through them.
     invstd = (running_var + eps).rsqrt()
+    if _registered.runs_directly(input) and not _registered.records_graph(
+            input, running_mean, invstd, weight, bias):
+        return _registered._batch_norm_normalize(input, running_mean, invstd, weight, bias)
     return _ops.batch_norm_normalize(input, running_mean, invstd, weight, bias)
 
 

@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from . import _ops as _registered  # noqa: F401 (defines torch.ops.normkit)
+from . import _ops as _registered  # (also defines torch.ops.normkit)
 from ._dlpack import param_dtype
 from .batchnorm import BatchNorm2d, _CountsBatches
 
@@ -68,10 +68,50 @@ def _spatial_size(x):
     return math.prod(x.shape[2:])
 
 
+class _EagerGroupNormTrain(torch.autograd.Function):
+    """The eager path of ``normkit::group_norm_train`` when autograd records it: the op's kernels
+    in a Function with one output, y (mean and var are appended to the list ``stats``), as
+    normkit.torch.functional's ``_EagerBatchNormTrain``: autograd's bookkeeping of the op's
+    three non-differentiable outputs costs more than the kernels on small inputs."""
+
+    @staticmethod
+    def forward(ctx, x, groups, weight, bias, eps, stats):
+        ctx.set_materialize_grads(False)
+        y, mean, var, rstd = _registered._group_norm_train(x, groups, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        stats.append((mean, var))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+        if dy is None or not (need_x or need_w or need_b):
+            return (None,) * 6
+        x, weight, mean, rstd = ctx.saved_tensors
+        # The backward op's kernel, without the op's dispatch; with create_graph (grad mode on)
+        # through the op, so that differentiating it (double backward) is its clear error.
+        backward = (_ops.group_norm_train_backward if torch.is_grad_enabled()
+                    else _registered._group_norm_train_backward)
+        dx, sum_dy, sum_dy_xmu = backward(dy, x, mean, rstd, weight, need_x)
+        dw, db = _registered.group_norm_param_grads(sum_dy, sum_dy_xmu, rstd, need_w, need_b)
+        return (dx if need_x else None), None, dw, db, None, None
+
+
+def _group_norm_train(x, groups, weight, bias, eps):
+    """y, mean, var of ``normkit::group_norm_train``; in eager mode without the op's dispatch."""
+    if not _registered.runs_directly(x):
+        return _ops.group_norm_train(x, groups, weight, bias, eps)[:3]
+    if _registered.records_graph(x, weight, bias):
+        stats = []
+        y = _EagerGroupNormTrain.apply(x, groups, weight, bias, eps, stats)
+        return (y, *stats[0])
+    return _registered._group_norm_train(x, groups, weight, bias, eps)[:3]
+
+
 def _run_batch(x, weight, bias, groups, eps, running_mean=None, running_var=None, momentum=0.0):
     """y normalized with x's own (N, G) statistics; updates the running statistics (when given)
     with the batch average of the per-instance mean and unbiased variance."""
-    y, mean, var, _ = _ops.group_norm_train(x, groups, weight, bias, float(eps))
+    y, mean, var = _group_norm_train(x, groups, weight, bias, float(eps))
     if x.numel():
         S = _spatial_size(x) * (x.shape[1] // groups)
         if running_mean is not None:
@@ -90,6 +130,8 @@ def _run_running(x, weight, bias, running_mean, running_var, eps):
     scale = (rstd if weight is None else weight * rstd).expand(N, C).contiguous()
     shift = (torch.zeros_like(rstd) if bias is None else bias).expand(N, C).contiguous()
     mean = running_mean.expand(N, C).contiguous()
+    if _registered.runs_directly(x) and not _registered.records_graph(x, mean, scale, shift):
+        return _registered._group_norm_affine(x, mean, scale, shift)
     return _ops.group_norm_affine(x, mean, scale, shift)
 
 
