@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <exception>
 #include <type_traits>
 
 #include "normkit/error.h"
@@ -39,21 +40,43 @@ inline void check_launch(const char* kernel) {
   }
 }
 
+// Whether `device`'s primary context exists (is active): making a device current with
+// cudaSetDevice creates its context (CUDA 12+), which costs hundreds of MB of GPU memory on a device
+// the process may never use. The driver is asked through the runtime's entry point, so the module
+// still loads without a driver; where the driver cannot answer, the context is taken to exist.
+bool has_primary_context(int device);
+
 // Makes `device` current for the scope: kernels launch on the device of their stream and data.
+// On exit the previous device is made current again only where its context exists: a thread that
+// never touched a device reports device 0 as current, and restoring it would create a context on
+// GPU 0 (in every rank of a job whose ranks use cuda:k without set_device). A failed restore is a
+// RuntimeError, unless another error is already propagating (that one is reported).
 class DeviceGuard {
  public:
-  explicit DeviceGuard(int device) : device_(device) {
+  explicit DeviceGuard(int device)
+      : device_(device), exceptions_(std::uncaught_exceptions()) {
     check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device_) check(cudaSetDevice(device_), "cudaSetDevice");
+    if (previous_ == device_) return;
+    restore_ = has_primary_context(previous_);
+    check(cudaSetDevice(device_), "cudaSetDevice");
   }
-  ~DeviceGuard() {
-    if (previous_ != device_) cudaSetDevice(previous_);
+  ~DeviceGuard() noexcept(false) {
+    if (previous_ == device_ || !restore_) return;
+    const cudaError_t status = cudaSetDevice(previous_);
+    if (status == cudaSuccess) return;
+    if (std::uncaught_exceptions() > exceptions_) {
+      cudaGetLastError();  // the error in flight is the one to report
+      return;
+    }
+    check(status, "restoring the previous CUDA device (cudaSetDevice)");
   }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
   int device_, previous_ = 0;
+  bool restore_ = false;
+  int exceptions_;
 };
 
 // The caller's float64 scratch for an op on `ref`'s device, checked: defined, float64, contiguous,

@@ -1,6 +1,8 @@
 // The CUDA module's runtime queries. The CUDA runtime is linked statically and loads the driver
 // lazily, so the extension imports on machines with no GPU or driver; there the queries say 0, and
 // anything that needs a device is a RuntimeError.
+#include <cudaTypedefs.h>
+
 #include <atomic>
 
 #include "common.cuh"
@@ -27,6 +29,26 @@ int multiprocessor_count(int device) {
         "cudaDeviceGetAttribute(multiprocessor count)");
   if (device >= 0 && device < kCached) cache[device].store(count, std::memory_order_relaxed);
   return count;
+}
+
+bool has_primary_context(int device) {
+  // cuDevicePrimaryCtxGetState has had one signature since CUDA 7; looked up once per process.
+  static const PFN_cuDevicePrimaryCtxGetState_v7000 get_state = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &fn, 7000,
+                                         cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuDevicePrimaryCtxGetState_v7000>(fn);
+  }();
+  if (!get_state) return true;  // cannot tell: restore as before
+  unsigned flags = 0;
+  int active = 0;
+  if (get_state(device, &flags, &active) != CUDA_SUCCESS) return true;
+  return active != 0;
 }
 
 // A RuntimeError that says plainly when CUDA cannot run here at all.
