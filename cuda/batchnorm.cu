@@ -595,10 +595,12 @@ __device__ __forceinline__ T affine_value(const Coefficients<acc_t<T>>& k, T u, 
 
 // Work items run last-first: after a reduction over the same items, what it read last is still
 // in L2 and is read first here.
+// out may be u or v (in place, out=x / out=dy): no pointer is __restrict__, so the compiler
+// keeps every load before the store of the same element.
 template <class T, int V, bool kGrad>
 __global__ void __launch_bounds__(kThreads)
-    affine_rows(const T* __restrict__ u, Strides us, const T* __restrict__ v, Strides vs,
-                T* __restrict__ out, Strides os, RowsGeometry g, AffineArgs<acc_t<T>> args) {
+    affine_rows(const T* u, Strides us, const T* v, Strides vs,
+                T* out, Strides os, RowsGeometry g, AffineArgs<acc_t<T>> args) {
   const int64_t Lv = g.N * g.Sv, items = g.C * g.G;
   for (int64_t k = blockIdx.x; k < items; k += gridDim.x) {
     const int64_t w = items - 1 - k, c = w / g.G;
@@ -642,8 +644,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <class T, int V, bool kGrad>
 __global__ void __launch_bounds__(kThreads)
-    affine_channels_last(const T* __restrict__ u, int64_t u_row_stride, const T* __restrict__ v,
-                         int64_t v_row_stride, T* __restrict__ out, int64_t out_row_stride,
+    affine_channels_last(const T* u, int64_t u_row_stride, const T* v,
+                         int64_t v_row_stride, T* out, int64_t out_row_stride,
                          ChannelsLastGeometry g, AffineArgs<acc_t<T>> args) {
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t row_step = int64_t(g.R) * g.G, blocks = g.slabs * g.G;

@@ -30,13 +30,28 @@ inline void check(cudaError_t status, const char* what) {
   }
 }
 
-// After every kernel launch: a bad configuration (or an earlier asynchronous failure) surfaces
-// here, named by the kernel. Never synchronizes.
+// Before an op launches anything: an error already recorded on this thread (a failed call or an
+// asynchronous fault of earlier GPU work) is reported as that, so that the op's own launch checks
+// below do not blame its first kernel for it.
+inline void check_no_pending_error(const char* where) {
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) {
+    fail(ErrorKind::Runtime, "normkit: an earlier CUDA error was pending before ", where,
+         " launched anything: ", cudaGetErrorName(status), " (", cudaGetErrorString(status),
+         "); it comes from earlier GPU work, not from normkit's kernels");
+  }
+}
+
+// After every kernel launch: a bad configuration surfaces here, named by the kernel. Errors
+// pending before the op were reported by check_no_pending_error; an asynchronous fault of
+// earlier work that lands between the two checks can still surface here, as the message says.
+// Never synchronizes.
 inline void check_launch(const char* kernel) {
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) {
-    fail(ErrorKind::Runtime, "normkit: CUDA kernel ", kernel, " failed: ", cudaGetErrorName(status),
-         " (", cudaGetErrorString(status), ")");
+    fail(ErrorKind::Runtime, "normkit: launching CUDA kernel ", kernel, " failed: ",
+         cudaGetErrorName(status), " (", cudaGetErrorString(status), "; an asynchronous fault of ",
+         "earlier GPU work can also surface at a launch: CUDA_LAUNCH_BLOCKING=1 tells them apart)");
   }
 }
 
@@ -47,6 +62,7 @@ inline void check_launch(const char* kernel) {
 bool has_primary_context(int device);
 
 // Makes `device` current for the scope: kernels launch on the device of their stream and data.
+// Every CUDA op starts with one, so it first reports an error left pending by earlier work.
 // On exit the previous device is made current again only where its context exists: a thread that
 // never touched a device reports device 0 as current, and restoring it would create a context on
 // GPU 0 (in every rank of a job whose ranks use cuda:k without set_device). A failed restore is a
@@ -55,6 +71,7 @@ class DeviceGuard {
  public:
   explicit DeviceGuard(int device)
       : device_(device), exceptions_(std::uncaught_exceptions()) {
+    check_no_pending_error("the op");
     check(cudaGetDevice(&previous_), "cudaGetDevice");
     if (previous_ == device_) return;
     restore_ = has_primary_context(previous_);

@@ -92,3 +92,93 @@ def test_the_guard_restores_a_device_whose_context_exists():
             x = cupy.asarray(np.random.default_rng(1).standard_normal((3, 4, 5)), cupy.float32)
         F.batch_norm_stats(x)
         assert cupy.cuda.runtime.getDevice() == 0
+
+
+# --- (8) alignment, launch errors, in-place outputs ------------------------------------------------
+
+class HostCudaArray:
+    """Host memory presented through __cuda_array_interface__ v3: the binding's checks under test
+    fire before any device is asked about the pointer, so nothing is ever read through it."""
+
+    def __init__(self, a, offset=0, typestr=None, shape=None):
+        self.a, self.offset = a, offset
+        self.typestr, self.shape = typestr or a.dtype.str, shape or a.shape
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.typestr, "version": 3, "strides": None,
+                "data": (self.a.ctypes.data + self.offset, False)}
+
+
+@pytest.mark.parametrize("dtype,offset", [(np.float32, 2), (np.float64, 4), (np.float16, 1)])
+def test_a_misaligned_cuda_pointer_is_a_value_error_before_any_device_query(dtype, offset):
+    from normkit import _C
+
+    base = np.zeros(64, np.uint8)
+    x = HostCudaArray(base, offset, np.dtype(dtype).str, (2, 3))
+    with pytest.raises(ValueError, match=r"x is not aligned to its \d-byte items"):
+        _C.batch_norm_workspace_size(x)
+    with pytest.raises(ValueError, match="mean is not aligned"):
+        _C.batch_norm_normalize(np.zeros((2, 3), dtype), x, x, None, None, x)
+
+
+def test_a_misaligned_dlpack_capsule_is_a_value_error():
+    from normkit import _C
+
+    raw = np.zeros(13, np.uint8)
+    x = np.ndarray((3,), np.float32, buffer=raw.data, offset=1)
+    with pytest.raises(ValueError, match="x is not aligned to its 4-byte items"):
+        _C.batch_norm_workspace_size(x.__dlpack__())
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_in_place_outputs_match_out_of_place(layout):
+    """out=x through the elementwise kernels (no __restrict__ on pointers that may alias)."""
+    import cupy as cp
+
+    import normkit.functional as F
+
+    rng = np.random.default_rng(3)
+    x = cp.asarray(rng.standard_normal((3, 12, 7, 5)), cp.float32)
+    if layout == "nhwc":
+        x = cp.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    mean, var = F.batch_norm_stats(x)
+    invstd = 1 / cp.sqrt(var + 1e-5)
+    w, b = cp.asarray(rng.standard_normal(12), cp.float32), cp.asarray(rng.standard_normal(12),
+                                                                      cp.float32)
+    expected = F.batch_norm_normalize(x, mean, invstd, w, b)
+    y = x.copy()
+    assert F.batch_norm_normalize(y, mean, invstd, w, b, out=y) is y
+    cp.testing.assert_array_equal(y, expected)
+    dy = cp.asarray(rng.standard_normal(x.shape), cp.float32).reshape(x.shape)
+    dy = dy if layout == "nchw" else dy.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)
+    sums = F.batch_norm_backward_reduce(dy, x, mean)
+    expected = F.batch_norm_backward_elemt(dy, x, mean, invstd, w, *sums)
+    got = dy.copy()
+    F.batch_norm_backward_elemt(got, x, mean, invstd, w, *sums, out=got)
+    cp.testing.assert_array_equal(got, expected)
+
+
+@gpu
+def test_an_earlier_fault_is_not_blamed_on_normkits_kernel():
+    """After a faulting CuPy kernel (a sticky illegal address), a normkit op is a RuntimeError
+    that says the error may come from earlier work, never a crash or a plain 'kernel X failed'."""
+    out = run_fresh("""
+        import cupy, numpy as np
+        import normkit.functional as F
+        x = cupy.asarray(np.random.default_rng(0).standard_normal((4, 6, 5)), cupy.float32)
+        bad = cupy.RawKernel(r'extern "C" __global__ void bad(float* p) { p[threadIdx.x] = 1; }',
+                             "bad")
+        bad((1,), (32,), (cupy.uint64(8),))
+        try:
+            cupy.cuda.runtime.deviceSynchronize()
+        except Exception as e:
+            print("cupy:", type(e).__name__)
+        try:
+            F.batch_norm_stats(x)
+            print("no error")
+        except RuntimeError as e:
+            print("normkit:", e)
+    """)
+    assert "normkit:" in out and "earlier" in out, out

@@ -50,6 +50,22 @@ DType dtype_from_format(std::string format, int64_t itemsize, const char* op, co
   unsupported_dtype(op, name, "with buffer format '" + format + "'");
 }
 
+// The kernels read and write whole elements (vector loads go through memcpy, scalars do not):
+// an array that does not start on a multiple of its item size (a NumPy view at a byte offset, a
+// CUDA pointer at an odd address) would make every scalar access undefined behaviour on the CPU
+// and a sticky misaligned-address fault, which ends the CUDA context, on the GPU. Refused for
+// every data pointer; normkit.functional passes an aligned copy of such inputs instead.
+void check_item_alignment(const TensorView& v, const char* op, const char* name) {
+  NK_CHECK_VALUE(reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0, op, ": ", name,
+                 " is not aligned to its ", dtype_size(v.dtype), "-byte items; pass an aligned ",
+                 "copy (numpy.require(a, requirements='A'), or a fresh CuPy/torch copy)");
+}
+
+Array aligned(Array a, const char* op, const char* name) {
+  check_item_alignment(a.view, op, name);
+  return a;
+}
+
 void check_ndim(int64_t ndim, const char* op, const char* name) {
   NK_CHECK_VALUE(ndim <= kMaxDims, op, ": ", name, " has ", ndim, " dims; at most ", kMaxDims,
                  " are supported");
@@ -129,6 +145,9 @@ Array from_cuda_array_interface(py::handle obj, const char* op, const char* name
     a.has_producer_stream = true;
     a.producer_stream = stream;
   }
+  // Checked before the driver is asked about the pointer: a misaligned pointer is the caller's
+  // mistake on any machine, and a misaligned access on the GPU is a sticky fault.
+  check_item_alignment(v, op, name);
   v.device = Device::CUDA;
   // The interface does not name the device: ask the driver who owns the memory (an empty array
   // may have no memory at all; it lives where its library allocates, the current device).
@@ -208,18 +227,6 @@ bool is_masked_array(py::handle obj) {
   return py::hasattr(obj, "_mask") && py::hasattr(obj, "filled");
 }
 
-// The kernels read and write whole elements (vector loads go through memcpy, scalars do not):
-// an array that does not start on a multiple of its item size (a NumPy view at a byte offset)
-// would make every scalar access undefined behaviour. Refused here; normkit.functional passes an
-// aligned copy of such inputs instead.
-Array aligned(Array a, const char* op, const char* name) {
-  const TensorView& v = a.view;
-  NK_CHECK_VALUE(reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0, op, ": ", name,
-                 " is not aligned to its ", dtype_size(v.dtype), "-byte items; pass an aligned ",
-                 "copy (numpy.require(a, requirements='A'))");
-  return a;
-}
-
 Array as_array(py::handle obj, const char* op, const char* name, Access access,
                uintptr_t stream) {
   if (obj.is_none()) return Array{};
@@ -233,7 +240,7 @@ Array as_array(py::handle obj, const char* op, const char* name, Access access,
     return aligned(from_capsule(py::reinterpret_borrow<py::object>(obj), op, name), op, name);
   }
   if (py::hasattr(obj, "__cuda_array_interface__")) {
-    return aligned(from_cuda_array_interface(obj, op, name, access), op, name);
+    return from_cuda_array_interface(obj, op, name, access);  // checks the alignment itself
   }
   if (py::hasattr(obj, "__dlpack__")) {
     return aligned(from_dlpack(obj, op, name, stream), op, name);
