@@ -182,3 +182,64 @@ def test_an_earlier_fault_is_not_blamed_on_normkits_kernel():
             print("normkit:", e)
     """)
     assert "normkit:" in out and "earlier" in out, out
+
+
+# --- (5) DLPack before the CUDA Array Interface ----------------------------------------------------
+
+class BothProtocols:
+    """An exporter of both protocols, as CuPy, torch and JAX arrays are: __dlpack__ records the
+    stream it is asked for and exports a NumPy array's capsule; the CUDA Array Interface must not
+    be touched (it fails the test if it is)."""
+
+    def __init__(self, a, device_type):
+        self.a, self.device_type, self.streams = a, device_type, []
+
+    def __dlpack_device__(self):
+        return (self.device_type, 0)
+
+    def __dlpack__(self, **kwargs):
+        self.streams.append(kwargs.get("stream", "absent"))
+        return self.a.__dlpack__()
+
+    @property
+    def __cuda_array_interface__(self):
+        raise AssertionError("the CUDA Array Interface was read although __dlpack__ exists")
+
+
+def test_dlpack_is_preferred_and_a_cuda_exporter_gets_the_consumer_stream():
+    from normkit import _C
+
+    x = np.random.default_rng(4).standard_normal((5, 3, 4)).astype(np.float32)
+    X = BothProtocols(x, device_type=2)  # kDLCUDA: asked for the consumer's stream
+    mean, var = np.empty(3, np.float32), np.empty(3, np.float32)
+    _C.batch_norm_stats(X, mean, var, stream=0x5EED)
+    assert X.streams == [0x5EED]
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(var, x.var(axis=(0, 2)), rtol=1e-5)
+    _C.batch_norm_stats(X, mean, var)  # stream 0, the legacy default stream, is 1 in DLPack
+    assert X.streams[-1] == 1
+
+
+def test_a_host_dlpack_exporter_is_not_asked_for_a_stream():
+    from normkit import _C
+
+    x = np.random.default_rng(5).standard_normal((4, 2, 3))
+    X = BothProtocols(x, device_type=1)  # kDLCPU
+    mean, var = np.empty(2), np.empty(2)
+    _C.batch_norm_stats(X, mean, var, stream=0x5EED)
+    assert X.streams == ["absent"]
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 2)), rtol=1e-12)
+
+
+class StreamZeroCai(HostCudaArray):
+    @property
+    def __cuda_array_interface__(self):
+        return dict(super().__cuda_array_interface__, stream=0)
+
+
+def test_the_cuda_array_interface_still_serves_exporters_without_dlpack():
+    """An exporter of the interface alone is read through it (here: its stream field checked)."""
+    from normkit import _C
+
+    with pytest.raises(ValueError, match="stream 0"):
+        _C.batch_norm_workspace_size(StreamZeroCai(np.zeros((3, 4), np.float32)))

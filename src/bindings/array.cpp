@@ -239,11 +239,15 @@ Array as_array(py::handle obj, const char* op, const char* name, Access access,
   if (PyCapsule_CheckExact(obj.ptr())) {
     return aligned(from_capsule(py::reinterpret_borrow<py::object>(obj), op, name), op, name);
   }
-  if (py::hasattr(obj, "__cuda_array_interface__")) {
-    return from_cuda_array_interface(obj, op, name, access);  // checks the alignment itself
-  }
+  // DLPack before the CUDA Array Interface: its exporter makes the data ready on the consumer's
+  // stream (torch and JAX export interface v2, which names no stream at all, so nothing would
+  // order normkit's work after theirs), and it names the device, which the interface leaves to a
+  // driver query.
   if (py::hasattr(obj, "__dlpack__")) {
     return aligned(from_dlpack(obj, op, name, stream), op, name);
+  }
+  if (py::hasattr(obj, "__cuda_array_interface__")) {
+    return from_cuda_array_interface(obj, op, name, access);  // checks the alignment itself
   }
   fail(ErrorKind::Type, op, ": ", name, " must be an array (buffer protocol, CUDA Array ",
        "Interface, DLPack or a DLPack capsule), got ",

@@ -1,6 +1,7 @@
-// Python arrays -> TensorView without copies: the buffer protocol (NumPy), the CUDA Array
-// Interface (CuPy, Numba), DLPack (PyTorch and anything else that speaks it) and "dltensor"
-// capsules. The returned Array keeps the exporter's buffer or capsule alive.
+// Python arrays -> TensorView without copies, tried in this order: the buffer protocol (NumPy),
+// "dltensor" capsules, DLPack (CuPy, PyTorch, JAX: the exporter orders its work before the
+// consumer's stream) and the CUDA Array Interface (Numba and other exporters without DLPack). The
+// returned Array keeps the exporter's buffer or capsule alive.
 #pragma once
 
 #include <pybind11/pybind11.h>
