@@ -243,3 +243,177 @@ def test_the_cuda_array_interface_still_serves_exporters_without_dlpack():
 
     with pytest.raises(ValueError, match="stream 0"):
         _C.batch_norm_workspace_size(StreamZeroCai(np.zeros((3, 4), np.float32)))
+
+
+# --- (1) every op on its array's device ------------------------------------------------------------
+
+class FakeCupy:
+    """A stand-in for the few CuPy services the device selection uses: a current device per
+    thread, `Device(i)` contexts, a current stream per device and `empty`, each of which records
+    the device that was current when it was called."""
+
+    def __init__(self):
+        fake = self
+        self.current, self.log = 0, []
+
+        class Device:
+            def __init__(self, index=None):
+                self.id = fake.current if index is None else index
+
+            def __enter__(self):
+                self.previous, fake.current = fake.current, self.id
+                fake.log.append(("enter", self.id))
+                return self
+
+            def __exit__(self, *exc):
+                fake.current = self.previous
+                fake.log.append(("exit", self.id))
+
+        class Stream:
+            def __init__(self, device):
+                self.ptr = 0x1000 + device
+
+        class Runtime:
+            @staticmethod
+            def getDevice():
+                return fake.current
+
+        class Cuda:
+            pass
+
+        self.cuda = Cuda()
+        self.cuda.Device, self.cuda.runtime = Device, Runtime
+        self.cuda.get_current_stream = lambda: Stream(fake.current)
+        self.float64 = np.float64
+
+    def empty(self, n, dtype):
+        self.log.append(("empty", self.current, n))
+        return ("workspace on", self.current)
+
+
+def fake_cupy_array(cupy, device):
+    """An object that the backend takes for a CuPy array on `device`."""
+    cls = type("ndarray", (), {"__module__": "cupy._core.core"})
+    a = cls()
+    a.device = cupy.cuda.Device(device)
+    return a
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    cupy = FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    return cupy
+
+
+def test_launch_args_take_the_stream_and_workspace_of_the_arrays_device(fake_cupy):
+    from normkit._backend import launch_args
+
+    x = fake_cupy_array(fake_cupy, 1)  # device 0 is current
+    args = launch_args(x, lambda a: 7)
+    assert args == {"stream": 0x1001, "workspace": ("workspace on", 1)}
+    assert fake_cupy.current == 0  # restored
+    assert ("empty", 1, 7) in fake_cupy.log
+
+
+def test_launch_args_switch_no_device_when_the_arrays_is_current(fake_cupy):
+    from normkit._backend import launch_args
+
+    fake_cupy.current = 1
+    args = launch_args(fake_cupy_array(fake_cupy, 1))
+    assert args == {"stream": 0x1001}
+    assert not [e for e in fake_cupy.log if e[0] == "enter"]
+
+
+def test_ops_and_layers_run_on_their_first_arrays_device(fake_cupy):
+    from normkit._backend import on_array_device
+    from normkit.nn.module import Module
+
+    seen = []
+
+    @on_array_device
+    def op(a, b=None, *, c=None):
+        seen.append(fake_cupy.current)
+
+    op(fake_cupy_array(fake_cupy, 2))
+    op(None, fake_cupy_array(fake_cupy, 1))
+    op(None, c=fake_cupy_array(fake_cupy, 3))
+    op(np.zeros(2), fake_cupy_array(fake_cupy, 1))  # NumPy first: nothing to select
+    assert seen == [2, 1, 3, 0] and fake_cupy.current == 0
+
+    class Layer(Module):
+        def forward(self, x):
+            seen.append(("forward", fake_cupy.current))
+
+        def backward(self, dy):
+            seen.append(("backward", fake_cupy.current))
+
+    layer = Layer()
+    layer(fake_cupy_array(fake_cupy, 1))
+    layer.backward(fake_cupy_array(fake_cupy, 2))
+    assert seen[-2:] == [("forward", 1), ("backward", 2)] and fake_cupy.current == 0
+
+
+def test_every_public_functional_op_selects_the_device():
+    """Each public op of normkit.functional that takes arrays carries the device selection."""
+    import inspect
+
+    import normkit.functional as F
+
+    takes_no_array = {"set_between_gemm_threads", "get_between_gemm_threads",
+                      "conv_transpose_output_padding", "convention_id"}
+    names = [n for n, f in vars(F).items() if inspect.isfunction(f) and not n.startswith("_")]
+    missing = [n for n in names if n not in takes_no_array
+               and getattr(getattr(F, n), "__wrapped__", None) is None]
+    assert names and not missing, missing
+
+
+@two_gpus
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ops_on_cuda1_while_cuda0_is_current(dtype):
+    import cupy
+
+    import normkit.functional as F
+
+    rng = np.random.default_rng(6)
+    xh = rng.standard_normal((4, 6, 5, 3)).astype(dtype)
+    with cupy.cuda.Device(1):
+        x = cupy.asarray(xh)
+    with cupy.cuda.Device(0):
+        y, mean, invstd = F.batch_norm_forward(x)
+        dx, dw, db = F.batch_norm_backward(y, x, mean, invstd)
+        g, gm, gr = F.group_norm_forward(x, 3)
+    for a in (y, mean, invstd, dx, g, gm, gr):
+        assert a.device.id == 1
+    ye, me, ie = F.batch_norm_forward(xh)
+    np.testing.assert_allclose(y.get(), ye, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mean.get(), me, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(g.get(), F.group_norm_forward(xh, 3)[0], rtol=1e-4, atol=1e-4)
+
+
+@two_gpus
+def test_a_layer_moved_to_cuda1_trains_while_cuda0_is_current():
+    import cupy
+
+    import normkit.nn as nn
+
+    rng = np.random.default_rng(7)
+    xh = rng.standard_normal((4, 6, 5, 3)).astype(np.float32)
+    cpu = nn.BatchNorm2d(6)
+    gpu1 = nn.BatchNorm2d(6).to("cuda:1")
+    with cupy.cuda.Device(0):
+        y = gpu1(_on(1, xh))
+        dx = gpu1.backward(_on(1, np.ones_like(xh)))
+    ye = cpu(xh)
+    dxe = cpu.backward(np.ones_like(xh))
+    assert y.device.id == 1 and dx.device.id == 1 and gpu1.running_mean.device.id == 1
+    np.testing.assert_allclose(y.get(), ye, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx.get(), dxe, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(gpu1.running_var.get(), cpu.running_var, rtol=1e-5)
+
+
+def _on(device, a):
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return cupy.asarray(a)

@@ -1,6 +1,8 @@
 """Array-library plumbing shared by the functional ops and the layers: which library an array
 belongs to (NumPy or CuPy), dtypes of parameters, layouts the kernels can read, devices, and the
 stream and workspace GPU ops run with."""
+import contextlib
+import functools
 import math
 import numbers
 
@@ -51,17 +53,55 @@ def kernel_input(x, name="x"):
     return x
 
 
+def _cupy_array(a):
+    return type(a).__module__.split(".")[0] == "cupy" and hasattr(a, "device")
+
+
+def on_device(x):
+    """A context in which CuPy's current device is `x`'s (a CuPy array): streams, workspaces and
+    outputs then come from the array's device, whichever device is current outside. A no-op
+    context for NumPy arrays and where `x`'s device is current already (the common case: no
+    device switch)."""
+    if isinstance(x, np.ndarray) or not _cupy_array(x):
+        return contextlib.nullcontext()
+    import cupy
+
+    if x.device.id == cupy.cuda.runtime.getDevice():
+        return contextlib.nullcontext()
+    return cupy.cuda.Device(x.device.id)
+
+
+def on_array_device(fn):
+    """`fn` run on the device of its first CuPy array argument (see on_device)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        for a in args:
+            if isinstance(a, np.ndarray):
+                return fn(*args, **kwargs)
+            if _cupy_array(a):
+                with on_device(a):
+                    return fn(*args, **kwargs)
+        for a in kwargs.values():
+            if _cupy_array(a):
+                with on_device(a):
+                    return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
+
+
 def launch_args(x, workspace_size=None):
     """Keyword arguments that run a core op on `x`'s device: nothing for NumPy arrays; for CuPy
-    arrays CuPy's current stream and, when the op reduces (`workspace_size` given, e.g.
-    ``_C.batch_norm_workspace_size``), a float64 workspace from CuPy's memory pool."""
+    arrays the current stream of `x`'s device and, when the op reduces (`workspace_size` given,
+    e.g. ``_C.batch_norm_workspace_size``), a float64 workspace from that device's memory pool."""
     if isinstance(x, np.ndarray):
         return {}
     import cupy
 
-    args = {"stream": cupy.cuda.get_current_stream().ptr}
-    if workspace_size is not None:
-        args["workspace"] = cupy.empty(workspace_size(x), cupy.float64)
+    with on_device(x):
+        args = {"stream": cupy.cuda.get_current_stream().ptr}
+        if workspace_size is not None:
+            args["workspace"] = cupy.empty(workspace_size(x), cupy.float64)
     return args
 
 
