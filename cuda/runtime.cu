@@ -4,6 +4,9 @@
 #include <cudaTypedefs.h>
 
 #include <atomic>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "common.cuh"
 
@@ -81,15 +84,60 @@ static cudaStream_t canonical(void* stream) {
   return stream ? static_cast<cudaStream_t>(stream) : cudaStreamLegacy;
 }
 
+static bool is_default_stream(cudaStream_t stream) {
+  return stream == cudaStreamLegacy || stream == cudaStreamPerThread;
+}
+
+static bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  return status == cudaStreamCaptureStatusActive;
+}
+
+// The event a capturing consumer waits on for a producer outside the capture: the graph keeps a
+// reference to it (an external wait node) for as long as it exists, so it is never destroyed;
+// one per device and producer stream, re-recorded by each wait.
+static cudaEvent_t external_event(int device, cudaStream_t producer) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, cudaEvent_t> events;
+  const std::lock_guard<std::mutex> lock(mutex);
+  cudaEvent_t& event = events[{device, producer}];
+  if (!event) {
+    check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  }
+  return event;
+}
+
 void stream_wait(int device, void* producer, void* consumer) {
   const cudaStream_t from = canonical(producer), to = canonical(consumer);
   if (from == to) return;
+  // The event is created and recorded with the array's device current, so the default streams
+  // named by `from` and `to` are that device's.
   DeviceGuard guard(device);
+  // The default streams are never queried or used while the consumer captures: touching the
+  // legacy stream during a capture invalidates it (cudaErrorStreamCaptureImplicit).
+  const bool consumer_captures = !is_default_stream(to) && capturing(to);
+  if (consumer_captures && is_default_stream(from)) {
+    // The producer's default-stream work was queued before the capture began, and a captured
+    // graph's replays are ordered by the stream they are launched on, not by this wait.
+    return;
+  }
+  const bool producer_captures = !is_default_stream(from) && capturing(from);
+  if (consumer_captures && !producer_captures) {
+    // A wait across the capture boundary: an external wait node on an event recorded outside.
+    const cudaEvent_t event = external_event(device, from);
+    check(cudaEventRecord(event, from), "recording the producer stream's event");
+    check(cudaStreamWaitEvent(to, event, cudaEventWaitExternal),
+          "waiting (external, under capture) for the producer stream");
+    return;
+  }
   cudaEvent_t event;
   check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  // Both in one capture (or neither capturing): an ordinary record and wait, which a capture
+  // turns into a graph dependency; the event is released once the wait is satisfied.
   cudaError_t status = cudaEventRecord(event, from);
   if (status == cudaSuccess) status = cudaStreamWaitEvent(to, event, 0);
-  cudaEventDestroy(event);  // released once the wait is satisfied
+  cudaEventDestroy(event);
   check(status, "waiting for the stream of a __cuda_array_interface__ producer");
 }
 

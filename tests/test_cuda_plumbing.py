@@ -417,3 +417,96 @@ def _on(device, a):
 
     with cupy.cuda.Device(device):
         return cupy.asarray(a)
+
+
+# --- (3) producer-stream waits, capture-aware ------------------------------------------------------
+
+@pytest.mark.parametrize("query", [
+    lambda C, X: C.batch_norm_workspace_size(X),
+    lambda C, X: C.group_norm_workspace_size(X, 1),
+    lambda C, X: C.ncs_collapsible(X),
+], ids=["batch_norm_workspace_size", "group_norm_workspace_size", "ncs_collapsible"])
+def test_size_queries_ask_dlpack_for_no_stream_synchronization(query):
+    """A query reads only the array's description: stream=-1 (no synchronization), never the
+    legacy default stream (stream=1), which would break a CUDA-graph capture."""
+    from normkit import _C
+
+    X = BothProtocols(np.random.default_rng(8).standard_normal((3, 2, 4)), device_type=2)
+    query(_C, X)
+    assert X.streams == [-1]
+
+
+def _capture_case(cp, producer_stream):
+    """A batch-norm training step captured on a new stream, its input presented through the CUDA
+    Array Interface naming `producer_stream`; the replayed step's y against an eager one."""
+    import normkit
+    from gpu_helpers import CudaArrayInterface
+
+    rng = np.random.default_rng(9)
+    x = cp.asarray(rng.standard_normal((4, 6, 7, 5)), cp.float32)
+    C = 6
+    y, mean, var, invstd = cp.empty_like(x), *(cp.empty(C, cp.float32) for _ in range(3))
+    ws = cp.empty(normkit._C.batch_norm_workspace_size(x), cp.float64)
+    stream = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Device().synchronize()
+    X = CudaArrayInterface(x, stream=producer_stream)
+    with stream:
+        stream.begin_capture()
+        normkit._C.batch_norm_forward_train(X, None, None, 1e-5, y, mean, var, invstd,
+                                            stream=stream.ptr, workspace=ws)
+        graph = stream.end_capture()
+    graph.launch(stream=stream)
+    stream.synchronize()
+    expected = normkit.functional.batch_norm_forward(x, eps=1e-5)[0]
+    cp.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+def test_capture_waits_on_a_non_capturing_producer_stream_through_an_external_event():
+    import cupy as cp
+
+    producer = cp.cuda.Stream(non_blocking=True)
+    _capture_case(cp, producer.ptr)
+
+
+@gpu
+def test_capture_never_touches_the_legacy_stream_named_by_a_producer():
+    import cupy as cp
+
+    _capture_case(cp, 1)  # interface stream 1: the legacy default stream
+
+
+@gpu
+def test_a_workspace_query_on_a_cupy_array_inside_a_global_capture():
+    import cupy as cp
+
+    from normkit import _C
+
+    x = cp.ones((4, 3, 5), cp.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture(mode=getattr(cp.cuda.runtime, "streamCaptureModeGlobal", 0))
+        try:
+            n = _C.batch_norm_workspace_size(x)
+        finally:
+            stream.end_capture()
+    assert n > 0
+
+
+@two_gpus
+def test_a_producer_wait_for_an_array_on_cuda1_while_cuda0_is_current():
+    import cupy as cp
+
+    from gpu_helpers import CudaArrayInterface
+    import normkit
+
+    with cp.cuda.Device(1):
+        x = cp.asarray(np.random.default_rng(10).standard_normal((4, 3, 5)), cp.float32)
+        producer, consumer = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+        mean, var = cp.empty(3, cp.float32), cp.empty(3, cp.float32)
+        ws = cp.empty(normkit._C.batch_norm_workspace_size(x), cp.float64)
+    with cp.cuda.Device(0):
+        normkit._C.batch_norm_stats(CudaArrayInterface(x, stream=producer.ptr), mean, var,
+                                    stream=consumer.ptr, workspace=ws)
+    consumer.synchronize()
+    cp.testing.assert_allclose(mean, x.mean(axis=(0, 2)), rtol=1e-5, atol=1e-6)

@@ -201,7 +201,8 @@ bool has_lazy_bit(py::handle obj, const char* method) {
   return py::hasattr(obj, method) && obj.attr(method)().cast<bool>();
 }
 
-Array from_dlpack(py::handle obj, const char* op, const char* name, uintptr_t stream) {
+Array from_dlpack(py::handle obj, const char* op, const char* name, Access access,
+                  uintptr_t stream) {
   NK_CHECK_VALUE(!has_lazy_bit(obj, "is_neg") && !has_lazy_bit(obj, "is_conj"), op, ": ", name,
                  " has torch's negative or conjugate bit set, which DLPack drops (the values ",
                  "would be read with the wrong sign); pass t.resolve_neg().resolve_conj()");
@@ -211,9 +212,11 @@ Array from_dlpack(py::handle obj, const char* op, const char* name, uintptr_t st
     cuda = device[0].cast<int32_t>() == kDLCUDA;
   }
   // A CUDA exporter makes its data ready on the consumer's stream (DLPack's stream protocol;
-  // 0 is not allowed there, 1 names the legacy default stream).
-  py::object capsule = cuda ? obj.attr("__dlpack__")(py::arg("stream") = stream ? stream : 1)
-                            : obj.attr("__dlpack__")();
+  // 0 is not allowed there, 1 names the legacy default stream, -1 asks for no synchronization).
+  py::object capsule;
+  if (!cuda) capsule = obj.attr("__dlpack__")();
+  else if (access == Access::Shape) capsule = obj.attr("__dlpack__")(py::arg("stream") = -1);
+  else capsule = obj.attr("__dlpack__")(py::arg("stream") = stream ? stream : 1);
   return from_capsule(std::move(capsule), op, name);
 }
 
@@ -244,7 +247,7 @@ Array as_array(py::handle obj, const char* op, const char* name, Access access,
   // order normkit's work after theirs), and it names the device, which the interface leaves to a
   // driver query.
   if (py::hasattr(obj, "__dlpack__")) {
-    return aligned(from_dlpack(obj, op, name, stream), op, name);
+    return aligned(from_dlpack(obj, op, name, access, stream), op, name);
   }
   if (py::hasattr(obj, "__cuda_array_interface__")) {
     return from_cuda_array_interface(obj, op, name, access);  // checks the alignment itself

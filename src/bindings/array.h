@@ -27,7 +27,10 @@ struct Array {
   uintptr_t producer_stream = 0;
 };
 
-enum class Access { Read, Write };
+// Read/Write: the op touches the data. Shape: only the array's description is read (a workspace
+// size query), so a DLPack exporter is asked for no stream synchronization at all (stream -1):
+// a query made inside a CUDA-graph capture must not queue work on the legacy default stream.
+enum class Access { Read, Write, Shape };
 
 // `obj` as a tensor view; None gives an undefined view. `op` and `name` go into error messages.
 // `stream` is the cudaStream_t (0: the legacy default stream) the op will run on: a CUDA DLPack

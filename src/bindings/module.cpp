@@ -26,7 +26,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "ncs_collapsible",
       [](py::handle x) {
-        auto X = as_array(x, "ncs_collapsible", "x", Access::Read);
+        auto X = as_array(x, "ncs_collapsible", "x", Access::Shape);
         return ncs_collapsible(X.view);
       },
       "Whether x's spatial dims flatten to one strided dim (else the ops need a contiguous copy).");
