@@ -94,6 +94,15 @@ static bool capturing(cudaStream_t stream) {
   return status == cudaStreamCaptureStatusActive;
 }
 
+unsigned long long capture_id(void* stream) {
+  const cudaStream_t s = canonical(stream);
+  if (is_default_stream(s)) return 0;  // never queried: a capture elsewhere may forbid it
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  check(cudaStreamGetCaptureInfo(s, &status, &id), "cudaStreamGetCaptureInfo");
+  return status == cudaStreamCaptureStatusActive ? id : 0;
+}
+
 // The event a capturing consumer waits on for a producer outside the capture: the graph keeps a
 // reference to it (an external wait node) for as long as it exists, so it is never destroyed;
 // one per device and producer stream, re-recorded by each wait.

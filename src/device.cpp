@@ -8,6 +8,7 @@ int device_count();
 int pointer_device(const void* ptr);
 int current_device();
 void stream_wait(int device, void* producer, void* consumer);
+unsigned long long capture_id(void* stream);
 }  // namespace normkit::cuda
 #endif
 
@@ -61,6 +62,15 @@ void cuda_stream_wait(int device, void* producer, void* consumer) {
 #else
   (void)device, (void)producer, (void)consumer;
   no_cuda("a CUDA stream");
+#endif
+}
+
+unsigned long long cuda_capture_id(void* stream) {
+#ifdef NORMKIT_WITH_CUDA
+  return cuda::capture_id(stream);
+#else
+  (void)stream;
+  return 0;
 #endif
 }
 

@@ -7,6 +7,7 @@ presented through honest stand-ins (they fire before any device is asked about t
 rest are marked `gpu` and skip with a reason without CuPy and a GPU, the two-device ones on a
 machine with one GPU.
 """
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -281,8 +282,19 @@ class FakeCupy:
         class Cuda:
             pass
 
+        class MemoryPool:
+            def malloc(self, n):
+                return ("block of", self, n)
+
+        @contextlib.contextmanager
+        def using_allocator(malloc):
+            fake.log.append(("allocator", malloc.__self__))
+            yield
+            fake.log.append(("allocator done", malloc.__self__))
+
         self.cuda = Cuda()
         self.cuda.Device, self.cuda.runtime = Device, Runtime
+        self.cuda.MemoryPool, self.cuda.using_allocator = MemoryPool, using_allocator
         self.cuda.get_current_stream = lambda: Stream(fake.current)
         self.float64 = np.float64
 
@@ -301,8 +313,12 @@ def fake_cupy_array(cupy, device):
 
 @pytest.fixture
 def fake_cupy(monkeypatch):
+    from normkit import _backend
+
     cupy = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", cupy)
+    # its streams are not real: none captures (the capture test sets its own answer)
+    monkeypatch.setattr(_backend._C, "cuda_capture_id", lambda stream: 0)
     return cupy
 
 
@@ -510,3 +526,65 @@ def test_a_producer_wait_for_an_array_on_cuda1_while_cuda0_is_current():
                                     stream=consumer.ptr, workspace=ws)
     consumer.synchronize()
     cp.testing.assert_allclose(mean, x.mean(axis=(0, 2)), rtol=1e-5, atol=1e-6)
+
+
+# --- (4) workspaces under graph capture ------------------------------------------------------------
+
+def test_ops_allocate_from_one_retained_pool_per_capture(fake_cupy, monkeypatch):
+    """While the stream captures, an op's allocations (workspace, statistics it drops) come from
+    a pool of that capture's own, kept after the op: the graph replays into those addresses."""
+    from normkit import _backend
+
+    capture = {"id": 0}
+    monkeypatch.setattr(_backend._C, "cuda_capture_id", lambda stream: capture["id"])
+    monkeypatch.setattr(_backend, "_CAPTURE_POOLS", {})
+
+    @_backend.on_array_device
+    def op(x):
+        return fake_cupy.current
+
+    x = fake_cupy_array(fake_cupy, 0)
+    op(x)  # eager: CuPy's own allocator
+    assert not [e for e in fake_cupy.log if e[0] == "allocator"] and not _backend._CAPTURE_POOLS
+    capture["id"] = 41
+    op(x)
+    op(x)
+    capture["id"] = 42
+    op(x)
+    pools = _backend._CAPTURE_POOLS
+    assert sorted(pools) == [(0, 41), (0, 42)] and pools[(0, 41)] is not pools[(0, 42)]
+    used = [e[1] for e in fake_cupy.log if e[0] == "allocator"]
+    assert used == [pools[(0, 41)], pools[(0, 41)], pools[(0, 42)]]
+
+
+@gpu
+def test_a_captured_step_replays_correctly_after_the_pool_reuses_memory():
+    """Captured with CuPy's default allocator current (no private pool): after capture, new
+    arrays are made and filled; each replay must still give the eager result and leave those
+    arrays intact (the ops' dropped statistics and workspaces live in the capture's pool)."""
+    import cupy as cp
+
+    import normkit.functional as F
+
+    rng = np.random.default_rng(11)
+    x = cp.asarray(rng.standard_normal((8, 16, 9, 7)), cp.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Device().synchronize()
+    with stream:
+        stream.begin_capture()
+        y, mean, invstd = F.batch_norm_forward(x)
+        dx, dw, db = F.batch_norm_backward(y, x, mean, invstd)
+        graph = stream.end_capture()
+    others = [cp.full(n, 7.0, cp.float64) for n in (64, 256, 1024, 4096)]
+    for step in range(3):
+        x[...] = cp.asarray(rng.standard_normal(x.shape), cp.float32)
+        stream.synchronize()
+        with stream:
+            graph.launch(stream=stream)
+        stream.synchronize()
+        ye, me, ie = F.batch_norm_forward(x)
+        cp.testing.assert_allclose(y, ye, rtol=1e-5, atol=1e-5)
+        cp.testing.assert_allclose(dx, F.batch_norm_backward(ye, x, me, ie)[0], rtol=1e-4,
+                                   atol=1e-5)
+        for o in others:
+            assert bool((o == 7.0).all())

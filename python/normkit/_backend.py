@@ -3,6 +3,7 @@ belongs to (NumPy or CuPy), dtypes of parameters, layouts the kernels can read, 
 stream and workspace GPU ops run with."""
 import contextlib
 import functools
+import itertools
 import math
 import numbers
 
@@ -72,22 +73,44 @@ def on_device(x):
 
 
 def on_array_device(fn):
-    """`fn` run on the device of its first CuPy array argument (see on_device)."""
+    """`fn` run on the device of its first CuPy array argument (see on_device), and, while that
+    device's current stream captures a CUDA graph, with CuPy allocating from the capture's own
+    pool (see capture_allocator)."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        for a in args:
+        for a in itertools.chain(args, kwargs.values()):
             if isinstance(a, np.ndarray):
                 return fn(*args, **kwargs)
             if _cupy_array(a):
-                with on_device(a):
-                    return fn(*args, **kwargs)
-        for a in kwargs.values():
-            if _cupy_array(a):
-                with on_device(a):
+                with on_device(a), capture_allocator():
                     return fn(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return run
+
+
+# One CuPy memory pool per CUDA-graph capture, kept for the life of the process. Memory an op
+# allocates while capturing (workspaces, statistics it does not return, temporaries) is written at
+# its address by every replay of the graph, so it must never go back to the pool that serves
+# everything else, nor to another capture's graph; a capture cannot see when its graph is
+# destroyed, so the pools are never released: capture a step once and replay it. (torch needs
+# none of this: it allocates during a capture from a pool that the graph owns.)
+_CAPTURE_POOLS = {}
+
+
+def capture_allocator():
+    """A context that makes CuPy allocate from the current capture's pool while the current
+    stream captures; a no-op context otherwise (one cudaStreamGetCaptureInfo)."""
+    import cupy
+
+    key = _C.cuda_capture_id(cupy.cuda.get_current_stream().ptr)
+    if not key:
+        return contextlib.nullcontext()
+    key = (cupy.cuda.runtime.getDevice(), key)
+    pool = _CAPTURE_POOLS.get(key)
+    if pool is None:
+        pool = _CAPTURE_POOLS[key] = cupy.cuda.MemoryPool()
+    return cupy.cuda.using_allocator(pool.malloc)
 
 
 def launch_args(x, workspace_size=None):
