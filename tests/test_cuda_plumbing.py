@@ -588,3 +588,23 @@ def test_a_captured_step_replays_correctly_after_the_pool_reuses_memory():
                                    atol=1e-5)
         for o in others:
             assert bool((o == 7.0).all())
+
+
+# --- (6) grids sized by occupancy ------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_batch_norm_plans_stay_within_one_wave(dtype):
+    """The reductions' work items (workspace partials / 3) fit one wave of resident blocks: at
+    most 2048 threads (8 blocks of 256) per SM, a whole number of items per channel."""
+    import cupy as cp
+
+    from normkit import _C
+
+    C = 64
+    x = cp.empty((16, C, 112, 112), dtype)
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    partials = _C.batch_norm_workspace_size(x) // 3
+    assert partials % C == 0 and C <= partials <= 8 * sms
+    wide = cp.empty((4, 3 * 8 * sms, 9, 9), dtype)  # more channels than one wave holds: G = 1
+    assert _C.batch_norm_workspace_size(wide) == 3 * wide.shape[1]
