@@ -608,3 +608,32 @@ def test_batch_norm_plans_stay_within_one_wave(dtype):
     assert partials % C == 0 and C <= partials <= 8 * sms
     wide = cp.empty((4, 3 * 8 * sms, 9, 9), dtype)  # more channels than one wave holds: G = 1
     assert _C.batch_norm_workspace_size(wide) == 3 * wide.shape[1]
+
+
+class RefusesNoSync(BothProtocols):
+    """An exporter whose __dlpack__ refuses stream=-1 (older DLPack rules) and that also exports
+    the CUDA Array Interface, which records that it was read."""
+
+    read_cai = False
+
+    def __dlpack__(self, **kwargs):
+        if kwargs.get("stream") == -1:
+            raise ValueError("stream -1 is not supported")
+        return super().__dlpack__(**kwargs)
+
+    @property
+    def __cuda_array_interface__(self):
+        type(self).read_cai = True
+        return HostCudaArray(self.a).__cuda_array_interface__
+
+
+def test_a_size_query_falls_back_to_the_interface_when_dlpack_refuses_no_sync():
+    import normkit
+    from normkit import _C
+
+    X = RefusesNoSync(np.random.default_rng(12).standard_normal((3, 2, 4)), device_type=2)
+    if normkit.cuda_available():
+        pytest.skip("a GPU is present: the host pointer would be taken for device memory")
+    with pytest.raises(RuntimeError, match="CUDA cannot run here|this build of normkit has none"):
+        _C.batch_norm_workspace_size(X)  # the interface was read: its pointer is asked about
+    assert RefusesNoSync.read_cai

@@ -247,7 +247,18 @@ Array as_array(py::handle obj, const char* op, const char* name, Access access,
   // order normkit's work after theirs), and it names the device, which the interface leaves to a
   // driver query.
   if (py::hasattr(obj, "__dlpack__")) {
-    return aligned(from_dlpack(obj, op, name, access, stream), op, name);
+    const bool cai = py::hasattr(obj, "__cuda_array_interface__");
+    if (access != Access::Shape || !cai) {
+      return aligned(from_dlpack(obj, op, name, access, stream), op, name);
+    }
+    // A size query asks for stream -1 (no synchronization), which exporters older than the
+    // Array API's 2023 DLPack rules may refuse: the interface then describes the array, still
+    // without touching any stream.
+    try {
+      return aligned(from_dlpack(obj, op, name, access, stream), op, name);
+    } catch (const py::error_already_set&) {
+      return from_cuda_array_interface(obj, op, name, access);
+    }
   }
   if (py::hasattr(obj, "__cuda_array_interface__")) {
     return from_cuda_array_interface(obj, op, name, access);  // checks the alignment itself
