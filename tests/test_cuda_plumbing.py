@@ -279,6 +279,11 @@ class FakeCupy:
             def getDevice():
                 return fake.current
 
+            @staticmethod
+            def setDevice(device):
+                fake.current = device
+                fake.log.append(("set", device))
+
         class Cuda:
             pass
 
@@ -317,8 +322,10 @@ def fake_cupy(monkeypatch):
 
     cupy = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", cupy)
-    # its streams are not real: none captures (the capture test sets its own answer)
+    # its streams are not real: none captures (the capture test sets its own answer), and every
+    # device has a context (the restore test sets its own answer)
     monkeypatch.setattr(_backend._C, "cuda_capture_id", lambda stream: 0)
+    monkeypatch.setattr(_backend._C, "cuda_has_primary_context", lambda device: True)
     return cupy
 
 
@@ -338,7 +345,20 @@ def test_launch_args_switch_no_device_when_the_arrays_is_current(fake_cupy):
     fake_cupy.current = 1
     args = launch_args(fake_cupy_array(fake_cupy, 1))
     assert args == {"stream": 0x1001}
-    assert not [e for e in fake_cupy.log if e[0] == "enter"]
+    assert not [e for e in fake_cupy.log if e[0] == "set"]
+
+
+def test_the_previous_device_is_restored_only_where_its_context_exists(fake_cupy, monkeypatch):
+    """A thread that never chose a device reports device 0: after an op on device 1 it is not
+    made current again, which would create a context on GPU 0."""
+    from normkit import _backend
+
+    monkeypatch.setattr(_backend._C, "cuda_has_primary_context", lambda device: device != 0)
+    _backend.launch_args(fake_cupy_array(fake_cupy, 1))
+    assert fake_cupy.log[-1] == ("set", 1) and fake_cupy.current == 1
+    fake_cupy.current = 2  # device 2 has a context: restored
+    _backend.launch_args(fake_cupy_array(fake_cupy, 1))
+    assert fake_cupy.log[-2:] == [("set", 1), ("set", 2)] and fake_cupy.current == 2
 
 
 def test_ops_and_layers_run_on_their_first_arrays_device(fake_cupy):

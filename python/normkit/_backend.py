@@ -69,7 +69,30 @@ def on_device(x):
 
     if x.device.id == cupy.cuda.runtime.getDevice():
         return contextlib.nullcontext()
-    return cupy.cuda.Device(x.device.id)
+    return _DeviceScope(x.device.id)
+
+
+class _DeviceScope:
+    """Makes `device` current; on exit restores the previous device only where its context
+    exists. (cupy.cuda.Device's exit restores unconditionally, and with CUDA 12+ that creates a
+    context, hundreds of MB, on a device the thread never used: GPU 0 for a thread that never chose
+    one.)"""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        import cupy
+
+        self.previous = cupy.cuda.runtime.getDevice()
+        cupy.cuda.runtime.setDevice(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        import cupy
+
+        if _C.cuda_has_primary_context(self.previous):
+            cupy.cuda.runtime.setDevice(self.previous)
 
 
 def on_array_device(fn):

@@ -23,6 +23,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA module was compiled in.");
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices usable now (0 without a GPU).");
+  m.def("cuda_has_primary_context", &cuda_has_primary_context, py::arg("device"),
+        "Whether the device's primary CUDA context exists (making it current would create it).");
   m.def(
       "cuda_capture_id",
       [](uintptr_t stream) { return cuda_capture_id(reinterpret_cast<void*>(stream)); },
