@@ -26,6 +26,7 @@
 // All indexing is 64-bit, and grids are 1-D with block-stride loops, so no size is limited by a
 // grid dimension.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <vector>
@@ -39,7 +40,6 @@ namespace {
 constexpr int kThreads = 256;      // threads per block, every kernel
 constexpr int kUnroll = 4;         // independent loads per thread in flight
 constexpr int kFlush = 16;         // iterations of float32 accumulation before a float64 merge
-constexpr int kBlocksPerSM = 4;    // reduction blocks per multiprocessor to aim for
 constexpr int kMaxChannelVectors = 32;  // x threads of a channels-last block
 constexpr int64_t kMaxGrid = int64_t(1) << 30;
 constexpr int kStatsDoubles = 3;   // workspace values per partial: count, mean, M2 (sums use 2)
@@ -100,12 +100,27 @@ std::vector<int> vector_widths(Layout layout, int64_t item_size) {
   return widths;
 }
 
-int target_blocks(int device) { return kBlocksPerSM * multiprocessor_count(device); }
+// Blocks of the family's kernels for `dtype` that one multiprocessor of `device` holds at once:
+// the least over the kernels that share a plan (defined after the kernels).
+int resident_blocks_per_sm(DType dtype, int device);
+
+// The work items a plan aims for: one wave of the tightest kernel, so that every item of every
+// pass is resident at once. (Aiming past a wave leaves a partial last wave: on (256,64,112,112)
+// float32 a fixed 4 blocks per SM ran the 92-register backward in 2.18 waves.)
+int target_blocks(DType dtype, int device) {
+  return resident_blocks_per_sm(dtype, device) * multiprocessor_count(device);
+}
+
+// Items per channel: as many as fit C * G <= target (rounded down, so the grid stays within one
+// wave), at least 1, and none shorter than two unrolled block passes.
+int64_t items_per_channel(int64_t C, int64_t target, int64_t most) {
+  return std::clamp<int64_t>(target / std::max<int64_t>(C, 1), 1, most);
+}
 
 int64_t rows_items_per_channel(int64_t C, int64_t L, int V, int target) {
   const int64_t Lv = L / V;
   const int64_t most = std::max<int64_t>(1, ceil_div(Lv, int64_t(kThreads) * kUnroll * 2));
-  return std::clamp<int64_t>(ceil_div(target, std::max<int64_t>(C, 1)), 1, most);
+  return items_per_channel(C, target, most);
 }
 
 ChannelsLastGeometry channels_last_geometry(int64_t rows, int64_t C, int V, int target) {
@@ -117,7 +132,7 @@ ChannelsLastGeometry channels_last_geometry(int64_t rows, int64_t C, int V, int 
   g.Wv = int(ceil_div(Cv, g.slabs));
   g.R = kThreads / g.Wv;
   const int64_t most = std::max<int64_t>(1, ceil_div(rows, int64_t(g.R) * kUnroll * 2));
-  g.G = std::clamp<int64_t>(ceil_div(target, g.slabs), 1, most);
+  g.G = items_per_channel(g.slabs, target, most);
   return g;
 }
 
@@ -126,7 +141,8 @@ bool aligned(const void* p, int64_t bytes) {
 }
 
 // The plan for the tensors of one op (all of x's shape, checked by the caller).
-Plan make_plan(std::initializer_list<const TensorView*> tensors, int64_t item_size, int device) {
+Plan make_plan(std::initializer_list<const TensorView*> tensors, DType dtype, int device) {
+  const int64_t item_size = dtype_size(dtype);
   std::vector<NCSView> views;
   for (const TensorView* t : tensors) views.push_back(as_ncs(*t, "tensor"));
   const int64_t N = views[0].N, C = views[0].C, S = views[0].S;
@@ -149,7 +165,7 @@ Plan make_plan(std::initializer_list<const TensorView*> tensors, int64_t item_si
   }
   Plan plan;
   plan.layout = planar || !channels_last ? Layout::Rows : Layout::ChannelsLast;
-  const int target = target_blocks(device);
+  const int target = target_blocks(dtype, device);
   for (int V : vector_widths(plan.layout, item_size)) {
     bool ok = true;
     int i = 0;
@@ -611,10 +627,12 @@ __device__ __forceinline__ T affine_value(const Coefficients<acc_t<T>>& k, T u, 
 
 // Work items run last-first: after a reduction over the same items, what it read last is still
 // in L2 and is read first here.
+// out may be u or v (in place, out=x / out=dy): no pointer is __restrict__, so the compiler
+// keeps every load before the store of the same element.
 template <class T, int V, bool kGrad>
 __global__ void __launch_bounds__(kThreads)
-    affine_rows(const T* __restrict__ u, Strides us, const T* __restrict__ v, Strides vs,
-                T* __restrict__ out, Strides os, RowsGeometry g, AffineArgs<acc_t<T>> args) {
+    affine_rows(const T* u, Strides us, const T* v, Strides vs,
+                T* out, Strides os, RowsGeometry g, AffineArgs<acc_t<T>> args) {
   const int64_t Lv = g.N * g.Sv, items = g.C * g.G;
   for (int64_t k = blockIdx.x; k < items; k += gridDim.x) {
     const int64_t w = items - 1 - k, c = w / g.G;
@@ -658,8 +676,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <class T, int V, bool kGrad>
 __global__ void __launch_bounds__(kThreads)
-    affine_channels_last(const T* __restrict__ u, int64_t u_row_stride, const T* __restrict__ v,
-                         int64_t v_row_stride, T* __restrict__ out, int64_t out_row_stride,
+    affine_channels_last(const T* u, int64_t u_row_stride, const T* v,
+                         int64_t v_row_stride, T* out, int64_t out_row_stride,
                          ChannelsLastGeometry g, AffineArgs<acc_t<T>> args) {
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t row_step = int64_t(g.R) * g.G, blocks = g.slabs * g.G;
@@ -698,7 +716,67 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------------------------------------
-// Host side: launches.
+// Host side: occupancy and launches.
+
+// Resident blocks per SM of one kernel at kThreads threads (registers, shared memory), asked of
+// the runtime: the kernels use 40-96 registers per thread (nvcc -Xptxas -v), which fit 2-4 blocks
+// of 256 threads on an SM of 64K registers.
+int occupancy(const void* kernel) {
+  int blocks = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  return std::max(blocks, 1);
+}
+
+// The least occupancy over the kernels a plan for T may run: both layouts, every vector width,
+// the reductions and both elementwise passes (channels-last blocks have at most kThreads).
+template <class T>
+int least_occupancy() {
+  int least = 1 << 30;
+  const auto rows = [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    for (const void* k : {reinterpret_cast<const void*>(&moments_rows<T, V>),
+                          reinterpret_cast<const void*>(&sums_rows<T, V>),
+                          reinterpret_cast<const void*>(&affine_rows<T, V, false>),
+                          reinterpret_cast<const void*>(&affine_rows<T, V, true>)}) {
+      least = std::min(least, occupancy(k));
+    }
+  };
+  const auto channels_last = [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    for (const void* k : {reinterpret_cast<const void*>(&moments_channels_last<T, V>),
+                          reinterpret_cast<const void*>(&sums_channels_last<T, V>),
+                          reinterpret_cast<const void*>(&affine_channels_last<T, V, false>),
+                          reinterpret_cast<const void*>(&affine_channels_last<T, V, true>)}) {
+      least = std::min(least, occupancy(k));
+    }
+  };
+  constexpr int wide = int(16 / sizeof(T)), narrow = int(8 / sizeof(T));
+  rows(std::integral_constant<int, wide>{});
+  if constexpr (narrow > 1) rows(std::integral_constant<int, narrow>{});
+  rows(std::integral_constant<int, 1>{});
+  if constexpr (wide <= 4) channels_last(std::integral_constant<int, wide>{});
+  if constexpr (narrow > 1 && narrow <= 4) channels_last(std::integral_constant<int, narrow>{});
+  channels_last(std::integral_constant<int, 1>{});
+  return least;
+}
+
+int resident_blocks_per_sm(DType dtype, int device) {
+  constexpr int kCachedDevices = 64, kDTypes = 4;
+  static std::atomic<int> cache[kCachedDevices][kDTypes];  // 0: not asked yet
+  const int d = static_cast<int>(dtype);
+  const bool cached = device >= 0 && device < kCachedDevices;
+  if (cached) {
+    if (const int known = cache[device][d].load(std::memory_order_relaxed)) return known;
+  }
+  int blocks = 0;
+  {
+    DeviceGuard guard(device);  // the occupancy query is about the current device
+    dispatch_dtype(dtype, [&](auto tag) { blocks = least_occupancy<decltype(tag)>(); });
+  }
+  if (cached) cache[device][d].store(blocks, std::memory_order_relaxed);
+  return blocks;
+}
 
 // Calls fn(std::integral_constant<int, V>) for the plan's vector width (one of vector_widths).
 template <class T, Layout kLayout, class Fn>
@@ -864,7 +942,7 @@ void forward_train(const char* op, const TensorView& x, const TensorView& weight
                    const TensorView& norm_invstd, const Launch& launch) {
   using P = acc_t<T>;
   // One plan for both passes, so that the normalization revisits the reduction's work items.
-  const Plan plan = make_plan({&x, &y}, dtype_size(x.dtype), x.device_id);
+  const Plan plan = make_plan({&x, &y}, x.dtype, x.device_id);
   double* ws = workspace(op, launch, x, plan);
   launch_moments<T>(plan, ws, stream_of(launch));
   launch_finalize_moments<P>(plan, ws, mean, var, invstd, eps, stream_of(launch), choice);
@@ -880,8 +958,8 @@ void backward_train(const char* op, const TensorView& dy, const TensorView& x,
                     const TensorView& sum_dy_xmu, const Launch& launch) {
   using P = acc_t<T>;
   // dx (when wanted) joins the plan, so that the elementwise pass revisits the reduction's items.
-  const Plan plan = dx.defined() ? make_plan({&dy, &x, &dx}, dtype_size(x.dtype), x.device_id)
-                                 : make_plan({&dy, &x}, dtype_size(x.dtype), x.device_id);
+  const Plan plan = dx.defined() ? make_plan({&dy, &x, &dx}, x.dtype, x.device_id)
+                                 : make_plan({&dy, &x}, x.dtype, x.device_id);
   double* ws = workspace(op, launch, x, plan);
   const NCSView v = as_ncs(x, "x");
   const double count = double(v.N * v.S);
@@ -902,7 +980,7 @@ void backward_train(const char* op, const TensorView& dy, const TensorView& x,
 int64_t batch_norm_workspace_size(const TensorView& x) {
   const NCSView v = as_ncs(x, "x");
   if (v.C == 0) return 0;
-  const int target = target_blocks(x.device_id);
+  const int target = target_blocks(x.dtype, x.device_id);
   int64_t most = 0;
   for (int V : vector_widths(Layout::Rows, dtype_size(x.dtype))) {
     most = std::max(most, rows_items_per_channel(v.C, v.N * v.S, V, target));
@@ -918,7 +996,7 @@ void batch_norm_stats(const TensorView& x, const TensorView& mean, const TensorV
   const char* op = "batch_norm_stats";
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
-  const Plan plan = make_plan({&x}, dtype_size(x.dtype), x.device_id);
+  const Plan plan = make_plan({&x}, x.dtype, x.device_id);
   double* ws = workspace(op, launch, x, plan);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -932,7 +1010,7 @@ void batch_norm_normalize(const TensorView& x, const TensorView& mean, const Ten
                           const Launch& launch) {
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
-  const Plan plan = make_plan({&x, &y}, dtype_size(x.dtype), x.device_id);
+  const Plan plan = make_plan({&x, &y}, x.dtype, x.device_id);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_affine<T, false>(plan, normalize_args<acc_t<T>>(mean, invstd, weight, bias),
@@ -979,7 +1057,7 @@ void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const
   const char* op = "batch_norm_backward_reduce";
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
-  const Plan plan = make_plan({&dy, &x}, dtype_size(x.dtype), x.device_id);
+  const Plan plan = make_plan({&dy, &x}, x.dtype, x.device_id);
   double* ws = workspace(op, launch, x, plan);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -994,7 +1072,7 @@ void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const 
                                double count, const TensorView& dx, const Launch& launch) {
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
-  const Plan plan = make_plan({&dy, &x, &dx}, dtype_size(x.dtype), x.device_id);
+  const Plan plan = make_plan({&dy, &x, &dx}, x.dtype, x.device_id);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_affine<T, true>(

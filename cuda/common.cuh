@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <exception>
 #include <type_traits>
 
 #include "normkit/error.h"
@@ -29,31 +30,70 @@ inline void check(cudaError_t status, const char* what) {
   }
 }
 
-// After every kernel launch: a bad configuration (or an earlier asynchronous failure) surfaces
-// here, named by the kernel. Never synchronizes.
-inline void check_launch(const char* kernel) {
+// Before an op launches anything: an error already recorded on this thread (a failed call or an
+// asynchronous fault of earlier GPU work) is reported as that, so that the op's own launch checks
+// below do not blame its first kernel for it.
+inline void check_no_pending_error(const char* where) {
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) {
-    fail(ErrorKind::Runtime, "normkit: CUDA kernel ", kernel, " failed: ", cudaGetErrorName(status),
-         " (", cudaGetErrorString(status), ")");
+    fail(ErrorKind::Runtime, "normkit: an earlier CUDA error was pending before ", where,
+         " launched anything: ", cudaGetErrorName(status), " (", cudaGetErrorString(status),
+         "); it comes from earlier GPU work, not from normkit's kernels");
   }
 }
 
+// After every kernel launch: a bad configuration surfaces here, named by the kernel. Errors
+// pending before the op were reported by check_no_pending_error; an asynchronous fault of
+// earlier work that lands between the two checks can still surface here, as the message says.
+// Never synchronizes.
+inline void check_launch(const char* kernel) {
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) {
+    fail(ErrorKind::Runtime, "normkit: launching CUDA kernel ", kernel, " failed: ",
+         cudaGetErrorName(status), " (", cudaGetErrorString(status), "; an asynchronous fault of ",
+         "earlier GPU work can also surface at a launch: CUDA_LAUNCH_BLOCKING=1 tells them apart)");
+  }
+}
+
+// Whether `device`'s primary context exists (is active): making a device current with
+// cudaSetDevice creates its context (CUDA 12+), which costs hundreds of MB of GPU memory on a device
+// the process may never use. The driver is asked through the runtime's entry point, so the module
+// still loads without a driver; where the driver cannot answer, the context is taken to exist.
+bool has_primary_context(int device);
+
 // Makes `device` current for the scope: kernels launch on the device of their stream and data.
+// Every CUDA op starts with one, so it first reports an error left pending by earlier work.
+// On exit the previous device is made current again only where its context exists: a thread that
+// never touched a device reports device 0 as current, and restoring it would create a context on
+// GPU 0 (in every rank of a job whose ranks use cuda:k without set_device). A failed restore is a
+// RuntimeError, unless another error is already propagating (that one is reported).
 class DeviceGuard {
  public:
-  explicit DeviceGuard(int device) : device_(device) {
+  explicit DeviceGuard(int device)
+      : device_(device), exceptions_(std::uncaught_exceptions()) {
+    check_no_pending_error("the op");
     check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device_) check(cudaSetDevice(device_), "cudaSetDevice");
+    if (previous_ == device_) return;
+    restore_ = has_primary_context(previous_);
+    check(cudaSetDevice(device_), "cudaSetDevice");
   }
-  ~DeviceGuard() {
-    if (previous_ != device_) cudaSetDevice(previous_);
+  ~DeviceGuard() noexcept(false) {
+    if (previous_ == device_ || !restore_) return;
+    const cudaError_t status = cudaSetDevice(previous_);
+    if (status == cudaSuccess) return;
+    if (std::uncaught_exceptions() > exceptions_) {
+      cudaGetLastError();  // the error in flight is the one to report
+      return;
+    }
+    check(status, "restoring the previous CUDA device (cudaSetDevice)");
   }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
   int device_, previous_ = 0;
+  bool restore_ = false;
+  int exceptions_;
 };
 
 // The caller's float64 scratch for an op on `ref`'s device, checked: defined, float64, contiguous,

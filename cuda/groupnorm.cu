@@ -666,10 +666,12 @@ __device__ __forceinline__ T map_value(const Coefficients<acc_t<T>>& k, T u, T v
 
 // Segments are whole samples (rows = channels). Coefficients are recomputed when a vector's
 // channel differs from the previous one of the same slot.
+// out may be u or v (in place, out=x / out=dy): no pointer is __restrict__, so the compiler
+// keeps every load before the store of the same element.
 template <class T, int V, Map kMap>
 __global__ void __launch_bounds__(kThreads)
-    map_rows(const T* __restrict__ u, RowsOperand us, const T* __restrict__ v, RowsOperand vs,
-             T* __restrict__ out, RowsOperand os, RowsGeometry g, MapArgs<acc_t<T>> args) {
+    map_rows(const T* u, RowsOperand us, const T* v, RowsOperand vs,
+             T* out, RowsOperand os, RowsGeometry g, MapArgs<acc_t<T>> args) {
   constexpr bool kGrad = has_grad(kMap);
   const int64_t Lv = g.rows * g.Sv, items = g.N * g.P;
   for (int64_t w = blockIdx.x; w < items; w += gridDim.x) {
@@ -721,8 +723,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <class T, int V, Map kMap>
 __global__ void __launch_bounds__(kThreads)
-    map_channels_last(const T* __restrict__ u, int64_t u_sN, int64_t u_sS,
-                      const T* __restrict__ v, int64_t v_sN, int64_t v_sS, T* __restrict__ out,
+    map_channels_last(const T* u, int64_t u_sN, int64_t u_sS,
+                      const T* v, int64_t v_sN, int64_t v_sS, T* out,
                       int64_t out_sN, int64_t out_sS, ChannelsLastGeometry g,
                       MapArgs<acc_t<T>> args) {
   constexpr bool kGrad = has_grad(kMap);

@@ -1,7 +1,12 @@
 // The CUDA module's runtime queries. The CUDA runtime is linked statically and loads the driver
 // lazily, so the extension imports on machines with no GPU or driver; there the queries say 0, and
 // anything that needs a device is a RuntimeError.
+#include <cudaTypedefs.h>
+
 #include <atomic>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "common.cuh"
 
@@ -27,6 +32,26 @@ int multiprocessor_count(int device) {
         "cudaDeviceGetAttribute(multiprocessor count)");
   if (device >= 0 && device < kCached) cache[device].store(count, std::memory_order_relaxed);
   return count;
+}
+
+bool has_primary_context(int device) {
+  // cuDevicePrimaryCtxGetState has had one signature since CUDA 7; looked up once per process.
+  static const PFN_cuDevicePrimaryCtxGetState_v7000 get_state = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &fn, 7000,
+                                         cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuDevicePrimaryCtxGetState_v7000>(fn);
+  }();
+  if (!get_state) return true;  // cannot tell: restore as before
+  unsigned flags = 0;
+  int active = 0;
+  if (get_state(device, &flags, &active) != CUDA_SUCCESS) return true;
+  return active != 0;
 }
 
 // A RuntimeError that says plainly when CUDA cannot run here at all.
@@ -59,15 +84,69 @@ static cudaStream_t canonical(void* stream) {
   return stream ? static_cast<cudaStream_t>(stream) : cudaStreamLegacy;
 }
 
+static bool is_default_stream(cudaStream_t stream) {
+  return stream == cudaStreamLegacy || stream == cudaStreamPerThread;
+}
+
+static bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  return status == cudaStreamCaptureStatusActive;
+}
+
+unsigned long long capture_id(void* stream) {
+  const cudaStream_t s = canonical(stream);
+  if (is_default_stream(s)) return 0;  // never queried: a capture elsewhere may forbid it
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  check(cudaStreamGetCaptureInfo(s, &status, &id), "cudaStreamGetCaptureInfo");
+  return status == cudaStreamCaptureStatusActive ? id : 0;
+}
+
+// The event a capturing consumer waits on for a producer outside the capture: the graph keeps a
+// reference to it (an external wait node) for as long as it exists, so it is never destroyed;
+// one per device and producer stream, re-recorded by each wait.
+static cudaEvent_t external_event(int device, cudaStream_t producer) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, cudaEvent_t> events;
+  const std::lock_guard<std::mutex> lock(mutex);
+  cudaEvent_t& event = events[{device, producer}];
+  if (!event) {
+    check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  }
+  return event;
+}
+
 void stream_wait(int device, void* producer, void* consumer) {
   const cudaStream_t from = canonical(producer), to = canonical(consumer);
   if (from == to) return;
+  // The event is created and recorded with the array's device current, so the default streams
+  // named by `from` and `to` are that device's.
   DeviceGuard guard(device);
+  // The default streams are never queried or used while the consumer captures: touching the
+  // legacy stream during a capture invalidates it (cudaErrorStreamCaptureImplicit).
+  const bool consumer_captures = !is_default_stream(to) && capturing(to);
+  if (consumer_captures && is_default_stream(from)) {
+    // The producer's default-stream work was queued before the capture began, and a captured
+    // graph's replays are ordered by the stream they are launched on, not by this wait.
+    return;
+  }
+  const bool producer_captures = !is_default_stream(from) && capturing(from);
+  if (consumer_captures && !producer_captures) {
+    // A wait across the capture boundary: an external wait node on an event recorded outside.
+    const cudaEvent_t event = external_event(device, from);
+    check(cudaEventRecord(event, from), "recording the producer stream's event");
+    check(cudaStreamWaitEvent(to, event, cudaEventWaitExternal),
+          "waiting (external, under capture) for the producer stream");
+    return;
+  }
   cudaEvent_t event;
   check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  // Both in one capture (or neither capturing): an ordinary record and wait, which a capture
+  // turns into a graph dependency; the event is released once the wait is satisfied.
   cudaError_t status = cudaEventRecord(event, from);
   if (status == cudaSuccess) status = cudaStreamWaitEvent(to, event, 0);
-  cudaEventDestroy(event);  // released once the wait is satisfied
+  cudaEventDestroy(event);
   check(status, "waiting for the stream of a __cuda_array_interface__ producer");
 }
 

@@ -8,6 +8,8 @@ int device_count();
 int pointer_device(const void* ptr);
 int current_device();
 void stream_wait(int device, void* producer, void* consumer);
+unsigned long long capture_id(void* stream);
+bool has_primary_context(int device);
 }  // namespace normkit::cuda
 #endif
 
@@ -61,6 +63,24 @@ void cuda_stream_wait(int device, void* producer, void* consumer) {
 #else
   (void)device, (void)producer, (void)consumer;
   no_cuda("a CUDA stream");
+#endif
+}
+
+bool cuda_has_primary_context(int device) {
+#ifdef NORMKIT_WITH_CUDA
+  return cuda::has_primary_context(device);
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+unsigned long long cuda_capture_id(void* stream) {
+#ifdef NORMKIT_WITH_CUDA
+  return cuda::capture_id(stream);
+#else
+  (void)stream;
+  return 0;
 #endif
 }
 

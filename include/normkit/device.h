@@ -20,4 +20,12 @@ int cuda_current_device();
 // stream; equal streams need no wait.
 void cuda_stream_wait(int device, void* producer, void* consumer);
 
+// Whether `device`'s primary context exists (false without CUDA): making a device current with
+// cudaSetDevice creates it, so a device is restored as current only where this is true.
+bool cuda_has_primary_context(int device);
+
+// The id of the CUDA-graph capture `stream` is in (unique per capture in the process), 0 when it
+// is not capturing, and 0 in a build without CUDA (where no stream can capture).
+unsigned long long cuda_capture_id(void* stream);
+
 }  // namespace normkit

@@ -1,6 +1,9 @@
 """Array-library plumbing shared by the functional ops and the layers: which library an array
 belongs to (NumPy or CuPy), dtypes of parameters, layouts the kernels can read, devices, and the
 stream and workspace GPU ops run with."""
+import contextlib
+import functools
+import itertools
 import math
 import numbers
 
@@ -51,17 +54,100 @@ def kernel_input(x, name="x"):
     return x
 
 
+def _cupy_array(a):
+    return type(a).__module__.split(".")[0] == "cupy" and hasattr(a, "device")
+
+
+def on_device(x):
+    """A context in which CuPy's current device is `x`'s (a CuPy array): streams, workspaces and
+    outputs then come from the array's device, whichever device is current outside. A no-op
+    context for NumPy arrays and where `x`'s device is current already (the common case: no
+    device switch)."""
+    if isinstance(x, np.ndarray) or not _cupy_array(x):
+        return contextlib.nullcontext()
+    import cupy
+
+    if x.device.id == cupy.cuda.runtime.getDevice():
+        return contextlib.nullcontext()
+    return _DeviceScope(x.device.id)
+
+
+class _DeviceScope:
+    """Makes `device` current; on exit restores the previous device only where its context
+    exists. (cupy.cuda.Device's exit restores unconditionally, and with CUDA 12+ that creates a
+    context, hundreds of MB, on a device the thread never used: GPU 0 for a thread that never chose
+    one.)"""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        import cupy
+
+        self.previous = cupy.cuda.runtime.getDevice()
+        cupy.cuda.runtime.setDevice(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        import cupy
+
+        if _C.cuda_has_primary_context(self.previous):
+            cupy.cuda.runtime.setDevice(self.previous)
+
+
+def on_array_device(fn):
+    """`fn` run on the device of its first CuPy array argument (see on_device), and, while that
+    device's current stream captures a CUDA graph, with CuPy allocating from the capture's own
+    pool (see capture_allocator)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        for a in itertools.chain(args, kwargs.values()):
+            if isinstance(a, np.ndarray):
+                return fn(*args, **kwargs)
+            if _cupy_array(a):
+                with on_device(a), capture_allocator():
+                    return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
+
+
+# One CuPy memory pool per CUDA-graph capture, kept for the life of the process. Memory an op
+# allocates while capturing (workspaces, statistics it does not return, temporaries) is written at
+# its address by every replay of the graph, so it must never go back to the pool that serves
+# everything else, nor to another capture's graph; a capture cannot see when its graph is
+# destroyed, so the pools are never released: capture a step once and replay it. (torch needs
+# none of this: it allocates during a capture from a pool that the graph owns.)
+_CAPTURE_POOLS = {}
+
+
+def capture_allocator():
+    """A context that makes CuPy allocate from the current capture's pool while the current
+    stream captures; a no-op context otherwise (one cudaStreamGetCaptureInfo)."""
+    import cupy
+
+    key = _C.cuda_capture_id(cupy.cuda.get_current_stream().ptr)
+    if not key:
+        return contextlib.nullcontext()
+    key = (cupy.cuda.runtime.getDevice(), key)
+    pool = _CAPTURE_POOLS.get(key)
+    if pool is None:
+        pool = _CAPTURE_POOLS[key] = cupy.cuda.MemoryPool()
+    return cupy.cuda.using_allocator(pool.malloc)
+
+
 def launch_args(x, workspace_size=None):
     """Keyword arguments that run a core op on `x`'s device: nothing for NumPy arrays; for CuPy
-    arrays CuPy's current stream and, when the op reduces (`workspace_size` given, e.g.
-    ``_C.batch_norm_workspace_size``), a float64 workspace from CuPy's memory pool."""
+    arrays the current stream of `x`'s device and, when the op reduces (`workspace_size` given,
+    e.g. ``_C.batch_norm_workspace_size``), a float64 workspace from that device's memory pool."""
     if isinstance(x, np.ndarray):
         return {}
     import cupy
 
-    args = {"stream": cupy.cuda.get_current_stream().ptr}
-    if workspace_size is not None:
-        args["workspace"] = cupy.empty(workspace_size(x), cupy.float64)
+    with on_device(x):
+        args = {"stream": cupy.cuda.get_current_stream().ptr}
+        if workspace_size is not None:
+            args["workspace"] = cupy.empty(workspace_size(x), cupy.float64)
     return args
 
 

@@ -315,7 +315,8 @@ def _like_input(array, host):
         return host
     import cupy
 
-    return cupy.asarray(host)
+    with cupy.cuda.Device(array.device.id):
+        return cupy.asarray(host)
 
 
 def mpi_cuda_aware():
@@ -442,16 +443,17 @@ class MPICommunicator:
             return array
         import cupy
 
-        stream = cupy.cuda.get_current_stream()
-        if self.cuda_aware:
-            stream.synchronize()
-            self._allreduce(array)
-            return array
-        host = self._staging(array)
-        array.get(out=host, stream=stream)  # waits for the stream: the sum is in `host` now
-        self._allreduce(host)
-        array.set(host, stream=stream)
-        self._host_free = stream.record()
+        with cupy.cuda.Device(array.device.id):  # its device's stream and events, not the current's
+            stream = cupy.cuda.get_current_stream()
+            if self.cuda_aware:
+                stream.synchronize()
+                self._allreduce(array)
+                return array
+            host = self._staging(array)
+            array.get(out=host, stream=stream)  # waits for the stream: the sum is in `host` now
+            self._allreduce(host)
+            array.set(host, stream=stream)
+            self._host_free = stream.record()
         return array
 
     def allgather(self, array):
@@ -594,6 +596,8 @@ class NCCLCommunicator:
     Bootstrapped over an mpi4py communicator (default ``MPI.COMM_WORLD``): rank 0 makes the NCCL
     id and broadcasts it. Each rank uses CuPy's current device when the communicator is made
     (select it first, e.g. ``cupy.cuda.Device(local_rank).use()``); NCCL takes one rank per GPU.
+    Its all-reduces run on that device's current stream, whichever device is current at the call;
+    an array on another device is a TypeError.
     NumPy arrays (the layers' small debug checks) are summed over MPI instead.
 
     ``timeout`` and ``abort_on_exception`` as ``MPICommunicator``'s. With a finite timeout each
@@ -626,6 +630,9 @@ class NCCLCommunicator:
                                     abort_on_exception=abort_on_exception)
         uid = nccl.get_unique_id() if self._mpi.rank == 0 else None
         uid = self._mpi.comm.bcast(uid, root=0)
+        import cupy
+
+        self._device = cupy.cuda.runtime.getDevice()  # NCCL binds the communicator to it
         self._comm = nccl.NcclCommunicator(self._mpi.size, uid, self._mpi.rank)
         self._broken = None
 
@@ -677,12 +684,17 @@ class NCCLCommunicator:
         if self._broken:
             raise CollectiveError(f"{self!r} is unusable after a failed collective "
                                   f"({self._broken})")
+        if array.device.id != self._device:
+            raise TypeError(f"NCCLCommunicator.allreduce_sum: the array is on "
+                            f"cuda:{array.device.id} but this rank's communicator was made on "
+                            f"cuda:{self._device} (NCCL takes one device per rank)")
         nccl = self._nccl_module
-        stream = cupy.cuda.get_current_stream()
-        self._comm.allReduce(array.data.ptr, array.data.ptr, array.size, getattr(nccl, name),
-                             nccl.NCCL_SUM, stream.ptr)
-        if not math.isinf(self.timeout):
-            done = stream.record()
+        with cupy.cuda.Device(self._device):  # that device's current stream, whatever is current
+            stream = cupy.cuda.get_current_stream()
+            self._comm.allReduce(array.data.ptr, array.data.ptr, array.size, getattr(nccl, name),
+                                 nccl.NCCL_SUM, stream.ptr)
+            done = None if math.isinf(self.timeout) else stream.record()
+        if done is not None:
             if not _poll(lambda: done.done, time.monotonic() + self.timeout):
                 self._broken = timeout_message(self, array.size, self.timeout)
                 self._comm.abort()  # ends the kernel waiting for the other ranks

@@ -50,6 +50,22 @@ DType dtype_from_format(std::string format, int64_t itemsize, const char* op, co
   unsupported_dtype(op, name, "with buffer format '" + format + "'");
 }
 
+// The kernels read and write whole elements (vector loads go through memcpy, scalars do not):
+// an array that does not start on a multiple of its item size (a NumPy view at a byte offset, a
+// CUDA pointer at an odd address) would make every scalar access undefined behaviour on the CPU
+// and a sticky misaligned-address fault, which ends the CUDA context, on the GPU. Refused for
+// every data pointer; normkit.functional passes an aligned copy of such inputs instead.
+void check_item_alignment(const TensorView& v, const char* op, const char* name) {
+  NK_CHECK_VALUE(reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0, op, ": ", name,
+                 " is not aligned to its ", dtype_size(v.dtype), "-byte items; pass an aligned ",
+                 "copy (numpy.require(a, requirements='A'), or a fresh CuPy/torch copy)");
+}
+
+Array aligned(Array a, const char* op, const char* name) {
+  check_item_alignment(a.view, op, name);
+  return a;
+}
+
 void check_ndim(int64_t ndim, const char* op, const char* name) {
   NK_CHECK_VALUE(ndim <= kMaxDims, op, ": ", name, " has ", ndim, " dims; at most ", kMaxDims,
                  " are supported");
@@ -129,6 +145,9 @@ Array from_cuda_array_interface(py::handle obj, const char* op, const char* name
     a.has_producer_stream = true;
     a.producer_stream = stream;
   }
+  // Checked before the driver is asked about the pointer: a misaligned pointer is the caller's
+  // mistake on any machine, and a misaligned access on the GPU is a sticky fault.
+  check_item_alignment(v, op, name);
   v.device = Device::CUDA;
   // The interface does not name the device: ask the driver who owns the memory (an empty array
   // may have no memory at all; it lives where its library allocates, the current device).
@@ -182,7 +201,8 @@ bool has_lazy_bit(py::handle obj, const char* method) {
   return py::hasattr(obj, method) && obj.attr(method)().cast<bool>();
 }
 
-Array from_dlpack(py::handle obj, const char* op, const char* name, uintptr_t stream) {
+Array from_dlpack(py::handle obj, const char* op, const char* name, Access access,
+                  uintptr_t stream) {
   NK_CHECK_VALUE(!has_lazy_bit(obj, "is_neg") && !has_lazy_bit(obj, "is_conj"), op, ": ", name,
                  " has torch's negative or conjugate bit set, which DLPack drops (the values ",
                  "would be read with the wrong sign); pass t.resolve_neg().resolve_conj()");
@@ -192,9 +212,11 @@ Array from_dlpack(py::handle obj, const char* op, const char* name, uintptr_t st
     cuda = device[0].cast<int32_t>() == kDLCUDA;
   }
   // A CUDA exporter makes its data ready on the consumer's stream (DLPack's stream protocol;
-  // 0 is not allowed there, 1 names the legacy default stream).
-  py::object capsule = cuda ? obj.attr("__dlpack__")(py::arg("stream") = stream ? stream : 1)
-                            : obj.attr("__dlpack__")();
+  // 0 is not allowed there, 1 names the legacy default stream, -1 asks for no synchronization).
+  py::object capsule;
+  if (!cuda) capsule = obj.attr("__dlpack__")();
+  else if (access == Access::Shape) capsule = obj.attr("__dlpack__")(py::arg("stream") = -1);
+  else capsule = obj.attr("__dlpack__")(py::arg("stream") = stream ? stream : 1);
   return from_capsule(std::move(capsule), op, name);
 }
 
@@ -206,18 +228,6 @@ Array from_dlpack(py::handle obj, const char* op, const char* name, uintptr_t st
 bool is_masked_array(py::handle obj) {
   if (std::strcmp(Py_TYPE(obj.ptr())->tp_name, "numpy.ndarray") == 0) return false;
   return py::hasattr(obj, "_mask") && py::hasattr(obj, "filled");
-}
-
-// The kernels read and write whole elements (vector loads go through memcpy, scalars do not):
-// an array that does not start on a multiple of its item size (a NumPy view at a byte offset)
-// would make every scalar access undefined behaviour. Refused here; normkit.functional passes an
-// aligned copy of such inputs instead.
-Array aligned(Array a, const char* op, const char* name) {
-  const TensorView& v = a.view;
-  NK_CHECK_VALUE(reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0, op, ": ", name,
-                 " is not aligned to its ", dtype_size(v.dtype), "-byte items; pass an aligned ",
-                 "copy (numpy.require(a, requirements='A'))");
-  return a;
 }
 
 Array as_array(py::handle obj, const char* op, const char* name, Access access,
@@ -232,11 +242,26 @@ Array as_array(py::handle obj, const char* op, const char* name, Access access,
   if (PyCapsule_CheckExact(obj.ptr())) {
     return aligned(from_capsule(py::reinterpret_borrow<py::object>(obj), op, name), op, name);
   }
-  if (py::hasattr(obj, "__cuda_array_interface__")) {
-    return aligned(from_cuda_array_interface(obj, op, name, access), op, name);
-  }
+  // DLPack before the CUDA Array Interface: its exporter makes the data ready on the consumer's
+  // stream (torch and JAX export interface v2, which names no stream at all, so nothing would
+  // order normkit's work after theirs), and it names the device, which the interface leaves to a
+  // driver query.
   if (py::hasattr(obj, "__dlpack__")) {
-    return aligned(from_dlpack(obj, op, name, stream), op, name);
+    const bool cai = py::hasattr(obj, "__cuda_array_interface__");
+    if (access != Access::Shape || !cai) {
+      return aligned(from_dlpack(obj, op, name, access, stream), op, name);
+    }
+    // A size query asks for stream -1 (no synchronization), which exporters older than the
+    // Array API's 2023 DLPack rules may refuse: the interface then describes the array, still
+    // without touching any stream.
+    try {
+      return aligned(from_dlpack(obj, op, name, access, stream), op, name);
+    } catch (const py::error_already_set&) {
+      return from_cuda_array_interface(obj, op, name, access);
+    }
+  }
+  if (py::hasattr(obj, "__cuda_array_interface__")) {
+    return from_cuda_array_interface(obj, op, name, access);  // checks the alignment itself
   }
   fail(ErrorKind::Type, op, ": ", name, " must be an array (buffer protocol, CUDA Array ",
        "Interface, DLPack or a DLPack capsule), got ",

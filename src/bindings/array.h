@@ -1,6 +1,7 @@
-// Python arrays -> TensorView without copies: the buffer protocol (NumPy), the CUDA Array
-// Interface (CuPy, Numba), DLPack (PyTorch and anything else that speaks it) and "dltensor"
-// capsules. The returned Array keeps the exporter's buffer or capsule alive.
+// Python arrays -> TensorView without copies, tried in this order: the buffer protocol (NumPy),
+// "dltensor" capsules, DLPack (CuPy, PyTorch, JAX: the exporter orders its work before the
+// consumer's stream) and the CUDA Array Interface (Numba and other exporters without DLPack). The
+// returned Array keeps the exporter's buffer or capsule alive.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -26,7 +27,10 @@ struct Array {
   uintptr_t producer_stream = 0;
 };
 
-enum class Access { Read, Write };
+// Read/Write: the op touches the data. Shape: only the array's description is read (a workspace
+// size query), so a DLPack exporter is asked for no stream synchronization at all (stream -1):
+// a query made inside a CUDA-graph capture must not queue work on the legacy default stream.
+enum class Access { Read, Write, Shape };
 
 // `obj` as a tensor view; None gives an undefined view. `op` and `name` go into error messages.
 // `stream` is the cudaStream_t (0: the legacy default stream) the op will run on: a CUDA DLPack

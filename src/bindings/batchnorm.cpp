@@ -19,7 +19,7 @@ void bind_batchnorm(py::module_& m) {
       "batch_norm_workspace_size",
       [](py::handle x) {
         const char* op = "batch_norm_workspace_size";
-        auto X = as_array(x, op, "x", Access::Read);
+        auto X = as_array(x, op, "x", Access::Shape);
         return batch_norm_workspace_size(X.view);
       },
       py::arg("x"),

@@ -17,7 +17,7 @@ void bind_groupnorm(py::module_& m) {
   m.def(
       "group_norm_workspace_size",
       [](py::handle x, int64_t groups) {
-        auto X = as_array(x, "group_norm_workspace_size", "x", Access::Read);
+        auto X = as_array(x, "group_norm_workspace_size", "x", Access::Shape);
         return group_norm_workspace_size(X.view, groups);
       },
       py::arg("x"), py::arg("groups"),

@@ -23,10 +23,17 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA module was compiled in.");
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices usable now (0 without a GPU).");
+  m.def("cuda_has_primary_context", &cuda_has_primary_context, py::arg("device"),
+        "Whether the device's primary CUDA context exists (making it current would create it).");
+  m.def(
+      "cuda_capture_id",
+      [](uintptr_t stream) { return cuda_capture_id(reinterpret_cast<void*>(stream)); },
+      py::arg("stream"),
+      "The id of the CUDA-graph capture the stream (a cudaStream_t) is in; 0 when not capturing.");
   m.def(
       "ncs_collapsible",
       [](py::handle x) {
-        auto X = as_array(x, "ncs_collapsible", "x", Access::Read);
+        auto X = as_array(x, "ncs_collapsible", "x", Access::Shape);
         return ncs_collapsible(X.view);
       },
       "Whether x's spatial dims flatten to one strided dim (else the ops need a contiguous copy).");

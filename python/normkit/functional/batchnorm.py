@@ -18,8 +18,8 @@ ops run on CuPy's current stream and never wait for the GPU.
 import math
 
 from .. import _C
-from .._backend import (array_module, check_eps, kernel_input, launch_args, like, param_dtype,
-                        writeable)
+from .._backend import (array_module, check_eps, kernel_input, launch_args, like, on_array_device,
+                        param_dtype, writeable)
 
 
 def _channels(x, dtype=None):
@@ -58,6 +58,7 @@ def _invstd(var, eps):
     return 1.0 / array_module(var).sqrt(var + eps)
 
 
+@on_array_device
 def batch_norm_stats(x):
     """Per-channel ``(mean, var)`` of ``x`` with var biased; an empty batch gives zeros.
 
@@ -78,6 +79,7 @@ def batch_norm_stats(x):
     return mean, var
 
 
+@on_array_device
 def batch_norm_normalize(x, mean, invstd, weight=None, bias=None, out=None):
     """``(x - mean) * invstd * weight + bias`` per channel; ``out`` if given, else a new array.
 
@@ -103,6 +105,7 @@ def batch_norm_normalize(x, mean, invstd, weight=None, bias=None, out=None):
     return y
 
 
+@on_array_device
 def batch_norm_backward_reduce(dy, x, mean):
     """Per-channel ``(sum dy, sum dy * (x - mean))``: the sums a synchronized backward all-reduces.
 
@@ -127,6 +130,7 @@ def batch_norm_backward_reduce(dy, x, mean):
     return sum_dy, sum_dy_xmu
 
 
+@on_array_device
 def batch_norm_backward_elemt(dy, x, mean, invstd, weight=None, sum_dy=None, sum_dy_xmu=None,
                               count=None, out=None):
     """dx of batch norm. With ``sum_dy``/``sum_dy_xmu`` (reduced over ``count`` values per channel,
@@ -173,6 +177,7 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, weight=None, sum_dy=None, sum
     return dx
 
 
+@on_array_device
 def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
                        training=True, momentum=0.1, eps=1e-5):
     """Batch norm forward, as ``torch.nn.functional.batch_norm``.
@@ -236,6 +241,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     return y, mean, invstd
 
 
+@on_array_device
 def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, input_grad=True,
                         weight_grad=True):
     """Gradients ``(dx, dweight, dbias)`` of ``batch_norm_forward`` given its ``mean, invstd``.
@@ -356,6 +362,7 @@ def batch_norm_backward_masked(dy, x, mean, invstd, use_batch, weight=None, inpu
 
 # --- The functional form of PyTorch-Encoding (seed 001): given mean and std ------------------------
 
+@on_array_device
 def batchnormtrain(input, gamma, beta, mean, std):
     """``(input - mean) / std * gamma + beta`` per channel, for (N, C) or (N, C, L) inputs; the
     mean and std (usually computed from ``input``) receive gradients in
@@ -377,6 +384,7 @@ def batchnormtrain(input, gamma, beta, mean, std):
     return batch_norm_normalize(input, mean, 1.0 / std, gamma, beta)
 
 
+@on_array_device
 def batchnormtrain_backward(dy, input, gamma, mean, std):
     """Gradients ``(dinput, dgamma, dbeta, dmean, dstd)`` of ``batchnormtrain`` (``dinput`` holds
     only the direct path; the caller chains ``dmean``/``dstd`` to wherever mean and std came from).
@@ -404,6 +412,7 @@ def batchnormtrain_backward(dy, input, gamma, mean, std):
     return dx, dgamma, sum_dy, -gamma * invstd * sum_dy, -gamma * invstd * invstd * sum_dy_xmu
 
 
+@on_array_device
 def batchnormeval(input, gamma, beta, mean, std):
     """As ``batchnormtrain``, but ``mean`` and ``std`` are constants: no gradient reaches them.
 
@@ -423,6 +432,7 @@ def batchnormeval(input, gamma, beta, mean, std):
     return batch_norm_normalize(input, mean, 1.0 / std, gamma, beta)
 
 
+@on_array_device
 def batchnormeval_backward(dy, input, gamma, mean, std):
     """Gradients ``(dinput, dgamma, dbeta)`` of ``batchnormeval``.
 

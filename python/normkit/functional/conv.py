@@ -22,7 +22,7 @@ import math
 import operator
 
 from .. import _C
-from .._backend import array_module, launch_args
+from .._backend import array_module, launch_args, on_array_device
 
 
 def _geometry(name, value, dims, minimum):
@@ -101,6 +101,7 @@ def _columns(x, kernel, stride, padding, dilation, out, xp):
     return cols
 
 
+@on_array_device
 def convolution(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """y = weight * x (+ bias), as ``torch.nn.functional.conv{1,2,3}d`` with zero padding.
 
@@ -141,6 +142,7 @@ def convolution(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
     return y
 
 
+@on_array_device
 def convolution_backward(dy, x, weight, stride=1, padding=0, dilation=1, groups=1,
                          input_grad=True, weight_grad=True, bias_grad=True):
     """Gradients ``(dx, dweight, dbias)`` of ``convolution``; each is None when not asked for
@@ -280,6 +282,7 @@ def conv_transpose_output_padding(input_size, output_size, kernel, stride, paddi
     return pads
 
 
+@on_array_device
 def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
                    dilation=1):
     """y = weight^T * x (+ bias), as ``torch.nn.functional.conv_transpose{1,2,3}d``.
@@ -322,6 +325,7 @@ def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, 
     return y
 
 
+@on_array_device
 def conv_transpose_backward(dy, x, weight, stride=1, padding=0, output_padding=0, groups=1,
                             dilation=1, input_grad=True, weight_grad=True, bias_grad=True):
     """Gradients ``(dx, dweight, dbias)`` of ``conv_transpose``; each None when not asked for.
@@ -375,6 +379,7 @@ _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge",
               "circular": "wrap"}
 
 
+@on_array_device
 def pad(x, pads, mode="zeros"):
     """x with (left, right) = pads[d] values added around spatial dim d, as torch's Conv layers
     pad for ``padding_mode`` (reflect: pad < size; circular: pad <= size).
@@ -407,6 +412,7 @@ def pad(x, pads, mode="zeros"):
     return xp.pad(x, [(0, 0), (0, 0)] + [tuple(p) for p in pads], mode=_PAD_MODES[mode])
 
 
+@on_array_device
 def pad_backward(dxp, pads, mode="zeros"):
     """The gradient of ``pad``'s input: each padded value's gradient folded back onto the value
     it copied (dims in reverse order, the adjoint of padding them one after another).
@@ -450,6 +456,7 @@ def pad_backward(dxp, pads, mode="zeros"):
     return g
 
 
+@on_array_device
 def pixel_shuffle(x, scale):
     """(B, C * s^2, H, W) -> (B, C, H * s, W * s): ``out[b, c, h*s + i, w*s + j] =
     x[b, c*s^2 + i*s + j, h, w]`` (as ``torch.nn.functional.pixel_shuffle``).
@@ -470,6 +477,7 @@ def pixel_shuffle(x, scale):
         B, C, H * scale, W * scale)
 
 
+@on_array_device
 def pixel_unshuffle(y, scale):
     """The inverse (and adjoint) of ``pixel_shuffle``:
     (B, C, H * s, W * s) -> (B, C * s^2, H, W).

@@ -33,7 +33,7 @@ import math
 import numbers
 
 from .. import _C
-from .._backend import array_module, launch_args, param_dtype
+from .._backend import array_module, launch_args, on_array_device, param_dtype
 
 # --------------------------------------------------------------------------------------------------
 # Threads
@@ -186,6 +186,7 @@ def _weights_times(P, Q, n_major, xp):
 # scaled_l2
 
 
+@on_array_device
 def scaled_l2_forward(X, C, s):
     """``SL[b,i,k] = s[k] ||x[b,i] - c[k]||^2`` and what the backward needs: returns ``(SL, D2)``
     with ``D2 = ||x - c||^2`` (B, N, K).
@@ -220,6 +221,7 @@ def scaled_l2_forward(X, C, s):
     return XC.astype(X.dtype, copy=False), D2
 
 
+@on_array_device
 def scaled_l2(X, C, s):
     """``SL[b,i,k] = s[k] ||x[b,i] - c[k]||^2`` for X (B, N, D), C (K, D), s (K,).
 
@@ -246,6 +248,7 @@ def scaled_l2(X, C, s):
     return scaled_l2_forward(X, C, s)[0]
 
 
+@on_array_device
 def scaled_l2_backward(dSL, X, C, s, D2):
     """Gradients ``(dX, dC, ds)`` of ``scaled_l2`` given the forward's ``D2``:
     ``dX = sum_k 2 s g (x - c)``, ``dC = -sum_{b,i} 2 s g (x - c)``, ``ds = sum_{b,i} g D2``.
@@ -289,6 +292,7 @@ def scaled_l2_backward(dSL, X, C, s, D2):
 # aggregate
 
 
+@on_array_device
 def aggregate(A, X, C):
     """``E[b,k] = sum_i A[b,i,k] (x[b,i] - c[k])`` for A (B, N, K), X (B, N, D), C (K, D):
     (B, K, D).
@@ -322,6 +326,7 @@ def aggregate(A, X, C):
     return E.astype(X.dtype, copy=False)
 
 
+@on_array_device
 def aggregate_backward(dE, A, X, C):
     """Gradients ``(dA, dX, dC)`` of ``aggregate``: ``dA = <g[b,k], x[b,i] - c[k]>``,
     ``dX = sum_k A g``, ``dC = -sum_b (sum_i A) g``.
@@ -374,6 +379,7 @@ def _check_aggregate(op, A, X, C):
 # The Encoding: aggregate(softmax_k(scaled_l2(X, C, s)), X, C), fused
 
 
+@on_array_device
 def encoding_forward(X, C, s):
     """The Encoding layer's op on X (B, N, D): returns ``(E, A, D2)``, E (B, K, D) and the
     assignment weights A and distances D2 (B, N, K) its backward needs.
@@ -412,6 +418,7 @@ def encoding_forward(X, C, s):
     return E.astype(X.dtype, copy=False), A, D2
 
 
+@on_array_device
 def encoding(X, C, s):
     """``E[b,k] = sum_i softmax_k(s[k] ||x[b,i] - c[k]||^2) (x[b,i] - c[k])``: (B, K, D).
 
@@ -438,6 +445,7 @@ def encoding(X, C, s):
     return encoding_forward(X, C, s)[0]
 
 
+@on_array_device
 def encoding_backward(dE, X, C, s, A, D2):
     """Gradients ``(dX, dC, ds)`` of ``encoding`` given the forward's A and D2.
 
@@ -507,6 +515,7 @@ def _gram_scale(F):
     return max(F.shape[1] * F.shape[2], 1)
 
 
+@on_array_device
 def gram_matrix(y):
     """``G[b] = F[b] F[b]^T / (C H W)`` with ``F = y.reshape(B, C, H*W)``: (B, C, C).
 
@@ -531,6 +540,7 @@ def gram_matrix(y):
     return xp.matmul(F, _t(F)) / _gram_scale(F)
 
 
+@on_array_device
 def gram_matrix_backward(dG, y):
     """Gradient of ``gram_matrix`` with respect to y: ``(dG + dG^T) F / (C H W)``, shaped like y.
 
@@ -567,6 +577,7 @@ def _check_inspiration(op, X, weight, G):
     return xp
 
 
+@on_array_device
 def inspiration_forward(X, weight, G):
     """MSG-Net's CoMatch: ``P = weight G`` (weight (1, C, C) broadcast over G's batch) and
     ``Y[b] = P[b]^T X[b].reshape(C, H*W)``, shaped like X; G (1 or B, C, C). Returns (Y, P).
@@ -599,6 +610,7 @@ def inspiration_forward(X, weight, G):
     return Y.reshape(X.shape), P
 
 
+@on_array_device
 def inspiration(X, weight, G):
     """``Y[b] = (weight G[b])^T X[b]`` over X's flattened spatial dims, shaped like X.
 
@@ -625,6 +637,7 @@ def inspiration(X, weight, G):
     return inspiration_forward(X, weight, G)[0]
 
 
+@on_array_device
 def inspiration_backward(dY, X, weight, G, P, target_grad=False):
     """Gradients ``(dX, dweight, dG)`` of ``inspiration`` given the forward's P; dG is None unless
     ``target_grad``.

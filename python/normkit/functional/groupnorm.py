@@ -15,7 +15,8 @@ keep the input's layout (channels-last in, channels-last out). On CuPy arrays th
 current stream and never wait for the GPU.
 """
 from .. import _C
-from .._backend import array_module, kernel_input, launch_args, like, param_dtype, writeable
+from .._backend import (array_module, kernel_input, launch_args, like, on_array_device,
+                        param_dtype, writeable)
 
 
 def _per_sample(x, k):
@@ -41,6 +42,7 @@ def _spread(v, c):
     return v if v.shape[1] == c else array_module(v).repeat(v, c // v.shape[1], axis=1)
 
 
+@on_array_device
 def group_norm_stats(x, num_groups):
     """Per-(sample, group) ``(mean, var)`` of ``x``, each (N, G), var biased.
 
@@ -69,6 +71,7 @@ def group_norm_stats(x, num_groups):
     return mean, var
 
 
+@on_array_device
 def group_norm_affine(x, mean, scale, shift, out=None):
     """``(x - mean[n, g(c)]) * scale[n, c] + shift[n, c]``, mean (N, G), scale and shift (N, C);
     ``out`` if given (it may be ``x``), else a new array in ``x``'s layout.
@@ -95,6 +98,7 @@ def group_norm_affine(x, mean, scale, shift, out=None):
     return y
 
 
+@on_array_device
 def group_norm_backward_reduce(dy, x, mean):
     """Per-(sample, channel) ``(sum dy, sum dy * (x - mean[n, g(c)]))``, each (N, C).
 
@@ -119,6 +123,7 @@ def group_norm_backward_reduce(dy, x, mean):
     return sum_dy, sum_dy_xmu
 
 
+@on_array_device
 def group_norm_backward_elemt(dy, x, mean, a, b=None, c=None, out=None):
     """``dx = a[n, c] * dy + b[n, g] * (x - mean[n, g]) + c[n, g]``; b, c None mean 0 (statistics
     held constant).
@@ -151,6 +156,7 @@ def group_norm_backward_elemt(dy, x, mean, a, b=None, c=None, out=None):
     return dx
 
 
+@on_array_device
 def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     """Group norm as ``torch.nn.functional.group_norm``; returns ``(y, mean, rstd)``, the (N, G)
     statistics ``group_norm_backward`` needs.
@@ -190,6 +196,7 @@ def _forward(x, num_groups, weight, bias, eps, op):
     return y, mean, var, rstd
 
 
+@on_array_device
 def group_norm_backward(dy, x, mean, rstd, weight=None, bias=None):
     """Gradients ``(dx, dweight, dbias)`` of ``group_norm_forward`` given its ``mean, rstd``.
     ``dweight`` is None without ``weight``, ``dbias`` None without ``bias`` (only whether it is
@@ -246,6 +253,7 @@ def _check_running(name, stat, x):
         raise ValueError(f"{name} is read-only; it is updated in place in training")
 
 
+@on_array_device
 def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, bias=None,
                           use_input_stats=True, momentum=0.1, eps=1e-5):
     """Instance norm as ``torch.nn.functional.instance_norm``; returns ``(y, mean, rstd)``, each
@@ -315,6 +323,7 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
     return y, mean, rstd
 
 
+@on_array_device
 def instance_norm_backward(dy, x, mean, rstd, weight=None, use_input_stats=True, bias=None):
     """Gradients ``(dx, dweight, dbias)`` of ``instance_norm_forward`` given its ``mean, rstd``
     ((N, C)); ``use_input_stats`` says whether they were per-instance statistics (gradient flows

@@ -10,10 +10,11 @@ spatial size of 1 has var 0: the output stays finite). The draws (perm, lam) are
 With ``comm``, the batch is every rank's batch concatenated in rank order: one all-gather of the
 per-instance (mu, sig), and perm and lam index that global batch.
 """
-from .._backend import array_module
+from .._backend import array_module, on_array_device
 from .groupnorm import group_norm_affine, group_norm_backward_elemt, group_norm_stats
 
 
+@on_array_device
 def instance_moments(x, eps=1e-6):
     """``(mu, sig)``, each (B, C) in the statistics dtype (float32 for float16/bfloat16 input):
     the mean over every dim >= 2 and sqrt(unbiased variance + eps) (variance 0 for size 1)."""
@@ -28,6 +29,7 @@ def instance_moments(x, eps=1e-6):
     return mu, xp.sqrt(var + eps)
 
 
+@on_array_device
 def gather_moments(mu, sig, comm):
     """The moments of the global batch (all ranks' in rank order) and this rank's first row in
     it, with one all-gather of (B_r, 2C + 1) float64 rows tagged with their rank."""
@@ -43,6 +45,7 @@ def gather_moments(mu, sig, comm):
             offset)
 
 
+@on_array_device
 def mix_coefficients(mu, sig, perm, lam, mu_all=None, sig_all=None, offset=0):
     """(scale, shift), each (B_r, C), of this rank's rows ``offset ...`` of the global batch whose
     moments are ``mu_all``/``sig_all`` (default: this batch alone); ``perm`` and ``lam`` have one
@@ -58,6 +61,7 @@ def mix_coefficients(mu, sig, perm, lam, mu_all=None, sig_all=None, offset=0):
     return sig_mix / sig, shift
 
 
+@on_array_device
 def mixstyle_forward(x, perm, lam, eps=1e-6, comm=None):
     """MixStyle of ``x`` for the draws ``perm`` (a permutation of the global batch) and ``lam``
     (one mixing weight per instance of it). Returns ``(y, mu, scale)``; y has x's dtype and
@@ -75,6 +79,7 @@ def mixstyle_forward(x, perm, lam, eps=1e-6, comm=None):
     return group_norm_affine(x, mu, scale, shift), mu, scale
 
 
+@on_array_device
 def mixstyle_backward(dy, x, mu, scale):
     """dx = dy * scale per (instance, channel): mu and sig are constants (no collective)."""
     return group_norm_backward_elemt(dy, x, mu, scale)

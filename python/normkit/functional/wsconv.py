@@ -15,7 +15,7 @@ passes bfloat16); ``gain`` (or None for 1), ``mean`` and ``rstd`` have the param
 stream.
 """
 from .. import _C
-from .._backend import array_module, launch_args, param_dtype
+from .._backend import array_module, launch_args, on_array_device, param_dtype
 
 CONVENTIONS = {"elektronn3": 0, "nfnet": 1, "timm": 2}
 
@@ -34,6 +34,7 @@ def _dense(w, xp):
     return w if w.flags.c_contiguous else xp.ascontiguousarray(w)
 
 
+@on_array_device
 def ws_standardize(w, gain=None, eps=1e-4, convention="elektronn3"):
     """``(w_hat, mean, rstd)``: the standardized weight and what ``ws_standardize_backward``
     needs.
@@ -73,6 +74,7 @@ def ws_standardize(w, gain=None, eps=1e-4, convention="elektronn3"):
     return w_hat, mean, rstd
 
 
+@on_array_device
 def ws_standardize_backward(dw_hat, w, gain, mean, rstd, eps=1e-4, convention="elektronn3",
                             weight_grad=True, gain_grad=True):
     """``(dw, dgain)`` of ``ws_standardize``; each is None when not asked for.

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .._backend import array_module, parse_device, to_device
+from .._backend import array_module, on_array_device, parse_device, to_device
 
 
 class Parameter:
@@ -67,6 +67,15 @@ def _checked_value(key, value, target):
 
 class Module:
     """Base class of layers: parameters, buffers and submodules registered by assignment."""
+
+    def __init_subclass__(cls, **kwargs):
+        # A layer's forward and backward run on their input's device (CuPy's current device may
+        # be another): the layer's own arithmetic (running statistics, gradient accumulation)
+        # allocates and launches there, as the functional ops do.
+        super().__init_subclass__(**kwargs)
+        for name in ("forward", "backward"):
+            if name in cls.__dict__:
+                setattr(cls, name, on_array_device(cls.__dict__[name]))
 
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
