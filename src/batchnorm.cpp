@@ -94,9 +94,14 @@ struct Lanes {
       Bits bits;
       std::memcpy(&bits, p, sizeof bits);
       const Wide wide = __builtin_convertvector(bits, Wide) << 16;
-      V v;
-      std::memcpy(&v, &wide, sizeof v);
-      return v;
+      typedef float F __attribute__((vector_size(kLanes * sizeof(float))));
+      F f;
+      std::memcpy(&f, &wide, sizeof f);
+      if constexpr (std::is_same_v<A, float>) {
+        return f;
+      } else {  // the float64 re-sum of the statistics reads bfloat16 as float64 lanes
+        return __builtin_convertvector(f, V);
+      }
     } else {
       typedef T Stored __attribute__((vector_size(kLanes * sizeof(T))));
       Stored stored;
@@ -108,6 +113,7 @@ struct Lanes {
     if constexpr (std::is_same_v<T, A>) {
       std::memcpy(p, &v, sizeof v);
     } else if constexpr (std::is_same_v<T, Bf16>) {
+      static_assert(std::is_same_v<A, float>, "bfloat16 is stored from float32 lanes");
       // float_to_bf16 lane by lane: round to nearest even, NaN lanes made quiet instead.
       Wide u;
       std::memcpy(&u, &v, sizeof u);

@@ -149,6 +149,26 @@ def test_float32_variance_exact_whatever_the_order_of_the_data(seed, layout):
     np.testing.assert_allclose(1 / invstd.astype(np.float64) ** 2 - 1e-5, ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["planar", "channels_last"])
+def test_bfloat16_statistics_exact_whatever_the_order_of_the_data(layout):
+    """The same unrepresentative pilot in bfloat16 takes the float64 re-sum, which reads bfloat16
+    as float64 lanes (it once read 16 float64 lanes out of 16 float32 ones: means of 4e16)."""
+    g = torch.Generator().manual_seed(0)
+    x = (300 + torch.randn(4, 3, 5000, generator=g, dtype=torch.float64)).to(torch.bfloat16)
+    x[:, :, :64] = 0
+    if layout == "channels_last":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    xr = x.double()
+    mean, var = xr.mean((0, 2)), xr.var((0, 2), unbiased=False)
+    m = nkt.BatchNorm1d(3)
+    y = m(x)
+    torch.testing.assert_close(m.running_mean.double(), 0.1 * mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(m.running_var.double(), 0.9 + 0.1 * var * 20000 / 19999,
+                               rtol=1e-6, atol=0)
+    ref = (xr - mean[:, None]) / (var[:, None] + 1e-5).sqrt()
+    torch.testing.assert_close(y.double(), ref.to(torch.bfloat16).double(), rtol=0, atol=0.04)
+
+
 def test_float32_variance_of_sorted_data():
     """Sorted data: the first values are all from the lowest tail."""
     x = np.sort(1e4 + randn((2, 3, 20000), 3)).astype(np.float32)
