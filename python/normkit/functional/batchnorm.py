@@ -302,14 +302,36 @@ def _use_batch(use_batch, x):
     return (flags != 0).astype(param_dtype(x.dtype))
 
 
+@on_array_device
 def batch_norm_forward_masked(x, use_batch, running_mean, running_var, weight=None, bias=None,
                               momentum=0.1, eps=1e-5):
     """StochNorm's training forward for one process, in batch_norm_forward's fused passes.
 
-    Channels where ``use_batch`` (shape (C,), bool or 0/1) is true are normalized with the batch
-    statistics; the others with ``running_mean`` / ``running_var`` as they are on entry. Then the
-    running statistics of every channel are updated in place with the batch ones, as in
-    ``batch_norm_forward`` (``momentum``, unbiased variance).
+    Channels where ``use_batch`` is true are normalized with the batch statistics; the others
+    with ``running_mean`` / ``running_var`` as they are on entry. Then the running statistics of
+    every channel are updated in place with the batch ones, as in ``batch_norm_forward``
+    (``momentum``, unbiased variance).
+
+    Parameters
+    ----------
+    x : array (N, C, *)
+        float16, float32 or float64, NumPy or CuPy, any strides.
+    use_batch : array (C,)
+        bool or 0/1: which channels use the batch statistics.
+    running_mean, running_var : arrays (C,)
+        Required, in the parameter dtype (float32 for float16 input); updated in place.
+    weight, bias : arrays (C,) or None
+        The affine parameters; None: 1 and 0.
+    momentum : float
+        The running statistics' update factor.
+    eps : float
+        Added to the variances, > 0.
+
+    Raises
+    ------
+    ValueError
+        A missing running statistic, one value per channel or fewer, a ``use_batch`` of the wrong
+        shape, eps <= 0.
 
     Returns
     -------
@@ -342,13 +364,34 @@ def batch_norm_forward_masked(x, use_batch, running_mean, running_var, weight=No
     return y, used_mean, used_invstd
 
 
+@on_array_device
 def batch_norm_backward_masked(dy, x, mean, invstd, use_batch, weight=None, input_grad=True,
                                weight_grad=True):
-    """Gradients ``(dx, dweight, dbias)`` of ``batch_norm_forward_masked`` given its
-    ``mean, invstd`` and the same ``use_batch``: the gradient through the batch statistics on the
-    channels that used them, through constants (dx = weight * invstd * dy) on the others. As in
-    ``batch_norm_backward``, ``dweight``/``dbias`` are None without ``weight`` or when not
-    ``weight_grad``, ``dx`` is None when not ``input_grad``; everything is one fused pass."""
+    """Gradients ``(dx, dweight, dbias)`` of ``batch_norm_forward_masked``: through the batch
+    statistics on the channels that used them, through constants (dx = weight * invstd * dy) on
+    the others, in one fused pass.
+
+    Parameters
+    ----------
+    dy : array like x
+        The output gradient.
+    x : array (N, C, *)
+        The forward's input.
+    mean, invstd : arrays (C,)
+        What ``batch_norm_forward_masked`` returned (the statistics each channel used).
+    use_batch : array (C,)
+        The forward's ``use_batch``.
+    weight : array (C,) or None
+        The forward's weight.
+    input_grad : bool
+        Compute dx (else it is None).
+    weight_grad : bool
+        Compute dweight and dbias (they are None without ``weight`` too).
+
+    Returns
+    -------
+    dx, dweight, dbias : arrays or None
+    """
     x = kernel_input(x)
     dy = like(x, kernel_input(dy, "dy"))
     dx = array_module(x).empty_like(x) if input_grad else None
