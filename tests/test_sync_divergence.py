@@ -115,6 +115,30 @@ def _check_report(found, kind, ranks):
     for r in range(ranks):
         _expect(found, r, "channels/debug",
                 f"num_features: 3 on rank{rs} {others}; 4 on rank {odd}", within=slack)
+    # float32 on one rank, float64 on the others (same buffer length): the agreement header tells
+    # every rank; debug names the dtypes.
+    for r in range(ranks):
+        _expect(found, r, "dtype/plain", "SyncBatchNorm(3) forward", "made different calls",
+                within=slack)
+        _expect(found, r, "dtype/debug",
+                f"dtype: float64 on rank{rs} {others}; float32 on rank {odd}", within=slack)
+    # Every rank does the forward, the odd rank never calls backward: the others time out in
+    # backward (in debug, in its check), the odd rank has nothing to wait for.
+    for mode, who in (("plain", "backward: "), ("debug", "backward (debug check): ")):
+        for r in rest:
+            _expect(found, r, f"backward_timeout/{mode}", "SyncTimeoutError",
+                    f"SyncBatchNorm(3) {who}{comm}", f"not joined by every rank within {T} s",
+                    within=slack)
+            assert found[r, f"backward_timeout/{mode}"][1] >= T - 0.5, found[r, "output"]
+        _expect(found, odd, f"backward_timeout/{mode}", "no error", within=slack)
+    # Two alike layers called in another order on the odd rank (after one step in the same
+    # order): only debug's layer identity (order of first call) sees it, on every rank.
+    pattern = (rf"layer \(order of first call\): (\d+) on rank{rs} {others}; (\d+) on rank "
+               rf"{odd} \(")
+    for r in range(ranks):
+        _expect(found, r, "layer_order/debug", "SyncBatchNorm(3) forward", within=slack)
+        m = re.search(pattern, found[r, "layer_order/debug"][0])
+        assert m and int(m[2]) == int(m[1]) + 1, found[r, "layer_order/debug"]
     # One more layer constructed on one rank is no divergence (the old construction counter
     # raised here): no error, and the values equal one process's (checked in the script).
     for r in range(ranks):
