@@ -9,7 +9,8 @@ without and with the debug check, on a fresh communicator (a timed-out collectiv
 communicator unusable) with NORMKIT_SYNC_TIMEOUT's short timeout and no abort, catches each
 rank's error and prints "rank R: CASE/MODE: ERROR Type: message (T s)" or "rank R: CASE/MODE:
 no error (T s)"; the test asserts each rank's line. The odd rank is the last one. The
-"uncaught-*" cases let the error propagate, so that the aborting excepthook must end the job.
+"uncaught-*" cases let the error propagate, so that the aborting excepthook must end the job;
+"uncaught-noabort-*" opt out of that abort, so that the other ranks must end by their timeout.
 """
 import os
 import sys
@@ -220,5 +221,18 @@ elif WHAT == "uncaught-timeout":
     # abort ends the job.
     train_eval(new_comm(False, abort=True))
     time.sleep(60)  # a rank that would otherwise exit cleanly waits here for the abort
+elif WHAT in ("uncaught-noabort-env", "uncaught-noabort-option"):
+    # The abort opted out of, by NORMKIT_SYNC_ABORT=0 (abort_on_exception=None reads it) or by
+    # abort_on_exception=False: the odd rank's uncaught error must not end the job; the others
+    # go on and end by their timeout.
+    start = time.monotonic()
+    try:
+        raise_before(new_comm(False, abort=None if WHAT.endswith("env") else False))
+    except Exception as e:
+        if rank == ODD:
+            raise
+        say(f"rank {rank}: noabort: ERROR {type(e).__name__}: {e} "
+            f"({time.monotonic() - start:.1f} s)")
+        os._exit(1)  # the timed-out request stays posted: MPI_Finalize could wait on it
 else:
     raise SystemExit(f"unknown {WHAT!r}")
