@@ -25,6 +25,7 @@ TIMEOUTS = {"nn": 2, "torch": 3}  # seconds: short, yet longer than a slow rank'
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
            OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 ENV.pop("NORMKIT_SYNC_DEBUG", None)
+ENV.pop("NORMKIT_SYNC_ABORT", None)
 
 
 def _mpiexec():
@@ -39,9 +40,10 @@ def _mpiexec():
     return exe
 
 
-def _launch(kind, ranks, what, limit):
-    """Runs the script; returns (returncode, output, seconds). The job must end within `limit`
-    seconds (the subprocess timeout turns a hang into a failure)."""
+def _launch(kind, ranks, what, limit, **env):
+    """Runs the script (with `env` added to the environment); returns (returncode, output,
+    seconds). The job must end within `limit` seconds (the subprocess timeout turns a hang into a
+    failure)."""
     if kind == "nn":
         cmd = [_mpiexec(), "-n", str(ranks), "--oversubscribe", sys.executable, str(SCRIPT)]
     else:
@@ -52,7 +54,7 @@ def _launch(kind, ranks, what, limit):
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
                "--master_addr=127.0.0.1", f"--master_port={port}", str(SCRIPT)]
-    env = dict(ENV, NORMKIT_SYNC_TIMEOUT=str(TIMEOUTS[kind]))
+    env = dict(ENV, NORMKIT_SYNC_TIMEOUT=str(TIMEOUTS[kind]), **env)
     start = time.monotonic()
     proc = subprocess.run(cmd + [kind, what], capture_output=True, text=True, timeout=limit,
                           env=env, errors="replace")
@@ -115,6 +117,30 @@ def _check_report(found, kind, ranks):
     for r in range(ranks):
         _expect(found, r, "channels/debug",
                 f"num_features: 3 on rank{rs} {others}; 4 on rank {odd}", within=slack)
+    # float32 on one rank, float64 on the others (same buffer length): the agreement header tells
+    # every rank; debug names the dtypes.
+    for r in range(ranks):
+        _expect(found, r, "dtype/plain", "SyncBatchNorm(3) forward", "made different calls",
+                within=slack)
+        _expect(found, r, "dtype/debug",
+                f"dtype: float64 on rank{rs} {others}; float32 on rank {odd}", within=slack)
+    # Every rank does the forward, the odd rank never calls backward: the others time out in
+    # backward (in debug, in its check), the odd rank has nothing to wait for.
+    for mode, who in (("plain", "backward: "), ("debug", "backward (debug check): ")):
+        for r in rest:
+            _expect(found, r, f"backward_timeout/{mode}", "SyncTimeoutError",
+                    f"SyncBatchNorm(3) {who}{comm}", f"not joined by every rank within {T} s",
+                    within=slack)
+            assert found[r, f"backward_timeout/{mode}"][1] >= T - 0.5, found[r, "output"]
+        _expect(found, odd, f"backward_timeout/{mode}", "no error", within=slack)
+    # Two alike layers called in another order on the odd rank (after one step in the same
+    # order): only debug's layer identity (order of first call) sees it, on every rank.
+    pattern = (rf"layer \(order of first call\): (\d+) on rank{rs} {others}; (\d+) on rank "
+               rf"{odd} \(")
+    for r in range(ranks):
+        _expect(found, r, "layer_order/debug", "SyncBatchNorm(3) forward", within=slack)
+        m = re.search(pattern, found[r, "layer_order/debug"][0])
+        assert m and int(m[2]) == int(m[1]) + 1, found[r, "layer_order/debug"]
     # One more layer constructed on one rank is no divergence (the old construction counter
     # raised here): no error, and the values equal one process's (checked in the script).
     for r in range(ranks):
@@ -172,6 +198,25 @@ def test_uncaught_timeout_ends_the_job_mpi():
     # Either training rank may time out first; its abort can end the other before it prints.
     assert "SyncTimeoutError: SyncBatchNorm(3) forward: MPICommunicator(rank=" in out, out[-5000:]
     assert "MPI_ABORT was invoked" in out, out[-5000:]
+
+
+@pytest.mark.parametrize("how", ["env", "option"])
+def test_uncaught_error_without_abort_leaves_the_others_to_time_out_mpi(how):
+    """The abort opted out of (NORMKIT_SYNC_ABORT=0, or abort_on_exception=False): the odd rank's
+    uncaught channel error does not end the job; the other rank goes on to its collective and
+    ends by SyncTimeoutError after its timeout."""
+    T = TIMEOUTS["nn"]
+    extra = {"NORMKIT_SYNC_ABORT": "0"} if how == "env" else {}
+    rc, out, _ = _launch("nn", 2, f"uncaught-noabort-{how}", limit=60, **extra)
+    assert rc != 0, out[-5000:]
+    assert "ValueError: SyncBatchNorm(3): input has 4 channels" in out, out[-5000:]
+    assert "MPI_ABORT was invoked" not in out, out[-5000:]
+    m = re.search(r"rank 0: noabort: ERROR (\w+): (.*) \(([\d.]+) s\)$", out, re.M)
+    assert m, out[-5000:]
+    assert m[1] == "SyncTimeoutError", m[0]
+    assert "SyncBatchNorm(3) forward: MPICommunicator(rank=0" in m[2], m[0]
+    assert f"not joined by every rank within {T} s" in m[2], m[0]
+    assert T - 0.5 <= float(m[3]) <= T + 5.0, m[0]
 
 
 def test_sync_timeout_option(monkeypatch):

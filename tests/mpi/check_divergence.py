@@ -9,7 +9,8 @@ without and with the debug check, on a fresh communicator (a timed-out collectiv
 communicator unusable) with NORMKIT_SYNC_TIMEOUT's short timeout and no abort, catches each
 rank's error and prints "rank R: CASE/MODE: ERROR Type: message (T s)" or "rank R: CASE/MODE:
 no error (T s)"; the test asserts each rank's line. The odd rank is the last one. The
-"uncaught-*" cases let the error propagate, so that the aborting excepthook must end the job.
+"uncaught-*" cases let the error propagate, so that the aborting excepthook must end the job;
+"uncaught-noabort-*" opt out of that abort, so that the other ranks must end by their timeout.
 """
 import os
 import sys
@@ -33,11 +34,11 @@ if KIND == "nn":
         return MPICommunicator(WORLD.Dup(), debug=debug, timeout=timeout,
                                abort_on_exception=abort)
 
-    def new_layer(channels, comm):
-        return nk.nn.SyncBatchNorm(channels, comm=comm, dtype=np.float64)
+    def new_layer(channels, comm, dtype=np.float64):
+        return nk.nn.SyncBatchNorm(channels, comm=comm, dtype=dtype)
 
     def forward(layer, x):
-        return layer(x)
+        return layer(x.astype(layer.weight.data.dtype, copy=False))
 
     def backward(layer, y, dy):
         return layer.backward(dy)
@@ -62,14 +63,14 @@ else:
         return nkt.TorchCommunicator(group, debug=debug, timeout=timeout,
                                      abort_on_exception=abort)
 
-    def new_layer(channels, comm):
-        return nkt.SyncBatchNorm(channels, comm=comm, dtype=torch.float64)
+    def new_layer(channels, comm, dtype=np.float64):
+        return nkt.SyncBatchNorm(channels, comm=comm, dtype=getattr(torch, np.dtype(dtype).name))
 
     def forward(layer, x):
-        return layer(torch.from_numpy(x).requires_grad_())
+        return layer(torch.from_numpy(x).to(layer.weight.dtype).requires_grad_())
 
     def backward(layer, y, dy):
-        y.backward(torch.from_numpy(dy))
+        y.backward(torch.from_numpy(dy).to(y.dtype))
 
     def reference(x, dy):
         bn = torch.nn.BatchNorm1d(C, dtype=torch.float64)
@@ -130,6 +131,29 @@ def channels(comm):
         step(layer, channels=n)
 
 
+def dtype(comm):
+    """float32 on the odd rank, float64 on the others: same channels, same buffer length."""
+    layer = new_layer(C, comm, np.float32 if rank == ODD else np.float64)
+    for _ in range(2):
+        step(layer)
+
+
+def backward_timeout(comm):
+    """Every rank does the forward; the odd rank never calls backward (nor anything after)."""
+    layer = new_layer(C, comm)
+    step(layer, do_backward=rank != ODD)
+
+
+def layer_order(comm):
+    """Two layers alike in channels, dtype and mode: every rank calls A then B once; then the odd
+    rank calls B then A. Only the debug check's layer identity (the order of first calls) tells
+    them apart. (Swapped from the very first call they are indistinguishable by design.)"""
+    a, b = new_layer(C, comm), new_layer(C, comm)
+    for it in range(2):
+        for layer in ((b, a) if rank == ODD and it == 1 else (a, b)):
+            step(layer)
+
+
 def extra_layer(comm):
     """Not a divergence: the odd rank constructs one more layer than the others, never called;
     the results must equal one process's batch norm of the whole batch."""
@@ -150,7 +174,9 @@ def extra_layer(comm):
         raise AssertionError(f"extra_layer: results differ from one process's by {err:.3g}")
 
 
-CASES = [train_eval, skip_backward, extra_forward, raise_before, channels, extra_layer]
+CASES = [train_eval, skip_backward, extra_forward, raise_before, channels, extra_layer, dtype,
+         backward_timeout, layer_order]
+DEBUG_ONLY = {layer_order}  # without the debug check nothing identifies a layer across ranks
 
 
 def say(line):
@@ -163,7 +189,8 @@ def say(line):
 def report():
     control = new_comm(False, timeout=120)
     extra_layer(new_comm(False))  # a warm-up: no rank's first call (imports) may take a timeout
-    runs = [(case, debug) for case in CASES for debug in (False, True)]
+    runs = [(case, debug) for case in CASES for debug in (False, True)
+            if debug or case not in DEBUG_ONLY]
     # Last: all-reduces of different lengths, on which gloo terminates a process (see the test).
     runs.remove((channels, False))
     runs.append((channels, False))
@@ -194,5 +221,18 @@ elif WHAT == "uncaught-timeout":
     # abort ends the job.
     train_eval(new_comm(False, abort=True))
     time.sleep(60)  # a rank that would otherwise exit cleanly waits here for the abort
+elif WHAT in ("uncaught-noabort-env", "uncaught-noabort-option"):
+    # The abort opted out of, by NORMKIT_SYNC_ABORT=0 (abort_on_exception=None reads it) or by
+    # abort_on_exception=False: the odd rank's uncaught error must not end the job; the others
+    # go on and end by their timeout.
+    start = time.monotonic()
+    try:
+        raise_before(new_comm(False, abort=None if WHAT.endswith("env") else False))
+    except Exception as e:
+        if rank == ODD:
+            raise
+        say(f"rank {rank}: noabort: ERROR {type(e).__name__}: {e} "
+            f"({time.monotonic() - start:.1f} s)")
+        os._exit(1)  # the timed-out request stays posted: MPI_Finalize could wait on it
 else:
     raise SystemExit(f"unknown {WHAT!r}")
