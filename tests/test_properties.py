@@ -357,6 +357,25 @@ def test_ws_standardize_forward_and_backward(data, dtype, shape, convention, wit
     _close(dw, rdw, dtype, scale=30 * ratio ** 2 * max(1.0, dy_scale))
 
 
+@SETTINGS
+@given(data=st.data(), shape=hnp.array_shapes(min_dims=2, max_dims=4, min_side=2, max_side=4),
+       convention=st.sampled_from(["elektronn3", "nfnet", "timm"]))
+def test_ws_standardize_bfloat16_through_torch(data, shape, convention):
+    """bfloat16 weights through normkit.torch (the CPU kernels take bfloat16; float16 only runs
+    on CUDA): float32 statistics, so the error is the output's own rounding."""
+    torch = pytest.importorskip("torch")
+    import normkit.torch as nkt
+    dtype = torch.bfloat16
+    w = torch.from_numpy(np.ascontiguousarray(data.draw(arrays(shape, np.float32)))).to(dtype)
+    w_hat = nkt.ws_standardize(w, None, eps=1e-4, convention=convention)
+    assert w_hat.dtype == dtype
+    ref = ref_standardize(w.double(), None, 1e-4, convention)
+    flat = w.double().reshape(shape[0], -1).numpy()
+    tol = 2e-2 * _ratio(flat, flat.var(axis=1))
+    scale = max(1.0, float(ref.abs().max()))
+    torch.testing.assert_close(w_hat.double(), ref, rtol=tol, atol=tol * scale)
+
+
 # --- convolution -------------------------------------------------------------------------------
 
 def _ref_conv2d(x, w, b, stride, padding, dilation, groups):
