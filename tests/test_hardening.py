@@ -194,6 +194,29 @@ def test_core_refuses_torch_negative_views_through_dlpack():
         _C.batch_norm_stats(neg, np.empty(3, np.float32), np.empty(3, np.float32))
 
 
+def _conj_view():
+    c = torch.randn(4, 3, 5, dtype=torch.complex64).conj()
+    assert c.is_conj()
+    return c
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: nkt.batch_norm(c, None, None, training=True),
+    lambda c: nkt.BatchNorm1d(3)(c),
+    lambda c: nkt.GroupNorm(1, 3)(c),
+], ids=["batch_norm", "BatchNorm1d", "GroupNorm"])
+def test_torch_conjugate_view_is_a_dtype_error(call):
+    """A conjugate view (complex: the conjugate bit lives only on complex tensors) is resolved
+    before DLPack, then refused for its dtype: never read with its imaginary part's sign lost."""
+    with pytest.raises(TypeError, match="complex64"):
+        call(_conj_view())
+
+
+def test_core_refuses_torch_conjugate_views_through_dlpack():
+    with pytest.raises(ValueError, match="negative or conjugate bit"):
+        _C.batch_norm_stats(_conj_view(), np.empty(3, np.float32), np.empty(3, np.float32))
+
+
 def _normalize_into(x, out):
     return F.batch_norm_normalize(x, np.zeros(3, np.float32), _ones(3), out=out)
 

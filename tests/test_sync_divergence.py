@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from normkit.distributed import sync_timeout
+from normkit.distributed import _MPI_MISSING, sync_timeout
 
 SCRIPT = Path(__file__).parent / "mpi" / "check_divergence.py"
 TIMEOUTS = {"nn": 2, "torch": 3}  # seconds: short, yet longer than a slow rank's first step
@@ -33,7 +33,7 @@ def _mpiexec():
     found = (("mpiexec", exe), ("mpi4py", importlib.util.find_spec("mpi4py")))
     missing = [what for what, ok in found if not ok]
     if missing:
-        reason = f"{' and '.join(missing)} not found (pip install 'normkit[mpi]')"
+        reason = f"{' and '.join(missing)} not found; {_MPI_MISSING}"
         if os.environ.get("NORMKIT_REQUIRE_MPI") == "1":
             pytest.fail(reason)
         pytest.skip(reason)

@@ -42,6 +42,16 @@ constexpr uint8_t kDLFloat = 2, kDLBfloat = 4;
        "; normkit takes float16, bfloat16 (GPU), float32 and float64 arrays");
 }
 
+// A DLPack dtype as torch and NumPy name it ("complex64"), so that the error names the dtype
+// the user passed; an unknown code keeps its number.
+std::string dlpack_dtype_name(DLDataType dtype) {
+  static const char* const kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex"};
+  const std::string bits = std::to_string(dtype.bits);
+  if (dtype.code == 6) return "bool (DLPack, " + bits + " bits)";
+  if (dtype.code < 6) return kinds[dtype.code] + bits + " (DLPack)";
+  return "code " + std::to_string(dtype.code) + " with " + bits + " bits (DLPack)";
+}
+
 DType dtype_from_format(std::string format, int64_t itemsize, const char* op, const char* name) {
   if (!format.empty() && (format[0] == '<' || format[0] == '=' || format[0] == '@')) format.erase(0, 1);
   if (format == "e" && itemsize == 2) return DType::Float16;
@@ -173,8 +183,7 @@ Array from_capsule(py::object capsule, const char* op, const char* name) {
   else if (t.dtype.code == kDLBfloat && t.dtype.bits == 16) v.dtype = DType::BFloat16;
   else if (t.dtype.code == kDLFloat && t.dtype.bits == 32) v.dtype = DType::Float32;
   else if (t.dtype.code == kDLFloat && t.dtype.bits == 64) v.dtype = DType::Float64;
-  else unsupported_dtype(op, name, "code " + std::to_string(t.dtype.code) + " with " +
-                                       std::to_string(t.dtype.bits) + " bits (DLPack)");
+  else unsupported_dtype(op, name, dlpack_dtype_name(t.dtype));
   switch (t.device.device_type) {
     case kDLCPU:
     case kDLCUDAHost: v.device = Device::CPU; break;
