@@ -1171,52 +1171,21 @@ void backward_train(const Geometry& g, Strided<const T> dys, Strided<const T> xs
 }
 }  // namespace
 
-void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const TensorView& mean,
-                               const TensorView& invstd, const TensorView& weight,
-                               const TensorView& dx, const TensorView& sum_dy,
-                               const TensorView& sum_dy_xmu, const Launch& launch) {
-  const char* op = "batch_norm_backward_train";
+namespace {
+// batch_norm_backward_train and its masked variant: one set of checks, one fused pass; the masked
+// one's channels without batch statistics get no gradient through them.
+void backward_train_checked(const char* op, bool masked, const TensorView& dy, const TensorView& x,
+                            const TensorView& mean, const TensorView& invstd,
+                            const TensorView& weight, const TensorView& use_batch,
+                            const TensorView& dx, const TensorView& sum_dy,
+                            const TensorView& sum_dy_xmu, const Launch& launch) {
   const Checked k = check_input(op, x);
   const NCSView dyv = check_like_x(op, dy, "dy", x);
   const NCSView dxv = dx.defined() ? check_like_x(op, dx, "dx", x) : dyv;
   check_channels(op, mean, "mean", x, k.C, k.param, false);
   check_channels(op, invstd, "invstd", x, k.C, k.param, false);
   check_channels(op, weight, "weight", x, k.C, k.param, true);
-  check_channels(op, sum_dy, "sum_dy", x, k.C, k.param, false);
-  check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, false);
-  check_output_memory(op, {{dx, "dx", true}, {sum_dy, "sum_dy", false},
-                           {sum_dy_xmu, "sum_dy_xmu", false}},
-                      {{dy, "dy", true}, {x, "x", true}, {mean, "mean", false},
-                       {invstd, "invstd", false}, {weight, "weight", false}});
-  dispatch<true>(op, x, [&](auto tag) {
-    using T = storage_t<decltype(tag)>;
-    using A = acc_t<T>;
-    const Geometry g{choose_layout({&k.x, &dyv, &dxv}), k.x.N, k.C, k.x.S};
-    const auto dxs = dx.defined() ? strided<T>(dx, dxv) : Strided<T>{nullptr, 0, 0, 0};
-    std::vector<double> s1, s2;
-    backward_train<T>(g, in<T>(dy, dyv), in<T>(x, k.x), dxs, read_channels<A>(mean, k.C, 0),
-                      read_channels<A>(invstd, k.C, 0), read_channels<A>(weight, k.C, 1),
-                      Choice{}, s1, s2);
-    write_channels<A>(sum_dy, s1);
-    write_channels<A>(sum_dy_xmu, s2);
-  }, [&] {
-    cuda::batch_norm_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, launch);
-  });
-}
-
-void batch_norm_backward_train_masked(const TensorView& dy, const TensorView& x,
-                                      const TensorView& mean, const TensorView& invstd,
-                                      const TensorView& weight, const TensorView& use_batch,
-                                      const TensorView& dx, const TensorView& sum_dy,
-                                      const TensorView& sum_dy_xmu, const Launch& launch) {
-  const char* op = "batch_norm_backward_train_masked";
-  const Checked k = check_input(op, x);
-  const NCSView dyv = check_like_x(op, dy, "dy", x);
-  const NCSView dxv = dx.defined() ? check_like_x(op, dx, "dx", x) : dyv;
-  check_channels(op, mean, "mean", x, k.C, k.param, false);
-  check_channels(op, invstd, "invstd", x, k.C, k.param, false);
-  check_channels(op, weight, "weight", x, k.C, k.param, true);
-  check_channels(op, use_batch, "use_batch", x, k.C, k.param, false);
+  if (masked) check_channels(op, use_batch, "use_batch", x, k.C, k.param, false);
   check_channels(op, sum_dy, "sum_dy", x, k.C, k.param, false);
   check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, false);
   check_output_memory(op, {{dx, "dx", true}, {sum_dy, "sum_dy", false},
@@ -1232,13 +1201,36 @@ void batch_norm_backward_train_masked(const TensorView& dy, const TensorView& x,
     std::vector<double> s1, s2;
     backward_train<T>(g, in<T>(dy, dyv), in<T>(x, k.x), dxs, read_channels<A>(mean, k.C, 0),
                       read_channels<A>(invstd, k.C, 0), read_channels<A>(weight, k.C, 1),
-                      read_choice<A>(use_batch, k.C), s1, s2);
+                      masked ? read_choice<A>(use_batch, k.C) : Choice{}, s1, s2);
     write_channels<A>(sum_dy, s1);
     write_channels<A>(sum_dy_xmu, s2);
   }, [&] {
-    cuda::batch_norm_backward_train_masked(dy, x, mean, invstd, weight, use_batch, dx, sum_dy,
-                                           sum_dy_xmu, launch);
+    if (masked) {
+      cuda::batch_norm_backward_train_masked(dy, x, mean, invstd, weight, use_batch, dx, sum_dy,
+                                             sum_dy_xmu, launch);
+    } else {
+      cuda::batch_norm_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu,
+                                      launch);
+    }
   });
+}
+}  // namespace
+
+void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const TensorView& mean,
+                               const TensorView& invstd, const TensorView& weight,
+                               const TensorView& dx, const TensorView& sum_dy,
+                               const TensorView& sum_dy_xmu, const Launch& launch) {
+  backward_train_checked("batch_norm_backward_train", false, dy, x, mean, invstd, weight,
+                         TensorView{}, dx, sum_dy, sum_dy_xmu, launch);
+}
+
+void batch_norm_backward_train_masked(const TensorView& dy, const TensorView& x,
+                                      const TensorView& mean, const TensorView& invstd,
+                                      const TensorView& weight, const TensorView& use_batch,
+                                      const TensorView& dx, const TensorView& sum_dy,
+                                      const TensorView& sum_dy_xmu, const Launch& launch) {
+  backward_train_checked("batch_norm_backward_train_masked", true, dy, x, mean, invstd,
+                         weight, use_batch, dx, sum_dy, sum_dy_xmu, launch);
 }
 
 }  // namespace normkit

@@ -290,10 +290,7 @@ class _NormkitInstanceNorm(_CountsBatches):
         return y.squeeze(0) if unbatched else y
 
 
-class InstanceNorm1d(_NormkitInstanceNorm, torch.nn.InstanceNorm1d):
-    """``torch.nn.InstanceNorm1d`` over (N, C, L) or unbatched (C, L) inputs, run by normkit
-    (running statistics as in ``_NormkitInstanceNorm``).
-
+_INSTANCE_NORM_PARAMETERS = """
     Parameters
     ----------
     num_features : int
@@ -311,55 +308,28 @@ class InstanceNorm1d(_NormkitInstanceNorm, torch.nn.InstanceNorm1d):
         torch's factory arguments of the parameters and buffers.
     bias : bool
         Keyword-only: False with affine=True keeps the weight only.
+"""
+
+
+class InstanceNorm1d(_NormkitInstanceNorm, torch.nn.InstanceNorm1d):
+    """``torch.nn.InstanceNorm1d`` over (N, C, L) or unbatched (C, L) inputs, run by normkit
+    (running statistics as in ``_NormkitInstanceNorm``).
     """
+    __doc__ += _INSTANCE_NORM_PARAMETERS
 
 
 class InstanceNorm2d(_NormkitInstanceNorm, torch.nn.InstanceNorm2d):
     """``torch.nn.InstanceNorm2d`` over (N, C, H, W) (NCHW or channels_last) or unbatched
     (C, H, W) inputs, run by normkit (running statistics as in ``_NormkitInstanceNorm``).
-
-    Parameters
-    ----------
-    num_features : int
-        C, the channels of the input.
-    eps : float
-        Added to the variance (default 1e-5).
-    momentum : float or None
-        Factor of each batch's statistics in the running ones (default 0.1); None: their
-        cumulative average.
-    affine : bool
-        Whether the layer has a per-channel weight and bias (default False).
-    track_running_stats : bool
-        Whether the layer keeps running statistics, used in eval (default False).
-    device, dtype
-        torch's factory arguments of the parameters and buffers.
-    bias : bool
-        Keyword-only: False with affine=True keeps the weight only.
     """
+    __doc__ += _INSTANCE_NORM_PARAMETERS
 
 
 class InstanceNorm3d(_NormkitInstanceNorm, torch.nn.InstanceNorm3d):
     """``torch.nn.InstanceNorm3d`` over (N, C, D, H, W) (NCDHW or channels_last_3d) or unbatched
     (C, D, H, W) inputs, run by normkit (running statistics as in ``_NormkitInstanceNorm``).
-
-    Parameters
-    ----------
-    num_features : int
-        C, the channels of the input.
-    eps : float
-        Added to the variance (default 1e-5).
-    momentum : float or None
-        Factor of each batch's statistics in the running ones (default 0.1); None: their
-        cumulative average.
-    affine : bool
-        Whether the layer has a per-channel weight and bias (default False).
-    track_running_stats : bool
-        Whether the layer keeps running statistics, used in eval (default False).
-    device, dtype
-        torch's factory arguments of the parameters and buffers.
-    bias : bool
-        Keyword-only: False with affine=True keeps the weight only.
     """
+    __doc__ += _INSTANCE_NORM_PARAMETERS
 
 
 class InstanceBatchNorm2d(torch.nn.Module):
