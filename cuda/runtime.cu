@@ -3,6 +3,7 @@
 // anything that needs a device is a RuntimeError.
 #include <cudaTypedefs.h>
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -32,6 +33,17 @@ int multiprocessor_count(int device) {
         "cudaDeviceGetAttribute(multiprocessor count)");
   if (device >= 0 && device < kCached) cache[device].store(count, std::memory_order_relaxed);
   return count;
+}
+
+int least_resident_blocks(const std::vector<const void*>& kernels, int threads) {
+  int least = 1 << 30;
+  for (const void* kernel : kernels) {
+    int blocks = 0;
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0),
+          "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    least = std::min(least, blocks);
+  }
+  return std::max(least, 1);
 }
 
 bool has_primary_context(int device) {
