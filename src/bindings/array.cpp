@@ -1,8 +1,11 @@
 #include "array.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <string>
+#include <utility>
 
 #include "normkit/device.h"
 
@@ -34,7 +37,7 @@ struct DLManagedTensor {
   void* manager_ctx;
   void (*deleter)(DLManagedTensor*);
 };
-constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3;
+constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
 constexpr uint8_t kDLFloat = 2, kDLBfloat = 4;
 
 [[noreturn]] void unsupported_dtype(const char* op, const char* name, const std::string& what) {
@@ -187,7 +190,9 @@ Array from_capsule(py::object capsule, const char* op, const char* name) {
   switch (t.device.device_type) {
     case kDLCPU:
     case kDLCUDAHost: v.device = Device::CPU; break;
-    case kDLCUDA: v.device = Device::CUDA; break;
+    // Managed memory is CUDA memory: the capsule names the device, so the driver is not asked.
+    case kDLCUDA:
+    case kDLCUDAManaged: v.device = Device::CUDA; break;
     default:
       fail(ErrorKind::Type, op, ": ", name, " lives on DLPack device type ",
            t.device.device_type, "; normkit takes CPU and CUDA arrays");
@@ -218,7 +223,8 @@ Array from_dlpack(py::handle obj, const char* op, const char* name, Access acces
   bool cuda = false;
   if (py::hasattr(obj, "__dlpack_device__")) {
     const py::tuple device = obj.attr("__dlpack_device__")();
-    cuda = device[0].cast<int32_t>() == kDLCUDA;
+    const auto type = device[0].cast<int32_t>();
+    cuda = type == kDLCUDA || type == kDLCUDAManaged;
   }
   // A CUDA exporter makes its data ready on the consumer's stream (DLPack's stream protocol;
   // 0 is not allowed there, 1 names the legacy default stream, -1 asks for no synchronization).
@@ -278,11 +284,17 @@ Array as_array(py::handle obj, const char* op, const char* name, Access access,
 }
 
 void wait_for_producers(std::initializer_list<const Array*> arrays, uintptr_t stream) {
+  // One wait per producer stream: arrays of one producer (an op's inputs and outputs often are)
+  // need it only once, and each wait is an event record and a stream wait.
+  std::pair<int, uintptr_t> waited[16];
+  size_t count = 0;
   for (const Array* a : arrays) {
-    if (a->view.defined() && a->view.device == Device::CUDA && a->has_producer_stream) {
-      cuda_stream_wait(a->view.device_id, reinterpret_cast<void*>(a->producer_stream),
-                       reinterpret_cast<void*>(stream));
-    }
+    if (!a->view.defined() || a->view.device != Device::CUDA || !a->has_producer_stream) continue;
+    const std::pair<int, uintptr_t> producer{a->view.device_id, a->producer_stream};
+    if (std::find(waited, waited + count, producer) != waited + count) continue;
+    cuda_stream_wait(producer.first, reinterpret_cast<void*>(producer.second),
+                     reinterpret_cast<void*>(stream));
+    if (count < std::size(waited)) waited[count++] = producer;
   }
 }
 
