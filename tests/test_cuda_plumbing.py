@@ -466,52 +466,6 @@ def test_the_functional_ops_query_each_workspace_size_once(fake_cupy, monkeypatc
     assert [e[2] for e in fake_cupy.log if e[0] == "empty"] == [11, 12, 12, 13] * 2
 
 
-class FakeCudaTensor:
-    """What normkit.torch's launch reads of a CUDA tensor: is_cuda, device, shape, dtype."""
-
-    def __init__(self, shape, dtype, index):
-        import torch
-
-        self.shape, self.dtype = torch.Size(shape), dtype
-        self.device, self.is_cuda = torch.device("cuda", index), True
-
-
-def test_torch_launch_asks_each_workspace_size_once(monkeypatch):
-    """normkit.torch's launch: the size query (through a capsule of x) once per shape, dtype,
-    device and groups; a workspace from torch's allocator on x's device on every call."""
-    torch = pytest.importorskip("torch")
-    from normkit import _backend
-    from normkit.torch import _dlpack
-
-    monkeypatch.setattr(_backend, "_WORKSPACE_SIZES", {})
-    streams = {0: 0x50, 1: 0x51}
-    monkeypatch.setattr(torch.cuda, "current_stream",
-                        lambda device: type("S", (), {"cuda_stream": streams[device.index]}))
-    allocated = []
-    monkeypatch.setattr(torch, "empty", lambda n, dtype, device: allocated.append(
-        (n, dtype, device)) or "workspace")
-    monkeypatch.setattr(_dlpack, "to_dlpack", lambda t: ("capsule of", t))
-    asked = []
-
-    def query(capsule, *args):
-        asked.append((capsule[1].shape, capsule[1].dtype, capsule[1].device.index, args))
-        return 5 + len(asked)
-
-    x = FakeCudaTensor((4, 8, 3), torch.float16, 1)
-    for _ in range(2):
-        args = _dlpack.launch(x, query)
-        assert args == {"stream": 0x51, "workspace": ("capsule of", "workspace")}
-        _dlpack.launch(x, query, 2)
-        _dlpack.launch(FakeCudaTensor((4, 8, 3), torch.float32, 1), query)
-        _dlpack.launch(FakeCudaTensor((4, 8, 3), torch.float16, 0), query)
-        _dlpack.launch(FakeCudaTensor((4, 8, 5), torch.float16, 1), query)
-    assert asked == [((4, 8, 3), torch.float16, 1, ()), ((4, 8, 3), torch.float16, 1, (2,)),
-                     ((4, 8, 3), torch.float32, 1, ()), ((4, 8, 3), torch.float16, 0, ()),
-                     ((4, 8, 5), torch.float16, 1, ())]
-    assert allocated == [(n, torch.float64, torch.device("cuda", d))
-                         for n, d in [(6, 1), (7, 1), (8, 1), (9, 0), (10, 1)]] * 2
-
-
 def test_launch_args_switch_no_device_when_the_arrays_is_current(fake_cupy):
     from normkit._backend import launch_args
 

@@ -10,7 +10,6 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from .. import _C
-from .._backend import remembered_workspace_size
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -35,25 +34,20 @@ def dl(t):
         raise
 
 
-def launch(x, workspace_size=None, *args):
+def launch(x, workspace_size=None):
     """Keyword arguments that run a core op on ``x``'s device: none for CPU tensors; for CUDA
     tensors torch's current stream on that device and, for ops that reduce over ``x``, a float64
-    workspace from torch's caching allocator (so the op neither allocates nor synchronizes; under
-    a CUDA-graph capture it comes from the graph's private pool).
+    workspace from torch's caching allocator (so the op neither allocates nor synchronizes).
 
-    ``workspace_size`` is the reducing op family's size query, called as
-    ``workspace_size(capsule of x, *args)``: ``batch_workspace``, or ``group_workspace`` with the
-    number of groups. It is asked once per shape, dtype and device (normkit._backend's
-    remembered_workspace_size), not on every call."""
+    ``workspace_size`` is the reducing op family's size query, a function of ``x``'s capsule:
+    ``batch_workspace``, or ``group_workspace(groups)``."""
     if not x.is_cuda:
         return {}
-    device = x.device
-    out = {"stream": torch.cuda.current_stream(device).cuda_stream}
+    args = {"stream": torch.cuda.current_stream(x.device).cuda_stream}
     if workspace_size is not None:
-        key = (workspace_size, args, x.shape, x.dtype, device)
-        size = remembered_workspace_size(key, lambda: workspace_size(to_dlpack(x), *args))
-        out["workspace"] = to_dlpack(torch.empty(size, dtype=torch.float64, device=device))
-    return out
+        size = workspace_size(to_dlpack(x))
+        args["workspace"] = to_dlpack(torch.empty(size, dtype=torch.float64, device=x.device))
+    return args
 
 
 def batch_workspace(capsule):
@@ -61,9 +55,9 @@ def batch_workspace(capsule):
     return _C.batch_norm_workspace_size(capsule)
 
 
-def group_workspace(capsule, groups):
+def group_workspace(groups):
     """The workspace size query of the group-norm ops for ``groups`` groups, for ``launch``."""
-    return _C.group_norm_workspace_size(capsule, groups)
+    return lambda capsule: _C.group_norm_workspace_size(capsule, groups)
 
 
 def param_dtype(dtype):

@@ -29,8 +29,7 @@ Adding an op family (e.g. group_norm_* core ops)
    tensors are ``Tensor?``; a gradient that is not wanted is passed as a ``bool need_*`` flag and
    returned as ``_absent(x)`` (an empty tensor: schemas cannot return None).
 2. ``@_impl("group_norm_forward")`` -- allocate outputs with torch (``_empty(x)`` keeps the
-   input's layout), call ``_C.<op>(dl(...), ..., **launch(x, <family>_workspace, *its_args))``
-   (group norm's query takes the groups), return them.
+   input's layout), call ``_C.<op>(dl(...), ..., **launch(x, <family>_workspace))``, return them.
    Use ``kernel_input(x)`` for inputs the kernels cannot read in place and ``_as_input(x, y)`` to
    give the output x's layout back.
 3. ``@_fake("group_norm_forward")`` -- the same allocations, no kernel call.
@@ -530,7 +529,7 @@ def _group_norm_train(x, groups, weight, bias, eps):
     y = _empty(xk)
     mean, var, rstd = _per_sample(x, groups), _per_sample(x, groups), _per_sample(x, groups)
     _C.group_norm_forward(dl(xk), dl(weight), dl(bias), eps, dl(y), dl(mean), dl(var), dl(rstd),
-                          **launch(xk, group_workspace, groups))
+                          **launch(xk, group_workspace(groups)))
     return _as_input(x, y), mean, var, rstd
 
 
@@ -582,7 +581,7 @@ def _group_norm_train_backward(dy, x, mean, rstd, weight, need_input):
     dx = _empty(xk) if need_input else None
     sum_dy, sum_dy_xmu = _per_sample(x, x.shape[1]), _per_sample(x, x.shape[1])
     _C.group_norm_backward(dl(dy), dl(xk), dl(mean), dl(rstd), dl(weight), dl(dx), dl(sum_dy),
-                           dl(sum_dy_xmu), **launch(xk, group_workspace, mean.shape[1]))
+                           dl(sum_dy_xmu), **launch(xk, group_workspace(mean.shape[1])))
     return (_as_input(x, dx) if need_input else _absent(x)), sum_dy, sum_dy_xmu
 
 
@@ -648,7 +647,7 @@ def _group_norm_backward_reduce(dy, x, mean):
     dy = like(xk, dy)
     sum_dy, sum_dy_xmu = _per_sample(x, x.shape[1]), _per_sample(x, x.shape[1])
     _C.group_norm_backward_reduce(dl(dy), dl(xk), dl(mean), dl(sum_dy), dl(sum_dy_xmu),
-                                  **launch(xk, group_workspace, mean.shape[1]))
+                                  **launch(xk, group_workspace(mean.shape[1])))
     return sum_dy, sum_dy_xmu
 
 
@@ -880,7 +879,7 @@ def _group_norm_stats(x, groups):
     """The (N, groups) mean and biased variance of x's groups of channels."""
     xk = kernel_input(x)
     mean, var = _per_sample(x, groups), _per_sample(x, groups)
-    _C.group_norm_stats(dl(xk), dl(mean), dl(var), **launch(xk, group_workspace, groups))
+    _C.group_norm_stats(dl(xk), dl(mean), dl(var), **launch(xk, group_workspace(groups)))
     return mean, var
 
 

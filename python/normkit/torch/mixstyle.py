@@ -46,7 +46,7 @@ def instance_moments(x, eps=1e-6):
     pd = param_dtype(x.dtype)
     mu = torch.empty(B, C, dtype=pd, device=x.device)
     var = torch.empty(B, C, dtype=pd, device=x.device)
-    _C.group_norm_stats(dl(x), dl(mu), dl(var), **launch(x, group_workspace, C))
+    _C.group_norm_stats(dl(x), dl(mu), dl(var), **launch(x, group_workspace(C)))
     return mu, _sig(x, var, eps)
 
 
