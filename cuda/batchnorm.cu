@@ -26,7 +26,6 @@
 // All indexing is 64-bit, and grids are 1-D with block-stride loops, so no size is limited by a
 // grid dimension.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <vector>
@@ -718,28 +717,19 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------------------------------------------
 // Host side: occupancy and launches.
 
-// Resident blocks per SM of one kernel at kThreads threads (registers, shared memory), asked of
-// the runtime: the kernels use 40-96 registers per thread (nvcc -Xptxas -v), which fit 2-4 blocks
-// of 256 threads on an SM of 64K registers.
-int occupancy(const void* kernel) {
-  int blocks = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0),
-        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  return std::max(blocks, 1);
-}
-
-// The least occupancy over the kernels a plan for T may run: both layouts, every vector width,
-// the reductions and both elementwise passes (channels-last blocks have at most kThreads).
+// The kernels a plan for T may run: both layouts, every vector width, the reductions and both
+// elementwise passes (channels-last blocks have at most kThreads). They use 40-96 registers per
+// thread (nvcc -Xptxas -v), which fit 2-4 blocks of 256 threads on an SM of 64K registers.
 template <class T>
-int least_occupancy() {
-  int least = 1 << 30;
+std::vector<const void*> plan_kernels() {
+  std::vector<const void*> kernels;
   const auto rows = [&](auto width) {
     constexpr int V = decltype(width)::value;
     for (const void* k : {reinterpret_cast<const void*>(&moments_rows<T, V>),
                           reinterpret_cast<const void*>(&sums_rows<T, V>),
                           reinterpret_cast<const void*>(&affine_rows<T, V, false>),
                           reinterpret_cast<const void*>(&affine_rows<T, V, true>)}) {
-      least = std::min(least, occupancy(k));
+      kernels.push_back(k);
     }
   };
   const auto channels_last = [&](auto width) {
@@ -748,7 +738,7 @@ int least_occupancy() {
                           reinterpret_cast<const void*>(&sums_channels_last<T, V>),
                           reinterpret_cast<const void*>(&affine_channels_last<T, V, false>),
                           reinterpret_cast<const void*>(&affine_channels_last<T, V, true>)}) {
-      least = std::min(least, occupancy(k));
+      kernels.push_back(k);
     }
   };
   constexpr int wide = int(16 / sizeof(T)), narrow = int(8 / sizeof(T));
@@ -758,24 +748,13 @@ int least_occupancy() {
   if constexpr (wide <= 4) channels_last(std::integral_constant<int, wide>{});
   if constexpr (narrow > 1 && narrow <= 4) channels_last(std::integral_constant<int, narrow>{});
   channels_last(std::integral_constant<int, 1>{});
-  return least;
+  return kernels;
 }
 
 int resident_blocks_per_sm(DType dtype, int device) {
-  constexpr int kCachedDevices = 64, kDTypes = 4;
-  static std::atomic<int> cache[kCachedDevices][kDTypes];  // 0: not asked yet
-  const int d = static_cast<int>(dtype);
-  const bool cached = device >= 0 && device < kCachedDevices;
-  if (cached) {
-    if (const int known = cache[device][d].load(std::memory_order_relaxed)) return known;
-  }
-  int blocks = 0;
-  {
-    DeviceGuard guard(device);  // the occupancy query is about the current device
-    dispatch_dtype(dtype, [&](auto tag) { blocks = least_occupancy<decltype(tag)>(); });
-  }
-  if (cached) cache[device][d].store(blocks, std::memory_order_relaxed);
-  return blocks;
+  static ResidentBlocks<1> cache;  // one kind: the forward and backward share a plan's items
+  return cache.get(device, dtype, 0, kThreads,
+                   [](auto tag, int) { return plan_kernels<decltype(tag)>(); });
 }
 
 // Calls fn(std::integral_constant<int, V>) for the plan's vector width (one of vector_widths).

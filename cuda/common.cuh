@@ -6,9 +6,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <type_traits>
+#include <vector>
 
 #include "normkit/error.h"
 #include "normkit/tensor.h"
@@ -164,6 +166,45 @@ void dispatch_dtype(DType dtype, Fn&& fn) {
   }
   fail(ErrorKind::Type, "normkit: no CUDA kernel for dtype ", dtype_name(dtype));
 }
+
+// --- occupancy ------------------------------------------------------------------------------------
+
+// Blocks of `threads` threads that one multiprocessor of the current device holds at once for the
+// tightest of `kernels` (their registers and static shared memory), at least 1 (cuda/runtime.cu).
+int least_resident_blocks(const std::vector<const void*>& kernels, int threads);
+
+// A family's resident blocks per multiprocessor, asked of the runtime once per device, dtype and
+// kind of plan, then cached. The families aim their grids at one wave of the tightest kernel a
+// plan may launch, so that every work item of a pass is resident at once: a fixed number of blocks
+// per SM overshoots where the kernels' registers fit fewer, and the partial last wave runs at a
+// fraction of the bandwidth.
+template <int kKinds>
+class ResidentBlocks {
+ public:
+  // kernels(T{}, kind): the kernels (as const void*) that a plan of `kind` may launch for storage
+  // type T, each at `threads` threads per block or fewer.
+  template <class Kernels>
+  int get(int device, DType dtype, int kind, int threads, Kernels&& kernels) {
+    const bool cached = device >= 0 && device < kDevices;
+    std::atomic<int>* slot = cached ? &cache_[device][static_cast<int>(dtype)][kind] : nullptr;
+    if (slot) {
+      if (const int known = slot->load(std::memory_order_relaxed)) return known;
+    }
+    int blocks = 0;
+    {
+      DeviceGuard guard(device);  // the occupancy query is about the current device
+      dispatch_dtype(dtype, [&](auto tag) {
+        blocks = least_resident_blocks(kernels(tag, kind), threads);
+      });
+    }
+    if (slot) slot->store(blocks, std::memory_order_relaxed);
+    return blocks;
+  }
+
+ private:
+  static constexpr int kDevices = 64, kDTypes = 4;
+  std::atomic<int> cache_[kDevices][kDTypes][kKinds] = {};  // 0: not asked yet
+};
 
 // --- block reductions ----------------------------------------------------------------------------
 

@@ -41,7 +41,6 @@ namespace {
 constexpr int kThreads = 256;      // threads per block, every kernel
 constexpr int kUnroll = 4;         // independent loads per thread in flight
 constexpr int kFlush = 16;         // iterations of float32 accumulation before a float64 merge
-constexpr int kBlocksPerSM = 4;    // blocks per multiprocessor to aim for
 constexpr int kMaxChannelVectors = 32;  // x threads of a channels-last block
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int64_t kMaxGrid = int64_t(1) << 30;
@@ -56,8 +55,6 @@ bool aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0;
 }
 
-int target_blocks(int device) { return kBlocksPerSM * multiprocessor_count(device); }
-
 cudaStream_t stream_of(const Launch& launch) { return static_cast<cudaStream_t>(launch.stream); }
 
 // ------------------------------------------------------------------------------------------------
@@ -67,6 +64,14 @@ enum class Layout { Rows, ChannelsLast };
 
 // What a plan is for: the segments a reduction produces, or a map over whole samples.
 enum class Work { GroupMoments, ChannelSums, Map };
+
+// The maps over whole samples (kernels map_rows and map_channels_last).
+enum class Map {
+  Affine,         // y = (x - mean[n,g]) * scale[n,c] + shift[n,c]
+  Forward,        // y = (x - mean[n,g]) * rstd[n,g] * weight[c] + bias[c]
+  Backward,       // dx = a[n,c] * dy + b[n,g] * (x - mean[n,g]) + c[n,g]
+  FusedBackward,  // dx = rstd[n,g] * weight[c] * dy + b * (x - mean) + c, b and c in coef
+};
 
 struct RowsOperand {  // strides in elements
   int64_t n, seg;     // between samples, between the segments of a sample
@@ -117,11 +122,39 @@ std::vector<int> vector_widths(Layout layout, int64_t item_size) {
   return widths;
 }
 
-// Work items per segment: enough blocks to fill the device, but at least two unrolled steps of
-// work for each thread of a block.
+// The kernel a plan launches: `work` (`map` names the map of Work::Map and is ignored otherwise),
+// in `layout` with vectors of V values.
+struct Kernel {
+  Work work;
+  Map map;
+  Layout layout;
+  int V;
+};
+
+// Blocks of `kernel` for `dtype` that one multiprocessor of `device` holds at once (defined
+// after the kernels).
+int resident_blocks_per_sm(const Kernel& kernel, DType dtype, int device);
+
+// The blocks a plan aims for: one wave of the kernel it launches, so that every work item of the
+// pass is resident at once. Each pass has a plan of its own (a fused op's passes share no work
+// items), so each aims at its own kernel's occupancy: 1 to 5 blocks of 256 threads per SM on
+// sm_90 (nvcc -Xptxas -v: 46-158 registers per thread; the widest bfloat16 backward maps fit 1).
+// A fixed 4 blocks per SM, rounded up per segment, overshot where registers fit fewer: the maps
+// of (32,256,28,28) float32 (88-122 registers, 2 blocks per SM) ran 544 blocks in 2.06 waves of
+// 264, where 256 blocks now run in one.
+int target_blocks(const Kernel& kernel, DType dtype, int device) {
+  return resident_blocks_per_sm(kernel, dtype, device) * multiprocessor_count(device);
+}
+
+// Items per segment: as many as fit segments * items <= target (rounded down, so the grid stays
+// within one wave), at least 1, and none shorter than two unrolled steps of each thread.
+int64_t items_per_segment(int64_t segments, int64_t target, int64_t most) {
+  return std::clamp<int64_t>(target / std::max<int64_t>(segments, 1), 1, most);
+}
+
 int64_t rows_items(int64_t segments, int64_t Lv, int target) {
   const int64_t most = std::max<int64_t>(1, ceil_div(Lv, int64_t(kThreads) * kUnroll * 2));
-  return std::clamp<int64_t>(ceil_div(target, std::max<int64_t>(segments, 1)), 1, most);
+  return items_per_segment(segments, target, most);
 }
 
 ChannelsLastGeometry channels_last_geometry(int64_t N, int64_t S, int64_t C, int V, int target) {
@@ -134,13 +167,15 @@ ChannelsLastGeometry channels_last_geometry(int64_t N, int64_t S, int64_t C, int
   g.Wv = int(ceil_div(Cv, g.slabs));
   g.R = kThreads / g.Wv;
   const int64_t most = std::max<int64_t>(1, ceil_div(S, int64_t(g.R) * kUnroll * 2));
-  g.P = std::clamp<int64_t>(ceil_div(target, std::max<int64_t>(N * g.slabs, 1)), 1, most);
+  g.P = items_per_segment(N * g.slabs, target, most);
   return g;
 }
 
-// The plan for the tensors of one op (all of x's shape, checked by the caller) doing `work`.
+// The plan for the tensors of one op (all of x's shape, checked by the caller) doing `work`;
+// `map` names the map of a Work::Map plan (a reduction's plan ignores it).
 Plan make_plan(std::initializer_list<const TensorView*> tensors, int64_t groups, Work work,
-               int64_t item_size, int device) {
+               DType dtype, int device, Map map = Map::Affine) {
+  const int64_t item_size = dtype_size(dtype);
   std::vector<NCSView> views;
   for (const TensorView* t : tensors) views.push_back(as_ncs(*t, "tensor"));
   const int64_t N = views[0].N, C = views[0].C, S = views[0].S;
@@ -183,7 +218,7 @@ Plan make_plan(std::initializer_list<const TensorView*> tensors, int64_t groups,
       break;
     }
   }
-  const int target = target_blocks(device);
+  const int target = target_blocks({work, map, plan.layout, plan.V}, dtype, device);
   if (plan.layout == Layout::Rows) {
     RowsGeometry& g = plan.r;
     g.N = N;
@@ -610,15 +645,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------------------------------------
-// Maps: out = p * u + q * (v - m) + r with coefficients per (n, c), computed in float64 from the
-// small arrays and used in the arithmetic type.
-
-enum class Map {
-  Affine,         // y = (x - mean[n,g]) * scale[n,c] + shift[n,c]
-  Forward,        // y = (x - mean[n,g]) * rstd[n,g] * weight[c] + bias[c]
-  Backward,       // dx = a[n,c] * dy + b[n,g] * (x - mean[n,g]) + c[n,g]
-  FusedBackward,  // dx = rstd[n,g] * weight[c] * dy + b * (x - mean) + c, b and c in coef
-};
+// Maps (enum Map above): out = p * u + q * (v - m) + r with coefficients per (n, c), computed
+// in float64 from the small arrays and used in the arithmetic type.
 
 template <class P>
 struct MapArgs {
@@ -766,7 +794,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------------------------------------
-// Host side: launches.
+// Host side: occupancy and launches.
 
 // Calls fn(std::integral_constant<int, V>) for the plan's vector width (one of vector_widths).
 template <class T, Layout kLayout, class Fn>
@@ -788,6 +816,67 @@ void with_plan(const Plan& plan, RowsFn&& rows, ChannelsLastFn&& channels_last) 
   else with_width<T, Layout::ChannelsLast>(plan.V, channels_last);
 }
 
+// The map kernel for T, V and the layout (kRows: map_rows, else map_channels_last).
+template <class T, int V, bool kRows>
+const void* map_kernel(Map map) {
+  const auto pick = [](auto kind) {
+    constexpr Map kMap = decltype(kind)::value;
+    if constexpr (kRows) return reinterpret_cast<const void*>(&map_rows<T, V, kMap>);
+    else return reinterpret_cast<const void*>(&map_channels_last<T, V, kMap>);
+  };
+  switch (map) {
+    case Map::Affine: return pick(std::integral_constant<Map, Map::Affine>{});
+    case Map::Forward: return pick(std::integral_constant<Map, Map::Forward>{});
+    case Map::Backward: return pick(std::integral_constant<Map, Map::Backward>{});
+    case Map::FusedBackward: break;
+  }
+  return pick(std::integral_constant<Map, Map::FusedBackward>{});
+}
+
+// The kernel that `kernel` names, for T (its V is one of vector_widths(kernel.layout)).
+template <class T>
+const void* kernel_of(const Kernel& kernel) {
+  const void* found = nullptr;
+  const auto rows = [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    if (kernel.work == Work::GroupMoments) {
+      found = reinterpret_cast<const void*>(&moments_rows<T, V>);
+    } else if (kernel.work == Work::ChannelSums) {
+      found = reinterpret_cast<const void*>(&sums_rows<T, V>);
+    } else {
+      found = map_kernel<T, V, true>(kernel.map);
+    }
+  };
+  const auto channels_last = [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    if (kernel.work == Work::GroupMoments) {
+      found = reinterpret_cast<const void*>(&moments_channels_last<T, V>);
+    } else if (kernel.work == Work::ChannelSums) {
+      found = reinterpret_cast<const void*>(&sums_channels_last<T, V>);
+    } else {
+      found = map_kernel<T, V, false>(kernel.map);
+    }
+  };
+  if (kernel.layout == Layout::Rows) with_width<T, Layout::Rows>(kernel.V, rows);
+  else with_width<T, Layout::ChannelsLast>(kernel.V, channels_last);
+  return found;
+}
+
+// Cache slots: the two reductions and the four maps, by layout, by vector width (16 bytes, 8
+// bytes, one value).
+constexpr int kPasses = 6, kLayouts = 2, kWidths = 3;
+
+int resident_blocks_per_sm(const Kernel& kernel, DType dtype, int device) {
+  static ResidentBlocks<kPasses * kLayouts * kWidths> cache;
+  const int pass = kernel.work == Work::Map ? 2 + static_cast<int>(kernel.map)
+                                            : static_cast<int>(kernel.work);
+  const int width = kernel.V == 1 ? 2 : kernel.V * dtype_size(dtype) == 16 ? 0 : 1;
+  const int kind = (pass * kLayouts + static_cast<int>(kernel.layout)) * kWidths + width;
+  return cache.get(device, dtype, kind, kThreads, [&](auto tag, int) {
+    return std::vector<const void*>{kernel_of<decltype(tag)>(kernel)};
+  });
+}
+
 dim3 channels_last_block(const ChannelsLastGeometry& g) { return dim3(g.Wv, g.R); }
 
 unsigned warp_grid(int64_t warps) { return grid_for(ceil_div(warps, kWarpsPerBlock)); }
@@ -800,16 +889,25 @@ struct Workspace {
 
 int64_t coef_doubles(const NCSView& v, int64_t groups) { return v.N * groups * kCoefDoubles; }
 
-// Most partials any plan of x's shape can take (every vector width, both layouts).
-int64_t most_partials(const NCSView& v, int64_t groups, int64_t item_size, int target) {
-  const int64_t Cg = v.C / groups;
+// Most partials any reducing plan of x's shape can take (every vector width, both layouts, each
+// aiming at its own kernel's wave).
+int64_t most_partials(const NCSView& v, int64_t groups, DType dtype, int device) {
+  const int64_t Cg = v.C / groups, item_size = dtype_size(dtype);
+  const auto target = [&](Work work, Layout layout, int V) {
+    return target_blocks({work, Map::Affine, layout, V}, dtype, device);
+  };
   int64_t most = 0;
   for (int V : vector_widths(Layout::Rows, item_size)) {
-    most = std::max(most, v.N * groups * rows_items(v.N * groups, ceil_div(Cg * v.S, V), target));
-    most = std::max(most, v.N * v.C * rows_items(v.N * v.C, ceil_div(v.S, V), target));
+    const int moments = target(Work::GroupMoments, Layout::Rows, V);
+    const int sums = target(Work::ChannelSums, Layout::Rows, V);
+    most = std::max(most, v.N * groups * rows_items(v.N * groups, ceil_div(Cg * v.S, V), moments));
+    most = std::max(most, v.N * v.C * rows_items(v.N * v.C, ceil_div(v.S, V), sums));
   }
   for (int V : vector_widths(Layout::ChannelsLast, item_size)) {
-    most = std::max(most, v.N * v.C * channels_last_geometry(v.N, v.S, v.C, V, target).P);
+    for (Work work : {Work::GroupMoments, Work::ChannelSums}) {
+      const int t = target(work, Layout::ChannelsLast, V);
+      most = std::max(most, v.N * v.C * channels_last_geometry(v.N, v.S, v.C, V, t).P);
+    }
   }
   return most;
 }
@@ -817,9 +915,7 @@ int64_t most_partials(const NCSView& v, int64_t groups, int64_t item_size, int t
 Workspace workspace(const char* op, const Launch& launch, const TensorView& x, int64_t groups) {
   const NCSView v = as_ncs(x, "x");
   const int64_t coef = coef_doubles(v, groups);
-  const int64_t need =
-      coef + most_partials(v, groups, dtype_size(x.dtype), target_blocks(x.device_id)) *
-                 kPartialDoubles;
+  const int64_t need = coef + most_partials(v, groups, x.dtype, x.device_id) * kPartialDoubles;
   double* ws =
       checked_workspace(op, launch.workspace, x, need, "group_norm_workspace_size(x, groups)");
   return {ws, ws + coef};
@@ -939,9 +1035,7 @@ bool empty_ncs(const TensorView& x) { return x.shape[0] == 0 || x.shape[1] == 0;
 int64_t group_norm_workspace_size(const TensorView& x, int64_t groups) {
   const NCSView v = as_ncs(x, "x");
   if (v.N == 0 || v.C == 0 || groups <= 0) return 0;
-  return coef_doubles(v, groups) +
-         most_partials(v, groups, dtype_size(x.dtype), target_blocks(x.device_id)) *
-             kPartialDoubles;
+  return coef_doubles(v, groups) + most_partials(v, groups, x.dtype, x.device_id) * kPartialDoubles;
 }
 
 void group_norm_stats(const TensorView& x, const TensorView& mean, const TensorView& var,
@@ -949,7 +1043,7 @@ void group_norm_stats(const TensorView& x, const TensorView& mean, const TensorV
   if (empty_ncs(x)) return;
   DeviceGuard guard(x.device_id);
   const int64_t groups = mean.shape[1];
-  const Plan plan = make_plan({&x}, groups, Work::GroupMoments, dtype_size(x.dtype), x.device_id);
+  const Plan plan = make_plan({&x}, groups, Work::GroupMoments, x.dtype, x.device_id);
   const Workspace ws = workspace("group_norm_stats", launch, x, groups);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -962,7 +1056,7 @@ void group_norm_affine(const TensorView& x, const TensorView& mean, const Tensor
   if (x.numel() == 0) return;
   DeviceGuard guard(x.device_id);
   const Plan plan =
-      make_plan({&x, &y}, mean.shape[1], Work::Map, dtype_size(x.dtype), x.device_id);
+      make_plan({&x, &y}, mean.shape[1], Work::Map, x.dtype, x.device_id, Map::Affine);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using P = acc_t<T>;
@@ -979,9 +1073,8 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
   if (empty_ncs(x)) return;
   DeviceGuard guard(x.device_id);
   const int64_t groups = mean.shape[1];
-  const int64_t item = dtype_size(x.dtype);
-  const Plan stats = make_plan({&x}, groups, Work::GroupMoments, item, x.device_id);
-  const Plan map = make_plan({&x, &y}, groups, Work::Map, item, x.device_id);
+  const Plan stats = make_plan({&x}, groups, Work::GroupMoments, x.dtype, x.device_id);
+  const Plan map = make_plan({&x, &y}, groups, Work::Map, x.dtype, x.device_id, Map::Forward);
   const Workspace ws = workspace("group_norm_forward", launch, x, groups);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -1003,7 +1096,7 @@ void group_norm_backward_reduce(const TensorView& dy, const TensorView& x, const
   DeviceGuard guard(x.device_id);
   const int64_t groups = mean.shape[1];
   const Plan plan =
-      make_plan({&dy, &x}, groups, Work::ChannelSums, dtype_size(x.dtype), x.device_id);
+      make_plan({&dy, &x}, groups, Work::ChannelSums, x.dtype, x.device_id);
   const Workspace ws = workspace("group_norm_backward_reduce", launch, x, groups);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -1018,7 +1111,8 @@ void group_norm_backward_elemt(const TensorView& dy, const TensorView& x, const 
   if (x.numel() == 0) return;
   DeviceGuard guard(x.device_id);
   const Plan plan =
-      make_plan({&dy, &x, &dx}, mean.shape[1], Work::Map, dtype_size(x.dtype), x.device_id);
+      make_plan({&dy, &x, &dx}, mean.shape[1], Work::Map, x.dtype, x.device_id,
+                Map::Backward);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using P = acc_t<T>;
@@ -1037,8 +1131,7 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
   if (empty_ncs(x)) return;
   DeviceGuard guard(x.device_id);
   const int64_t groups = mean.shape[1];
-  const int64_t item = dtype_size(x.dtype);
-  const Plan sums = make_plan({&dy, &x}, groups, Work::ChannelSums, item, x.device_id);
+  const Plan sums = make_plan({&dy, &x}, groups, Work::ChannelSums, x.dtype, x.device_id);
   const Workspace ws = workspace("group_norm_backward", launch, x, groups);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -1051,7 +1144,8 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
     launch_sums<T, true>(sums, groups, ws, mean, sum_dy, sum_dy_xmu, weight, rstd,
                          stream_of(launch));
     if (x.numel() == 0) return;
-    const Plan map = make_plan({&dy, &x, &dx}, groups, Work::Map, item, x.device_id);
+    const Plan map = make_plan({&dy, &x, &dx}, groups, Work::Map, x.dtype, x.device_id,
+                               Map::FusedBackward);
     MapArgs<P> args = map_args<P>(x, mean);
     args.m1 = matrix<const P>(rstd);
     args.weight = matrix<const P>(weight);

@@ -3,6 +3,7 @@
 // anything that needs a device is a RuntimeError.
 #include <cudaTypedefs.h>
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -32,6 +33,17 @@ int multiprocessor_count(int device) {
         "cudaDeviceGetAttribute(multiprocessor count)");
   if (device >= 0 && device < kCached) cache[device].store(count, std::memory_order_relaxed);
   return count;
+}
+
+int least_resident_blocks(const std::vector<const void*>& kernels, int threads) {
+  int least = 1 << 30;
+  for (const void* kernel : kernels) {
+    int blocks = 0;
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0),
+          "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    least = std::min(least, blocks);
+  }
+  return std::max(least, 1);
 }
 
 bool has_primary_context(int device) {
@@ -103,13 +115,16 @@ unsigned long long capture_id(void* stream) {
   return status == cudaStreamCaptureStatusActive ? id : 0;
 }
 
-// The event a capturing consumer waits on for a producer outside the capture: the graph keeps a
-// reference to it (an external wait node) for as long as it exists, so it is never destroyed;
-// one per device and producer stream, re-recorded by each wait.
-static cudaEvent_t external_event(int device, cudaStream_t producer) {
-  static std::mutex mutex;
+// One event per device and producer stream, created once and re-recorded by each wait outside a
+// producer's capture, instead of an event created and destroyed per array per call. A capturing
+// consumer's graph keeps a reference to it (an external wait node), so it is never destroyed.
+// The record and the wait that follows it are made under one lock: a wait takes the event's
+// latest record, and the per-thread default stream (cudaStreamPerThread) is one handle for the
+// streams of all threads, so another thread's record in between would be waited on instead.
+static std::mutex producer_events_mutex;
+
+static cudaEvent_t producer_event(int device, cudaStream_t producer) {
   static std::map<std::pair<int, cudaStream_t>, cudaEvent_t> events;
-  const std::lock_guard<std::mutex> lock(mutex);
   cudaEvent_t& event = events[{device, producer}];
   if (!event) {
     check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
@@ -132,18 +147,22 @@ void stream_wait(int device, void* producer, void* consumer) {
     return;
   }
   const bool producer_captures = !is_default_stream(from) && capturing(from);
-  if (consumer_captures && !producer_captures) {
-    // A wait across the capture boundary: an external wait node on an event recorded outside.
-    const cudaEvent_t event = external_event(device, from);
+  if (!producer_captures) {
+    // Recorded outside any capture, so the cached event serves: for a capturing consumer the
+    // wait crosses the capture boundary (an external wait node), else it is an ordinary one.
+    const std::lock_guard<std::mutex> lock(producer_events_mutex);
+    const cudaEvent_t event = producer_event(device, from);
     check(cudaEventRecord(event, from), "recording the producer stream's event");
-    check(cudaStreamWaitEvent(to, event, cudaEventWaitExternal),
-          "waiting (external, under capture) for the producer stream");
+    check(cudaStreamWaitEvent(to, event, consumer_captures ? cudaEventWaitExternal : 0),
+          consumer_captures ? "waiting (external, under capture) for the producer stream"
+                            : "waiting for the stream of a __cuda_array_interface__ producer");
     return;
   }
+  // The producer captures (into the consumer's capture, or CUDA refuses the wait): a record there
+  // is a capture-time dependency, which must not touch the cached events that eager waits and
+  // earlier graphs use. A fresh event, released once the capture has taken the dependency.
   cudaEvent_t event;
   check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
-  // Both in one capture (or neither capturing): an ordinary record and wait, which a capture
-  // turns into a graph dependency; the event is released once the wait is satisfied.
   cudaError_t status = cudaEventRecord(event, from);
   if (status == cudaSuccess) status = cudaStreamWaitEvent(to, event, 0);
   cudaEventDestroy(event);

@@ -221,6 +221,35 @@ def test_dlpack_is_preferred_and_a_cuda_exporter_gets_the_consumer_stream():
     assert X.streams[-1] == 1
 
 
+class CountsInterfaceReads(BothProtocols):
+    """An exporter of both protocols (as CuPy, whose __cuda_array_interface__ builds its dict on
+    each access) that counts how often the interface is read, and has no torch is_neg/is_conj."""
+
+    reads = 0
+
+    @property
+    def __cuda_array_interface__(self):
+        type(self).reads += 1
+        return HostCudaArray(self.a).__cuda_array_interface__
+
+
+def test_an_op_does_not_read_the_interface_of_a_dlpack_exporter():
+    """Taking a DLPack array runs none of its other protocol: the interface was read (its dict
+    built and dropped) for every array of every call, besides two missing-attribute lookups
+    (is_neg, is_conj) that raised and cleared an AttributeError each: ~3 us per array."""
+    from normkit import _C
+
+    x = np.random.default_rng(15).standard_normal((4, 2, 3))
+    arrays = [CountsInterfaceReads(a, device_type=1)
+              for a in (x, np.zeros(2), np.ones(2), np.ones(2), np.zeros(2), np.empty_like(x))]
+    _C.batch_norm_normalize(*arrays)
+    assert CountsInterfaceReads.reads == 0
+    np.testing.assert_allclose(arrays[-1].a, x, rtol=1e-12)
+    # a size query looks for the interface (its fallback) on the type: still never read
+    _C.batch_norm_workspace_size(arrays[0])
+    assert CountsInterfaceReads.reads == 0
+
+
 def test_a_host_dlpack_exporter_is_not_asked_for_a_stream():
     from normkit import _C
 
@@ -230,6 +259,62 @@ def test_a_host_dlpack_exporter_is_not_asked_for_a_stream():
     _C.batch_norm_stats(X, mean, var, stream=0x5EED)
     assert X.streams == ["absent"]
     np.testing.assert_allclose(mean, x.mean(axis=(0, 2)), rtol=1e-12)
+
+
+def test_a_managed_memory_exporter_gets_the_consumer_stream():
+    """kDLCUDAManaged (13) is CUDA memory: its exporter is asked to order its work before the
+    consumer's stream, as for kDLCUDA."""
+    from normkit import _C
+
+    x = np.random.default_rng(6).standard_normal((4, 2, 3))
+    X = BothProtocols(x, device_type=13)
+    mean, var = np.empty(2), np.empty(2)
+    _C.batch_norm_stats(X, mean, var, stream=0x5EED)
+    assert X.streams == [0x5EED]
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 2)), rtol=1e-12)
+
+
+def dlpack_capsule(a, device_type, device_id=0):
+    """A legacy "dltensor" capsule describing NumPy array `a` (kept alive by the caller) as living
+    on DLPack device (`device_type`, `device_id`); no deleter."""
+    import ctypes
+
+    class DLTensor(ctypes.Structure):
+        _fields_ = [("data", ctypes.c_void_p), ("device_type", ctypes.c_int32),
+                    ("device_id", ctypes.c_int32), ("ndim", ctypes.c_int32),
+                    ("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16),
+                    ("shape", ctypes.POINTER(ctypes.c_int64)),
+                    ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+
+    class DLManagedTensor(ctypes.Structure):
+        _fields_ = [("dl_tensor", DLTensor), ("manager_ctx", ctypes.c_void_p),
+                    ("deleter", ctypes.c_void_p)]
+
+    shape = (ctypes.c_int64 * a.ndim)(*a.shape)
+    managed = DLManagedTensor(DLTensor(a.ctypes.data, device_type, device_id, a.ndim, 2,
+                                       a.itemsize * 8, 1, shape, None, 0), None, None)
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p,
+                                                   ctypes.c_void_p]
+    capsule = new(ctypes.addressof(managed), b"dltensor", None)
+    return capsule, (managed, shape)
+
+
+@pytest.mark.parametrize("device_type", [2, 13], ids=["kDLCUDA", "kDLCUDAManaged"])
+def test_a_cuda_capsule_names_its_device_without_a_driver_query(device_type):
+    """A CUDA or managed-memory capsule is a CUDA array on the device it names: taken as such
+    without asking the driver about its pointer (here: host memory, never read), so without CUDA
+    the size query is the plain 'needs CUDA' error, not a refusal of the device type."""
+    import normkit
+    from normkit import _C
+
+    if normkit.cuda_available():
+        pytest.skip("a GPU is present: the host pointer would be taken for device memory")
+    a = np.zeros((2, 3, 4), np.float32)
+    capsule, keep = dlpack_capsule(a, device_type)
+    with pytest.raises(RuntimeError, match="(?i)cuda"):
+        _C.batch_norm_workspace_size(capsule)
+    assert _C.batch_norm_workspace_size(dlpack_capsule(a, 1)[0]) == 0  # kDLCPU: no workspace
 
 
 class StreamZeroCai(HostCudaArray):
@@ -308,11 +393,12 @@ class FakeCupy:
         return ("workspace on", self.current)
 
 
-def fake_cupy_array(cupy, device):
+def fake_cupy_array(cupy, device, shape=(2, 3), dtype=np.float32):
     """An object that the backend takes for a CuPy array on `device`."""
     cls = type("ndarray", (), {"__module__": "cupy._core.core"})
     a = cls()
     a.device = cupy.cuda.Device(device)
+    a.shape, a.dtype = shape, np.dtype(dtype)
     return a
 
 
@@ -322,6 +408,7 @@ def fake_cupy(monkeypatch):
 
     cupy = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(_backend, "_WORKSPACE_SIZES", {})  # sizes remembered by other tests
     # its streams are not real: none captures (the capture test sets its own answer), and every
     # device has a context (the restore test sets its own answer)
     monkeypatch.setattr(_backend._C, "cuda_capture_id", lambda stream: 0)
@@ -337,6 +424,75 @@ def test_launch_args_take_the_stream_and_workspace_of_the_arrays_device(fake_cup
     assert args == {"stream": 0x1001, "workspace": ("workspace on", 1)}
     assert fake_cupy.current == 0  # restored
     assert ("empty", 1, 7) in fake_cupy.log
+
+
+# --- (7) host overhead per op ---------------------------------------------------------------------
+
+def test_a_workspace_size_is_asked_once_per_shape_dtype_device_and_arguments(fake_cupy):
+    """The size query goes through DLPack (a capsule per call); its answer depends on the shape,
+    dtype, device and the query's own arguments alone, so each is asked once, while every call
+    still gets a fresh workspace of that size on the array's device."""
+    from normkit._backend import launch_args
+
+    asked = []
+
+    def query(a, *args):
+        asked.append((a.shape, a.dtype, a.device.id, args))
+        return 10 * len(asked)
+
+    for _ in range(3):
+        assert launch_args(fake_cupy_array(fake_cupy, 0), query)["workspace"] == ("workspace on", 0)
+    assert len(asked) == 1
+    launch_args(fake_cupy_array(fake_cupy, 0, shape=(2, 4)), query)
+    launch_args(fake_cupy_array(fake_cupy, 0, dtype=np.float64), query)
+    launch_args(fake_cupy_array(fake_cupy, 1), query)
+    launch_args(fake_cupy_array(fake_cupy, 0), query, 3)  # group norm's groups
+    launch_args(fake_cupy_array(fake_cupy, 0), lambda a: 99)  # another family's query
+    launch_args(fake_cupy_array(fake_cupy, 1), query)
+    launch_args(fake_cupy_array(fake_cupy, 0), query, 3)
+    assert asked == [((2, 3), np.float32, 0, ()), ((2, 4), np.float32, 0, ()),
+                     ((2, 3), np.float64, 0, ()), ((2, 3), np.float32, 1, ()),
+                     ((2, 3), np.float32, 0, (3,))]
+    sizes = [e[2] for e in fake_cupy.log if e[0] == "empty"]
+    assert sizes == [10, 10, 10, 20, 30, 40, 50, 99, 40, 50]
+    devices = [e[1] for e in fake_cupy.log if e[0] == "empty"]
+    assert devices == [0, 0, 0, 0, 0, 1, 0, 0, 1, 0]
+
+
+def test_the_remembered_sizes_are_bounded(fake_cupy, monkeypatch):
+    from normkit import _backend
+
+    monkeypatch.setattr(_backend, "_MOST_WORKSPACE_SIZES", 3)
+    for n in range(1, 8):
+        _backend.launch_args(fake_cupy_array(fake_cupy, 0, shape=(n, 3)), lambda a: a.shape[0])
+        assert len(_backend._WORKSPACE_SIZES) <= 3
+    assert [e[2] for e in fake_cupy.log if e[0] == "empty"] == list(range(1, 8))
+
+
+def test_the_functional_ops_query_each_workspace_size_once(fake_cupy, monkeypatch):
+    """batch norm, group norm and encoding through launch_args: one query per shape."""
+    import importlib
+
+    from normkit import _backend
+
+    batchnorm, encoding, groupnorm = (importlib.import_module(f"normkit.functional.{m}")
+                                      for m in ("batchnorm", "encoding", "groupnorm"))
+
+    asked = []
+    monkeypatch.setattr(_backend._C, "batch_norm_workspace_size",
+                        lambda a: asked.append("batch") or 11)
+    monkeypatch.setattr(_backend._C, "group_norm_workspace_size",
+                        lambda a, g: asked.append(("group", g)) or 12)
+    monkeypatch.setattr(_backend._C, "encoding_workspace_size",
+                        lambda B, N, K: asked.append(("encoding", B, N, K)) or 13)
+    x = fake_cupy_array(fake_cupy, 0)
+    for _ in range(2):
+        assert batchnorm._reducing(x)["workspace"] == ("workspace on", 0)
+        groupnorm._reducing(x, 4)
+        groupnorm._reducing(x, 2)
+        encoding._launch(x, 1, 2, 3)
+    assert asked == ["batch", ("group", 4), ("group", 2), ("encoding", 1, 2, 3)]
+    assert [e[2] for e in fake_cupy.log if e[0] == "empty"] == [11, 12, 12, 13] * 2
 
 
 def test_launch_args_switch_no_device_when_the_arrays_is_current(fake_cupy):
@@ -628,6 +784,105 @@ def test_batch_norm_plans_stay_within_one_wave(dtype):
     assert partials % C == 0 and C <= partials <= 8 * sms
     wide = cp.empty((4, 3 * 8 * sms, 9, 9), dtype)  # more channels than one wave holds: G = 1
     assert _C.batch_norm_workspace_size(wide) == 3 * wide.shape[1]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape,groups,channels_last", [
+    ((32, 256, 28, 28), 32, False),  # maps: 256 items of 8 where 544 of 17 were before
+    ((1, 32, 256, 256), 32, False),  # a few long segments: several items each
+    ((2, 64, 40, 40), 8, True),      # channels-last reductions
+    ((3, 12, 7), 3, False),          # odd lengths: one value per access
+])
+def test_group_norm_on_occupancy_sized_plans_against_float64(dtype, shape, groups, channels_last):
+    """The occupancy-sized plans split each segment into a different number of work items than
+    the fixed-grid ones did: forward and backward still match a float64 reference."""
+    import cupy as cp
+
+    import normkit.functional as F
+
+    rng = np.random.default_rng(13)
+    x64 = rng.standard_normal(shape) * 2 + 3
+    dy64 = rng.standard_normal(shape)
+    C = shape[1]
+    w, b = rng.standard_normal(C) + 1, rng.standard_normal(C)
+    P = np.float64 if dtype == np.float64 else np.float32
+    x, dy = cp.asarray(x64.astype(dtype)), cp.asarray(dy64.astype(dtype))
+    if channels_last:
+        x = cp.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    x64, dy64 = cp.asnumpy(x).astype(np.float64), cp.asnumpy(dy).astype(np.float64)
+    y, mean, rstd = F.group_norm_forward(x, groups, cp.asarray(w, P), cp.asarray(b, P))
+    dx, dw, db = F.group_norm_backward(dy, x, mean, rstd, cp.asarray(w, P), True)
+    xg = x64.reshape(shape[0], groups, -1)
+    m, v = xg.mean(axis=2, keepdims=True), xg.var(axis=2, keepdims=True)
+    r = 1 / np.sqrt(v + 1e-5)
+    xhat = ((xg - m) * r).reshape(shape)
+    wb = (slice(None),) + (None,) * (len(shape) - 2)
+    y_ref = xhat * w[wb] + b[wb]
+    g = (dy64 * w[wb]).reshape(shape[0], groups, -1)
+    xh = xhat.reshape(shape[0], groups, -1)
+    dx_ref = (r * (g - g.mean(axis=2, keepdims=True)
+                   - xh * (g * xh).mean(axis=2, keepdims=True))).reshape(shape)
+    tol = {np.float16: 2e-2, np.float32: 1e-4, np.float64: 1e-10}[dtype]
+    np.testing.assert_allclose(cp.asnumpy(y).astype(np.float64), y_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(cp.asnumpy(dx).astype(np.float64), dx_ref, rtol=tol,
+                               atol=tol * 10)
+    axes = (0,) + tuple(range(2, len(shape)))
+    np.testing.assert_allclose(cp.asnumpy(db), dy64.sum(axis=axes), rtol=tol, atol=tol * 100)
+    np.testing.assert_allclose(cp.asnumpy(dw), (dy64 * xhat).sum(axis=axes), rtol=tol,
+                               atol=tol * 100)
+
+
+@gpu
+def test_cached_producer_events_serve_eager_waits_and_a_capture_alike():
+    """One event per (device, producer stream) is re-recorded by every wait: an eager op, then a
+    capture waiting on the same producer (external wait), its replay after more producer work,
+    then eager again; x and y share the producer (one wait for both)."""
+    import cupy as cp
+
+    import normkit
+    from gpu_helpers import CudaArrayInterface
+
+    rng = np.random.default_rng(14)
+    producer, consumer = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+    x = cp.asarray(rng.standard_normal((4, 6, 9)), cp.float32)
+    y = cp.empty_like(x)
+    mean, var, invstd = (cp.empty(6, cp.float32) for _ in range(3))
+    ws = cp.empty(normkit._C.batch_norm_workspace_size(x), cp.float64)
+
+    def step():
+        normkit._C.batch_norm_forward_train(
+            CudaArrayInterface(x, stream=producer.ptr), None, None, 1e-5,
+            CudaArrayInterface(y, stream=producer.ptr), mean, var, invstd,
+            stream=consumer.ptr, workspace=ws)
+
+    def check():
+        consumer.synchronize()
+        xs = cp.asnumpy(x).astype(np.float64)
+        m, v = xs.mean(axis=(0, 2)), xs.var(axis=(0, 2))
+        ref = (xs - m[None, :, None]) / np.sqrt(v[None, :, None] + 1e-5)
+        np.testing.assert_allclose(cp.asnumpy(y), ref, rtol=1e-4, atol=1e-5)
+
+    def produce(seed):  # new values of x, written on the producer stream
+        with producer:
+            x[...] = cp.asarray(np.random.default_rng(seed).standard_normal(x.shape), cp.float32)
+
+    produce(1)
+    step()
+    check()
+    cp.cuda.Device().synchronize()
+    with consumer:
+        consumer.begin_capture()
+        step()
+        graph = consumer.end_capture()
+    for seed in (2, 3):
+        produce(seed)
+        producer.synchronize()  # a replay is ordered by the stream it runs on, not the capture
+        graph.launch(stream=consumer)
+        check()
+    produce(4)
+    step()
+    check()
 
 
 class RefusesNoSync(BothProtocols):

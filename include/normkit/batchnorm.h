@@ -25,7 +25,8 @@ namespace normkit {
 
 // float64 values of scratch the reducing ops need for x (and for any dy, dx of x's shape): a few
 // per channel and per block of the reduction, so that its two stages are deterministic. 0 on the
-// CPU.
+// CPU. A function of x's shape, dtype and device alone (never of strides or data): callers may
+// remember it per shape (normkit.functional does for CuPy arrays).
 int64_t batch_norm_workspace_size(const TensorView& x);
 
 // mean[c] and biased var[c] of x over every dim but 1. An empty batch gives mean 0, var 0.

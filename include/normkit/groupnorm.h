@@ -31,7 +31,9 @@
 namespace normkit {
 
 // float64 values of scratch the reducing ops need for x with `groups` groups (and for any dy of
-// x's shape), so that the reductions split across blocks stay deterministic. 0 on the CPU.
+// x's shape), so that the reductions split across blocks stay deterministic. 0 on the CPU. A
+// function of x's shape, dtype, device and groups alone (never of strides or data): callers may
+// remember it (normkit.functional does for CuPy arrays).
 int64_t group_norm_workspace_size(const TensorView& x, int64_t groups);
 
 // mean[n,g] and biased var[n,g] of x over the channels of group g and every spatial dim, exact

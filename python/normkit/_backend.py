@@ -136,19 +136,45 @@ def capture_allocator():
     return cupy.cuda.using_allocator(pool.malloc)
 
 
-def launch_args(x, workspace_size=None):
+# Workspace sizes by (size query, its other arguments, shape, dtype, device). A reducing family's
+# size is a function of those alone: its grids are planned from the shape, the dtype's kernels'
+# occupancy and the device's SM count, never from strides or data. Asking the core through the
+# array costs the binding's DLPack protocol calls and CuPy's export of a capsule on every call
+# (benchmarks/bench_binding.py: 0.5 us with a stand-in whose export is NumPy's, so before CuPy's
+# own); the table takes 0.4 us, whatever the exporter. (normkit.torch asks every time: torch's
+# to_dlpack and the query take less than building the key.) Bounded: a stream of new shapes
+# (varying sequence lengths) starts it afresh rather than growing without end.
+_WORKSPACE_SIZES = {}
+_MOST_WORKSPACE_SIZES = 4096
+
+
+def remembered_workspace_size(key, query):
+    """`query()`, an op family's workspace-size query, asked once per `key` (see
+    _WORKSPACE_SIZES for what the key must hold)."""
+    size = _WORKSPACE_SIZES.get(key)
+    if size is None:
+        if len(_WORKSPACE_SIZES) >= _MOST_WORKSPACE_SIZES:
+            _WORKSPACE_SIZES.clear()
+        size = _WORKSPACE_SIZES[key] = query()
+    return size
+
+
+def launch_args(x, workspace_size=None, *args):
     """Keyword arguments that run a core op on `x`'s device: nothing for NumPy arrays; for CuPy
     arrays the current stream of `x`'s device and, when the op reduces (`workspace_size` given,
-    e.g. ``_C.batch_norm_workspace_size``), a float64 workspace from that device's memory pool."""
+    e.g. ``_C.batch_norm_workspace_size``, called as ``workspace_size(x, *args)`` once per shape,
+    dtype and device), a float64 workspace from that device's memory pool."""
     if isinstance(x, np.ndarray):
         return {}
     import cupy
 
     with on_device(x):
-        args = {"stream": cupy.cuda.get_current_stream().ptr}
+        out = {"stream": cupy.cuda.get_current_stream().ptr}
         if workspace_size is not None:
-            args["workspace"] = cupy.empty(workspace_size(x), cupy.float64)
-    return args
+            key = (workspace_size, args, x.shape, x.dtype, x.device.id)
+            size = remembered_workspace_size(key, lambda: workspace_size(x, *args))
+            out["workspace"] = cupy.empty(size, cupy.float64)
+    return out
 
 
 def check_eps(op, eps, training):

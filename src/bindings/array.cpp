@@ -1,8 +1,11 @@
 #include "array.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <string>
+#include <utility>
 
 #include "normkit/device.h"
 
@@ -34,7 +37,7 @@ struct DLManagedTensor {
   void* manager_ctx;
   void (*deleter)(DLManagedTensor*);
 };
-constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3;
+constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
 constexpr uint8_t kDLFloat = 2, kDLBfloat = 4;
 
 [[noreturn]] void unsupported_dtype(const char* op, const char* name, const std::string& what) {
@@ -187,7 +190,9 @@ Array from_capsule(py::object capsule, const char* op, const char* name) {
   switch (t.device.device_type) {
     case kDLCPU:
     case kDLCUDAHost: v.device = Device::CPU; break;
-    case kDLCUDA: v.device = Device::CUDA; break;
+    // Managed memory is CUDA memory: the capsule names the device, so the driver is not asked.
+    case kDLCUDA:
+    case kDLCUDAManaged: v.device = Device::CUDA; break;
     default:
       fail(ErrorKind::Type, op, ": ", name, " lives on DLPack device type ",
            t.device.device_type, "; normkit takes CPU and CUDA arrays");
@@ -204,21 +209,53 @@ Array from_capsule(py::object capsule, const char* op, const char* name) {
   return a;
 }
 
+// The attribute names the protocols look up, made (and interned) once.
+struct Names {
+  py::handle is_neg, is_conj, dlpack, dlpack_device, cuda_array_interface;
+};
+
+const Names& names() {
+  static const Names n{PyUnicode_InternFromString("is_neg"), PyUnicode_InternFromString("is_conj"),
+                       PyUnicode_InternFromString("__dlpack__"),
+                       PyUnicode_InternFromString("__dlpack_device__"),
+                       PyUnicode_InternFromString("__cuda_array_interface__")};
+  return n;
+}
+
+// obj.<name>, or a null object where obj has no such attribute. py::hasattr
+// (PyObject_HasAttrString) raises an AttributeError and clears it, and raising one formats its
+// message: ~1.5 us per missing attribute, which every array from an exporter without torch's
+// is_neg and is_conj (CuPy, JAX, Numba) paid twice per call. This lookup raises nothing for a
+// missing attribute (as Python's own hasattr), so only the attributes that exist cost anything.
+py::object optional_attr(py::handle obj, py::handle name) {
+  PyObject* value = nullptr;
+#if PY_VERSION_HEX >= 0x030D0000
+  const int found = PyObject_GetOptionalAttr(obj.ptr(), name.ptr(), &value);
+#else
+  const int found = _PyObject_LookupAttr(obj.ptr(), name.ptr(), &value);
+#endif
+  if (found < 0) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(value);
+}
+
 // Whether obj (a torch tensor) has a lazy negation or conjugation bit set, which a DLPack capsule
 // cannot carry: its exported values would be read with the wrong sign.
-bool has_lazy_bit(py::handle obj, const char* method) {
-  return py::hasattr(obj, method) && obj.attr(method)().cast<bool>();
+bool has_lazy_bit(py::handle obj, py::handle method) {
+  const py::object bit = optional_attr(obj, method);
+  return bit && bit().cast<bool>();
 }
 
 Array from_dlpack(py::handle obj, const char* op, const char* name, Access access,
                   uintptr_t stream) {
-  NK_CHECK_VALUE(!has_lazy_bit(obj, "is_neg") && !has_lazy_bit(obj, "is_conj"), op, ": ", name,
-                 " has torch's negative or conjugate bit set, which DLPack drops (the values ",
-                 "would be read with the wrong sign); pass t.resolve_neg().resolve_conj()");
+  NK_CHECK_VALUE(!has_lazy_bit(obj, names().is_neg) && !has_lazy_bit(obj, names().is_conj), op,
+                 ": ", name, " has torch's negative or conjugate bit set, which DLPack drops ",
+                 "(the values would be read with the wrong sign); pass ",
+                 "t.resolve_neg().resolve_conj()");
   bool cuda = false;
-  if (py::hasattr(obj, "__dlpack_device__")) {
-    const py::tuple device = obj.attr("__dlpack_device__")();
-    cuda = device[0].cast<int32_t>() == kDLCUDA;
+  if (const py::object device_of = optional_attr(obj, names().dlpack_device)) {
+    const py::tuple device = device_of();
+    const auto type = device[0].cast<int32_t>();
+    cuda = type == kDLCUDA || type == kDLCUDAManaged;
   }
   // A CUDA exporter makes its data ready on the consumer's stream (DLPack's stream protocol;
   // 0 is not allowed there, 1 names the legacy default stream, -1 asks for no synchronization).
@@ -255,9 +292,11 @@ Array as_array(py::handle obj, const char* op, const char* name, Access access,
   // stream (torch and JAX export interface v2, which names no stream at all, so nothing would
   // order normkit's work after theirs), and it names the device, which the interface leaves to a
   // driver query.
-  if (py::hasattr(obj, "__dlpack__")) {
-    const bool cai = py::hasattr(obj, "__cuda_array_interface__");
-    if (access != Access::Shape || !cai) {
+  // Only a size query looks for the interface here, and on the type: an exporter's property
+  // (CuPy's builds its dict on every access) is then neither run nor able to fail the query.
+  if (optional_attr(obj, names().dlpack)) {
+    if (access != Access::Shape ||
+        !optional_attr(py::type::of(obj), names().cuda_array_interface)) {
       return aligned(from_dlpack(obj, op, name, access, stream), op, name);
     }
     // A size query asks for stream -1 (no synchronization), which exporters older than the
@@ -269,7 +308,7 @@ Array as_array(py::handle obj, const char* op, const char* name, Access access,
       return from_cuda_array_interface(obj, op, name, access);
     }
   }
-  if (py::hasattr(obj, "__cuda_array_interface__")) {
+  if (optional_attr(obj, names().cuda_array_interface)) {
     return from_cuda_array_interface(obj, op, name, access);  // checks the alignment itself
   }
   fail(ErrorKind::Type, op, ": ", name, " must be an array (buffer protocol, CUDA Array ",
@@ -278,11 +317,17 @@ Array as_array(py::handle obj, const char* op, const char* name, Access access,
 }
 
 void wait_for_producers(std::initializer_list<const Array*> arrays, uintptr_t stream) {
+  // One wait per producer stream: arrays of one producer (an op's inputs and outputs often are)
+  // need it only once, and each wait is an event record and a stream wait.
+  std::pair<int, uintptr_t> waited[16];
+  size_t count = 0;
   for (const Array* a : arrays) {
-    if (a->view.defined() && a->view.device == Device::CUDA && a->has_producer_stream) {
-      cuda_stream_wait(a->view.device_id, reinterpret_cast<void*>(a->producer_stream),
-                       reinterpret_cast<void*>(stream));
-    }
+    if (!a->view.defined() || a->view.device != Device::CUDA || !a->has_producer_stream) continue;
+    const std::pair<int, uintptr_t> producer{a->view.device_id, a->producer_stream};
+    if (std::find(waited, waited + count, producer) != waited + count) continue;
+    cuda_stream_wait(producer.first, reinterpret_cast<void*>(producer.second),
+                     reinterpret_cast<void*>(stream));
+    if (count < std::size(waited)) waited[count++] = producer;
   }
 }
 

@@ -40,6 +40,11 @@ Array as_array(py::handle obj, const char* op, const char* name, Access access,
 
 // Makes `stream` wait (on the device) for the streams that CUDA Array Interface producers asked
 // their consumers to synchronize with. Call with the GIL held, before launching.
+// This is the only cross-stream ordering normkit makes, and the only place it records events:
+// one per distinct producer stream per call, none where it is the op's stream. DLPack exporters
+// order their own work before the stream they are given (CuPy and torch record an event only
+// when it is not their current stream, and normkit's Python layers pass the current one);
+// capsules and NumPy buffers carry no stream, and their work is the caller's to have ordered.
 void wait_for_producers(std::initializer_list<const Array*> arrays, uintptr_t stream);
 
 // Runs op(launch) without the GIL on `stream` with `workspace` (None: an undefined view), after

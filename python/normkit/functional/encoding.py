@@ -100,9 +100,14 @@ def _compute(a):
     return a.astype(param_dtype(a.dtype)) if a.dtype.itemsize == 2 else a
 
 
+def _workspace_size(a, B, N, K):
+    """The encoding ops' workspace size query for launch_args (a function of B, N, K alone)."""
+    return _C.encoding_workspace_size(B, N, K)
+
+
 def _launch(a, B, N, K):
     """Stream and workspace keywords of the core encoding ops for `a`'s device (none on the CPU)."""
-    return launch_args(a, lambda _: _C.encoding_workspace_size(B, N, K))
+    return launch_args(a, _workspace_size, B, N, K)
 
 
 def _check_shape(op, name, a, expected, letters):

@@ -25,7 +25,7 @@ def _per_sample(x, k):
 
 def _reducing(x, groups):
     """Stream and workspace of an op that reduces over `x` in `groups` groups."""
-    return launch_args(x, lambda a: _C.group_norm_workspace_size(a, groups))
+    return launch_args(x, _C.group_norm_workspace_size, groups)
 
 
 def _check_groups(op, x, num_groups):
