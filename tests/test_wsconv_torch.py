@@ -425,6 +425,16 @@ def test_fused_w_hat_buffer_is_never_reused_under_a_live_graph():
     check_fused(layer, x, eps=0.25)
 
 
+def test_fused_after_inference_mode():
+    """A buffer pooled under inference_mode is not saved for a later backward (torch refuses
+    inference tensors there)."""
+    layer = randomize(nkt.WSConv2d(3, 4, 3, dtype=torch.float64))
+    x = randn(1, 3, 5, 5).requires_grad_()
+    with torch.inference_mode():
+        check_fused(layer, x.detach(), backward=False)
+    check_fused(layer, x)
+
+
 def test_fused_double_backward_is_a_clear_error():
     layer = randomize(nkt.WSConv2d(3, 4, 3, padding=1, dtype=torch.float64))
     x = randn(2, 3, 5, 5).requires_grad_()

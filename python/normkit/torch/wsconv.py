@@ -1,8 +1,16 @@
 """Weight-standardized convolutions for PyTorch (elektronn3's ``wsconv`` module, fixed): torch runs
-the convolution (``_conv_forward`` / ``F.conv_transpose*d``, so padding_mode, string paddings and
-output_size behave as in torch), normkit's core the standardization, as one torch custom op
-(``torch.ops.normkit.ws_standardize``, see normkit.torch._ops: a fused statistics pass and write;
-a fused backward through mean, var and gain), which torch.compile and torch.export see.
+the convolution (padding_mode, string paddings and output_size behave as in torch), normkit's core
+the standardization (a fused statistics pass and write; a fused backward through mean, var and
+gain).
+
+Eagerly, on plain CPU/CUDA tensors, a layer's forward is one autograd node (``_WSConv``): the
+standardization into a buffer the layer keeps between steps (one weight-sized tensor per layer on
+the CPU, never reused while a graph may read it), ``torch.convolution``, and a backward that runs
+torch's ``convolution_backward`` and then the standardization's backward in place on its weight
+gradient, so a training step allocates no weight-sized tensor beyond a plain convolution's. Under
+torch.compile/torch.export (and tensor subclasses, functorch transforms, autocast) the layers run
+torch's convolution on the custom op ``torch.ops.normkit.ws_standardize`` (normkit.torch._ops)
+instead, which those see. Neither is differentiable twice.
 
     WSConv1d/2d/3d            torch.nn.Conv*d with ``gain`` (C_out,); forward(input, eps=None)
     WSConvTranspose2d/3d      torch.nn.ConvTranspose*d, standardized per input channel
@@ -106,8 +114,10 @@ class _BufferPool:
                 buf = self.free.pop()  # atomic: two threads never take the same one
             except IndexError:
                 buf = None
+            # (a buffer made under inference_mode cannot be saved for a backward outside it)
             if (buf is not None and buf.dtype == wk.dtype and buf.device == wk.device
-                    and buf.shape == wk.shape and buf.stride() == wk.stride()):
+                    and buf.shape == wk.shape and buf.stride() == wk.stride()
+                    and (not buf.is_inference() or torch.is_inference_mode_enabled())):
                 return buf
         return _registered._empty(wk)
 
