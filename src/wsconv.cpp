@@ -376,9 +376,9 @@ void ws_standardize_backward(const TensorView& dw_hat, const TensorView& w,
   check_row(op, dgain, "dgain", w);
   check_contiguous_rows(op, rows, {&gain, &mean, &rstd, &dgain});
   // dw may be dw_hat itself (normkit.torch's WS layers write it into the convolution's weight
-  // gradient) or w, nothing else may overlap.
+  // gradient), nothing else may overlap.
   check_output_memory(op, {{dw, "dw", true}, {dgain, "dgain", false}},
-                      {{dw_hat, "dw_hat", true}, {w, "w", true}, {gain, "gain", false},
+                      {{dw_hat, "dw_hat", true}, {w, "w", false}, {gain, "gain", false},
                        {mean, "mean", false}, {rstd, "rstd", false}});
   rows.sa = dw_hat.strides[0];
   rows.sb = dw.defined() ? dw.strides[0] : 0;

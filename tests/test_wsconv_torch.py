@@ -488,6 +488,9 @@ def test_core_rejects_partial_overlaps():
     with pytest.raises(ValueError, match="dw overlaps input dw_hat"):
         _C.ws_standardize_backward(dl(dw_hat), dl(w), None, dl(mean), dl(rstd), 0, 1e-4,
                                    dl(shifted), None)
+    with pytest.raises(ValueError, match="dw overlaps input w"):
+        _C.ws_standardize_backward(dl(dw_hat), dl(w), None, dl(mean), dl(rstd), 0, 1e-4, dl(w),
+                                   None)
     with pytest.raises(ValueError, match="dgain overlaps input mean"):
         _C.ws_standardize_backward(dl(dw_hat), dl(w), None, dl(mean), dl(rstd), 0, 1e-4, None,
                                    dl(mean))
