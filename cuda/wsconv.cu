@@ -78,10 +78,10 @@ ws_forward_kernel(const T* w, const acc_t<T>* __restrict__ gain,
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-ws_backward_kernel(const T* __restrict__ g, const T* __restrict__ w,
-                   const acc_t<T>* __restrict__ gain, const acc_t<T>* __restrict__ mean,
-                   const acc_t<T>* __restrict__ rstd, WSConvention convention, double eps,
-                   T* __restrict__ dw, acc_t<T>* __restrict__ dgain, WSRows rows) {
+ws_backward_kernel(const T* g, const T* __restrict__ w, const acc_t<T>* __restrict__ gain,
+                   const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ rstd,
+                   WSConvention convention, double eps, T* dw, acc_t<T>* __restrict__ dgain,
+                   WSRows rows) {
   using A = acc_t<T>;
   const int64_t K = rows.K;
   for (int64_t r = blockIdx.x; r < rows.R; r += gridDim.x) {
@@ -105,6 +105,8 @@ ws_backward_kernel(const T* __restrict__ g, const T* __restrict__ w,
     const double gn = gain ? double(gain[r]) : 1.0;
     const A a = A(gn * rs), b = A(-gn * rs * rs * rs * k * sgc), mf = A(m);
     const A c0 = A(-gn * rs * sg / double(K));
+    // dw may alias g (normkit.torch writes dw into the convolution's fresh weight gradient, so
+    // neither is __restrict__): each thread reads and writes only its own elements, after the sums.
     T* out = dw + r * rows.sb;
     for (int64_t i = threadIdx.x; i < K; i += kThreads) {
       out[i] = from_acc<T>(a * to_acc(gr[i]) + b * (to_acc(x[i]) - mf) + c0);

@@ -69,6 +69,26 @@ def test_gpu_in_place_and_stream():
     np.testing.assert_allclose(to_host(wg), ref, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16], ids=["f64", "f32", "f16"])
+def test_gpu_backward_in_place_equals_separate(dtype):
+    """dw written over dw_hat (as normkit.torch's WS layers call it) equals dw in a separate
+    array, exactly."""
+    import cupy as cp
+
+    shape = (70, 300, 3, 3)  # rows of several blocks' worth
+    pd = np.float64 if dtype == np.float64 else np.float32
+    w = to_gpu((rng.standard_normal(shape) * 0.1 + 0.2).astype(dtype))
+    gain = to_gpu((rng.random(shape[0]) + 0.5).astype(pd))
+    dy = to_gpu(rng.standard_normal(shape).astype(dtype))
+    for convention in CONVENTIONS:
+        _, mean, rstd = F.ws_standardize(w, gain, 1e-4, convention)
+        dw, dg = F.ws_standardize_backward(dy, w, gain, mean, rstd, 1e-4, convention)
+        g, dg2 = dy.copy(), cp.empty_like(gain)
+        normkit._C.ws_standardize_backward(g, w, gain, mean, rstd, CONVENTIONS.index(convention),
+                                           1e-4, g, dg2)
+        assert cp.array_equal(g, dw) and cp.array_equal(dg2, dg)
+
+
 def test_gpu_nn_layers_vs_cpu():
     cpu = nn.WSConv2d(4, 6, 3, padding=1, padding_mode="reflect", groups=2, dtype=np.float64,
                       generator=seeded(0))
@@ -107,5 +127,9 @@ def test_gpu_torch_layers():
     torch.testing.assert_close(yg.cpu(), y.detach())
     for a, b in zip([layer.weight.grad, layer.gain.grad, xg.grad], grads):
         torch.testing.assert_close(a.cpu(), b)
+    # the fused path's backward on CUDA, with and without an input gradient
+    assert type(yg.grad_fn).__name__ == "_WSConvBackward"
+    (dw,) = torch.autograd.grad(layer(xg.detach()), layer.weight, torch.ones_like(yg))
+    torch.testing.assert_close(dw.cpu(), grads[0])
     half = nkt.WSConv2d(4, 6, 3).cuda().half()
     assert half(xg.detach().half()).dtype == torch.float16

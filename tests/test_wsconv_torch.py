@@ -265,3 +265,234 @@ def test_errors():
         nkt.FWS(nn.ReLU())
     with pytest.raises(ValueError, match="at least 2 values per channel"):
         nkt.WSConv2d(2, 2, 1, groups=2)(randn(1, 2, 3, 3, dtype=torch.float32))
+
+
+# --- the eager layers' fused path (_WSConv): one node for standardization and convolution ------
+
+FUSED = [  # (cls, C_in, C_out, kernel, kwargs, spatial, output_size)
+    (nkt.WSConv1d, 4, 6, 3, dict(stride=2, padding=1), (9,), None),
+    (nkt.WSConv2d, 4, 6, (4, 3), dict(padding="same"), (7, 6), None),  # odd total: one more right
+    (nkt.WSConv2d, 4, 6, 3, dict(padding=2, dilation=2, groups=2, padding_mode="circular"),
+     (8, 7), None),
+    (nkt.WSConv2d, 3, 5, 2, dict(stride=(2, 1), padding="valid", padding_mode="reflect"), (7, 6),
+     None),
+    (nkt.WSConv3d, 2, 4, 3, dict(padding=1, padding_mode="replicate", bias=False), (4, 5, 3),
+     None),
+    (nkt.WSConvTranspose2d, 4, 6, 3, dict(stride=2, padding=1, groups=2, dilation=2), (5, 4),
+     (12, 10)),
+    (nkt.WSConvTranspose3d, 2, 4, 2, dict(stride=2, convention="timm"), (3, 2, 3), (7, 4, 6)),
+]
+
+
+def float64_reference(layer, x, output_size=None, eps=None):
+    """The layer's forward as torch's convolution on ref_standardize, on float64 copies of x and
+    the parameters (leaves, returned with the output)."""
+    eps = layer.eps if eps is None else eps
+    leaves = [None if t is None else t.detach().double().requires_grad_()
+              for t in (x, layer.weight, layer.gain, layer.bias)]
+    xd, w, gn, b = leaves
+    w_hat = ref_standardize(w, gn, eps, layer.convention)
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        dims = w.dim() - 2
+        fn = {2: F.conv_transpose2d, 3: F.conv_transpose3d}[dims]
+        op = layer._output_padding(xd, output_size, layer.stride, layer.padding,
+                                   layer.kernel_size, dims, layer.dilation)
+        y = fn(xd, w_hat, b, layer.stride, layer.padding, op, layer.groups, layer.dilation)
+    else:
+        y = type(layer).__mro__[2]._conv_forward(layer, xd, w_hat, b)
+    return y, leaves
+
+
+def check_fused(layer, x, output_size=None, eps=None, tol=1e-10, backward=True):
+    kw = {} if output_size is None else dict(output_size=output_size)
+    y = layer(x, **kw) if eps is None else layer(x, eps=eps, **kw)
+    if backward:
+        assert type(y.grad_fn).__name__ == "_WSConvBackward"  # the fused path, not the fallback
+    ref, leaves = float64_reference(layer, x, output_size, eps)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=tol, atol=tol * scale)
+    if not backward:
+        return y
+    dy = randn(*y.shape, dtype=y.dtype)
+    ours = [t for t in (x, layer.weight, layer.gain, layer.bias)
+            if t is not None and t.requires_grad]
+    theirs = [r for t, r in zip((x, layer.weight, layer.gain, layer.bias), leaves)
+              if t is not None and t.requires_grad]
+    for t, a, b in zip(ours, torch.autograd.grad(y, ours, dy),
+                       torch.autograd.grad(ref, theirs, dy.double())):
+        assert a.dtype == t.dtype and a.shape == t.shape
+        torch.testing.assert_close(a.double(), b, rtol=tol * 10,
+                                   atol=tol * 10 * max(b.abs().max().item(), 1e-30))
+    return y
+
+
+@pytest.mark.parametrize("case", FUSED, ids=lambda c: c[0].__name__ + str(c[3]))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_layers_vs_float64_composition(case, dtype):
+    """Output and every gradient over stride/padding ('same' with an odd total, 'valid')/dilation/
+    groups/padding_mode, transposed with output_size, 1d/2d/3d, float32/float64."""
+    cls, cin, cout, k, kw, spatial, output_size = case
+    layer = randomize(cls(cin, cout, k, dtype=dtype, **kw))
+    x = randn(2, cin, *spatial, dtype=dtype).requires_grad_()
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    y = check_fused(layer, x, output_size, tol=tol)
+    # unbatched input: the same as a batch of one
+    kwo = {} if output_size is None else dict(output_size=output_size)
+    torch.testing.assert_close(layer(x[1], **kwo), y[1])
+
+
+@pytest.mark.parametrize("frozen", ["input", "weight", "gain", "weight+gain", "bias"])
+def test_fused_layers_with_some_gradients(frozen):
+    """Only the gradients asked for (w_hat is not saved without an input gradient; the weight
+    gradient of the convolution is computed for the gain alone)."""
+    layer = randomize(nkt.WSConv2d(4, 6, 3, padding=1, groups=2, dtype=torch.float64))
+    x = randn(2, 4, 6, 5).requires_grad_(frozen != "input")
+    for name in frozen.split("+"):
+        if name != "input":
+            getattr(layer, name).requires_grad_(False)
+    check_fused(layer, x)
+
+
+def test_fused_layers_bfloat16_and_channels_last():
+    layer = randomize(nkt.WSConv2d(4, 6, 3, padding=1, dtype=torch.float64))
+    x = randn(2, 4, 7, 6).to(memory_format=torch.channels_last).requires_grad_()
+    check_fused(layer.to(memory_format=torch.channels_last), x)
+    lb = nkt.WSConv2d(4, 6, 3, padding=1).bfloat16()  # gain bfloat16: float32 statistics
+    xb = randn(2, 4, 7, 6, dtype=torch.bfloat16).requires_grad_()
+    check_fused(lb, xb, tol=2e-2)
+
+
+def test_fused_layers_no_grad_and_autocast():
+    layer = randomize(nkt.WSConv2d(3, 5, 3, padding=1))
+    x = randn(2, 3, 6, 6, dtype=torch.float32)
+    with torch.no_grad():
+        check_fused(layer, x, tol=2e-5, backward=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # torch's own cast, through the fallback
+        y = layer(x)
+        assert y.dtype == nn.Conv2d(3, 5, 3)(x).dtype == torch.bfloat16
+
+
+def test_fused_saved_tensors():
+    """input, w_hat, weight, gain, mean and rstd; no w_hat without an input gradient."""
+    layer = nkt.WSConv2d(4, 6, 3, dtype=torch.float64)
+    for needs_x, expected in [(True, 3), (False, 2)]:
+        x = randn(2, 4, 5, 5).requires_grad_(needs_x)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                      lambda t: t):
+            layer(x)
+        assert sorted(saved) == sorted([x.shape] + [layer.weight.shape] * (expected - 1)
+                                       + [(6,)] * 3)
+
+
+def test_fused_w_hat_buffer_is_never_reused_under_a_live_graph():
+    """The pooled w_hat returns to the layer only when the graph that saved it is gone: two
+    forwards before one backward, retain_graph, a graph dropped without backward. eps changes
+    w_hat between the calls (timm's eps adds to the variance), and dx reads the saved w_hat."""
+    layer = randomize(nkt.WSConv2d(3, 4, 3, padding=1, convention="timm", dtype=torch.float64))
+    x = randn(2, 3, 6, 6).requires_grad_()
+    pool = layer._ws_pool.free
+    with torch.no_grad():
+        layer(x)
+    assert len(pool) == 1  # the next forward takes this buffer
+    # two forwards before one backward (the second allocates its own)
+    y1 = layer(x, eps=0.5)
+    assert not pool
+    y2 = layer(x, eps=2.0)
+    for y, eps in [(y2, 2.0), (y1, 0.5)]:
+        ref, (xd, w, gn, b) = float64_reference(layer, x, eps=eps)
+        dy = randn(*y.shape)
+        for a, r in zip(grads(y, [x, layer.weight, layer.gain], dy), grads(ref, [xd, w, gn], dy)):
+            torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
+    del y1, y2
+    assert len(pool) == 1
+    # retain_graph: a forward between two backwards through one graph does not touch its w_hat
+    y = layer(x, eps=0.5)
+    dy = randn(*y.shape)
+    first = torch.autograd.grad(y, x, dy, retain_graph=True)[0]
+    with torch.no_grad():
+        layer(x, eps=5.0)
+    layer(x, eps=3.0).sum().backward()
+    torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], first, rtol=0, atol=0)
+    ref, (xd, *_) = float64_reference(layer, x, eps=0.5)
+    torch.testing.assert_close(first, torch.autograd.grad(ref, xd, dy)[0], rtol=1e-9, atol=1e-11)
+    # a graph dropped without backward gives its buffer back; the next forward reuses it
+    del y
+    y = layer(x, eps=1.0)
+    buf = next(iter(pool), None)
+    del y
+    assert len(pool) == 1 and pool[0] is not buf
+    check_fused(layer, x, eps=0.25)
+
+
+def test_fused_after_inference_mode():
+    """A buffer pooled under inference_mode is not saved for a later backward (torch refuses
+    inference tensors there)."""
+    layer = randomize(nkt.WSConv2d(3, 4, 3, dtype=torch.float64))
+    x = randn(1, 3, 5, 5).requires_grad_()
+    with torch.inference_mode():
+        check_fused(layer, x.detach(), backward=False)
+    check_fused(layer, x)
+
+
+def test_fused_double_backward_is_a_clear_error():
+    layer = randomize(nkt.WSConv2d(3, 4, 3, padding=1, dtype=torch.float64))
+    x = randn(2, 3, 5, 5).requires_grad_()
+    y = layer(x)
+    dy = randn(*y.shape)
+    plain = torch.autograd.grad(y, (x, layer.weight, layer.gain), dy, retain_graph=True)
+    twice = torch.autograd.grad(y, (x, layer.weight, layer.gain), dy, create_graph=True)
+    for a, b in zip(plain, twice):  # create_graph alone changes nothing
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="not differentiable twice"):
+        torch.autograd.grad(twice[0].square().sum(), layer.weight)
+
+
+# --- the core's backward in place (dw = dw_hat), as the fused path calls it ------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,channels_last", [((6, 4, 3, 3), False), ((6, 4, 3, 3), True),
+                                                 ((512, 257, 3, 3), False)],
+                         ids=["small", "channels_last", "over-4MiB"])
+def test_core_backward_in_place_equals_separate(dtype, shape, channels_last):
+    """dw written over dw_hat equals dw in a separate array, exactly (the 4 MiB float32 case
+    would stream dw when separate)."""
+    from normkit import _C
+    from normkit.torch import _ops
+    from normkit.torch._dlpack import dl
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    w = (randn(*shape) * 0.1 + 0.2).to(dtype).contiguous(memory_format=fmt)
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    gain = (torch.rand(shape[0], generator=gen, dtype=torch.float64) + 0.5).to(pd)
+    dw_hat = randn(*shape).to(dtype).contiguous(memory_format=fmt)
+    for convention in (0, 1, 2):
+        _, mean, rstd = _ops._ws_standardize(w, gain, convention, 1e-4)
+        dw, dgain = _ops._ws_standardize_backward(dw_hat, w, gain, mean, rstd, convention, 1e-4,
+                                                  True, True)
+        g, dg = dw_hat.clone(memory_format=fmt), torch.empty_like(gain)
+        _C.ws_standardize_backward(dl(g), dl(w), dl(gain), dl(mean), dl(rstd), convention, 1e-4,
+                                   dl(g), dl(dg))
+        assert torch.equal(g, dw) and torch.equal(dg, dgain)
+
+
+def test_core_rejects_partial_overlaps():
+    from normkit import _C
+    from normkit.torch import _ops
+    from normkit.torch._dlpack import dl
+
+    w = randn(4, 3, 3, 3)
+    _, mean, rstd = _ops._ws_standardize(w, None, 0, 1e-4)
+    buf = randn(2 * w.numel())
+    dw_hat, shifted = buf[:w.numel()].view(w.shape), buf[1:w.numel() + 1].view(w.shape)
+    with pytest.raises(ValueError, match="dw overlaps input dw_hat"):
+        _C.ws_standardize_backward(dl(dw_hat), dl(w), None, dl(mean), dl(rstd), 0, 1e-4,
+                                   dl(shifted), None)
+    with pytest.raises(ValueError, match="dw overlaps input w"):
+        _C.ws_standardize_backward(dl(dw_hat), dl(w), None, dl(mean), dl(rstd), 0, 1e-4, dl(w),
+                                   None)
+    with pytest.raises(ValueError, match="dgain overlaps input mean"):
+        _C.ws_standardize_backward(dl(dw_hat), dl(w), None, dl(mean), dl(rstd), 0, 1e-4, None,
+                                   dl(mean))
+    with pytest.raises(ValueError, match="w_hat overlaps input w"):
+        _C.ws_standardize_forward(dl(dw_hat), None, 0, 1e-4, dl(shifted), dl(mean), dl(rstd))

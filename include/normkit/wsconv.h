@@ -19,7 +19,9 @@
 // Dtypes: w, w_hat, dw_hat, dw share one dtype (bfloat16/float32/float64 on the CPU, also float16
 // on CUDA); gain, mean, rstd, dgain have param_dtype of it (float32 for 16-bit weights). gain may be undefined (gain 1).
 // Layout: within a row any dense order of dims 1.. (contiguous and channels-last weights), the
-// same for every weight-shaped argument; rows at any stride. w_hat may alias w (in place).
+// same for every weight-shaped argument; rows at any stride. w_hat may be w, and dw may be dw_hat
+// (in place: each row's sums are taken before it is written, each value read before it is
+// overwritten); any other overlap of an output with an argument is a ValueError.
 // On CUDA tensors the ops run on launch.stream, without a workspace.
 #pragma once
 

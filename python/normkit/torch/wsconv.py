@@ -1,8 +1,16 @@
 """Weight-standardized convolutions for PyTorch (elektronn3's ``wsconv`` module, fixed): torch runs
-the convolution (``_conv_forward`` / ``F.conv_transpose*d``, so padding_mode, string paddings and
-output_size behave as in torch), normkit's core the standardization, as one torch custom op
-(``torch.ops.normkit.ws_standardize``, see normkit.torch._ops: a fused statistics pass and write;
-a fused backward through mean, var and gain), which torch.compile and torch.export see.
+the convolution (padding_mode, string paddings and output_size behave as in torch), normkit's core
+the standardization (a fused statistics pass and write; a fused backward through mean, var and
+gain).
+
+Eagerly, on plain CPU/CUDA tensors, a layer's forward is one autograd node (``_WSConv``): the
+standardization into a buffer the layer keeps between steps (one weight-sized tensor per layer on
+the CPU, never reused while a graph may read it), ``torch.convolution``, and a backward that runs
+torch's ``convolution_backward`` and then the standardization's backward in place on its weight
+gradient, so a training step allocates no weight-sized tensor beyond a plain convolution's. Under
+torch.compile/torch.export (and tensor subclasses, functorch transforms, autocast) the layers run
+torch's convolution on the custom op ``torch.ops.normkit.ws_standardize`` (normkit.torch._ops)
+instead, which those see. Neither is differentiable twice.
 
     WSConv1d/2d/3d            torch.nn.Conv*d with ``gain`` (C_out,); forward(input, eps=None)
     WSConvTranspose2d/3d      torch.nn.ConvTranspose*d, standardized per input channel
@@ -20,9 +28,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import _C
 from ..functional.wsconv import convention_id
 from . import _ops as _registered  # defines torch.ops.normkit
-from ._dlpack import param_dtype
+from ._dlpack import dl, launch, like, param_dtype
 
 _ops = torch.ops.normkit
 # eps when none is given: elektronn3's and NFNets' 1e-4, timm's StdConv2d's 1e-6.
@@ -83,6 +92,182 @@ def ws_standardize(weight, gain=None, eps=1e-4, convention="elektronn3"):
     return _ops.ws_standardize(weight, gain, cid, float(eps))[0]
 
 
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+class _BufferPool:
+    """A layer's free w_hat buffer on the CPU (at most one), so that a 9 MB weight is not
+    allocated again every step: glibc hands allocations that large back to the OS on free, and the
+    next step faults each page in again (~2 us per 4 KiB). A buffer leaves the pool while a graph
+    may still read it (``_Lease``). CUDA tensors are not pooled (torch's caching allocator already
+    keeps them, and knows their streams). A copied or pickled layer gets an empty pool."""
+
+    __slots__ = ("free",)
+
+    def __init__(self):
+        self.free = []
+
+    def take(self, wk):
+        """A buffer laid out like ``wk`` (``_ops._empty(wk)``), pooled when one fits."""
+        if not wk.is_cuda:
+            try:
+                buf = self.free.pop()  # atomic: two threads never take the same one
+            except IndexError:
+                buf = None
+            # (a buffer made under inference_mode cannot be saved for a backward outside it)
+            if (buf is not None and buf.dtype == wk.dtype and buf.device == wk.device
+                    and buf.shape == wk.shape and buf.stride() == wk.stride()
+                    and (not buf.is_inference() or torch.is_inference_mode_enabled())):
+                return buf
+        return _registered._empty(wk)
+
+    def give_back(self, buf):
+        if not buf.is_cuda and not self.free:
+            self.free.append(buf)
+
+    def __reduce__(self):
+        return _BufferPool, ()
+
+    def __deepcopy__(self, memo):
+        return _BufferPool()
+
+
+class _Lease:
+    """Holds a pooled w_hat for the graph node (the ctx) that saved it, and gives it back to the
+    pool when that node is freed: after the last backward through it (retain_graph keeps it), or
+    when the graph is dropped without one. Never earlier, so no live graph reads a reused buffer."""
+
+    __slots__ = ("pool", "buf")
+
+    def __init__(self, pool, buf):
+        self.pool, self.buf = pool, buf
+
+    def __del__(self):
+        self.pool.give_back(self.buf)
+
+
+def _standardize_into(pool, weight, gain, convention, eps):
+    """w_hat (in a buffer of ``pool``, in the layout of ``_ops._ws_weight(weight)``), mean and rstd:
+    the kernels of ``normkit::ws_standardize`` without its allocation."""
+    wk = _registered._ws_weight(weight)
+    w_hat = pool.take(wk)
+    mean, rstd = _registered._per_filter(weight), _registered._per_filter(weight)
+    _C.ws_standardize_forward(dl(wk), dl(gain), convention, eps, dl(w_hat), dl(mean), dl(rstd),
+                              **launch(wk))
+    return w_hat, mean, rstd
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    """Hands the gradients of a backward run with create_graph=True on, as outputs of a node that
+    depends on everything they do (the incoming gradient, input, weight, gain), whose own backward
+    is a clear error: differentiating them would otherwise miss terms silently (w_hat, computed
+    inside ``_WSConv``, is not on the graph)."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        return tensors[:count]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("normkit's weight-standardized convolutions are not differentiable "
+                           "twice (double backward through normkit's layers is not supported)")
+
+
+class _WSConv(torch.autograd.Function):
+    """The eager path of the WS layers: standardization and convolution in one node. The forward
+    standardizes into a pooled buffer and runs ``torch.convolution``; the backward runs
+    ``aten.convolution_backward`` and then normkit's standardization backward in place on its
+    weight gradient (a fresh tensor of this node), so that a step allocates no weight-sized
+    tensor beyond a plain convolution's. torch.compile and torch.export see the custom op
+    ``normkit::ws_standardize`` and torch's convolution instead (``_runs_fused``).
+
+    Saved: input, w_hat (only when input needs a gradient), weight, gain, mean and rstd.
+    ``geometry`` is torch.convolution's (stride, padding, dilation, transposed, output_padding,
+    groups), with padding_mode and string paddings already applied to the input."""
+
+    @staticmethod
+    def forward(ctx, input, weight, gain, bias, pool, geometry, convention, eps):
+        ctx.set_materialize_grads(False)
+        w_hat, mean, rstd = _standardize_into(pool, weight, gain, convention, eps)
+        out = torch.convolution(input, w_hat, bias, *geometry)
+        need_x = ctx.needs_input_grad[0]
+        ctx.save_for_backward(input, w_hat if need_x else None, weight, gain, mean, rstd)
+        if need_x:
+            ctx.lease = _Lease(pool, w_hat)
+        else:
+            pool.give_back(w_hat)
+        ctx.geometry, ctx.convention, ctx.eps = geometry, convention, eps
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        if dy is None:
+            return (None,) * 8
+        if not torch.is_grad_enabled():
+            return _WSConv._grads(ctx, dy) + (None,) * 4
+        # create_graph=True: the gradients are computed as usual, but differentiating them again
+        # is an error.
+        input, _, weight, gain, _, _ = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _WSConv._grads(ctx, dy)
+        present = [g for g in grads if g is not None]
+        deps = [t for t in (dy, input, weight, gain) if t is not None]
+        it = iter(_OnceDifferentiable.apply(len(present), *present, *deps))
+        return tuple(None if g is None else next(it) for g in grads) + (None,) * 4
+
+    @staticmethod
+    def _grads(ctx, dy):
+        input, w_hat, weight, gain, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_g, need_b = ctx.needs_input_grad[:4]
+        need_w_hat = need_w or need_g
+        # Without an input gradient w_hat was not saved: the weight gradient reads only the
+        # weight's shape and layout (the same as w_hat's), not its values.
+        dx, g, db = torch.ops.aten.convolution_backward(
+            dy, input, weight if w_hat is None else w_hat, ctx.bias_sizes, *ctx.geometry,
+            [need_x, need_w_hat, need_b])
+        dw = dgain = None
+        if need_w_hat:
+            wk = _registered._ws_weight(weight)
+            g = like(wk, g)  # a copy only when torch returned another layout: ours as well
+            dgain = torch.empty_like(mean) if need_g else None
+            _C.ws_standardize_backward(dl(g), dl(wk), dl(gain), dl(mean), dl(rstd),
+                                       ctx.convention, ctx.eps, dl(g) if need_w else None,
+                                       dl(dgain), **launch(wk))
+            dw = g if need_w else None
+        return dx, dw, dgain, (db if need_b else None)
+
+
+def _runs_fused(input, layer, dims):
+    """Whether the layer's forward may run ``_WSConv`` (plain tensors, eager, no autocast, a
+    batched or unbatched input of the layer's dims); else torch's convolution on
+    ``ws_standardize`` (whose errors for other inputs are torch's own)."""
+    weight, gain, bias = layer.weight, layer.gain, layer.bias
+    return (_registered.runs_directly(input) and input.dim() in (dims + 1, dims + 2)
+            and type(weight) in _PLAIN and type(gain) in _PLAIN
+            and (bias is None or type(bias) in _PLAIN) and weight.device == input.device
+            and not torch.is_autocast_enabled(input.device.type))
+
+
+def _ws_conv(layer, input, eps, padding, transposed, output_padding, dims):
+    """``_WSConv`` of the layer on ``input`` (unbatched inputs as a batch of one)."""
+    unbatched = input.dim() == dims + 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    geometry = (layer.stride, padding, layer.dilation, transposed, output_padding, layer.groups)
+    cid = convention_id(layer.convention)
+    weight, gain, bias = layer.weight, layer.gain, layer.bias
+    if gain.dtype != param_dtype(weight.dtype):  # a half-precision layer's gain: float32
+        gain = gain.to(param_dtype(weight.dtype))
+    if _registered.records_graph(input, weight, gain, bias):
+        out = _WSConv.apply(input, weight, gain, bias, layer._ws_pool, geometry, cid, eps)
+    else:  # nothing to save: the buffer is free again right after the convolution
+        w_hat, _, _ = _standardize_into(layer._ws_pool, weight, gain, cid, eps)
+        out = torch.convolution(input, w_hat, bias, *geometry)
+        layer._ws_pool.give_back(w_hat)
+    return out.squeeze(0) if unbatched else out
+
+
 class _WSConvMixin:
     """The standardization shared by the WS layers: kaiming-normal weight, ``gain`` ones,
     ``convention`` and its default eps."""
@@ -96,12 +281,16 @@ class _WSConvMixin:
         nn.init.kaiming_normal_(self.weight)
         self.gain = nn.Parameter(torch.ones(self.weight.shape[0], device=self.weight.device,
                                             dtype=self.weight.dtype))
+        self._ws_pool = _BufferPool()
 
-    def standardize_weight(self, eps=None):
+    def _eps(self, eps):
         eps = self.eps if eps is None else eps
         if not eps > 0:
             raise ValueError(f"{type(self).__name__}: eps must be > 0, got {eps!r}")
-        return ws_standardize(self.weight, self.gain, eps, self.convention)
+        return float(eps)
+
+    def standardize_weight(self, eps=None):
+        return ws_standardize(self.weight, self.gain, self._eps(eps), self.convention)
 
     def extra_repr(self):
         return super().extra_repr() + (f", convention={self.convention!r}"
@@ -173,7 +362,22 @@ def _conv_class(base, dims):
             self._init_ws(convention, eps)
 
         def forward(self, input, eps=None):
-            return self._conv_forward(input, self.standardize_weight(eps), self.bias)
+            if not _runs_fused(input, self, dims):
+                return self._conv_forward(input, self.standardize_weight(eps), self.bias)
+            eps = self._eps(eps)
+            padding = self.padding
+            pad = self._reversed_padding_repeated_twice  # (left, right) per dim, last dim first
+            if self.padding_mode != "zeros":  # as torch's _conv_forward
+                input = F.pad(input, pad, mode=self.padding_mode)
+                padding = (0,) * dims
+            elif isinstance(padding, str):
+                # 'valid', or 'same': symmetric where the total is even, one more on the right
+                # where it is odd (as torch's convolution does for 'same')
+                padding = tuple(pad[0::2][::-1])
+                extra = [0 if i % 2 == 0 else pad[i] - pad[i - 1] for i in range(len(pad))]
+                if any(extra):
+                    input = F.pad(input, extra)
+            return _ws_conv(self, input, eps, padding, False, (0,) * dims, dims)
 
     WSConv.__name__ = WSConv.__qualname__ = f"WSConv{dims}d"
     WSConv.__doc__ = (f"torch.nn.Conv{dims}d on the weight standardized per output channel "
@@ -199,6 +403,9 @@ def _transpose_class(base, dims):
         def forward(self, input, output_size=None, eps=None):
             output_padding = self._output_padding(input, output_size, self.stride, self.padding,
                                                   self.kernel_size, dims, self.dilation)
+            if _runs_fused(input, self, dims):
+                return _ws_conv(self, input, self._eps(eps), self.padding, True,
+                                tuple(output_padding), dims)
             return conv(input, self.standardize_weight(eps), self.bias, self.stride,
                         self.padding, output_padding, self.groups, self.dilation)
 
