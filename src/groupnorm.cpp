@@ -20,7 +20,8 @@
 // Layouts: "planar" (each (n, c) plane a contiguous run of S values: NCHW), "channels-last" (rows
 // of C contiguous channels per (n, s): NHWC, and (N, C)), and a generic strided path. For a
 // contiguous channels-first input the single-process forward and backward are fused per (n, g)
-// block: a thread reduces the block and writes its output right after, while it is in cache.
+// block: a thread reduces the block and writes its output right after, while it is in cache (small
+// blocks four at a time, see forward_blocks).
 #include "normkit/groupnorm.h"
 
 #include <algorithm>
@@ -142,8 +143,8 @@ NK_INLINE double hsum(const V& v) {
 // Inlined into its NK_HOT callers (the fused block loops, pair_sums through run_sums_hot), so
 // that it is compiled for their ISA and small planes pay no call.
 template <class T, bool kSame>
-NK_INLINE void run_sums(const T* a, const T* b, int64_t len, acc_t<T> ka, acc_t<T> kb, double* s1,
-                     double* s2) {
+NK_INLINE void run_sums(const T* a, const T* b, int64_t len, acc_t<T> ka, acc_t<T> kb,
+                        double* s1, double* s2) {
   using A = acc_t<T>;
   using L = Lanes<T>;
   using V = typename L::V;
@@ -188,7 +189,7 @@ NK_INLINE void run_sums(const T* a, const T* b, int64_t len, acc_t<T> ka, acc_t<
 // Inlined as run_sums is.
 template <class T>
 NK_INLINE void run_affine(const T* u, const T* v, T* out, int64_t len, acc_t<T> p, acc_t<T> q,
-                       acc_t<T> m, acc_t<T> r, bool stream) {
+                          acc_t<T> m, acc_t<T> r, bool stream) {
   using L = Lanes<T>;
   auto one = [&](int64_t i) {
     out[i] = u ? st<T>(p * ld(u[i]) + q * (ld(v[i]) - m) + r) : st<T>(q * (ld(v[i]) - m) + r);
@@ -724,7 +725,7 @@ NK_INLINE BlockGrad block_grad(const Geometry& g, int64_t n, int64_t k, double r
 // kBatch, go one at a time): results depend neither on the batching nor, through it, on where
 // the threads' ranges start.
 constexpr int kBatch = 4;
-constexpr int64_t kBatchValues = 1024;  // kBatch such float32 blocks (16 KiB) stay in L1
+constexpr int64_t kBatchValues = 1024;  // kBatch such blocks (16 KiB in float32) stay in L1
 
 // The (n, g) of the K blocks from (n0, j0) on, into n[K], j[K]; advances (n0, j0) past them.
 template <int K>
