@@ -748,7 +748,9 @@ struct ForwardBlocks {
   bool stream;
 };
 
-// Blocks [blk, blk + K) of the forward, the K blocks from (n0, j0) on (advanced past them).
+// Blocks [blk, blk + K) of the forward, the K blocks from (n0, j0) on (advanced past them). The
+// loops over the K blocks are unrolled (4 = kBatch), so that their chains are interleaved in the
+// instruction stream rather than each whole plane's work after the last.
 template <int K, class T>
 NK_INLINE void forward_step(const ForwardBlocks<T>& f, int64_t blk, int64_t& n0, int64_t& j0) {
   using A = acc_t<T>;
@@ -759,16 +761,19 @@ NK_INLINE void forward_step(const ForwardBlocks<T>& f, int64_t blk, int64_t& n0,
   next_blocks<K>(g, n0, j0, n, j);
   A ks[K];
   double s1[K], s2[K], d[K], rs[K];
+#pragma GCC unroll 4
   for (int k = 0; k < K; ++k) {
     ks[k] = A(pilot_mean(g, f.x, n[k], j[k]));
     s1[k] = s2[k] = 0;
   }
   for (int64_t c = 0; c < Cg; ++c) {
+#pragma GCC unroll 4
     for (int k = 0; k < K; ++k) {
       const T* plane = f.x.plane(n[k], j[k] * Cg + c);
       run_sums<T, true>(plane, plane, g.S, ks[k], ks[k], &s1[k], &s2[k]);
     }
   }
+#pragma GCC unroll 4
   for (int k = 0; k < K; ++k) {
     d[k] = s1[k] / M;
     const double var = std::max(0.0, s2[k] / M - d[k] * d[k]);
@@ -778,6 +783,7 @@ NK_INLINE void forward_step(const ForwardBlocks<T>& f, int64_t blk, int64_t& n0,
     f.rstd[blk + k] = rs[k];
   }
   for (int64_t c = 0; c < Cg; ++c) {
+#pragma GCC unroll 4
     for (int k = 0; k < K; ++k) {  // see shifted_affine in group_norm_forward
       const int64_t ch = j[k] * Cg + c;
       const double q = rs[k] * f.w[ch];
@@ -808,7 +814,7 @@ struct BackwardBlocks {
   bool stream;
 };
 
-// Blocks [blk, blk + K) of the backward, as forward_step.
+// Blocks [blk, blk + K) of the backward, as forward_step (unrolled likewise).
 template <int K, class T>
 NK_INLINE void backward_step(const BackwardBlocks<T>& f, int64_t blk, int64_t& n0,
                              int64_t& j0) {
@@ -818,6 +824,7 @@ NK_INLINE void backward_step(const BackwardBlocks<T>& f, int64_t blk, int64_t& n
   int64_t n[K], j[K];
   next_blocks<K>(g, n0, j0, n, j);
   for (int64_t c = 0; c < Cg; ++c) {
+#pragma GCC unroll 4
     for (int k = 0; k < K; ++k) {
       const int64_t ch = j[k] * Cg + c;
       run_sums<T, false>(f.dy.plane(n[k], ch), f.x.plane(n[k], ch), g.S, A(0),
@@ -826,8 +833,10 @@ NK_INLINE void backward_step(const BackwardBlocks<T>& f, int64_t blk, int64_t& n
   }
   if (!f.dx.data) return;
   BlockGrad bg[K];
+#pragma GCC unroll 4
   for (int k = 0; k < K; ++k) bg[k] = block_grad(g, n[k], j[k], f.rstd[blk + k], f.w, f.s1, f.s2);
   for (int64_t c = 0; c < Cg; ++c) {
+#pragma GCC unroll 4
     for (int k = 0; k < K; ++k) {
       const int64_t ch = j[k] * Cg + c;
       run_affine<T>(f.dy.plane(n[k], ch), f.x.plane(n[k], ch), f.dx.plane(n[k], ch), g.S,
