@@ -228,8 +228,8 @@ def test_exact_when_mean_dominates(shape, G, layout, dev):
 # blocks of a thread's range (fewer than four) one at a time.
 
 # (shape, G): N*G = 5 (a batch, then one block alone), 9 blocks of S = 9 < 16 (no full vector),
-# S = 2, groups of 3 channels, S = 1024 (the largest batched block) and 1025 (not batched), 15
-# values in a group of two planes of S = 15
+# S = 2, groups of 3 channels, S = 1024 (the largest batched block) and 1025 (not batched), groups
+# of two planes of S = 15
 SMALL_BLOCKS = [((1, 5, 7, 7), 5), ((3, 3, 3, 3), 3), ((2, 7, 2), 7), ((2, 12, 3, 5), 4),
                 ((1, 6, 32, 32), 6), ((1, 6, 1025), 6), ((3, 4, 15), 2)]
 
@@ -292,6 +292,38 @@ def test_small_blocks_exact_when_mean_dominates(shape, G):
     np.testing.assert_allclose(mean, m_ref, rtol=1e-7)
     np.testing.assert_allclose(rstd, r_ref, rtol=1e-5)
     assert_close(y, y_ref, 1e-4, 1e-4)
+
+
+def test_small_blocks_bfloat16_through_dlpack():
+    """bfloat16 7x7 planes (torch CPU tensors into the core): against the float64 reference of the
+    exact bfloat16 values, and bit for bit the same with the planes rolled by one block (each block
+    then at another place in its batch, or alone)."""
+    shape, G = (1, 9, 7, 7), 9
+    x32 = torch.tensor(randn(shape, 84, np.float32, offset=2.0)).to(torch.bfloat16)
+    dy32 = torch.tensor(randn(shape, 85, np.float32)).to(torch.bfloat16)
+    w = torch.tensor(rng(86).uniform(0.5, 1.5, 9).astype(np.float32))
+    b = torch.tensor(rng(87).uniform(-1, 1, 9).astype(np.float32))
+
+    def run(k):
+        x, dy = x32.roll(k, 1).contiguous(), dy32.roll(k, 1).contiguous()
+        wk = w.roll(k, 0).contiguous()
+        y, dx = torch.empty_like(x), torch.empty_like(x)
+        mean, var, rstd = (torch.empty(1, G) for _ in range(3))
+        normkit._C.group_norm_forward(x, wk, b.roll(k, 0).contiguous(), 1e-5, y, mean, var, rstd)
+        sum_dy, sum_dy_xmu = torch.empty(1, 9), torch.empty(1, 9)
+        normkit._C.group_norm_backward(dy, x, mean, rstd, wk, dx, sum_dy, sum_dy_xmu)
+        return [a.roll(-k, 1) for a in (y, mean, rstd, dx, sum_dy, sum_dy_xmu)]
+
+    y, mean, _, dx, _, _ = first = run(0)
+    xf, dyf = x32.float().numpy(), dy32.float().numpy()
+    y_ref, m_ref, _, _ = ref_forward(xf, G, w.numpy(), b.numpy(), 1e-5)
+    assert_close(y.float().numpy(), y_ref, 1e-2, 1e-2, "y")  # bfloat16 has 8 mantissa bits
+    assert_close(mean.numpy(), m_ref, 1e-5, 1e-5, "mean")
+    assert_close(dx.float().numpy(), ref_backward(dyf, xf, G, w.numpy(), 1e-5)[0], 2e-2, 2e-2,
+                 "dx")
+    for k in (1, 5):
+        for a, want in zip(run(k), first):
+            assert torch.equal(a, want), k
 
 
 _THREADS_SCRIPT = """
