@@ -20,7 +20,8 @@
 // Layouts: "planar" (each (n, c) plane a contiguous run of S values: NCHW), "channels-last" (rows
 // of C contiguous channels per (n, s): NHWC, and (N, C)), and a generic strided path. For a
 // contiguous channels-first input the single-process forward and backward are fused per (n, g)
-// block: a thread reduces the block and writes its output right after, while it is in cache.
+// block: a thread reduces the block and writes its output right after, while it is in cache (small
+// blocks four at a time, see forward_blocks).
 #include "normkit/groupnorm.h"
 
 #include <algorithm>
@@ -139,9 +140,11 @@ NK_INLINE double hsum(const V& v) {
 // Contiguous runs (planar layout): one (n, c) plane, or part of one.
 
 // s1 += sum (a - ka), s2 += sum (a - ka) (b - kb) over len contiguous values. kSame: b is a.
+// Inlined into its NK_HOT callers (the fused block loops, pair_sums through run_sums_hot), so
+// that it is compiled for their ISA and small planes pay no call.
 template <class T, bool kSame>
-NK_HOT void run_sums(const T* a, const T* b, int64_t len, acc_t<T> ka, acc_t<T> kb, double* s1,
-                     double* s2) {
+NK_INLINE void run_sums(const T* a, const T* b, int64_t len, acc_t<T> ka, acc_t<T> kb,
+                        double* s1, double* s2) {
   using A = acc_t<T>;
   using L = Lanes<T>;
   using V = typename L::V;
@@ -183,9 +186,10 @@ NK_HOT void run_sums(const T* a, const T* b, int64_t len, acc_t<T> ka, acc_t<T> 
 
 // out = p * u + q * (v - m) + r over len contiguous values; u may be null (p ignored).
 // `stream`: streaming stores (float32/float64; see cpu_stream.h), for outputs beyond the LLC.
+// Inlined as run_sums is.
 template <class T>
-NK_HOT void run_affine(const T* u, const T* v, T* out, int64_t len, acc_t<T> p, acc_t<T> q,
-                       acc_t<T> m, acc_t<T> r, bool stream) {
+NK_INLINE void run_affine(const T* u, const T* v, T* out, int64_t len, acc_t<T> p, acc_t<T> q,
+                          acc_t<T> m, acc_t<T> r, bool stream) {
   using L = Lanes<T>;
   auto one = [&](int64_t i) {
     out[i] = u ? st<T>(p * ld(u[i]) + q * (ld(v[i]) - m) + r) : st<T>(q * (ld(v[i]) - m) + r);
@@ -213,6 +217,19 @@ NK_HOT void run_affine(const T* u, const T* v, T* out, int64_t len, acc_t<T> p, 
     for (; i + kLanes <= len; i += kLanes) L::store(out + i, q * (L::load(v + i) - m) + r);
   }
   for (; i < len; ++i) one(i);
+}
+
+// run_sums and run_affine compiled for each ISA level (NK_HOT), for the unfused passes.
+template <class T, bool kSame>
+NK_HOT void run_sums_hot(const T* a, const T* b, int64_t len, acc_t<T> ka, acc_t<T> kb,
+                         double* s1, double* s2) {
+  run_sums<T, kSame>(a, b, len, ka, kb, s1, s2);
+}
+
+template <class T>
+NK_HOT void run_affine_hot(const T* u, const T* v, T* out, int64_t len, acc_t<T> p, acc_t<T> q,
+                           acc_t<T> m, acc_t<T> r, bool stream) {
+  run_affine<T>(u, v, out, len, p, q, m, r, stream);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -477,9 +494,9 @@ void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b, bool s
       const T* br = b.plane(n, c);
       if (g.layout == Layout::Planar) {
         if (same) {
-          run_sums<T, true>(ar + s0, ar + s0, s1 - s0, ka[i], ka[i], out1, out1 + 1);
+          run_sums_hot<T, true>(ar + s0, ar + s0, s1 - s0, ka[i], ka[i], out1, out1 + 1);
         } else {
-          run_sums<T, false>(ar + s0, br + s0, s1 - s0, ka[i], kb[i], out1, out1 + 1);
+          run_sums_hot<T, false>(ar + s0, br + s0, s1 - s0, ka[i], kb[i], out1, out1 + 1);
         }
         return;
       }
@@ -543,8 +560,8 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
       const T* vr = v.plane(n, c);
       T* o = out.plane(n, c);
       if (g.layout == Layout::Planar) {
-        run_affine<T>(ur ? ur + s0 : nullptr, vr + s0, o + s0, s1 - s0, p[i], q[i], m[i], r[i],
-                      stream);
+        run_affine_hot<T>(ur ? ur + s0 : nullptr, vr + s0, o + s0, s1 - s0, p[i], q[i], m[i],
+                          r[i], stream);
         return;
       }
       for (int64_t s = s0; s < s1; ++s) {
@@ -564,7 +581,7 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
 constexpr int64_t kPilot = kLanes;  // one vector when the plane is contiguous
 
 template <class T>
-double pilot_mean(const Geometry& g, Strided<const T> x, int64_t n, int64_t group) {
+NK_INLINE double pilot_mean(const Geometry& g, Strided<const T> x, int64_t n, int64_t group) {
   const int64_t count = std::min(kPilot, g.S);
   if (count == 0) return 0.0;
   const T* plane = x.plane(n, group * g.Cg());
@@ -683,8 +700,8 @@ struct BlockGrad {
   double b, c;
 };
 
-BlockGrad block_grad(const Geometry& g, int64_t n, int64_t k, double rstd,
-                     const std::vector<double>& w, const double* s1, const double* s2) {
+NK_INLINE BlockGrad block_grad(const Geometry& g, int64_t n, int64_t k, double rstd,
+                               const std::vector<double>& w, const double* s1, const double* s2) {
   const double M = double(g.Cg() * g.S);
   if (M <= 0) return {0.0, 0.0};
   double a1 = 0, a2 = 0;
@@ -694,6 +711,148 @@ BlockGrad block_grad(const Geometry& g, int64_t n, int64_t k, double rstd,
     a2 += w[c] * s2[n * g.C + c];
   }
   return {-rstd * rstd * rstd * a2 / M, -rstd * a1 / M};
+}
+
+// ------------------------------------------------------------------------------------------------
+// The fused planar passes (see fuse): a thread's range of (n, g) blocks, each reduced and then
+// normalized (or back-propagated) while it is in cache.
+//
+// A small block is one latency chain: for a 7x7 plane (49 values) the pilot's sum, the sums, the
+// float64 moments (two divides and a square root) and the affine each wait for the one before,
+// and one block at a time left most of the core idle. So kBatch consecutive blocks of at most
+// kBatchValues values go through each phase together, and their chains overlap. A block's
+// arithmetic, in its order, is the same in a batch and alone (a range's last blocks, fewer than
+// kBatch, go one at a time): results depend neither on the batching nor, through it, on where
+// the threads' ranges start.
+constexpr int kBatch = 4;
+constexpr int64_t kBatchValues = 1024;  // kBatch such blocks (16 KiB in float32) stay in L1
+
+// The (n, g) of the K blocks from (n0, j0) on, into n[K], j[K]; advances (n0, j0) past them.
+template <int K>
+NK_INLINE void next_blocks(const Geometry& g, int64_t& n0, int64_t& j0, int64_t* n, int64_t* j) {
+  for (int k = 0; k < K; ++k) {
+    n[k] = n0;
+    j[k] = j0;
+    if (++j0 == g.G) j0 = 0, ++n0;
+  }
+}
+
+template <class T>
+struct ForwardBlocks {
+  Geometry g;
+  Strided<const T> x;
+  Strided<T> y;
+  const double *w, *b;             // (C,)
+  double eps;
+  double *mean, *var, *rstd;       // (N * G,)
+  bool stream;
+};
+
+// Blocks [blk, blk + K) of the forward, the K blocks from (n0, j0) on (advanced past them). The
+// loops over the K blocks are unrolled (4 = kBatch), so that their chains are interleaved in the
+// instruction stream rather than each whole plane's work after the last.
+template <int K, class T>
+NK_INLINE void forward_step(const ForwardBlocks<T>& f, int64_t blk, int64_t& n0, int64_t& j0) {
+  using A = acc_t<T>;
+  const Geometry& g = f.g;
+  const int64_t Cg = g.Cg();
+  const double M = double(Cg * g.S);
+  int64_t n[K], j[K];
+  next_blocks<K>(g, n0, j0, n, j);
+  A ks[K];
+  double s1[K], s2[K], d[K], rs[K];
+#pragma GCC unroll 4
+  for (int k = 0; k < K; ++k) {
+    ks[k] = A(pilot_mean(g, f.x, n[k], j[k]));
+    s1[k] = s2[k] = 0;
+  }
+  for (int64_t c = 0; c < Cg; ++c) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const T* plane = f.x.plane(n[k], j[k] * Cg + c);
+      run_sums<T, true>(plane, plane, g.S, ks[k], ks[k], &s1[k], &s2[k]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < K; ++k) {
+    d[k] = s1[k] / M;
+    const double var = std::max(0.0, s2[k] / M - d[k] * d[k]);
+    rs[k] = 1.0 / std::sqrt(var + f.eps);
+    f.mean[blk + k] = double(ks[k]) + d[k];
+    f.var[blk + k] = var;
+    f.rstd[blk + k] = rs[k];
+  }
+  for (int64_t c = 0; c < Cg; ++c) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {  // see shifted_affine in group_norm_forward
+      const int64_t ch = j[k] * Cg + c;
+      const double q = rs[k] * f.w[ch];
+      run_affine<T>(nullptr, f.x.plane(n[k], ch), f.y.plane(n[k], ch), g.S, A(0), A(q), ks[k],
+                    A(f.b[ch] - q * d[k]), f.stream);
+    }
+  }
+}
+
+template <class T>
+NK_HOT void forward_blocks(const ForwardBlocks<T>& f, int64_t b0, int64_t b1) {
+  int64_t n = b0 / f.g.G, j = b0 % f.g.G, blk = b0;
+  if (f.g.Cg() * f.g.S <= kBatchValues) {
+    for (; blk + kBatch <= b1; blk += kBatch) forward_step<kBatch>(f, blk, n, j);
+  }
+  for (; blk < b1; ++blk) forward_step<1>(f, blk, n, j);
+}
+
+template <class T>
+struct BackwardBlocks {
+  Geometry g;
+  Strided<const T> dy, x;
+  Strided<T> dx;                   // data null: the sums only
+  const std::vector<double>& mean;  // (N * G,)
+  const std::vector<double>& rstd;  // (N * G,)
+  const std::vector<double>& w;     // (C,)
+  double *s1, *s2;                 // (N * C,), zero on entry
+  bool stream;
+};
+
+// Blocks [blk, blk + K) of the backward, as forward_step (unrolled likewise).
+template <int K, class T>
+NK_INLINE void backward_step(const BackwardBlocks<T>& f, int64_t blk, int64_t& n0,
+                             int64_t& j0) {
+  using A = acc_t<T>;
+  const Geometry& g = f.g;
+  const int64_t Cg = g.Cg();
+  int64_t n[K], j[K];
+  next_blocks<K>(g, n0, j0, n, j);
+  for (int64_t c = 0; c < Cg; ++c) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const int64_t ch = j[k] * Cg + c;
+      run_sums<T, false>(f.dy.plane(n[k], ch), f.x.plane(n[k], ch), g.S, A(0),
+                         A(f.mean[blk + k]), &f.s1[n[k] * g.C + ch], &f.s2[n[k] * g.C + ch]);
+    }
+  }
+  if (!f.dx.data) return;
+  BlockGrad bg[K];
+#pragma GCC unroll 4
+  for (int k = 0; k < K; ++k) bg[k] = block_grad(g, n[k], j[k], f.rstd[blk + k], f.w, f.s1, f.s2);
+  for (int64_t c = 0; c < Cg; ++c) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const int64_t ch = j[k] * Cg + c;
+      run_affine<T>(f.dy.plane(n[k], ch), f.x.plane(n[k], ch), f.dx.plane(n[k], ch), g.S,
+                    A(f.rstd[blk + k] * f.w[ch]), A(bg[k].b), A(f.mean[blk + k]), A(bg[k].c),
+                    f.stream);
+    }
+  }
+}
+
+template <class T>
+NK_HOT void backward_blocks(const BackwardBlocks<T>& f, int64_t b0, int64_t b1) {
+  int64_t n = b0 / f.g.G, j = b0 % f.g.G, blk = b0;
+  if (f.g.Cg() * f.g.S <= kBatchValues) {
+    for (; blk + kBatch <= b1; blk += kBatch) backward_step<kBatch>(f, blk, n, j);
+  }
+  for (; blk < b1; ++blk) backward_step<1>(f, blk, n, j);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -890,24 +1049,10 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
       // A thread owns whole (n, g) blocks and normalizes each right after reducing it, while the
       // block is still in cache: x crosses the memory bus once.
       const bool stream = cpu::should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)));
+      const ForwardBlocks<T> f{g, xs, ys, w.data(), b.data(), eps, m.data(), v.data(),
+                               rs.data(), stream};
       cpu::parallel_ranges(nthreads, NG, [&](int, int64_t b0, int64_t b1) {
-        for (int64_t blk = b0; blk < b1; ++blk) {
-          const int64_t n = blk / g.G, j = blk % g.G;
-          const A ks = A(pilot_mean(g, xs, n, j));
-          double s1 = 0, s2 = 0;
-          for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
-            run_sums<T, true>(xs.plane(n, c), xs.plane(n, c), g.S, ks, ks, &s1, &s2);
-          }
-          const double d = s1 / M;
-          m[blk] = double(ks) + d;
-          v[blk] = std::max(0.0, s2 / M - d * d);
-          rs[blk] = 1.0 / std::sqrt(v[blk] + eps);
-          for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {  // see shifted_affine
-            const double q = rs[blk] * w[c];
-            run_affine<T>(nullptr, xs.plane(n, c), ys.plane(n, c), g.S, A(0), A(q), ks,
-                          A(b[c] - q * d), stream);
-          }
-        }
+        forward_blocks<T>(f, b0, b1);
         if (stream) cpu::stream_fence();
       });
     } else if (fuse_rows(g, nthreads)) {
@@ -1048,20 +1193,9 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
     if (fuse(g, nthreads)) {
       // As in the forward: each block's dx is written while its dy and x are in cache.
       const bool stream = cpu::should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)));
+      const BackwardBlocks<T> f{g, dys, xs, dxs, m, rs, w, s1.data(), s2.data(), stream};
       cpu::parallel_ranges(nthreads, g.N * g.G, [&](int, int64_t b0, int64_t b1) {
-        for (int64_t blk = b0; blk < b1; ++blk) {
-          const int64_t n = blk / g.G, j = blk % g.G;
-          for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
-            run_sums<T, false>(dys.plane(n, c), xs.plane(n, c), g.S, A(0), A(m[blk]),
-                               &s1[n * g.C + c], &s2[n * g.C + c]);
-          }
-          if (!dxs.data) continue;
-          const BlockGrad bg = block_grad(g, n, j, rs[blk], w, s1.data(), s2.data());
-          for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
-            run_affine<T>(dys.plane(n, c), xs.plane(n, c), dxs.plane(n, c), g.S,
-                          A(rs[blk] * w[c]), A(bg.b), A(m[blk]), A(bg.c), stream);
-          }
-        }
+        backward_blocks<T>(f, b0, b1);
         if (stream) cpu::stream_fence();
       });
     } else if (fuse_rows(g, nthreads)) {

@@ -223,6 +223,138 @@ def test_exact_when_mean_dominates(shape, G, layout, dev):
     assert_close(to_host(y), ref_forward(x0, G, None, None, 1e-5)[0], 1e-4, 1e-4)
 
 
+# --- small blocks of the fused planar path --------------------------------------------------------
+# Blocks of at most 1024 values go through the fused forward and backward four at a time, the last
+# blocks of a thread's range (fewer than four) one at a time.
+
+# (shape, G): N*G = 5 (a batch, then one block alone), 9 blocks of S = 9 < 16 (no full vector),
+# S = 2, groups of 3 channels, S = 1024 (the largest batched block) and 1025 (not batched), groups
+# of two planes of S = 15
+SMALL_BLOCKS = [((1, 5, 7, 7), 5), ((3, 3, 3, 3), 3), ((2, 7, 2), 7), ((2, 12, 3, 5), 4),
+                ((1, 6, 32, 32), 6), ((1, 6, 1025), 6), ((3, 4, 15), 2)]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=["f16", "f32", "f64"])
+@pytest.mark.parametrize("shape,G", SMALL_BLOCKS,
+                         ids=[f"{'x'.join(map(str, s))}-G{g}" for s, g in SMALL_BLOCKS])
+def test_small_blocks_against_reference(shape, G, dtype):
+    C = shape[1]
+    x0, dy0 = randn(shape, 90, dtype, offset=0.5), randn(shape, 91, dtype)
+    w = (rng(92).uniform(0.5, 1.5, C) * rng(93).choice([-1, 1], C)).astype(pdtype(dtype))
+    b = rng(94).uniform(-1, 1, C).astype(pdtype(dtype))
+    factor = TOL16 if dtype == np.float16 else 1.0
+    y_ref, m_ref, _, r_ref = ref_forward(x0, G, w, b, 1e-5)
+    dx_ref, dw_ref, db_ref = ref_backward(dy0, x0, G, w, 1e-5)
+    y, mean, rstd = F.group_norm_forward(x0, G, w, b)
+    assert_close_dtype(y, y_ref, dtype, "y", factor)
+    assert_close_dtype(mean, m_ref, dtype, "mean", factor)
+    assert_close_dtype(rstd, r_ref, dtype, "rstd", factor)
+    dx, dw, db = F.group_norm_backward(dy0, x0, mean, rstd, w, b)
+    assert_close_dtype(dx, dx_ref, dtype, "dx", 4 * factor * _conditioning(x0, dy0, G, w, dx_ref))
+    assert_close_dtype(dw, dw_ref, dtype, "dweight", 4 * factor)
+    assert_close_dtype(db, db_ref, dtype, "dbias", 4 * factor)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=["f16", "f32", "f64"])
+@pytest.mark.parametrize("S,Cg", [(2, 1), (9, 1), (49, 1), (17, 3)])
+def test_small_blocks_same_in_a_batch_and_alone(S, Cg, dtype):
+    """A block's results are bit for bit the same wherever it falls: first to last in a batch of
+    four, or alone after the batches. Rolling the channels of (2, 9 Cg, S) by whole groups moves
+    every block through every position (18 blocks: batches 0-3 ... 12-15, one of them across the
+    two samples, then 16 and 17 alone)."""
+    G, C = 9, 9 * Cg
+    x0, dy0 = randn((2, C, S), 95, dtype, offset=-1.0), randn((2, C, S), 96, dtype)
+    w, b = rng(97).uniform(0.5, 1.5, C).astype(pdtype(dtype)), randn((C,), 98, pdtype(dtype))
+
+    def run(k):
+        def roll(a, axis, by=k * Cg):
+            return np.ascontiguousarray(np.roll(a, by, axis))
+
+        x, dy, wk = roll(x0, 1), roll(dy0, 1), roll(w, 0)
+        y, mean, rstd = F.group_norm_forward(x, G, wk, roll(b, 0))
+        dx, dw, db = F.group_norm_backward(dy, x, mean, rstd, wk, True)
+        return [roll(y, 1, -k * Cg), roll(mean, 1, -k), roll(rstd, 1, -k), roll(dx, 1, -k * Cg),
+                roll(dw, 0, -k * Cg), roll(db, 0, -k * Cg)]
+
+    first = run(0)
+    for k in range(1, G):
+        for name, a, want in zip(["y", "mean", "rstd", "dx", "dweight", "dbias"], run(k), first):
+            np.testing.assert_array_equal(a, want, err_msg=f"roll {k}: {name}")
+
+
+@pytest.mark.parametrize("shape,G", [((4, 9, 7, 7), 9), ((3, 6, 3, 3), 3)])
+def test_small_blocks_exact_when_mean_dominates(shape, G):
+    """|mean| = 1e4 with std 1 in float32 through the fused forward's small blocks: the shifted
+    sums keep mean and variance exact."""
+    x0 = (rng(41).standard_normal(shape) + 1e4).astype(np.float32)
+    y, mean, rstd = F.group_norm_forward(x0, G, eps=0.0)
+    y_ref, m_ref, _, r_ref = ref_forward(x0, G, None, None, 0.0)
+    np.testing.assert_allclose(mean, m_ref, rtol=1e-7)
+    np.testing.assert_allclose(rstd, r_ref, rtol=1e-5)
+    assert_close(y, y_ref, 1e-4, 1e-4)
+
+
+def test_small_blocks_bfloat16_through_dlpack():
+    """bfloat16 7x7 planes (torch CPU tensors into the core): against the float64 reference of the
+    exact bfloat16 values, and bit for bit the same with the planes rolled by one block (each block
+    then at another place in its batch, or alone)."""
+    shape, G = (1, 9, 7, 7), 9
+    x32 = torch.tensor(randn(shape, 84, np.float32, offset=2.0)).to(torch.bfloat16)
+    dy32 = torch.tensor(randn(shape, 85, np.float32)).to(torch.bfloat16)
+    w = torch.tensor(rng(86).uniform(0.5, 1.5, 9).astype(np.float32))
+    b = torch.tensor(rng(87).uniform(-1, 1, 9).astype(np.float32))
+
+    def run(k):
+        x, dy = x32.roll(k, 1).contiguous(), dy32.roll(k, 1).contiguous()
+        wk = w.roll(k, 0).contiguous()
+        y, dx = torch.empty_like(x), torch.empty_like(x)
+        mean, var, rstd = (torch.empty(1, G) for _ in range(3))
+        normkit._C.group_norm_forward(x, wk, b.roll(k, 0).contiguous(), 1e-5, y, mean, var, rstd)
+        sum_dy, sum_dy_xmu = torch.empty(1, 9), torch.empty(1, 9)
+        normkit._C.group_norm_backward(dy, x, mean, rstd, wk, dx, sum_dy, sum_dy_xmu)
+        return [a.roll(-k, 1) for a in (y, mean, rstd, dx, sum_dy, sum_dy_xmu)]
+
+    y, mean, _, dx, _, _ = first = run(0)
+    xf, dyf = x32.float().numpy(), dy32.float().numpy()
+    y_ref, m_ref, _, _ = ref_forward(xf, G, w.numpy(), b.numpy(), 1e-5)
+    assert_close(y.float().numpy(), y_ref, 1e-2, 1e-2, "y")  # bfloat16 has 8 mantissa bits
+    assert_close(mean.numpy(), m_ref, 1e-5, 1e-5, "mean")
+    assert_close(dx.float().numpy(), ref_backward(dyf, xf, G, w.numpy(), 1e-5)[0], 2e-2, 2e-2,
+                 "dx")
+    for k in (1, 5):
+        for a, want in zip(run(k), first):
+            assert torch.equal(a, want), k
+
+
+_THREADS_SCRIPT = """
+import sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+import normkit.functional as F
+from helpers import randn
+# 111 blocks of 900 values: the threads' ranges of blocks start off multiples of four
+x, dy = randn((3, 37, 30, 30), 99, np.float32, offset=0.5), randn((3, 37, 30, 30), 100, np.float32)
+y, mean, rstd = F.group_norm_forward(x, 37)
+dx, dw, db = F.group_norm_backward(dy, x, mean, rstd)
+np.savez({out!r}, y=y, mean=mean, rstd=rstd, dx=dx)
+"""
+
+
+def test_fused_planar_results_independent_of_thread_count(tmp_path):
+    results = []
+    for threads in ("1", "2", "3"):
+        out = str(tmp_path / f"t{threads}.npz")
+        script = _THREADS_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), out=out)
+        env = dict(os.environ, OMP_NUM_THREADS=threads, OMP_DYNAMIC="false")
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results.append(np.load(out))
+    for other in results[1:]:
+        for name in ("y", "mean", "rstd", "dx"):
+            np.testing.assert_array_equal(other[name], results[0][name], err_msg=name)
+
+
 _STREAM_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
