@@ -53,12 +53,13 @@ from ._dlpack import (_CHANNELS_LAST, batch_workspace, dl, dl_written, group_wor
 _lib = torch.library.Library("normkit", "DEF")
 # The forward ops' kernels read any layout and their outputs follow the input's (see _empty): with
 # this tag inductor hands them its own choice (channels_last around convolutions) instead of a copy
-# in the strides of the eager trace (its default for custom ops). The other backward ops keep the
+# in the strides of the eager trace (its default for custom ops). The backward ops keep the
 # default: given the layouts inductor picks for x and dy they can differ (a channels_last x, the
 # contiguous gradient of a model's output), and the kernel's own copy of dy would cost more than
-# inductor's fused one. batch_norm_train_backward takes the tag too: without it inductor copied
-# every layer's x into the trace's layout and dx back (two passes per layer, measured on the
-# small CNN of benchmarks/bench_torch.py), where with it only a dy of another layout is copied.
+# inductor's fused one. (Measured again on the small CNN of benchmarks/bench_torch.py: with the tag
+# on batch_norm_train_backward inductor no longer copies x and dx around it, but the op then runs
+# the slower channels-last kernels and copies the last layer's dy itself; no faster, within the
+# noise of a shared machine.)
 _ANY_LAYOUT = (torch.Tag.flexible_layout,)
 _ops = torch.ops.normkit
 
@@ -150,8 +151,7 @@ def _stats(x):
 _lib.define("batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, float eps) "
             "-> (Tensor y, Tensor mean, Tensor var, Tensor invstd)", tags=_ANY_LAYOUT)
 _lib.define("batch_norm_train_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, "
-            "Tensor? weight, bool need_input) -> (Tensor dx, Tensor dweight, Tensor dbias)",
-            tags=_ANY_LAYOUT)
+            "Tensor? weight, bool need_input) -> (Tensor dx, Tensor dweight, Tensor dbias)")
 _lib.define("batch_norm_stats(Tensor x) -> (Tensor mean, Tensor var)", tags=_ANY_LAYOUT)
 _lib.define("batch_norm_normalize(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
             "Tensor? bias) -> Tensor", tags=_ANY_LAYOUT)
