@@ -230,11 +230,14 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         raise ValueError(f"batch_norm_forward: expected more than 1 value per channel when "
                          f"training, got input of shape {tuple(x.shape)}")
     y = xp.empty_like(x)
-    mean, invstd = _channels(x), _channels(x)
-    # The kernel updates the running statistics (unbiased variance); the batch variance itself is
-    # not needed here.
-    _C.batch_norm_forward_train(x, weight, bias, eps, y, mean, None, invstd, running_mean,
-                                running_var, float(momentum), **_reducing(x))
+    mean, var, invstd = _channels(x), _channels(x), _channels(x)
+    _C.batch_norm_forward_train(x, weight, bias, eps, y, mean, var, invstd, **_reducing(x))
+    if running_mean is not None:
+        running_mean *= 1.0 - momentum
+        running_mean += momentum * mean
+    if running_var is not None:
+        running_var *= 1.0 - momentum
+        running_var += (momentum * n / (n - 1)) * var
     return y, mean, invstd
 
 
@@ -275,11 +278,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, input_g
     dx = xp.empty_like(x) if input_grad else None
     want_params = weight is not None and weight_grad
     if training:
-        # dweight (sum_dy_xmu * invstd) from the kernel itself
-        sum_dy, dweight = _channels(x), _channels(x)
-        _C.batch_norm_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, None, dweight,
+        sum_dy, sum_dy_xmu = _channels(x), _channels(x)
+        _C.batch_norm_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu,
                                      **_reducing(x))
-        return (dx, dweight, sum_dy) if want_params else (dx, None, None)
     else:
         if input_grad:
             _C.batch_norm_backward_elemt(dy, x, mean, invstd, weight, None, None, 0.0, dx,
