@@ -533,11 +533,19 @@ struct Choice {
   ChannelVector<P> used_mean, used_invstd;
 };
 
+// The running statistics a training forward updates in place (absent: null data), as torch's:
+// running = (1 - momentum) * running + momentum * batch, the variance unbiased.
+template <class P>
+struct Running {
+  ChannelVector<P> mean, var;
+  double momentum;
+};
+
 template <class P>
 __global__ void __launch_bounds__(kThreads)
     finalize_moments(const double* __restrict__ ws, int64_t C, int64_t G, ChannelVector<P> mean,
                      ChannelVector<P> var, ChannelVector<P> invstd, double eps,
-                     Choice<P> choice) {
+                     Choice<P> choice, Running<P> running) {
   const int lane = threadIdx.x & 31;
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (c >= C) return;  // whole warps leave together
@@ -553,8 +561,17 @@ __global__ void __launch_bounds__(kThreads)
   const double q = m.n > 0 ? m.m2 / m.n : 0.0;
   const double v = q < 0 ? 0.0 : q;
   mean.set(c, m.n > 0 ? m.mean : 0.0);
-  var.set(c, v);
+  if (var.data) var.set(c, v);
   if (invstd.data) invstd.set(c, 1.0 / sqrt(v + eps));
+  // An empty batch leaves the running statistics alone (the host checked m.n != 1 for var). From
+  // the statistics as written (rounded to P), as on the CPU.
+  const double k = running.momentum;
+  if (running.mean.data && m.n > 0) {
+    running.mean.set(c, running.mean.at(c, 0) * (1 - k) + double(P(m.mean)) * k);
+  }
+  if (running.var.data && m.n > 1) {
+    running.var.set(c, running.var.at(c, 0) * (1 - k) + double(P(v)) * (m.n / (m.n - 1)) * k);
+  }
   if (choice.used_mean.data) {
     const bool batch = choice.use_batch.at(c, 1) != 0;
     choice.used_mean.set(c, batch ? (m.n > 0 ? m.mean : 0.0) : choice.running_mean.at(c, 0));
@@ -565,7 +582,8 @@ __global__ void __launch_bounds__(kThreads)
 template <class P>
 __global__ void __launch_bounds__(kThreads)
     finalize_sums(const double* __restrict__ ws, int64_t C, int64_t G, ChannelVector<P> sum_dy,
-                  ChannelVector<P> sum_dy_xmu) {
+                  ChannelVector<P> sum_dy_xmu, ChannelVector<P> dweight,
+                  ChannelVector<const P> invstd) {
   const int lane = threadIdx.x & 31;
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (c >= C) return;
@@ -577,7 +595,8 @@ __global__ void __launch_bounds__(kThreads)
   s = warp_reduce(s);
   if (lane != 0) return;
   sum_dy.set(c, s.s1);
-  sum_dy_xmu.set(c, s.s2);
+  if (sum_dy_xmu.data) sum_dy_xmu.set(c, s.s2);
+  if (dweight.data) dweight.set(c, s.s2 * invstd.at(c, 0));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -588,6 +607,7 @@ template <class P>
 struct AffineArgs {
   ChannelVector<const P> mean, invstd, weight, bias;  // normalize: y = (x - mean) * invstd * w + b
   ChannelVector<const P> sum_dy, sum_dy_xmu;          // backward, present in training
+  bool xmu_scaled;  // sum_dy_xmu holds sum_dy_xmu * invstd (the fused backward's dweight)
   double count;
   ChannelVector<const P> use_batch;  // masked backward: 0 where the statistics are constants
 };
@@ -608,7 +628,7 @@ __device__ Coefficients<P> coefficients(const AffineArgs<P>& a, int64_t c) {
     const double p = w * invstd;
     double q = 0, r = 0;
     if (a.sum_dy.data && a.count > 0 && a.use_batch.at(c, 1) != 0) {
-      q = -p * invstd * invstd * a.sum_dy_xmu.at(c, 0) / a.count;
+      q = -p * invstd * (a.xmu_scaled ? 1.0 : invstd) * a.sum_dy_xmu.at(c, 0) / a.count;
       r = -p * a.sum_dy.at(c, 0) / a.count;
     }
     return {P(p), P(q), P(mean), P(r)};
@@ -833,21 +853,24 @@ unsigned finalize_grid(int64_t C) { return grid_for(ceil_div(C, kWarpsPerBlock))
 template <class P>
 void launch_finalize_moments(const Plan& plan, const double* ws, const TensorView& mean,
                              const TensorView& var, const TensorView& invstd, double eps,
-                             cudaStream_t stream, const Choice<P>& choice = {}) {
+                             cudaStream_t stream, const Choice<P>& choice = {},
+                             const Running<P>& running = {}) {
   const int64_t C = channels_of(plan);
   finalize_moments<P><<<finalize_grid(C), kThreads, 0, stream>>>(
       ws, C, plan.partials_per_channel(), channel_vector<P>(mean), channel_vector<P>(var),
-      channel_vector<P>(invstd), eps, choice);
+      channel_vector<P>(invstd), eps, choice, running);
   check_launch("finalize_moments");
 }
 
 template <class P>
 void launch_finalize_sums(const Plan& plan, const double* ws, const TensorView& sum_dy,
-                          const TensorView& sum_dy_xmu, cudaStream_t stream) {
+                          const TensorView& sum_dy_xmu, cudaStream_t stream,
+                          const TensorView& dweight = {}, const TensorView& invstd = {}) {
   const int64_t C = channels_of(plan);
   finalize_sums<P><<<finalize_grid(C), kThreads, 0, stream>>>(
       ws, C, plan.partials_per_channel(), channel_vector<P>(sum_dy),
-      channel_vector<P>(sum_dy_xmu));
+      channel_vector<P>(sum_dy_xmu), channel_vector<P>(dweight),
+      channel_vector<const P>(invstd));
   check_launch("finalize_sums");
 }
 
@@ -886,17 +909,18 @@ AffineArgs<P> normalize_args(const TensorView& mean, const TensorView& invstd,
                              const TensorView& weight, const TensorView& bias) {
   return {channel_vector<const P>(mean), channel_vector<const P>(invstd),
           channel_vector<const P>(weight), channel_vector<const P>(bias), {nullptr, 0},
-          {nullptr, 0}, 0.0, {nullptr, 0}};
+          {nullptr, 0}, false, 0.0, {nullptr, 0}};
 }
 
 template <class P>
 AffineArgs<P> backward_args(const TensorView& mean, const TensorView& invstd,
                             const TensorView& weight, const TensorView& sum_dy,
                             const TensorView& sum_dy_xmu, double count,
-                            const TensorView& use_batch = {}) {
+                            const TensorView& use_batch = {}, bool xmu_scaled = false) {
   return {channel_vector<const P>(mean), channel_vector<const P>(invstd),
           channel_vector<const P>(weight), {nullptr, 0}, channel_vector<const P>(sum_dy),
-          channel_vector<const P>(sum_dy_xmu), count, channel_vector<const P>(use_batch)};
+          channel_vector<const P>(sum_dy_xmu), xmu_scaled, count,
+          channel_vector<const P>(use_batch)};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -918,13 +942,15 @@ void forward_train(const char* op, const TensorView& x, const TensorView& weight
                    const TensorView& bias, double eps, const TensorView& y,
                    const TensorView& mean, const TensorView& var, const TensorView& invstd,
                    const Choice<acc_t<T>>& choice, const TensorView& norm_mean,
-                   const TensorView& norm_invstd, const Launch& launch) {
+                   const TensorView& norm_invstd, const Launch& launch,
+                   const Running<acc_t<T>>& running = {}) {
   using P = acc_t<T>;
   // One plan for both passes, so that the normalization revisits the reduction's work items.
   const Plan plan = make_plan({&x, &y}, x.dtype, x.device_id);
   double* ws = workspace(op, launch, x, plan);
   launch_moments<T>(plan, ws, stream_of(launch));
-  launch_finalize_moments<P>(plan, ws, mean, var, invstd, eps, stream_of(launch), choice);
+  launch_finalize_moments<P>(plan, ws, mean, var, invstd, eps, stream_of(launch), choice,
+                             running);
   launch_affine<T, false>(plan, normalize_args<P>(norm_mean, norm_invstd, weight, bias),
                           stream_of(launch));
 }
@@ -934,7 +960,8 @@ template <class T>
 void backward_train(const char* op, const TensorView& dy, const TensorView& x,
                     const TensorView& mean, const TensorView& invstd, const TensorView& weight,
                     const TensorView& use_batch, const TensorView& dx, const TensorView& sum_dy,
-                    const TensorView& sum_dy_xmu, const Launch& launch) {
+                    const TensorView& sum_dy_xmu, const TensorView& dweight,
+                    const Launch& launch) {
   using P = acc_t<T>;
   // dx (when wanted) joins the plan, so that the elementwise pass revisits the reduction's items.
   const Plan plan = dx.defined() ? make_plan({&dy, &x, &dx}, x.dtype, x.device_id)
@@ -943,11 +970,15 @@ void backward_train(const char* op, const TensorView& dy, const TensorView& x,
   const NCSView v = as_ncs(x, "x");
   const double count = double(v.N * v.S);
   launch_sums<T>(plan, mean, ws, stream_of(launch));
-  launch_finalize_sums<P>(plan, ws, sum_dy, sum_dy_xmu, stream_of(launch));
+  launch_finalize_sums<P>(plan, ws, sum_dy, sum_dy_xmu, stream_of(launch), dweight, invstd);
   if (dx.defined()) {
-    launch_affine<T, true>(
-        plan, backward_args<P>(mean, invstd, weight, sum_dy, sum_dy_xmu, count, use_batch),
-        stream_of(launch));
+    // Without sum_dy_xmu, dx reads dweight = sum_dy_xmu * invstd in its place.
+    const bool scaled = !sum_dy_xmu.defined();
+    launch_affine<T, true>(plan,
+                           backward_args<P>(mean, invstd, weight, sum_dy,
+                                            scaled ? dweight : sum_dy_xmu, count, use_batch,
+                                            scaled),
+                           stream_of(launch));
   }
 }
 
@@ -1000,12 +1031,16 @@ void batch_norm_normalize(const TensorView& x, const TensorView& mean, const Ten
 void batch_norm_forward_train(const TensorView& x, const TensorView& weight, const TensorView& bias,
                               double eps, const TensorView& y, const TensorView& mean,
                               const TensorView& var, const TensorView& invstd,
-                              const Launch& launch) {
+                              const TensorView& running_mean, const TensorView& running_var,
+                              double momentum, const Launch& launch) {
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
   dispatch_dtype(x.dtype, [&](auto tag) {
+    using P = acc_t<decltype(tag)>;
+    const Running<P> running{channel_vector<P>(running_mean), channel_vector<P>(running_var),
+                             momentum};
     forward_train<decltype(tag)>("batch_norm_forward_train", x, weight, bias, eps, y, mean, var,
-                                 invstd, {}, mean, invstd, launch);
+                                 invstd, {}, mean, invstd, launch, running);
   });
 }
 
@@ -1063,12 +1098,13 @@ void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const 
 void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const TensorView& mean,
                                const TensorView& invstd, const TensorView& weight,
                                const TensorView& dx, const TensorView& sum_dy,
-                               const TensorView& sum_dy_xmu, const Launch& launch) {
+                               const TensorView& sum_dy_xmu, const TensorView& dweight,
+                               const Launch& launch) {
   if (x.shape[1] == 0) return;
   DeviceGuard guard(x.device_id);
   dispatch_dtype(x.dtype, [&](auto tag) {
     backward_train<decltype(tag)>("batch_norm_backward_train", dy, x, mean, invstd, weight,
-                                  TensorView{}, dx, sum_dy, sum_dy_xmu, launch);
+                                  TensorView{}, dx, sum_dy, sum_dy_xmu, dweight, launch);
   });
 }
 
@@ -1081,7 +1117,7 @@ void batch_norm_backward_train_masked(const TensorView& dy, const TensorView& x,
   DeviceGuard guard(x.device_id);
   dispatch_dtype(x.dtype, [&](auto tag) {
     backward_train<decltype(tag)>("batch_norm_backward_train_masked", dy, x, mean, invstd, weight,
-                                  use_batch, dx, sum_dy, sum_dy_xmu, launch);
+                                  use_batch, dx, sum_dy, sum_dy_xmu, TensorView{}, launch);
   });
 }
 

@@ -819,6 +819,33 @@ void check_channels(const char* op, const TensorView& t, const char* name, const
                  ",) to match the ", C, " channels of x, got ", shape_string(t));
 }
 
+// The running statistics' update of a training forward, as torch's: running = (1 - momentum) *
+// running + momentum * batch, with the unbiased variance (count / (count - 1)) into running_var. An
+// empty batch leaves them alone. In float64 from the batch statistics as written (rounded to P),
+// in this order: normkit.torch's op path (torch.compile, dispatch modes) does the same arithmetic
+// with torch ops, so that both paths give the same bits.
+template <class P>
+void update_running(const TensorView& running_mean, const TensorView& running_var,
+                    const std::vector<double>& m, const std::vector<double>& v, int64_t count,
+                    double momentum) {
+  if (count == 0) return;
+  const auto blend = [momentum](P& r, double batch) {
+    const double kept = double(r) * (1 - momentum), added = batch * momentum;
+    r = P(kept + added);
+  };
+  if (running_mean.defined()) {
+    P* rm = running_mean.ptr<P>();
+    for (size_t c = 0; c < m.size(); ++c) blend(rm[c * running_mean.strides[0]], double(P(m[c])));
+  }
+  if (running_var.defined()) {
+    const double unbias = double(count) / double(count - 1);
+    P* rv = running_var.ptr<P>();
+    for (size_t c = 0; c < v.size(); ++c) {
+      blend(rv[c * running_var.strides[0]], double(P(v[c])) * unbias);
+    }
+  }
+}
+
 template <class T>
 Strided<const T> in(const TensorView& t, const NCSView& v) {
   return {t.ptr<const T>(), v.sN, v.sC, v.sS};
@@ -965,18 +992,27 @@ void forward_train(const Geometry& g, Strided<const T> xs, Strided<T> ys,
 void batch_norm_forward_train(const TensorView& x, const TensorView& weight, const TensorView& bias,
                               double eps, const TensorView& y, const TensorView& mean,
                               const TensorView& var, const TensorView& invstd,
-                              const Launch& launch) {
+                              const TensorView& running_mean, const TensorView& running_var,
+                              double momentum, const Launch& launch) {
   const char* op = "batch_norm_forward_train";
   const Checked k = check_input(op, x);
   check_channels(op, weight, "weight", x, k.C, k.param, true);
   check_channels(op, bias, "bias", x, k.C, k.param, true);
   check_channels(op, mean, "mean", x, k.C, k.param, false);
-  check_channels(op, var, "var", x, k.C, k.param, false);
+  check_channels(op, var, "var", x, k.C, k.param, true);
   check_channels(op, invstd, "invstd", x, k.C, k.param, false);
+  check_channels(op, running_mean, "running_mean", x, k.C, k.param, true);
+  check_channels(op, running_var, "running_var", x, k.C, k.param, true);
   NK_CHECK_VALUE(eps > 0, op, ": eps must be positive in training (as in torch), got ", eps);
+  NK_CHECK_VALUE(std::isfinite(momentum), op, ": momentum must be finite, got ", momentum);
+  const int64_t count = k.x.N * k.x.S;
+  NK_CHECK_VALUE(!running_var.defined() || count != 1, op,
+                 ": updating running_var needs more than 1 value per channel (the unbiased "
+                 "variance), x has shape ", shape_string(x));
   const NCSView yv = check_like_x(op, y, "y", x);
   check_output_memory(op, {{y, "y", true}, {mean, "mean", false}, {var, "var", false},
-                           {invstd, "invstd", false}},
+                           {invstd, "invstd", false}, {running_mean, "running_mean", false},
+                           {running_var, "running_var", false}},
                       {{x, "x", true}, {weight, "weight", false}, {bias, "bias", false}});
   dispatch<true>(op, x, [&](auto tag) {
     using T = storage_t<decltype(tag)>;
@@ -988,7 +1024,11 @@ void batch_norm_forward_train(const TensorView& x, const TensorView& weight, con
     write_channels<A>(mean, m);
     write_channels<A>(var, v);
     write_channels<A>(invstd, is);
-  }, [&] { cuda::batch_norm_forward_train(x, weight, bias, eps, y, mean, var, invstd, launch); });
+    update_running<A>(running_mean, running_var, m, v, count, momentum);
+  }, [&] {
+    cuda::batch_norm_forward_train(x, weight, bias, eps, y, mean, var, invstd, running_mean,
+                                   running_var, momentum, launch);
+  });
 }
 
 void batch_norm_forward_train_masked(const TensorView& x, const TensorView& weight,
@@ -1178,7 +1218,8 @@ void backward_train_checked(const char* op, bool masked, const TensorView& dy, c
                             const TensorView& mean, const TensorView& invstd,
                             const TensorView& weight, const TensorView& use_batch,
                             const TensorView& dx, const TensorView& sum_dy,
-                            const TensorView& sum_dy_xmu, const Launch& launch) {
+                            const TensorView& sum_dy_xmu, const TensorView& dweight,
+                            const Launch& launch) {
   const Checked k = check_input(op, x);
   const NCSView dyv = check_like_x(op, dy, "dy", x);
   const NCSView dxv = dx.defined() ? check_like_x(op, dx, "dx", x) : dyv;
@@ -1187,9 +1228,10 @@ void backward_train_checked(const char* op, bool masked, const TensorView& dy, c
   check_channels(op, weight, "weight", x, k.C, k.param, true);
   if (masked) check_channels(op, use_batch, "use_batch", x, k.C, k.param, false);
   check_channels(op, sum_dy, "sum_dy", x, k.C, k.param, false);
-  check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, false);
+  check_channels(op, sum_dy_xmu, "sum_dy_xmu", x, k.C, k.param, dweight.defined());
+  check_channels(op, dweight, "dweight", x, k.C, k.param, true);
   check_output_memory(op, {{dx, "dx", true}, {sum_dy, "sum_dy", false},
-                           {sum_dy_xmu, "sum_dy_xmu", false}},
+                           {sum_dy_xmu, "sum_dy_xmu", false}, {dweight, "dweight", false}},
                       {{dy, "dy", true}, {x, "x", true}, {mean, "mean", false},
                        {invstd, "invstd", false}, {weight, "weight", false},
                        {use_batch, "use_batch", false}});
@@ -1199,18 +1241,23 @@ void backward_train_checked(const char* op, bool masked, const TensorView& dy, c
     const Geometry g{choose_layout({&k.x, &dyv, &dxv}), k.x.N, k.C, k.x.S};
     const auto dxs = dx.defined() ? strided<T>(dx, dxv) : Strided<T>{nullptr, 0, 0, 0};
     std::vector<double> s1, s2;
-    backward_train<T>(g, in<T>(dy, dyv), in<T>(x, k.x), dxs, read_channels<A>(mean, k.C, 0),
-                      read_channels<A>(invstd, k.C, 0), read_channels<A>(weight, k.C, 1),
+    const auto is = read_channels<A>(invstd, k.C, 0);
+    backward_train<T>(g, in<T>(dy, dyv), in<T>(x, k.x), dxs, read_channels<A>(mean, k.C, 0), is,
+                      read_channels<A>(weight, k.C, 1),
                       masked ? read_choice<A>(use_batch, k.C) : Choice{}, s1, s2);
     write_channels<A>(sum_dy, s1);
     write_channels<A>(sum_dy_xmu, s2);
+    if (dweight.defined()) {
+      for (int64_t c = 0; c < k.C; ++c) s2[c] *= is[c];
+      write_channels<A>(dweight, s2);
+    }
   }, [&] {
     if (masked) {
       cuda::batch_norm_backward_train_masked(dy, x, mean, invstd, weight, use_batch, dx, sum_dy,
                                              sum_dy_xmu, launch);
     } else {
       cuda::batch_norm_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu,
-                                      launch);
+                                      dweight, launch);
     }
   });
 }
@@ -1219,9 +1266,10 @@ void backward_train_checked(const char* op, bool masked, const TensorView& dy, c
 void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const TensorView& mean,
                                const TensorView& invstd, const TensorView& weight,
                                const TensorView& dx, const TensorView& sum_dy,
-                               const TensorView& sum_dy_xmu, const Launch& launch) {
+                               const TensorView& sum_dy_xmu, const TensorView& dweight,
+                               const Launch& launch) {
   backward_train_checked("batch_norm_backward_train", false, dy, x, mean, invstd, weight,
-                         TensorView{}, dx, sum_dy, sum_dy_xmu, launch);
+                         TensorView{}, dx, sum_dy, sum_dy_xmu, dweight, launch);
 }
 
 void batch_norm_backward_train_masked(const TensorView& dy, const TensorView& x,
@@ -1230,7 +1278,7 @@ void batch_norm_backward_train_masked(const TensorView& dy, const TensorView& x,
                                       const TensorView& dx, const TensorView& sum_dy,
                                       const TensorView& sum_dy_xmu, const Launch& launch) {
   backward_train_checked("batch_norm_backward_train_masked", true, dy, x, mean, invstd,
-                         weight, use_batch, dx, sum_dy, sum_dy_xmu, launch);
+                         weight, use_batch, dx, sum_dy, sum_dy_xmu, TensorView{}, launch);
 }
 
 }  // namespace normkit

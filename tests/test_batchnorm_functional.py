@@ -666,3 +666,83 @@ def test_batchnormtrain_float16():
     for got, want in [(dgamma, tdg), (dbeta, tdb), (dmean, tdm), (dstd, tds)]:
         assert got.dtype == np.float32
         assert_close(got, want, 1e-5, 1e-5)
+
+
+# --- the core's fused running update and dweight (what normkit.torch's eager path calls) ---------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_core_forward_updates_strided_running_stats(dtype):
+    """batch_norm_forward_train's running_mean/running_var: views with stride 2 into larger
+    buffers are updated as torch's formula says (momentum, unbiased variance) and nothing else of
+    the buffers is written; var may be None."""
+    from normkit import _C
+    C = 5
+    x0 = randn((4, C, 3, 2), 201, dtype, offset=0.6, scale=1.7)
+    w, b = params(C, 202, dtype)
+    rm0, rv0 = running(2 * C, 203, dtype)
+    rm_buf, rv_buf = rm0.copy(), rv0.copy()
+    y, mean, invstd = np.empty_like(x0), np.empty(C, dtype), np.empty(C, dtype)
+    _C.batch_norm_forward_train(x0, w, b, 1e-5, y, mean, None, invstd, rm_buf[::2], rv_buf[::2],
+                                0.3)
+    ry, rmean, rvar, _ = ref_forward_train(x0, w, b, 1e-5)
+    erm, erv = ref_running_update(rm0[::2], rv0[::2], rmean, rvar, count(x0), 0.3)
+    assert_close_dtype(y, ry, dtype, "y")
+    assert_close_dtype(rm_buf[::2], erm, dtype, "running_mean")
+    assert_close_dtype(rv_buf[::2], erv, dtype, "running_var")
+    np.testing.assert_array_equal(rm_buf[1::2], rm0[1::2])
+    np.testing.assert_array_equal(rv_buf[1::2], rv0[1::2])
+
+
+def test_core_forward_running_update_edge_cases():
+    """An empty batch leaves the running statistics alone; one value per channel cannot update
+    running_var (its unbiased variance divides by count - 1), but may update running_mean."""
+    from normkit import _C
+    C = 3
+    rm0, rv0 = running(C, 211)
+    x = np.empty((0, C, 4))
+    rm, rv = rm0.copy(), rv0.copy()
+    _C.batch_norm_forward_train(x, None, None, 1e-5, np.empty_like(x), np.empty(C), None,
+                                np.empty(C), rm, rv, 0.5)
+    np.testing.assert_array_equal(rm, rm0)
+    np.testing.assert_array_equal(rv, rv0)
+    x = randn((1, C), 212, np.float64)
+    with pytest.raises(ValueError, match="running_var needs more than 1 value per channel"):
+        _C.batch_norm_forward_train(x, None, None, 1e-5, np.empty_like(x), np.empty(C), None,
+                                    np.empty(C), rm, rv, 0.5)
+    np.testing.assert_array_equal(rv, rv0)
+    _C.batch_norm_forward_train(x, None, None, 1e-5, np.empty_like(x), np.empty(C), None,
+                                np.empty(C), rm, None, 0.5)
+    np.testing.assert_allclose(rm, 0.5 * rm0 + 0.5 * x[0], rtol=1e-15)
+    with pytest.raises(TypeError, match="running_mean must be float64"):
+        _C.batch_norm_forward_train(x, None, None, 1e-5, np.empty_like(x), np.empty(C), None,
+                                    np.empty(C), rm.astype(np.float32), None, 0.5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_core_backward_writes_dweight(layout):
+    """batch_norm_backward_train's dweight is sum_dy_xmu * invstd, with sum_dy_xmu given or not
+    (then dx is computed from dweight), and matches the float64 reference; without either it is
+    an error."""
+    from normkit import _C
+    C = 4
+    x0 = make_layout(randn((3, C, 5, 2), 221, np.float32, offset=0.3), layout)
+    dy0 = make_layout(randn((3, C, 5, 2), 222, np.float32), layout)
+    w, _ = params(C, 223, np.float32)
+    _, mean, _, invstd = ref_forward_train(x0, w, None, 1e-5)
+    mean, invstd = mean.astype(np.float32), invstd.astype(np.float32)
+    outs = []
+    for keep_xmu in (True, False):
+        dx, s1, dw = np.empty_like(x0), np.empty(C, np.float32), np.empty(C, np.float32)
+        s2 = np.empty(C, np.float32) if keep_xmu else None
+        _C.batch_norm_backward_train(dy0, x0, mean, invstd, w, dx, s1, s2, dw)
+        outs.append((dx, s1, dw))
+        if keep_xmu:
+            assert_close(dw, s2 * invstd, 1e-6, 1e-6)
+    rdx, rdw, rdb = ref_backward_train(dy0, x0, w, 1e-5)
+    for dx, s1, dw in outs:
+        assert_close_dtype(dx, rdx, np.float32, "dx")
+        assert_close_dtype(dw, rdw, np.float32, "dweight")
+        assert_close_dtype(s1, rdb, np.float32, "dbias")
+    with pytest.raises(ValueError, match="sum_dy_xmu is required"):
+        _C.batch_norm_backward_train(dy0, x0, mean, invstd, w, None, np.empty(C, np.float32),
+                                     None)

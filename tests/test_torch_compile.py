@@ -205,7 +205,8 @@ class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("grad", [False, True])
 def test_eager_fast_paths_equal_the_ops_and_dispatch_modes_see_the_ops(grad):
     """Eager calls skip the ops' dispatch (kernels called directly, or one-output Functions); under
-    a dispatch mode they go through torch.ops.normkit, with the same results."""
+    a dispatch mode they go through torch.ops.normkit, with the same results (batch norm's
+    running statistics too: the eager kernel updates them, the op path with torch ops)."""
     x = _randn(4, 6, 5, 3, seed=11, dtype=torch.float32).contiguous(
         memory_format=torch.channels_last)
     modules = (nkt.BatchNorm2d(6), nkt.GroupNorm(3, 6),

@@ -303,3 +303,12 @@ def test_float16_input_takes_float32_parameters():
     y.backward(torch.ones_like(y) * 0.5)
     assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float16
 
+
+
+def test_training_refuses_a_negated_view_as_running_stats():
+    """The kernel writes the running statistics in place: a lazily negated view has no storage of
+    its values to write, so it is a clear TypeError (a resolved copy would take the update)."""
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    running_mean = torch._neg_view(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="negated or conjugate view"):
+        nkt.batch_norm(x, running_mean, torch.ones(3, dtype=torch.float64), training=True)

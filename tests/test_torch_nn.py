@@ -85,6 +85,37 @@ def test_module_tracks_torch_over_training_steps_then_eval(nk_cls, t_cls, shape,
         _compare_modules(layer, ref, dtype, f"step {step} {layout}")
 
 
+def test_parametrized_weight_is_read_as_torch_reads_it():
+    """A parametrization takes the weight out of the layer's parameter table (it becomes a
+    property of the layer's class): the layer's forward then reads it as an attribute, as
+    torch's does, with gradients reaching the original."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    layer, ref = _pair(nkt.BatchNorm2d, torch.nn.BatchNorm2d, 5, torch.float64, "cpu", seed=3)
+    for m in (layer, ref):
+        parametrize.register_parametrization(m, "weight", Doubled())
+    for step in range(3):
+        if step == 2:
+            layer.eval()
+            ref.eval()
+        x0 = randn((3, 5, 4, 4), 30 + step, np.float64, offset=0.4)
+        x, xr = (torch.from_numpy(x0.copy()).requires_grad_() for _ in range(2))
+        y, yr = layer(x), ref(xr)
+        assert_close_dtype(to_numpy(y), to_numpy(yr), np.float64, f"step {step}: y")
+        dy = torch.from_numpy(randn((3, 5, 4, 4), 40 + step, np.float64))
+        y.backward(dy)
+        yr.backward(dy)
+        assert_close_dtype(to_numpy(x.grad), to_numpy(xr.grad), np.float64, f"step {step}: dx")
+        mine, theirs = (m.parametrizations.weight.original.grad for m in (layer, ref))
+        assert_close_dtype(to_numpy(mine), to_numpy(theirs), np.float64, f"step {step}: dw")
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.allclose(getattr(layer, name).double(), getattr(ref, name).double())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_float16_input_with_float32_module(device):
     layer, ref = _pair(nkt.BatchNorm2d, torch.nn.BatchNorm2d, 4, torch.float32, device, seed=2)

@@ -39,10 +39,16 @@ void batch_norm_normalize(const TensorView& x, const TensorView& mean, const Ten
                           const Launch& launch = {});
 
 // Training forward of one process: statistics, then normalization with them. Writes the batch
-// mean, biased var and invstd = 1 / sqrt(var + eps).
+// mean, biased var (when var is defined) and invstd = 1 / sqrt(var + eps). running_mean and
+// running_var (each optional) are updated in place as torch's: running = (1 - momentum) * running
+// + momentum * batch, the variance unbiased (count / (count - 1), count = N * S: updating
+// running_var needs count > 1); an empty batch leaves them alone. Doing it here saves the caller
+// its own elementwise ops (each a dispatch in eager torch, a kernel launch on the GPU).
 void batch_norm_forward_train(const TensorView& x, const TensorView& weight, const TensorView& bias,
                               double eps, const TensorView& y, const TensorView& mean,
                               const TensorView& var, const TensorView& invstd,
+                              const TensorView& running_mean = {},
+                              const TensorView& running_var = {}, double momentum = 0.0,
                               const Launch& launch = {});
 
 // sum_dy[c] = sum dy, sum_dy_xmu[c] = sum dy * (x - mean[c]).
@@ -59,11 +65,14 @@ void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const 
                                double count, const TensorView& dx, const Launch& launch = {});
 
 // Training backward of one process: backward_reduce and backward_elemt fused (count = N * S).
-// dx may be undefined when only the parameter gradients are wanted.
+// dx may be undefined when only the parameter gradients are wanted. dweight, when defined, gets
+// the weight's gradient sum_dy_xmu * invstd (sum_dy is the bias's); sum_dy_xmu may then be
+// undefined.
 void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const TensorView& mean,
                                const TensorView& invstd, const TensorView& weight,
                                const TensorView& dx, const TensorView& sum_dy,
-                               const TensorView& sum_dy_xmu, const Launch& launch = {});
+                               const TensorView& sum_dy_xmu, const TensorView& dweight = {},
+                               const Launch& launch = {});
 
 // StochNorm's training forward of one process: batch_norm_forward_train's passes, with a choice
 // of statistics per channel. mean and var get the batch statistics of every channel (the running
@@ -101,7 +110,8 @@ void batch_norm_normalize(const TensorView& x, const TensorView& mean, const Ten
 void batch_norm_forward_train(const TensorView& x, const TensorView& weight, const TensorView& bias,
                               double eps, const TensorView& y, const TensorView& mean,
                               const TensorView& var, const TensorView& invstd,
-                              const Launch& launch);
+                              const TensorView& running_mean, const TensorView& running_var,
+                              double momentum, const Launch& launch);
 void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, const TensorView& mean,
                                 const TensorView& sum_dy, const TensorView& sum_dy_xmu,
                                 const Launch& launch);
@@ -112,7 +122,8 @@ void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, const 
 void batch_norm_backward_train(const TensorView& dy, const TensorView& x, const TensorView& mean,
                                const TensorView& invstd, const TensorView& weight,
                                const TensorView& dx, const TensorView& sum_dy,
-                               const TensorView& sum_dy_xmu, const Launch& launch);
+                               const TensorView& sum_dy_xmu, const TensorView& dweight,
+                               const Launch& launch);
 void batch_norm_forward_train_masked(const TensorView& x, const TensorView& weight,
                                      const TensorView& bias, const TensorView& use_batch,
                                      const TensorView& running_mean,

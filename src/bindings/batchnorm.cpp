@@ -59,8 +59,8 @@ void bind_batchnorm(py::module_& m) {
   m.def(
       "batch_norm_forward_train",
       [](py::handle x, py::handle weight, py::handle bias, double eps, py::handle y,
-         py::handle mean, py::handle var, py::handle invstd, uintptr_t stream,
-         py::handle workspace) {
+         py::handle mean, py::handle var, py::handle invstd, py::handle running_mean,
+         py::handle running_var, double momentum, uintptr_t stream, py::handle workspace) {
         const char* op = "batch_norm_forward_train";
         auto X = as_array(x, op, "x", Access::Read, stream);
         auto W = as_array(weight, op, "weight", Access::Read, stream);
@@ -69,13 +69,19 @@ void bind_batchnorm(py::module_& m) {
         auto M = as_array(mean, op, "mean", Access::Write, stream);
         auto V = as_array(var, op, "var", Access::Write, stream);
         auto I = as_array(invstd, op, "invstd", Access::Write, stream);
+        auto RM = as_array(running_mean, op, "running_mean", Access::Write, stream);
+        auto RV = as_array(running_var, op, "running_var", Access::Write, stream);
         auto WS = as_array(workspace, op, "workspace", Access::Write, stream);
-        run(stream, WS, {&X, &W, &B, &Y, &M, &V, &I, &WS}, [&](const Launch& l) {
-          batch_norm_forward_train(X.view, W.view, B.view, eps, Y.view, M.view, V.view, I.view, l);
+        run(stream, WS, {&X, &W, &B, &Y, &M, &V, &I, &RM, &RV, &WS}, [&](const Launch& l) {
+          batch_norm_forward_train(X.view, W.view, B.view, eps, Y.view, M.view, V.view, I.view,
+                                   RM.view, RV.view, momentum, l);
         });
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("y"),
-      py::arg("mean"), py::arg("var"), py::arg("invstd"), stream_arg, workspace_arg);
+      py::arg("mean"), py::arg("var"), py::arg("invstd"), py::arg("running_mean") = py::none(),
+      py::arg("running_var") = py::none(), py::arg("momentum") = 0.0, stream_arg, workspace_arg,
+      "The training forward; var, running_mean and running_var may be None (the running "
+      "statistics, when given, are updated in place with momentum, as torch's).");
 
   m.def(
       "batch_norm_backward_reduce",
@@ -120,8 +126,8 @@ void bind_batchnorm(py::module_& m) {
   m.def(
       "batch_norm_backward_train",
       [](py::handle dy, py::handle x, py::handle mean, py::handle invstd, py::handle weight,
-         py::handle dx, py::handle sum_dy, py::handle sum_dy_xmu, uintptr_t stream,
-         py::handle workspace) {
+         py::handle dx, py::handle sum_dy, py::handle sum_dy_xmu, py::handle dweight,
+         uintptr_t stream, py::handle workspace) {
         const char* op = "batch_norm_backward_train";
         auto DY = as_array(dy, op, "dy", Access::Read, stream);
         auto X = as_array(x, op, "x", Access::Read, stream);
@@ -131,14 +137,18 @@ void bind_batchnorm(py::module_& m) {
         auto DX = as_array(dx, op, "dx", Access::Write, stream);
         auto S1 = as_array(sum_dy, op, "sum_dy", Access::Write, stream);
         auto S2 = as_array(sum_dy_xmu, op, "sum_dy_xmu", Access::Write, stream);
+        auto DW = as_array(dweight, op, "dweight", Access::Write, stream);
         auto WS = as_array(workspace, op, "workspace", Access::Write, stream);
-        run(stream, WS, {&DY, &X, &M, &I, &W, &DX, &S1, &S2, &WS}, [&](const Launch& l) {
+        run(stream, WS, {&DY, &X, &M, &I, &W, &DX, &S1, &S2, &DW, &WS}, [&](const Launch& l) {
           batch_norm_backward_train(DY.view, X.view, M.view, I.view, W.view, DX.view, S1.view,
-                                    S2.view, l);
+                                    S2.view, DW.view, l);
         });
       },
       py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("weight"),
-      py::arg("dx"), py::arg("sum_dy"), py::arg("sum_dy_xmu"), stream_arg, workspace_arg);
+      py::arg("dx"), py::arg("sum_dy"), py::arg("sum_dy_xmu"), py::arg("dweight") = py::none(),
+      stream_arg, workspace_arg,
+      "The training backward; dx may be None; dweight (optional) gets sum_dy_xmu * invstd, and "
+      "sum_dy_xmu may then be None.");
 
   m.def(
       "batch_norm_forward_train_masked",

@@ -34,6 +34,16 @@ def dl(t):
         raise
 
 
+def dl_written(t):
+    """``dl`` for a tensor the core writes in place (running statistics): a lazily negated or
+    conjugated tensor has no storage of its values to write, so it is a TypeError rather than a
+    copy that would take the update."""
+    if t is not None and (t.is_neg() or t.is_conj()):
+        raise TypeError("normkit writes this tensor in place; a negated or conjugate view cannot "
+                        "be written (resolve it first: t.resolve_neg())")
+    return dl(t)
+
+
 def launch(x, workspace_size=None):
     """Keyword arguments that run a core op on ``x``'s device: none for CPU tensors; for CUDA
     tensors torch's current stream on that device and, for ops that reduce over ``x``, a float64

@@ -45,8 +45,10 @@ import weakref
 import torch
 
 from .. import _C
-from ._dlpack import (_CHANNELS_LAST, batch_workspace, dl, group_workspace, kernel_input, launch,
-                      like, param_dtype)
+from torch.utils.dlpack import to_dlpack
+
+from ._dlpack import (_CHANNELS_LAST, batch_workspace, dl, dl_written, group_workspace,
+                      kernel_input, launch, like, param_dtype)
 
 _lib = torch.library.Library("normkit", "DEF")
 # The forward ops' kernels read any layout and their outputs follow the input's (see _empty): with
@@ -54,7 +56,10 @@ _lib = torch.library.Library("normkit", "DEF")
 # in the strides of the eager trace (its default for custom ops). The backward ops keep the
 # default: given the layouts inductor picks for x and dy they can differ (a channels_last x, the
 # contiguous gradient of a model's output), and the kernel's own copy of dy would cost more than
-# inductor's fused one.
+# inductor's fused one. (Measured again on the small CNN of benchmarks/bench_torch.py: with the tag
+# on batch_norm_train_backward inductor no longer copies x and dx around it, but the op then runs
+# the slower channels-last kernels and copies the last layer's dy itself; no faster, within the
+# noise of a shared machine.)
 _ANY_LAYOUT = (torch.Tag.flexible_layout,)
 _ops = torch.ops.normkit
 
@@ -99,7 +104,12 @@ def runs_directly(x):
 
 def records_graph(*tensors):
     """Whether autograd records a call on ``tensors`` (None entries are absent arguments)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # (a loop: any() over a generator costs twice as much per eager call)
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def _absent(x):
@@ -139,10 +149,14 @@ def _stats(x):
 
 # --- batch norm -----------------------------------------------------------------------------------
 
+# The training forward is functional (register_autograd takes no op that writes an input): under
+# torch.compile the running statistics' update is the caller's torch ops, which inductor fuses
+# into its next kernel. The eager path, which runs the kernels without the op, has the kernel
+# update them (train_forward). The backward returns the parameter gradients themselves.
 _lib.define("batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, float eps) "
             "-> (Tensor y, Tensor mean, Tensor var, Tensor invstd)", tags=_ANY_LAYOUT)
 _lib.define("batch_norm_train_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, "
-            "Tensor? weight, bool need_input) -> (Tensor dx, Tensor sum_dy, Tensor sum_dy_xmu)")
+            "Tensor? weight, bool need_input) -> (Tensor dx, Tensor dweight, Tensor dbias)")
 _lib.define("batch_norm_stats(Tensor x) -> (Tensor mean, Tensor var)", tags=_ANY_LAYOUT)
 _lib.define("batch_norm_normalize(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
             "Tensor? bias) -> Tensor", tags=_ANY_LAYOUT)
@@ -152,14 +166,33 @@ _lib.define("batch_norm_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor 
             "Tensor? weight, Tensor? sum_dy, Tensor? sum_dy_xmu, float count) -> Tensor")
 
 
+def train_forward(x, weight, bias, eps, running=None):
+    """y, the batch mean, biased variance and invstd: the fused training forward. With
+    ``running`` = (running_mean, running_var, momentum) (either tensor may be None) the kernel
+    updates those in place (unbiased variance, as torch) and var is None: not computed."""
+    xk = kernel_input(x)
+    C, pd = x.shape[1], param_dtype(x.dtype)
+    y, mean, invstd = _empty(xk), x.new_empty(C, dtype=pd), x.new_empty(C, dtype=pd)
+    if running is None:
+        var = x.new_empty(C, dtype=pd)
+        running_mean = running_var = None
+        momentum = 0.0
+    else:
+        var = None
+        running_mean, running_var, momentum = running
+    # (outputs allocated here are plain tensors: to_dlpack without dl's checks)
+    _C.batch_norm_forward_train(dl(xk), dl(weight), dl(bias), eps, to_dlpack(y), to_dlpack(mean),
+                                None if var is None else to_dlpack(var), to_dlpack(invstd),
+                                dl_written(running_mean), dl_written(running_var), momentum,
+                                **launch(xk, batch_workspace))
+    # (y = _empty(x) when the kernels read x itself: what the fake kernel promises)
+    return (y if xk is x else _as_input(x, y)), mean, var, invstd
+
+
 @_impl("batch_norm_train")
 def _batch_norm_train(x, weight, bias, eps):
     """y, the batch mean, biased variance and invstd: the fused training forward."""
-    xk = kernel_input(x)
-    y, mean, var, invstd = _empty(xk), _stats(x), _stats(x), _stats(x)
-    _C.batch_norm_forward_train(dl(xk), dl(weight), dl(bias), eps, dl(y), dl(mean), dl(var),
-                                dl(invstd), **launch(xk, batch_workspace))
-    return _as_input(x, y), mean, var, invstd
+    return train_forward(x, weight, bias, eps)
 
 
 @_fake("batch_norm_train")
@@ -168,7 +201,7 @@ def _(x, weight, bias, eps):
 
 
 def _batch_norm_train_setup(ctx, inputs, output):
-    x, weight, _, _ = inputs
+    x, weight = inputs[:2]
     _, mean, var, invstd = output
     ctx.mark_non_differentiable(mean, var, invstd)
     ctx.set_materialize_grads(False)
@@ -180,9 +213,8 @@ def _batch_norm_train_grad(ctx, dy, *_):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if dy is None:
         return None, None, None, None
-    dx, sum_dy, sum_dy_xmu = _ops.batch_norm_train_backward(dy, x, mean, invstd, weight, need_x)
-    return (dx if need_x else None, sum_dy_xmu * invstd if need_w else None,
-            sum_dy if need_b else None, None)
+    dx, dweight, dbias = _ops.batch_norm_train_backward(dy, x, mean, invstd, weight, need_x)
+    return dx if need_x else None, dweight if need_w else None, dbias if need_b else None, None
 
 
 _autograd("batch_norm_train", _batch_norm_train_grad, _batch_norm_train_setup)
@@ -190,15 +222,18 @@ _autograd("batch_norm_train", _batch_norm_train_grad, _batch_norm_train_setup)
 
 @_impl("batch_norm_train_backward")
 def _batch_norm_train_backward(dy, x, mean, invstd, weight, need_input):
-    """dx through the batch statistics (when ``need_input``) and the per-channel sums, which the
-    parameter gradients are, in one fused pass."""
+    """dx through the batch statistics (when ``need_input``), dweight and dbias, in one fused
+    pass."""
     xk = kernel_input(x)
     dy = like(xk, dy)
     dx = _empty(xk) if need_input else None
-    sum_dy, sum_dy_xmu = torch.empty_like(mean), torch.empty_like(mean)
+    dweight, dbias = torch.empty_like(mean), torch.empty_like(mean)
     _C.batch_norm_backward_train(dl(dy), dl(xk), dl(mean), dl(invstd), dl(weight), dl(dx),
-                                 dl(sum_dy), dl(sum_dy_xmu), **launch(xk, batch_workspace))
-    return (_as_input(x, dx) if need_input else _absent(x)), sum_dy, sum_dy_xmu
+                                 to_dlpack(dbias), None, to_dlpack(dweight),
+                                 **launch(xk, batch_workspace))
+    if not need_input:
+        return _absent(x), dweight, dbias
+    return (dx if xk is x else _as_input(x, dx)), dweight, dbias
 
 
 @_fake("batch_norm_train_backward")

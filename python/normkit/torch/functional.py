@@ -65,18 +65,21 @@ def _check_params(op, x, pd, **tensors):
             raise TypeError(f"{op}: {name} is on {t.device} but the input is on {x.device}")
 
 
+def _blend(running, batch, momentum):
+    """running <- (1 - momentum) * running + momentum * batch, in float64 and in the order of the
+    eager kernel's update (src/batchnorm.cpp, update_running), so that both give the same bits."""
+    running.copy_(running.double() * (1 - momentum) + batch.double() * momentum)
+
+
 def _update_running(running_mean, running_var, mean, var, n, momentum):
+    """The running statistics' update of the op path (torch.compile, where inductor fuses it into
+    one kernel, and dispatch modes); the eager path has the kernel do it."""
     if not n:
         return
+    if running_mean is not None:
+        _blend(running_mean, mean, momentum)
     if running_var is not None:
-        var = var.mul_(n / (n - 1))
-        if running_mean is not None:
-            # Both in one call (the same lerp per tensor): one dispatch fewer per training step.
-            torch._foreach_lerp_((running_mean, running_var), (mean, var), momentum)
-            return
-        running_var.lerp_(var, momentum)
-    elif running_mean is not None:
-        running_mean.lerp_(mean, momentum)
+        _blend(running_var, var.double() * (n / (n - 1)), momentum)
 
 
 class _EagerBatchNormTrain(torch.autograd.Function):
@@ -84,13 +87,14 @@ class _EagerBatchNormTrain(torch.autograd.Function):
     ``normkit::batch_norm_train`` / ``batch_norm_train_backward``, in a Function with one output.
     Autograd's bookkeeping of the op's four outputs (three marked non-differentiable) cost
     ~200 us per forward+backward on small layers; torch.compile and torch.export still see the
-    custom ops (``_forward_train`` picks them while compiling)."""
+    custom ops (``_forward_train`` picks them while compiling). The arguments that are not
+    differentiated come as one tuple ``running`` (running_mean, running_var, momentum): each
+    argument of ``apply`` costs autograd bookkeeping."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, n):
+    def forward(ctx, x, weight, bias, eps, running):
         ctx.set_materialize_grads(False)
-        y, mean, var, invstd = _registered._batch_norm_train(x, weight, bias, eps)
-        _update_running(running_mean, running_var, mean, var, n, momentum)
+        y, mean, _, invstd = _registered.train_forward(x, weight, bias, eps, running)
         ctx.save_for_backward(x, weight, mean, invstd)
         return y
 
@@ -98,15 +102,15 @@ class _EagerBatchNormTrain(torch.autograd.Function):
     def backward(ctx, dy):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if dy is None or not (need_x or need_w or need_b):
-            return (None,) * 8
+            return None, None, None, None, None
         x, weight, mean, invstd = ctx.saved_tensors
         # The backward op's kernel, without the op's dispatch; with create_graph (grad mode on)
         # through the op, so that differentiating it (double backward) is its clear error.
         backward = (_ops.batch_norm_train_backward if torch.is_grad_enabled()
                     else _registered._batch_norm_train_backward)
-        dx, sum_dy, sum_dy_xmu = backward(dy, x, mean, invstd, weight, need_x)
-        return (dx if need_x else None, sum_dy_xmu * invstd if need_w else None,
-                sum_dy if need_b else None, None, None, None, None, None)
+        dx, dweight, dbias = backward(dy, x, mean, invstd, weight, need_x)
+        return (dx if need_x else None, dweight if need_w else None, dbias if need_b else None,
+                None, None)
 
 
 def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
@@ -117,15 +121,15 @@ def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
     if n == 1:
         raise ValueError(f"batch_norm: expected more than 1 value per channel when training, got "
                          f"input of shape {tuple(x.shape)}")
+    eps = float(eps)
     if not _registered.runs_directly(x):
-        y, mean, var, _ = _ops.batch_norm_train(x, weight, bias, float(eps))
-    elif _registered.records_graph(x, weight, bias):
-        return _EagerBatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum,
-                                          float(eps), n)
-    else:
-        y, mean, var, _ = _registered._batch_norm_train(x, weight, bias, float(eps))
-    _update_running(running_mean, running_var, mean, var, n, momentum)
-    return y
+        y, mean, var, _ = _ops.batch_norm_train(x, weight, bias, eps)
+        _update_running(running_mean, running_var, mean, var, n, momentum)
+        return y
+    running = (running_mean, running_var, float(momentum))
+    if _registered.records_graph(x, weight, bias):
+        return _EagerBatchNormTrain.apply(x, weight, bias, eps, running)
+    return _registered.train_forward(x, weight, bias, eps, running)[0]
 
 
 def check_eps(eps, training):
