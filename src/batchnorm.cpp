@@ -302,13 +302,12 @@ NK_INLINE void affine_rows(const T* u, const T* v, T* out, int64_t row_stride, i
       return uu ? p * L::load(uu + i) + q * (L::load(vv + i) - m) + r
                 : q * (L::load(vv + i) - m) + r;
     };
-    // Scalars up to an aligned output first: rows of odd H*W start anywhere in a cache line, and
-    // vector stores straddling two lines made the pass up to 1.6x slower (streaming stores need
-    // 16-byte alignment anyway).
+    // Scalars up to a line-aligned output first: rows of odd H*W start anywhere in a cache line,
+    // and vector stores straddling two lines made the pass up to 1.6x slower (streaming stores
+    // must start there whatever the row's length; see cpu_stream.h).
     int64_t i = 0;
-    if (S >= 2 * kLanes) {
-      const uintptr_t align = stream ? 16 : 64;
-      for (; i < S && reinterpret_cast<uintptr_t>(o + i) % align; ++i) one(i);
+    if (S >= 2 * kLanes || stream) {
+      for (; i < S && reinterpret_cast<uintptr_t>(o + i) % cpu::kStreamAlign; ++i) one(i);
     }
     if (stream) {
       if constexpr (kCanStream<T>) {
@@ -492,9 +491,9 @@ NK_HOT void flat_affine(const T* u, const T* v, T* out, int64_t len, int64_t L,
     T* __restrict o = out + i0;
     int64_t j = 0;
     if constexpr (kCanStream<T>) {
-      if (stream) {  // as in planar_affine
+      if (stream) {  // whole lines only (see cpu_stream.h)
         using V = Lanes<T>;
-        for (; j < n && reinterpret_cast<uintptr_t>(o + j) % 16; ++j) {
+        for (; j < n && reinterpret_cast<uintptr_t>(o + j) % cpu::kStreamAlign; ++j) {
           o[j] = uu ? T(p[j] * A(uu[j]) + q[j] * (A(vv[j]) - m[j]) + r[j])
                     : T(q[j] * (A(vv[j]) - m[j]) + r[j]);
         }

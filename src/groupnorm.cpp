@@ -197,7 +197,7 @@ NK_INLINE void run_affine(const T* u, const T* v, T* out, int64_t len, acc_t<T> 
   int64_t i = 0;
   if constexpr (cpu::kCanStream<T>) {
     if (stream) {
-      for (; i < len && reinterpret_cast<uintptr_t>(out + i) % 16; ++i) one(i);
+      for (; i < len && reinterpret_cast<uintptr_t>(out + i) % cpu::kStreamAlign; ++i) one(i);
       if (u) {
         for (; i + kLanes <= len; i += kLanes) {
           cpu::stream_store(out + i, p * L::load(u + i) + q * (L::load(v + i) - m) + r);
@@ -379,7 +379,7 @@ NK_HOT void rows_affine(const T* u, const T* v, T* out, int64_t su, int64_t sv, 
     int64_t c = 0;
     if constexpr (cpu::kCanStream<T>) {
       if (stream && C >= kLanes) {
-        for (; c < C && reinterpret_cast<uintptr_t>(o + c) % 16; ++c) {
+        for (; c < C && reinterpret_cast<uintptr_t>(o + c) % cpu::kStreamAlign; ++c) {
           o[c] = st<T>(q[c] * (ld(vv[c]) - m[c]) + r[c] + (uu ? p[c] * ld(uu[c]) : A(0)));
         }
         for (; c + kLanes <= C; c += kLanes) {

@@ -182,7 +182,7 @@ NK_INLINE void row_affine(const T* g, const T* x, T* out, int64_t K, A a, A b, A
   int64_t i = 0;
   if constexpr (cpu::kCanStream<T>) {
     if (stream) {
-      for (; i < K && reinterpret_cast<uintptr_t>(out + i) % 16; ++i) one(i);
+      for (; i < K && reinterpret_cast<uintptr_t>(out + i) % cpu::kStreamAlign; ++i) one(i);
       for (; i + kLanes <= K; i += kLanes) cpu::stream_store(out + i, lanes(i));
     }
   }
