@@ -21,7 +21,7 @@
 // of C contiguous channels per (n, s): NHWC, and (N, C)), and a generic strided path. For a
 // contiguous channels-first input the single-process forward and backward are fused per (n, g)
 // block: a thread reduces the block and writes its output right after, while it is in cache (small
-// blocks four at a time, see forward_blocks).
+// blocks four at a time, see run_blocks).
 #include "normkit/groupnorm.h"
 
 #include <algorithm>
@@ -752,7 +752,7 @@ struct ForwardBlocks {
 // loops over the K blocks are unrolled (4 = kBatch), so that their chains are interleaved in the
 // instruction stream rather than each whole plane's work after the last.
 template <int K, class T>
-NK_INLINE void forward_step(const ForwardBlocks<T>& f, int64_t blk, int64_t& n0, int64_t& j0) {
+NK_INLINE void block_step(const ForwardBlocks<T>& f, int64_t blk, int64_t& n0, int64_t& j0) {
   using A = acc_t<T>;
   const Geometry& g = f.g;
   const int64_t Cg = g.Cg();
@@ -793,14 +793,6 @@ NK_INLINE void forward_step(const ForwardBlocks<T>& f, int64_t blk, int64_t& n0,
   }
 }
 
-template <class T>
-NK_HOT void forward_blocks(const ForwardBlocks<T>& f, int64_t b0, int64_t b1) {
-  int64_t n = b0 / f.g.G, j = b0 % f.g.G, blk = b0;
-  if (f.g.Cg() * f.g.S <= kBatchValues) {
-    for (; blk + kBatch <= b1; blk += kBatch) forward_step<kBatch>(f, blk, n, j);
-  }
-  for (; blk < b1; ++blk) forward_step<1>(f, blk, n, j);
-}
 
 template <class T>
 struct BackwardBlocks {
@@ -814,9 +806,9 @@ struct BackwardBlocks {
   bool stream;
 };
 
-// Blocks [blk, blk + K) of the backward, as forward_step (unrolled likewise).
+// Blocks [blk, blk + K) of the backward, as the forward's block_step (unrolled likewise).
 template <int K, class T>
-NK_INLINE void backward_step(const BackwardBlocks<T>& f, int64_t blk, int64_t& n0,
+NK_INLINE void block_step(const BackwardBlocks<T>& f, int64_t blk, int64_t& n0,
                              int64_t& j0) {
   using A = acc_t<T>;
   const Geometry& g = f.g;
@@ -846,13 +838,16 @@ NK_INLINE void backward_step(const BackwardBlocks<T>& f, int64_t blk, int64_t& n
   }
 }
 
-template <class T>
-NK_HOT void backward_blocks(const BackwardBlocks<T>& f, int64_t b0, int64_t b1) {
+// A thread's blocks [b0, b1) of the fused forward or backward (F: ForwardBlocks or BackwardBlocks;
+// their step functions are overloads of block_step): small blocks kBatch at a time, the rest (and
+// the last few) one by one.
+template <class F>
+NK_HOT void run_blocks(const F& f, int64_t b0, int64_t b1) {
   int64_t n = b0 / f.g.G, j = b0 % f.g.G, blk = b0;
   if (f.g.Cg() * f.g.S <= kBatchValues) {
-    for (; blk + kBatch <= b1; blk += kBatch) backward_step<kBatch>(f, blk, n, j);
+    for (; blk + kBatch <= b1; blk += kBatch) block_step<kBatch>(f, blk, n, j);
   }
-  for (; blk < b1; ++blk) backward_step<1>(f, blk, n, j);
+  for (; blk < b1; ++blk) block_step<1>(f, blk, n, j);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1052,7 +1047,7 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
       const ForwardBlocks<T> f{g, xs, ys, w.data(), b.data(), eps, m.data(), v.data(),
                                rs.data(), stream};
       cpu::parallel_ranges(nthreads, NG, [&](int, int64_t b0, int64_t b1) {
-        forward_blocks<T>(f, b0, b1);
+        run_blocks(f, b0, b1);
         if (stream) cpu::stream_fence();
       });
     } else if (fuse_rows(g, nthreads)) {
@@ -1195,7 +1190,7 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
       const bool stream = cpu::should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)));
       const BackwardBlocks<T> f{g, dys, xs, dxs, m, rs, w, s1.data(), s2.data(), stream};
       cpu::parallel_ranges(nthreads, g.N * g.G, [&](int, int64_t b0, int64_t b1) {
-        backward_blocks<T>(f, b0, b1);
+        run_blocks(f, b0, b1);
         if (stream) cpu::stream_fence();
       });
     } else if (fuse_rows(g, nthreads)) {

@@ -23,11 +23,16 @@ class _CountsBatches:
         return self.training and self.track_running_stats and self.num_batches_tracked is not None
 
     def _momentum_factor(self):
-        """The factor of this batch's statistics in the running ones: momentum, or for
-        momentum=None 1 / (the count including this batch): the cumulative average."""
+        """The factor of this batch's statistics in the running ones (see _momentum_with)."""
+        return self._momentum_with(self.num_batches_tracked if self._counts() else None)
+
+    def _momentum_with(self, counter):
+        """momentum, or for momentum=None 1 / (the count including this batch): the cumulative
+        average; ``counter`` is num_batches_tracked where this forward counts a batch, else
+        None."""
         if self.momentum is not None:
             return self.momentum
-        return 1.0 / (float(self.num_batches_tracked) + 1) if self._counts() else 0.0
+        return 1.0 / (float(counter) + 1) if counter is not None else 0.0
 
     def _count_batch(self):
         if self._counts():
@@ -84,11 +89,8 @@ class _NormkitBatchNorm(_CountsBatches):
                 counter = buffers["num_batches_tracked"] if own else self.num_batches_tracked
             else:
                 running_mean = running_var = None
-        momentum = self.momentum
-        if momentum is None:  # the cumulative average
-            momentum = 1.0 / (float(counter) + 1) if counter is not None else 0.0
-        y = F.batch_norm(input, running_mean, running_var, weight, bias, batch_stats, momentum,
-                         self.eps)
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, batch_stats,
+                         self._momentum_with(counter), self.eps)
         if counter is not None:
             counter.add_(1)
         return y
