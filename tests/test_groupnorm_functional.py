@@ -223,6 +223,48 @@ def test_exact_when_mean_dominates(shape, G, layout, dev):
     assert_close(to_host(y), ref_forward(x0, G, None, None, 1e-5)[0], 1e-4, 1e-4)
 
 
+# --- channels-last rows of whole vectors -------------------------------------------------------
+# Channels-last samples whose rows are 1-4 vectors of 16 channels keep the affine map's
+# coefficients in registers (rows_affine_regs); other widths (80: five vectors, 24: a partial one)
+# reload them per row. N = 1 runs the unfused passes, N = 3 the fused ones.
+CL_ROWS = [((3, 16, 5, 7), 16), ((1, 32, 3, 9), 8), ((3, 48, 4, 5), 48), ((3, 64, 9, 11), 16),
+           ((1, 64, 2, 3), 64), ((3, 80, 3, 5), 80), ((3, 24, 7, 3), 6)]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=["f16", "f32", "f64"])
+@pytest.mark.parametrize("shape,G", CL_ROWS,
+                         ids=[f"{'x'.join(map(str, s))}-G{g}" for s, g in CL_ROWS])
+def test_channels_last_rows_against_reference(shape, G, dtype):
+    N, C = shape[:2]
+    x0 = randn(shape, 50, dtype, offset=0.5)
+    dy0 = randn(shape, 51, dtype)
+    w = rng(52).uniform(0.5, 1.5, C).astype(pdtype(dtype))
+    b = rng(53).uniform(-1, 1, C).astype(pdtype(dtype))
+    x, dy = make_layout(x0, "channels_last"), make_layout(dy0, "channels_last")
+    factor = TOL16 if dtype == np.float16 else 1.0
+    y_ref, m_ref, _, r_ref = ref_forward(x0, G, w, b, 1e-5)
+    dx_ref, dw_ref, db_ref = ref_backward(dy0, x0, G, w, 1e-5)
+    y, mean, rstd = F.group_norm_forward(x, G, w, b, eps=1e-5)
+    assert same_layout(y, x)
+    assert_close_dtype(y, y_ref, dtype, "y", factor)
+    assert_close_dtype(rstd, r_ref, dtype, "rstd", factor)
+    dx, dw, db = F.group_norm_backward(dy, x, mean, rstd, w, b)
+    assert same_layout(dx, x)
+    assert_close_dtype(dx, dx_ref, dtype, "dx", 4 * factor * _conditioning(x0, dy0, G, w, dx_ref))
+    assert_close_dtype(dw, dw_ref, dtype, "dweight", 4 * factor)
+    assert_close_dtype(db, db_ref, dtype, "dbias", 4 * factor)
+    # the split elementwise backward, with every coefficient random
+    a0 = rng(54).standard_normal((N, C)).astype(pdtype(dtype))
+    b0 = rng(55).standard_normal((N, G)).astype(pdtype(dtype))
+    c0 = rng(56).standard_normal((N, G)).astype(pdtype(dtype))
+    bs = (N, C) + (1,) * (len(shape) - 2)
+    sp = lambda v: np.repeat(v, C // G, axis=1).reshape(bs)  # noqa: E731
+    got = F.group_norm_backward_elemt(dy, x, mean, a0, b0, c0)
+    mc = sp(np.asarray(mean, np.float64))
+    want = a0.reshape(bs) * dy0.astype(np.float64) + sp(b0) * (x0.astype(np.float64) - mc) + sp(c0)
+    assert_close_dtype(got, want, dtype, "backward_elemt", factor)
+
+
 # --- small blocks of the fused planar path --------------------------------------------------------
 # Blocks of at most 1024 values go through the fused forward and backward four at a time, the last
 # blocks of a thread's range (fewer than four) one at a time.
