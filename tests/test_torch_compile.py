@@ -766,6 +766,39 @@ def test_sync_batch_norm_two_identical_ranks(device):
     torch.testing.assert_close(sync.running_var, 0.9 + 0.1 * var * 30 / 29)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sync_batch_norm_device_count_path(channels_last, monkeypatch):
+    """The eager path of CUDA tensors (the global count on the device, no host value), forced on
+    CPU tensors over two identical ranks: the host-count path's outputs, gradients, running
+    statistics and shift, over three steps, without reaching the host-count functions."""
+    from normkit.torch import sync_batchnorm as nk_sync
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    host = nkt.SyncBatchNorm(4, comm=Twin()).double()
+    with torch.no_grad():
+        host.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(17))
+        host.bias.normal_(generator=torch.Generator().manual_seed(18))
+    device = copy.deepcopy(host)
+    for step in range(3):
+        x = (_randn(5, 4, 3, 2, seed=20 + step) * 3 + 2).contiguous(memory_format=fmt)
+        dy = _randn(5, 4, 3, 2, seed=30 + step)
+        xh, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_host = host(xh)
+        y_host.backward(dy)
+        with monkeypatch.context() as m:
+            m.setattr(nk_sync.SyncBatchNorm, "_counts_on_device", staticmethod(lambda x: True))
+            m.setattr(nk_sync, "sync_batch_norm", None)  # calling it would be a TypeError
+            y_dev = device(xd)
+            y_dev.backward(dy)
+        assert y_dev.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(y_dev, y_host, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(xd.grad, xh.grad, rtol=1e-10, atol=1e-12)
+        for a, b in ((device.weight.grad, host.weight.grad), (device.bias.grad, host.bias.grad),
+                     (device.running_mean, host.running_mean),
+                     (device.running_var, host.running_var), (device._shift, host._shift)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert int(device.num_batches_tracked) == 3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU")
 def test_sync_batch_norm_step_captures_in_a_cuda_graph():

@@ -1,12 +1,14 @@
 """normkit.torch.SyncBatchNorm under torch.compile across processes, run by tests/test_torch_dist.py
 as ``torchrun --nproc_per_node=2 check_compile_torch.py`` (a gloo group, CPU tensors).
 
-A Conv2d -> SyncBatchNorm -> ReLU -> SyncBatchNorm(process_group) model on uneven per-rank
-batches: torch._dynamo.explain finds no graph break, and torch.compile(fullgraph=True), static
-and dynamic shapes, training forward and backward, gives the eager layers' outputs, gradients,
-running statistics and shift. Each rank prints "rank R: ok NAME" per check and "rank R: ALL OK".
+A Conv2d -> SyncBatchNorm -> ReLU -> SyncBatchNorm(process_group) ->
+SyncBatchNorm(comm=TorchCommunicator()) model on uneven per-rank batches: torch._dynamo.explain
+finds no graph break, and torch.compile(fullgraph=True), static and dynamic shapes, training
+forward and backward, gives the eager layers' outputs, gradients, running statistics and shift;
+the eager path of CUDA tensors (the global count on the device),
+forced on CPU tensors, equals the default eager path. Each rank prints "rank R: ok NAME" per
+check and "rank R: ALL OK".
 """
-import copy
 import datetime
 
 import torch
@@ -26,9 +28,10 @@ def log(name):
 def model():
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1), nkt.SyncBatchNorm(5),
-                            torch.nn.ReLU(), nkt.SyncBatchNorm(5, process_group=dist.group.WORLD))
+                            torch.nn.ReLU(), nkt.SyncBatchNorm(5, process_group=dist.group.WORLD),
+                            nkt.SyncBatchNorm(5, comm=nkt.TorchCommunicator()))
     with torch.no_grad():
-        for bn in (m[1], m[3]):
+        for bn in (m[1], m[3], m[4]):
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.normal_()
     return m
@@ -67,8 +70,36 @@ for dynamic in (False, True):
         same(f"compiled dynamic={dynamic} step {i}", step(compiled, x, i), step(eager, x, i))
     same(f"compiled dynamic={dynamic} state", list(compiled_model.state_dict().values()),
          list(eager.state_dict().values()))
-    same(f"compiled dynamic={dynamic} shift", [compiled_model[1]._shift, compiled_model[3]._shift],
-         [eager[1]._shift, eager[3]._shift])
+    same(f"compiled dynamic={dynamic} shift",
+         [compiled_model[i]._shift for i in (1, 3, 4)], [eager[i]._shift for i in (1, 3, 4)])
+
+# The eager path of CUDA tensors (the global count on the device, _SyncBatchNormOps), forced on
+# these CPU tensors: the same steps as the default eager path (host count), and it never reaches
+# the host-count functions.
+from normkit.torch import sync_batchnorm as nk_sync  # noqa: E402
+
+host, device = model(), model()
+saved = (nk_sync.SyncBatchNorm.__dict__["_counts_on_device"], nk_sync.sync_batch_norm)
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("the device-count path called sync_batch_norm")
+
+
+for channels_last in (False, True):
+    for i, (n, h, w) in enumerate([(2 + rank, 5, 4), (3 - rank, 4, 6)]):
+        x = batch(n, h, w, 20 * rank + i)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        want = step(host, x, i)
+        nk_sync.SyncBatchNorm._counts_on_device = staticmethod(lambda input: True)
+        nk_sync.sync_batch_norm = refuse
+        try:
+            got = step(device, x, i)
+        finally:
+            nk_sync.SyncBatchNorm._counts_on_device, nk_sync.sync_batch_norm = saved
+        same(f"device count channels_last={channels_last} step {i}", got, want)
+same("device count state", list(device.state_dict().values()), list(host.state_dict().values()))
 
 print(f"rank {rank}: ALL OK", flush=True)
 dist.destroy_process_group()

@@ -165,23 +165,31 @@ class _SyncBatchNorm(torch.autograd.Function):
 
 
 class _SyncBatchNormOps(torch.autograd.Function):
-    """_SyncBatchNorm over a torch.distributed group under torch.compile: normkit's split ops with
-    torch.distributed's functional collectives between them, which dynamo traces (the eager
-    path's Python collectives it cannot). One all-reduce of 2C+1 float64 values forward (the
-    count, and n * (mean - K) and n * (var + (mean - K)^2) about the layer's shift K, as eager's),
-    one of 2C backward. The global count stays a tensor (no host synchronization): the backward's
-    global sums are scaled by n / count, for the elementwise op given this rank's n as its count
-    (the op takes a float). Returns y, the global
-    mean and biased var (float64) and count, for the running-statistics update."""
+    """_SyncBatchNorm with the global count kept a tensor (no host synchronization): normkit's
+    split ops, and between them an all-reduce of 2C+1 float64 values forward (the count, and
+    n * (mean - K) and n * (var + (mean - K)^2) about the layer's shift K, as eager's) and one of
+    2C backward. Under torch.compile over a torch.distributed ``group`` with its functional
+    collectives, which dynamo traces (the eager path's Python collectives it cannot); for eager
+    CUDA tensors over a TorchCommunicator ``comm`` (its in-place all-reduce) instead, group None.
+    The backward's global sums are scaled by n / count, for the elementwise op given this rank's
+    n as its count (the op takes a float). Returns y, the global mean and biased var (float64)
+    and count, for the running-statistics update."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, shift, eps, group):
+    def _sum(ctx, t, phase):
+        if ctx.comm is None:
+            return funcol.all_reduce(t, "sum", ctx.group)
+        return D.collective(ctx.comm, t, f"{ctx.who} {phase}")
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, shift, eps, group, comm, who):
         C = x.shape[1]
+        ctx.group, ctx.comm, ctx.who = group, comm, who
         mean, var = _ops.batch_norm_stats(x)
         n = x.numel() // C
         d = mean.double() - shift
-        sums = torch.cat([shift.new_ones(1), d, var.double() + d * d]) * n
-        sums = funcol.all_reduce(sums, "sum", group)
+        sums = _SyncBatchNormOps._sum(ctx, torch.cat([shift.new_ones(1), d, var.double() + d * d])
+                                      * n, "forward")
         total = sums[0]
         d_mean = sums[1:C + 1] / total
         g_var = (sums[C + 1:] / total - d_mean * d_mean).clamp(min=0.0)
@@ -190,7 +198,7 @@ class _SyncBatchNormOps(torch.autograd.Function):
         y = _ops.batch_norm_normalize(x, g_mean_p, invstd, weight, bias)
         ctx.mark_non_differentiable(g_mean, g_var, total)
         ctx.save_for_backward(x, weight, g_mean_p, invstd, total)
-        ctx.group, ctx.n = group, n
+        ctx.n = n
         return y, g_mean, g_var, total
 
     @staticmethod
@@ -199,7 +207,7 @@ class _SyncBatchNormOps(torch.autograd.Function):
         C = x.shape[1]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         sum_dy, sum_dy_xmu = _ops.batch_norm_backward_reduce(dy, x, mean)
-        sums = funcol.all_reduce(torch.cat([sum_dy, sum_dy_xmu]).double(), "sum", ctx.group)
+        sums = _SyncBatchNormOps._sum(ctx, torch.cat([sum_dy, sum_dy_xmu]).double(), "backward")
         sums = (sums * (ctx.n / total)).to(mean.dtype)
         dx = None
         if need_x:
@@ -207,7 +215,7 @@ class _SyncBatchNormOps(torch.autograd.Function):
                                                 float(ctx.n))
         # weight and bias gradients are this rank's, as in PyTorch (DDP all-reduces them).
         return (dx, sum_dy_xmu * invstd if need_w else None, sum_dy if need_b else None, None,
-                None, None)
+                None, None, None, None)
 
 
 def sync_batch_norm(input, weight, bias, running_mean, running_var, eps, momentum, comm,
@@ -287,6 +295,13 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
     communicator's ``timeout``) with a RuntimeError naming this layer and the call, and the debug
     check runs before each forward and (by a hook on the output) before each backward, in eval
     too. The cross-rank sums are taken about the last global mean, exact for |mean| >> std.
+
+    CUDA tensors over torch.distributed (no ``comm``, or a TorchCommunicator) keep the global
+    count on the device, as under torch.compile: no host synchronization (with a
+    TorchCommunicator, one of ``timeout=math.inf``: a finite timeout waits on the host), so a
+    synchronized training step can be captured in a CUDA graph. That path has no agreement header in the all-reduce (the debug
+    check still runs where asked for), no error for a global batch of one value per channel,
+    and no second all-reduce for a shift far from the mean (the shift is the last global mean).
 
     ``copy.deepcopy`` shares the communicator (it is a connection, not state); pickling
     (``torch.save`` of the module) leaves it out, and a loaded layer uses the default group.
@@ -375,21 +390,35 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
             shift = self._shift = torch.zeros(C, dtype=torch.float64, device=input.device)
         return shift
 
-    def _compiled_forward(self, input):
-        """The forward under torch.compile, over ``process_group`` or the default group (not a
-        ``comm``): _SyncBatchNormOps in training with more than one rank, else batch norm. The
-        debug checks, the empty-batch error and the second all-reduce of a shift further than 10
-        std off are the eager path's only (each needs a value on the host)."""
-        group = self.process_group
-        if group is None and torch.distributed.is_available() and \
-                torch.distributed.is_initialized():
-            group = torch.distributed.group.WORLD
-        if not self.training or group is None or torch.distributed.get_world_size(group) == 1:
+    @staticmethod
+    def _counts_on_device(input):
+        """Whether an eager forward keeps the global count on the device: CUDA tensors (no host
+        synchronization, so a training step can be captured in a CUDA graph)."""
+        return input.is_cuda
+
+    def _device_count_forward(self, input, group, comm):
+        """The forward with the global count kept a tensor (_SyncBatchNormOps): under
+        torch.compile (``comm`` None: over ``group``, ``process_group`` or the default group,
+        with torch.distributed's functional collectives, which dynamo traces), and for eager CUDA
+        tensors (``comm`` the layer's TorchCommunicator; None: the functional collectives too,
+        which do not block the host). Batch norm where there is no rank to synchronize with or in
+        eval. Without a value on the host there is no agreement header in the all-reduce, no
+        empty-batch error and no second all-reduce for a shift further than 10 std off; the debug
+        checks (eager only) still compare the ranks' calls first."""
+        if comm is not None:
+            size = comm.size
+        else:
+            if group is None and torch.distributed.is_available() and \
+                    torch.distributed.is_initialized():
+                group = torch.distributed.group.WORLD
+            size = 1 if group is None else torch.distributed.get_world_size(group)
+        if not self.training or size == 1:
             return super().forward(input)
         self._check_input(input)
         shift = self._sync_shift(input)
-        y, g_mean, g_var, total = _SyncBatchNormOps.apply(input, self.weight, self.bias, shift,
-                                                         self.eps, group)
+        y, g_mean, g_var, total = _SyncBatchNormOps.apply(
+            input, self.weight, self.bias, shift, self.eps, group, comm,
+            f"SyncBatchNorm({self.num_features})")
         if self.track_running_stats:
             momentum = self._momentum_factor()
             self.running_mean.lerp_(g_mean.to(self.running_mean.dtype), momentum)
@@ -400,22 +429,28 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
         return y
 
     def forward(self, input):
-        if self.comm is None and torch.compiler.is_compiling():
-            return self._compiled_forward(input)
-        debug = self._debug_comm()
+        compiling = torch.compiler.is_compiling()
+        debug = None if compiling else self._debug_comm()
         if debug is not None:
             self._check_ranks_agree(debug, input, self.training, "forward")
-        comm = self._communicator() if self.training else None
-        if comm is None or comm.size == 1:
-            y = super().forward(input)
+        torch_comm = self.comm is None or isinstance(self.comm, TorchCommunicator)
+        if compiling and torch_comm:  # a TorchCommunicator's group, through funcol
+            group = self.process_group if self.comm is None else self.comm.group
+            y = self._device_count_forward(input, group, None)
+        elif torch_comm and self._counts_on_device(input):
+            y = self._device_count_forward(input, self.process_group, self.comm)
         else:
-            self._check_input(input)
-            track = self.track_running_stats
-            y = sync_batch_norm(input, self.weight, self.bias,
-                                self.running_mean if track else None,
-                                self.running_var if track else None, self.eps,
-                                self._momentum_factor(), comm, self._sync_shift(input))
-            self._count_batch()
+            comm = self._communicator() if self.training else None
+            if comm is None or comm.size == 1:
+                y = super().forward(input)
+            else:
+                self._check_input(input)
+                track = self.track_running_stats
+                y = sync_batch_norm(input, self.weight, self.bias,
+                                    self.running_mean if track else None,
+                                    self.running_var if track else None, self.eps,
+                                    self._momentum_factor(), comm, self._sync_shift(input))
+                self._count_batch()
         if debug is not None and y.requires_grad:
             # Runs before this layer's backward (and its all-reduce), on every rank that has one.
             meta = torch.empty((0,) + tuple(input.shape[1:2]), dtype=input.dtype, device="meta")
