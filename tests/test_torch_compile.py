@@ -162,6 +162,23 @@ def test_opcheck_draw_ops(device):
     torch.library.opcheck(torch_ops.mixstyle_draw.default, (like, key, 0.0, 0.2, 4, True))
 
 
+def test_allreduce_sum_op():
+    """normkit::allreduce_sum (a compiled SyncBatchNorm's all-reduce over a normkit
+    communicator): opcheck, the sum from the registered communicator's all-reduce into a new
+    tensor, and a clear error for a communicator that was never registered or no longer exists."""
+    comm = Twin()
+    key = nkt._ops.communicator_key(comm)
+    x = _randn(7, seed=2)
+    torch.library.opcheck(torch_ops.allreduce_sum.default, (x, key, "test"))
+    y = torch_ops.allreduce_sum(x, key, "SyncBatchNorm(7) forward")
+    assert torch.equal(y, 2 * x) and y.data_ptr() != x.data_ptr()
+    with pytest.raises(RuntimeError, match=r"^SyncBatchNorm\(7\) forward: the communicator"):
+        torch_ops.allreduce_sum(x, key + 1, "SyncBatchNorm(7) forward")
+    del comm
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        torch_ops.allreduce_sum(x, key, "test")
+
+
 def test_draw_ops_draw_what_eager_layers_draw():
     """draw_uniform and mixstyle_draw take the generator's next numbers, as the eager layers'
     torch.rand / _sample_dirichlet / randperm calls do; an inactive call draws only its gate."""

@@ -1,7 +1,8 @@
 """normkit.torch.SyncBatchNorm across processes: tests/torch_dist/check_syncbn_torch.py under
 `torchrun --nproc_per_node=2` with gloo (and compiled: check_compile_torch.py), and under
-`mpiexec -n 2` with normkit's MPICommunicator; the device-count path of CUDA tensors in one
-process over a fake 2-rank group (check_device_count.py).
+`mpiexec -n 2` with normkit's MPICommunicator (and compiled: check_compile_comm.py); the
+device-count path of CUDA tensors in one process over a fake 2-rank group
+(check_device_count.py).
 Skipped with a reason where the launcher or backend is missing (NORMKIT_REQUIRE_MPI=1, set by CI,
 makes a missing MPI a failure, as in test_syncbn_mpi.py)."""
 import importlib.util
@@ -99,7 +100,8 @@ def test_syncbn_cuda_step_over_the_default_group_has_no_host_sync():
         assert f"ok channels_last: {check}" in out, out[-5000:]
 
 
-def test_syncbn_under_mpiexec_with_normkit_communicator():
+def _mpiexec():
+    """mpiexec's path, or a skip (a failure under NORMKIT_REQUIRE_MPI=1) naming what is missing."""
     exe = shutil.which("mpiexec")
     found = (("mpiexec", exe), ("mpi4py", importlib.util.find_spec("mpi4py")))
     missing = [what for what, ok in found if not ok]
@@ -108,7 +110,23 @@ def test_syncbn_under_mpiexec_with_normkit_communicator():
         if os.environ.get("NORMKIT_REQUIRE_MPI") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    out = _run([exe, "-n", str(RANKS), sys.executable, str(SCRIPT), "mpi"])
+    return exe
+
+
+@pytest.mark.timeout(600)
+def test_syncbn_over_mpi_communicator_compiles():
+    """tests/torch_dist/check_compile_comm.py under mpiexec: SyncBatchNorm(comm=MPICommunicator())
+    under torch.compile(fullgraph=True) (the all-reduce as normkit::allreduce_sum): no graph break,
+    static and dynamic shapes equal to eager."""
+    out = _run([_mpiexec(), "-n", str(RANKS), sys.executable,
+                str(SCRIPT.parent / "check_compile_comm.py")], timeout=540)
+    for check in ("explain: 0 graph breaks", "compiled dynamic=True step 1",
+                  "compiled dynamic=True shift"):
+        assert f"rank 1: ok {check}" in out, out[-5000:]
+
+
+def test_syncbn_under_mpiexec_with_normkit_communicator():
+    out = _run([_mpiexec(), "-n", str(RANKS), sys.executable, str(SCRIPT), "mpi"])
     for check in ("empty rank NHWC", "convert_sync_batchnorm comm",
                   "exact combine with |mean| >> std"):
         assert f"rank 1: ok {check}" in out, out[-5000:]

@@ -19,8 +19,10 @@ The registration is ``torch.library.Library`` with explicit schemas rather than
 ``torch.library.custom_op``: the same fake and autograd machinery, without custom_op's per-call
 Python wrapper (the eager overhead that benchmarks/bench_torch.py reports).
 
-Collectives stay outside the ops: SyncBatchNorm calls ``batch_norm_stats``, all-reduces, then
-``batch_norm_normalize`` (and the two backward halves around a second all-reduce).
+Collectives stay outside the kernel ops: SyncBatchNorm calls ``batch_norm_stats``, all-reduces,
+then ``batch_norm_normalize`` (and the two backward halves around a second all-reduce). Under
+torch.compile the all-reduce of a normkit communicator (which dynamo cannot trace) is an op of
+its own, ``allreduce_sum`` (at the end of this module).
 
 Adding an op family (e.g. group_norm_* core ops)
 ------------------------------------------------
@@ -924,3 +926,48 @@ def _(x, groups):
 
 
 _once_differentiable("group_norm_stats")
+
+# --- communicators ------------------------------------------------------------------------------
+# A synchronized layer over a normkit communicator (MPI, NCCL, a TorchCommunicator) sums through
+# the communicator's own all-reduce, which dynamo cannot trace (mpi4py calls, host buffers). Under
+# torch.compile that all-reduce is this op, opaque to the compiler, which finds the communicator
+# a layer registered under an integer key (``communicator_key``) as the draw ops find their
+# generator. It is tagged nondeterministic_seeded for the same reason as they are: AOTAutograd's
+# partitioner then never recomputes it in the backward (a recomputation would be one more
+# collective) and no pass merges two of them.
+
+_communicators = {}  # key -> weakref.ref of a communicator
+
+
+def communicator_key(comm):
+    """The key under which ``allreduce_sum`` finds ``comm`` (registered for as long as it lives)."""
+    key = id(comm)
+
+    def forget(ref):
+        if _communicators.get(key) is ref:
+            del _communicators[key]
+
+    _communicators[key] = weakref.ref(comm, forget)
+    return key
+
+
+_lib.define("allreduce_sum(Tensor x, int comm, str who) -> Tensor", tags=_SEEDED)
+
+
+@_impl("allreduce_sum")
+def _allreduce_sum(x, comm, who):
+    ref = _communicators.get(comm)
+    communicator = ref() if ref is not None else None
+    if communicator is None:
+        raise RuntimeError(f"{who}: the communicator of this layer no longer exists (or was "
+                           "never registered with communicator_key)")
+    # (imported here: normkit.torch.sync_batchnorm imports this module)
+    from .sync_batchnorm import _allreduce
+    out = x.contiguous().clone()
+    _allreduce(communicator, out, who)
+    return out
+
+
+@_fake("allreduce_sum")
+def _(x, comm, who):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -12,6 +12,7 @@ from ._dlpack import batch_workspace, dl, kernel_input, launch, like, param_dtyp
 from .batchnorm import _NormkitBatchNorm
 from ..distributed import check_communicator
 from .distributed import TorchCommunicator
+from . import _ops as _registered
 from .functional import _check_running, check_eps
 
 if torch.distributed.is_available():  # what a compiled forward all-reduces with
@@ -168,9 +169,10 @@ class _SyncBatchNormOps(torch.autograd.Function):
     """_SyncBatchNorm with the global count kept a tensor (no host synchronization): normkit's
     split ops, and between them an all-reduce of 2C+1 float64 values forward (the count, and
     n * (mean - K) and n * (var + (mean - K)^2) about the layer's shift K, as eager's) and one of
-    2C backward. Under torch.compile over a torch.distributed ``group`` with its functional
-    collectives, which dynamo traces (the eager path's Python collectives it cannot); for eager
-    CUDA tensors over a TorchCommunicator ``comm`` (its in-place all-reduce) instead, group None.
+    2C backward. Over a torch.distributed ``group`` (``comm`` None) with its functional
+    collectives, which dynamo traces; over a normkit communicator ``comm`` (group None) with its
+    own all-reduce: eager for CUDA tensors over a TorchCommunicator, under torch.compile through
+    the opaque op ``normkit::allreduce_sum`` for any communicator (dynamo cannot trace theirs).
     The backward's global sums are scaled by n / count, for the elementwise op given this rank's
     n as its count (the op takes a float). Returns y, the global mean and biased var (float64)
     and count, for the running-statistics update."""
@@ -179,7 +181,11 @@ class _SyncBatchNormOps(torch.autograd.Function):
     def _sum(ctx, t, phase):
         if ctx.comm is None:
             return funcol.all_reduce(t, "sum", ctx.group)
-        return D.collective(ctx.comm, t, f"{ctx.who} {phase}")
+        who = f"{ctx.who} {phase}"
+        if torch.compiler.is_compiling():  # the communicator's all-reduce as an opaque op
+            return _ops.allreduce_sum(t, id(ctx.comm), who)
+        _allreduce(ctx.comm, t, who)
+        return t
 
     @staticmethod
     def forward(ctx, x, weight, bias, shift, eps, group, comm, who):
@@ -296,8 +302,11 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
     check runs before each forward and (by a hook on the output) before each backward, in eval
     too. The cross-rank sums are taken about the last global mean, exact for |mean| >> std.
 
+    Under torch.compile (fullgraph, no graph break) the layer synchronizes over its group with
+    torch.distributed's functional collectives, or over its ``comm`` (MPI too) through the opaque
+    op ``normkit::allreduce_sum``, with the global count on the device.
     CUDA tensors over torch.distributed (no ``comm``, or a TorchCommunicator) keep the global
-    count on the device, as under torch.compile: no host synchronization (with a
+    count on the device in eager mode too: no host synchronization (with a
     TorchCommunicator, one of ``timeout=math.inf``: a finite timeout waits on the host), so a
     synchronized training step can be captured in a CUDA graph. That path has no agreement header in the all-reduce (the debug
     check still runs where asked for), no error for a global batch of one value per channel,
@@ -345,6 +354,10 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
                          bias=bias)
         self.process_group = process_group
         self.comm = check_communicator(comm, type(self).__name__)
+        if self.comm is not None:  # where a compiled forward's normkit::allreduce_sum finds it
+            _registered.communicator_key(self.comm)
+        # (read once: dynamo cannot trace an MPI communicator's size query)
+        self._comm_size = None if self.comm is None else self.comm.size
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -398,15 +411,14 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
 
     def _device_count_forward(self, input, group, comm):
         """The forward with the global count kept a tensor (_SyncBatchNormOps): under
-        torch.compile (``comm`` None: over ``group``, ``process_group`` or the default group,
-        with torch.distributed's functional collectives, which dynamo traces), and for eager CUDA
-        tensors (``comm`` the layer's TorchCommunicator; None: the functional collectives too,
-        which do not block the host). Batch norm where there is no rank to synchronize with or in
-        eval. Without a value on the host there is no agreement header in the all-reduce, no
+        torch.compile, and for eager CUDA tensors over torch.distributed. Over the layer's
+        ``comm`` where it has one, else over ``group`` (``process_group``) or the default group
+        with torch.distributed's functional collectives (which dynamo traces, and which do not
+        block the host). Batch norm where there is no rank to synchronize with or in eval. Without a value on the host there is no agreement header in the all-reduce, no
         empty-batch error and no second all-reduce for a shift further than 10 std off; the debug
         checks (eager only) still compare the ranks' calls first."""
         if comm is not None:
-            size = comm.size
+            size = self._comm_size
         else:
             if group is None and torch.distributed.is_available() and \
                     torch.distributed.is_initialized():
@@ -433,11 +445,8 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
         debug = None if compiling else self._debug_comm()
         if debug is not None:
             self._check_ranks_agree(debug, input, self.training, "forward")
-        torch_comm = self.comm is None or isinstance(self.comm, TorchCommunicator)
-        if compiling and torch_comm:  # a TorchCommunicator's group, through funcol
-            group = self.process_group if self.comm is None else self.comm.group
-            y = self._device_count_forward(input, group, None)
-        elif torch_comm and self._counts_on_device(input):
+        if compiling or (self._counts_on_device(input) and (
+                self.comm is None or isinstance(self.comm, TorchCommunicator))):
             y = self._device_count_forward(input, self.process_group, self.comm)
         else:
             comm = self._communicator() if self.training else None
