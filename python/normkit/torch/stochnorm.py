@@ -19,7 +19,8 @@ from ._ops import generator_key
 from .batchnorm import _NormkitBatchNorm
 from .distributed import TorchCommunicator
 from .functional import _check_running
-from .sync_batchnorm import global_backward_sums, global_batch_stats
+from .sync_batchnorm import (device_count_batch_norm, global_backward_sums,
+                             global_batch_stats)
 
 _ops = torch.ops.normkit
 
@@ -276,9 +277,10 @@ class _StochNormBase(_Seeded, _NormkitBatchNorm, torch.nn.modules.batchnorm._Nor
     alike (or seed torch's default one alike) so that all draw the same s; no collective is spent
     on the draw. Without either, a local layer (also under torch.distributed).
 
-    A local layer compiles (``torch.compile(fullgraph=True)``, dynamic shapes) and exports (eval):
-    a compiled call draws s from the same generator, so it draws eager's s (the synchronized
-    layer stays eager: its collectives run in Python).
+    The layer compiles (``torch.compile(fullgraph=True)``, dynamic shapes) and exports (eval): a
+    compiled call draws s from the same generator, so it draws eager's s. A synchronized compiled
+    layer sums as a compiled ``SyncBatchNorm`` does (the global count on the device, about the
+    last global mean): no empty-batch error, no second all-reduce for data far from that mean.
 
     Differences from tllib, all fixes: 3d training works, CPU works, ``momentum=None`` (cumulative
     average) and ``num_batches_tracked`` work, tllib's backward reads the already-updated running
@@ -298,6 +300,10 @@ class _StochNormBase(_Seeded, _NormkitBatchNorm, torch.nn.modules.batchnorm._Nor
         self.p = _check_p(p, who)
         self.process_group = process_group
         self.comm = check_communicator(comm, who)
+        if self.comm is not None:  # where a compiled forward's normkit::allreduce_sum finds it
+            _registered.communicator_key(self.comm)
+        # (read once: dynamo cannot trace an MPI communicator's size query)
+        self._comm_size = None if self.comm is None else self.comm.size
 
     def reset_parameters(self):
         self.reset_running_stats()
@@ -322,8 +328,38 @@ class _StochNormBase(_Seeded, _NormkitBatchNorm, torch.nn.modules.batchnorm._Nor
             return TorchCommunicator(self.process_group)
         return None
 
+    def _compiled_forward(self, input):
+        """The forward under torch.compile, which cannot trace _StochNorm's DLPack calls and
+        collectives: a local training layer as _compiled_stoch_norm; a synchronized one draws s
+        as that does and runs the synchronized batch norm of SyncBatchNorm's compiled forward
+        (device_count_batch_norm: the global count on the device, about the last global mean,
+        over the comm's all-reduce op or the process group's functional collectives), s = 0
+        channels with the running statistics."""
+        if not self.training:
+            return super().forward(input)
+        if self.comm is not None:
+            size = self._comm_size
+        elif self.process_group is not None:
+            size = torch.distributed.get_world_size(self.process_group)
+        else:
+            size = 1
+        if size == 1:
+            if not self.track_running_stats:
+                return super().forward(input)
+            y = _compiled_stoch_norm(self, input)
+            self._count_batch()
+            return y
+        keep = None
+        if self.track_running_stats:
+            C = input.shape[1]
+            s = _ops.draw_uniform(input, self._generator_key, torch.device("cpu"), [C]) < self.p
+            keep = s.to(param_dtype(input.dtype))
+        return device_count_batch_norm(self, input, self.process_group, self.comm, keep)
+
     def forward(self, input):
         self._check_input(input)
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(input)
         comm = self._communicator() if self.training else None
         if comm is not None and comm.size == 1:
             comm = None
@@ -336,10 +372,6 @@ class _StochNormBase(_Seeded, _NormkitBatchNorm, torch.nn.modules.batchnorm._Nor
                              device=input.device)
             return _StochNorm.apply(input, self.weight, self.bias, rm, torch.ones_like(rm), s,
                                     self.eps, 0.0, comm, type(self).__name__)
-        if comm is None and torch.compiler.is_compiling():
-            y = _compiled_stoch_norm(self, input)
-            self._count_batch()
-            return y
         s = draw_channels(self.num_features, self.p, self.generator, input.device)
         y = _StochNorm.apply(input, self.weight, self.bias, self.running_mean, self.running_var,
                              s, self.eps, self._momentum_factor(), comm, type(self).__name__)

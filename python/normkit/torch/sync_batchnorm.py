@@ -174,8 +174,14 @@ class _SyncBatchNormOps(torch.autograd.Function):
     own all-reduce: eager for CUDA tensors over a TorchCommunicator, under torch.compile through
     the opaque op ``normkit::allreduce_sum`` for any communicator (dynamo cannot trace theirs).
     The backward's global sums are scaled by n / count, for the elementwise op given this rank's
-    n as its count (the op takes a float). Returns y, the global mean and biased var (float64)
-    and count, for the running-statistics update."""
+    n as its count (the op takes a float).
+
+    StochNorm's synchronized forward passes ``keep`` (1 where a channel uses the batch
+    statistics, 0 where it uses ``running_mean``/``running_var`` as they were before this call,
+    which are then constants: their channels' global sums are zeroed in the backward).
+
+    Returns y, the global mean and biased var (float64) and count, for the running-statistics
+    update."""
 
     @staticmethod
     def _sum(ctx, t, phase):
@@ -188,7 +194,8 @@ class _SyncBatchNormOps(torch.autograd.Function):
         return t
 
     @staticmethod
-    def forward(ctx, x, weight, bias, shift, eps, group, comm, who):
+    def forward(ctx, x, weight, bias, shift, eps, group, comm, who, keep=None, running_mean=None,
+                running_var=None):
         C = x.shape[1]
         ctx.group, ctx.comm, ctx.who = group, comm, who
         mean, var = _ops.batch_norm_stats(x)
@@ -201,27 +208,35 @@ class _SyncBatchNormOps(torch.autograd.Function):
         g_var = (sums[C + 1:] / total - d_mean * d_mean).clamp(min=0.0)
         g_mean = shift + d_mean
         g_mean_p, invstd = g_mean.to(mean.dtype), (g_var + eps).rsqrt().to(mean.dtype)
+        if keep is not None:
+            use = keep.bool()
+            g_mean_p = torch.where(use, g_mean_p, running_mean)
+            invstd = torch.where(use, invstd,
+                                 (running_var.double() + eps).rsqrt().to(mean.dtype))
         y = _ops.batch_norm_normalize(x, g_mean_p, invstd, weight, bias)
         ctx.mark_non_differentiable(g_mean, g_var, total)
-        ctx.save_for_backward(x, weight, g_mean_p, invstd, total)
+        ctx.save_for_backward(x, weight, g_mean_p, invstd, total, keep)
         ctx.n = n
         return y, g_mean, g_var, total
 
     @staticmethod
     def backward(ctx, dy, *_):
-        x, weight, mean, invstd, total = ctx.saved_tensors
+        x, weight, mean, invstd, total, keep = ctx.saved_tensors
         C = x.shape[1]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         sum_dy, sum_dy_xmu = _ops.batch_norm_backward_reduce(dy, x, mean)
         sums = _SyncBatchNormOps._sum(ctx, torch.cat([sum_dy, sum_dy_xmu]).double(), "backward")
         sums = (sums * (ctx.n / total)).to(mean.dtype)
+        g_dy, g_dy_xmu = sums[:C], sums[C:]
+        if keep is not None:
+            g_dy, g_dy_xmu = g_dy * keep, g_dy_xmu * keep
         dx = None
         if need_x:
-            dx = _ops.batch_norm_backward_elemt(dy, x, mean, invstd, weight, sums[:C], sums[C:],
+            dx = _ops.batch_norm_backward_elemt(dy, x, mean, invstd, weight, g_dy, g_dy_xmu,
                                                 float(ctx.n))
         # weight and bias gradients are this rank's, as in PyTorch (DDP all-reduces them).
-        return (dx, sum_dy_xmu * invstd if need_w else None, sum_dy if need_b else None, None,
-                None, None, None, None)
+        return (dx, sum_dy_xmu * invstd if need_w else None, sum_dy if need_b else None) + \
+            (None,) * 8
 
 
 def sync_batch_norm(input, weight, bias, running_mean, running_var, eps, momentum, comm,
@@ -277,6 +292,38 @@ def sync_batch_norm(input, weight, bias, running_mean, running_var, eps, momentu
                          f"{shift.device}")
     return _SyncBatchNorm.apply(input, weight, bias, running_mean, running_var, eps, momentum,
                                 comm, shift, f"SyncBatchNorm({input.shape[1]})")
+
+
+def sync_shift(layer, input):
+    """The common shift of a synchronized layer's cross-rank sums: the last synchronized forward's
+    global mean (the same on every rank, being a collective's result; kept as ``layer._shift``),
+    zeros at first."""
+    shift = getattr(layer, "_shift", None)
+    C = layer.num_features
+    if shift is None or shift.device != input.device or shift.shape != (C,):
+        shift = layer._shift = torch.zeros(C, dtype=torch.float64, device=input.device)
+    return shift
+
+
+def device_count_batch_norm(layer, input, group, comm, keep=None):
+    """A synchronized batch-norm layer's training forward with the global count kept a tensor
+    (_SyncBatchNormOps, about ``sync_shift``): over ``comm`` where given, else over ``group``
+    with the functional collectives; ``keep`` as _SyncBatchNormOps's. Updates the running
+    statistics (if tracked) with the global mean and unbiased variance, and the shift."""
+    shift = sync_shift(layer, input)
+    y, g_mean, g_var, total = _SyncBatchNormOps.apply(
+        input, layer.weight, layer.bias, shift, layer.eps, group, comm,
+        f"{type(layer).__name__}({layer.num_features})", keep,
+        layer.running_mean if keep is not None else None,
+        layer.running_var if keep is not None else None)
+    if layer.track_running_stats:
+        momentum = layer._momentum_factor()
+        layer.running_mean.lerp_(g_mean.to(layer.running_mean.dtype), momentum)
+        layer.running_var.lerp_((g_var * (total / (total - 1))).to(layer.running_var.dtype),
+                                momentum)
+    shift.copy_(g_mean)
+    layer._count_batch()
+    return y
 
 
 class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
@@ -395,13 +442,7 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
         D.check_ranks_agree(comm, f"SyncBatchNorm({self.num_features}) {phase}", fields)
 
     def _sync_shift(self, input):
-        """The common shift of the cross-rank sums: the last synchronized forward's global mean
-        (the same on every rank, being a collective's result), zeros at first."""
-        shift = getattr(self, "_shift", None)
-        C = self.num_features
-        if shift is None or shift.device != input.device or shift.shape != (C,):
-            shift = self._shift = torch.zeros(C, dtype=torch.float64, device=input.device)
-        return shift
+        return sync_shift(self, input)
 
     @staticmethod
     def _counts_on_device(input):
@@ -427,18 +468,7 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
         if not self.training or size == 1:
             return super().forward(input)
         self._check_input(input)
-        shift = self._sync_shift(input)
-        y, g_mean, g_var, total = _SyncBatchNormOps.apply(
-            input, self.weight, self.bias, shift, self.eps, group, comm,
-            f"SyncBatchNorm({self.num_features})")
-        if self.track_running_stats:
-            momentum = self._momentum_factor()
-            self.running_mean.lerp_(g_mean.to(self.running_mean.dtype), momentum)
-            self.running_var.lerp_((g_var * (total / (total - 1))).to(self.running_var.dtype),
-                                   momentum)
-        shift.copy_(g_mean)
-        self._count_batch()
-        return y
+        return device_count_batch_norm(self, input, group, comm)
 
     def forward(self, input):
         compiling = torch.compiler.is_compiling()
