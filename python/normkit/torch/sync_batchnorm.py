@@ -351,13 +351,14 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
 
     Under torch.compile (fullgraph, no graph break) the layer synchronizes over its group with
     torch.distributed's functional collectives, or over its ``comm`` (MPI too) through the opaque
-    op ``normkit::allreduce_sum``, with the global count on the device.
-    CUDA tensors over torch.distributed (no ``comm``, or a TorchCommunicator) keep the global
-    count on the device in eager mode too: no host synchronization (with a
-    TorchCommunicator, one of ``timeout=math.inf``: a finite timeout waits on the host), so a
-    synchronized training step can be captured in a CUDA graph. That path has no agreement header in the all-reduce (the debug
-    check still runs where asked for), no error for a global batch of one value per channel,
-    and no second all-reduce for a shift far from the mean (the shift is the last global mean).
+    op ``normkit::allreduce_sum``, with the global count on the device. CUDA tensors over
+    torch.distributed (no ``comm``, or a TorchCommunicator) keep the global count on the device
+    in eager mode too: no host synchronization (with a TorchCommunicator, one of
+    ``timeout=math.inf``: a finite timeout waits on the host), so a synchronized training step
+    can be captured in a CUDA graph. That path has no agreement header in the all-reduce (the
+    debug check still runs where asked for), no error for a global batch of one value per
+    channel, and no second all-reduce for a shift far from the mean (the shift is the last
+    global mean).
 
     ``copy.deepcopy`` shares the communicator (it is a connection, not state); pickling
     (``torch.save`` of the module) leaves it out, and a loaded layer uses the default group.
@@ -441,9 +442,6 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
         calls[i] += 1
         D.check_ranks_agree(comm, f"SyncBatchNorm({self.num_features}) {phase}", fields)
 
-    def _sync_shift(self, input):
-        return sync_shift(self, input)
-
     @staticmethod
     def _counts_on_device(input):
         """Whether an eager forward keeps the global count on the device: CUDA tensors (no host
@@ -455,9 +453,10 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
         torch.compile, and for eager CUDA tensors over torch.distributed. Over the layer's
         ``comm`` where it has one, else over ``group`` (``process_group``) or the default group
         with torch.distributed's functional collectives (which dynamo traces, and which do not
-        block the host). Batch norm where there is no rank to synchronize with or in eval. Without a value on the host there is no agreement header in the all-reduce, no
-        empty-batch error and no second all-reduce for a shift further than 10 std off; the debug
-        checks (eager only) still compare the ranks' calls first."""
+        block the host). Batch norm where there is no rank to synchronize with or in eval.
+        Without a value on the host there is no agreement header in the all-reduce, no
+        empty-batch error and no second all-reduce for a shift further than 10 std off; the
+        debug checks (eager only) still compare the ranks' calls first."""
         if comm is not None:
             size = self._comm_size
         else:
@@ -488,7 +487,7 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
                 y = sync_batch_norm(input, self.weight, self.bias,
                                     self.running_mean if track else None,
                                     self.running_var if track else None, self.eps,
-                                    self._momentum_factor(), comm, self._sync_shift(input))
+                                    self._momentum_factor(), comm, sync_shift(self, input))
                 self._count_batch()
         if debug is not None and y.requires_grad:
             # Runs before this layer's backward (and its all-reduce), on every rank that has one.
