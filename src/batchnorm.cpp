@@ -231,6 +231,20 @@ bool rows_adjacent(const Geometry& g, const Strided<T>& t) {
   return g.S == 1 || t.sS == g.C;
 }
 
+// Calls f(offset, values) for the flat runs of rows [begin, end) of the (N*S) row space, the rows
+// of sample n starting at offset n * sN and adjacent (rows_adjacent): a run per sample, or a
+// single run where the samples too follow each other. Every run starts at channel 0.
+template <class F>
+NK_INLINE void for_flat_runs(const Geometry& g, int64_t sN, int64_t begin, int64_t end, F&& f) {
+  const bool samples_adjacent = sN == g.S * g.C;
+  while (begin < end) {
+    const int64_t n = begin / g.S, s = begin % g.S;
+    const int64_t rows = samples_adjacent ? end - begin : std::min(g.S - s, end - begin);
+    f(n * sN + s * g.C, rows * g.C);
+    begin += rows;
+  }
+}
+
 template <class T>
 Strided<T> strided(const TensorView& t, const NCSView& v) {
   return {t.ptr<T>(), v.sN, v.sC, v.sS};
@@ -513,13 +527,14 @@ NK_INLINE void flat_steps(const T* a, const T* b, int64_t steps, const V* k1, co
 // s1[c] += sum (a - ka[c]), s2[c] += sum (a - ka[c]) (b - kb[c]) over rows [begin, end) of the
 // (N*S) row space, sample n's rows starting at n * sN, each sample's rows back to back.
 template <int NB, class T, class A>
-NK_HOT void flat_pair_sums(const T* a, const T* b, int64_t sN, int64_t S, int64_t C,
-                           int64_t begin, int64_t end, const A* __restrict ka,
+NK_HOT void flat_pair_sums(const T* a, const T* b, const Geometry& g, int64_t sN, int64_t begin,
+                           int64_t end, const A* __restrict ka,
                            const A* __restrict kb, double* __restrict s1,
                            double* __restrict s2) {
   using L = Lanes<T, A>;
   using V = typename L::V;
   constexpr int64_t W = NB * kLanes;  // values per step: lane l of vector j is channel (j*kLanes+l) % C
+  const int64_t C = g.C;
   V k1[NB], k2[NB], u1[NB], u2[NB];
   for (int j = 0; j < NB; ++j) {
     for (int l = 0; l < kLanes; ++l) {
@@ -563,14 +578,7 @@ NK_HOT void flat_pair_sums(const T* a, const T* b, int64_t sN, int64_t S, int64_
       s2[c] += double(d * (A(br[i]) - kb[c]));
     }
   };
-  const bool samples_adjacent = sN == S * C;  // the whole row range is one run
-  while (begin < end) {
-    const int64_t n = begin / S, s = begin % S;
-    const int64_t rows = samples_adjacent ? end - begin : std::min(S - s, end - begin);
-    const int64_t off = n * sN + s * C;
-    run(a + off, b + off, rows * C);
-    begin += rows;
-  }
+  for_flat_runs(g, sN, begin, end, [&](int64_t off, int64_t len) { run(a + off, b + off, len); });
   flush();
 }
 
@@ -627,6 +635,72 @@ NK_HOT void flat_affine(const T* u, const T* v, T* out, int64_t len, int64_t L,
     } else {
       for (; j < n; ++j) o[j] = T(q[j] * (A(vv[j]) - m[j]) + r[j]);
     }
+  }
+}
+
+// The same map over a flat run whose channel pattern repeats within kPeriodMax values (see
+// flat_pair_sums): the coefficients sit in registers, NB vectors laid out like a step of the run,
+// instead of coming from the tiles with every vector (four loads beside the data's one or two).
+// Stores start at a cache-line boundary, as in affine_rows; the patterns start at the channel
+// where the scalar peel ends.
+template <int NB, bool kHasU, class T>
+NK_INLINE void flat_period_affine_run(const T* u, const T* v, T* out, int64_t len, int64_t C,
+                                      const acc_t<T>* p, const acc_t<T>* q, const acc_t<T>* m,
+                                      const acc_t<T>* r, bool stream) {
+  using A = acc_t<T>;
+  using L = Lanes<T>;
+  using V = typename L::V;
+  constexpr int64_t W = NB * kLanes;
+  stream = stream && kCanStream<T>;
+  auto one = [&](int64_t i) {
+    const int64_t c = i % C;
+    const A value = q[c] * (A(v[i]) - m[c]) + r[c];
+    out[i] = kHasU ? T(p[c] * A(u[i]) + value) : T(value);
+  };
+  int64_t i = 0;
+  if (len >= 2 * W || stream) {
+    for (; i < len && reinterpret_cast<uintptr_t>(out + i) % cpu::kStreamAlign; ++i) one(i);
+  }
+  V pv[NB], qv[NB], mv[NB], rv[NB];
+  for (int j = 0; j < NB; ++j) {
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t c = (i + j * kLanes + l) % C;
+      pv[j][l] = kHasU ? p[c] : A(0);
+      qv[j][l] = q[c];
+      mv[j][l] = m[c];
+      rv[j][l] = r[c];
+    }
+  }
+  auto lanes = [&](int64_t at, int j) {
+    const V value = qv[j] * (L::load(v + at) - mv[j]) + rv[j];
+    if constexpr (kHasU) {
+      return pv[j] * L::load(u + at) + value;
+    } else {
+      return value;
+    }
+  };
+  auto put = [&](int64_t at, int j) {
+    if constexpr (kCanStream<T>) {
+      if (stream) return stream_store<T>(out + at, lanes(at, j));
+    }
+    L::store(out + at, lanes(at, j));
+  };
+  for (; i + W <= len; i += W) {
+    for (int j = 0; j < NB; ++j) put(i + j * kLanes, j);
+  }
+  for (int j = 0; i + kLanes <= len; i += kLanes, ++j) put(i, j);
+  for (; i < len; ++i) one(i);
+}
+
+template <int NB, class T>
+NK_HOT void flat_period_affine(const T* u, const T* v, T* out, int64_t len, int64_t C,
+                               const acc_t<T>* __restrict p, const acc_t<T>* __restrict q,
+                               const acc_t<T>* __restrict m, const acc_t<T>* __restrict r,
+                               bool stream) {
+  if (u) {
+    flat_period_affine_run<NB, true, T>(u, v, out, len, C, p, q, m, r, stream);
+  } else {
+    flat_period_affine_run<NB, false, T>(u, v, out, len, C, p, q, m, r, stream);
   }
 }
 
@@ -688,16 +762,16 @@ void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b,
       split_range(g.N * g.S, tid, nt, &begin, &end);
       switch (flat) {
         case 2:
-          flat_pair_sums<2, T, A>(a.data, b.data, a.sN, g.S, C, begin, end, ka.data(), kb.data(),
-                                  p1, p2);
+          flat_pair_sums<2, T, A>(a.data, b.data, g, a.sN, begin, end, ka.data(), kb.data(), p1,
+                                  p2);
           return;
         case 3:
-          flat_pair_sums<3, T, A>(a.data, b.data, a.sN, g.S, C, begin, end, ka.data(), kb.data(),
-                                  p1, p2);
+          flat_pair_sums<3, T, A>(a.data, b.data, g, a.sN, begin, end, ka.data(), kb.data(), p1,
+                                  p2);
           return;
         case 4:
-          flat_pair_sums<4, T, A>(a.data, b.data, a.sN, g.S, C, begin, end, ka.data(), kb.data(),
-                                  p1, p2);
+          flat_pair_sums<4, T, A>(a.data, b.data, g, a.sN, begin, end, ka.data(), kb.data(), p1,
+                                  p2);
           return;
       }
       rows_pair_sums<T, A>(a.data, b.data, RowWalk(g.S, a.sN, a.sS, begin), end - begin, C,
@@ -734,10 +808,13 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
             const std::vector<acc_t<T>>& m, const std::vector<acc_t<T>>& r) {
   using A = acc_t<T>;
   if (g.N * g.S * g.C == 0) return;
-  // Channels-last rows that follow each other in memory get the flat kernel and its tiles.
+  // Channels-last rows that follow each other in memory get the flat kernels: coefficients in
+  // registers where the channel pattern is short enough, else from tiles.
+  const bool flat = g.layout == Layout::ChannelsLast && rows_adjacent(g, v);
+  const int nb = flat ? flat_blocks<A>(g.C) : 0;
   std::vector<A> tiles;
   const int64_t L = g.C * ((kTileValues + g.C - 1) / g.C);
-  if (g.layout == Layout::ChannelsLast && v.sS == g.C) {
+  if (flat && nb == 0) {
     tiles.resize(4 * L);
     for (int64_t i = 0; i < L; ++i) {
       const int64_t c = i % g.C;
@@ -754,21 +831,27 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
     int64_t begin, end;
     if (g.layout == Layout::ChannelsLast) {
       split_range(g.N * g.S, tid, nt, &begin, &end);
-      if (tiles.empty()) {
+      if (!flat) {
         rows_affine<T>(u ? u->data : nullptr, v.data, out.data, RowWalk(g.S, v.sN, v.sS, begin),
                        end - begin, g.C, p.data(), q.data(), m.data(), r.data());
         return;
       }
-      // Rows are contiguous within each sample: one flat run per sample the thread touches.
-      const A* tile[4];
-      for (int j = 0; j < 4; ++j) tile[j] = tiles.data() + j * L;
-      while (begin < end) {
-        const int64_t n = begin / g.S, s0 = begin % g.S, s1 = std::min(g.S, s0 + (end - begin));
-        const int64_t off = n * v.sN + s0 * g.C;
-        flat_affine<T>(u ? u->data + off : nullptr, v.data + off, out.data + off, (s1 - s0) * g.C,
-                       L, tile[0], tile[1], tile[2], tile[3], stream);
-        begin += s1 - s0;
-      }
+      for_flat_runs(g, v.sN, begin, end, [&](int64_t off, int64_t len) {
+        const T* uu = u ? u->data + off : nullptr;
+        switch (nb) {
+          case 2:
+            return flat_period_affine<2, T>(uu, v.data + off, out.data + off, len, g.C, p.data(),
+                                            q.data(), m.data(), r.data(), stream);
+          case 3:
+            return flat_period_affine<3, T>(uu, v.data + off, out.data + off, len, g.C, p.data(),
+                                            q.data(), m.data(), r.data(), stream);
+          case 4:
+            return flat_period_affine<4, T>(uu, v.data + off, out.data + off, len, g.C, p.data(),
+                                            q.data(), m.data(), r.data(), stream);
+        }
+        flat_affine<T>(uu, v.data + off, out.data + off, len, L, tiles.data(), tiles.data() + L,
+                       tiles.data() + 2 * L, tiles.data() + 3 * L, stream);
+      });
       if (stream) stream_fence();
       return;
     }
