@@ -952,12 +952,23 @@ std::vector<double> pilot_means(const Geometry& g, Strided<const T> x) {
   std::vector<double> k(g.C, 0.0);
   const int64_t count = std::min(kPilot, g.N * g.S);
   if (count == 0) return k;
-  // Position by position, every channel at each: channels-last rows are read in memory order, and
-  // no position costs a division (a division per value was a tenth of a small NHWC reduction).
-  for (int64_t i = 0, n = 0, s = 0; i < count; ++i) {
-    const T* at = x.row(n, 0) + s * x.sS;
-    for (int64_t c = 0; c < g.C; ++c) k[c] += double(at[c * x.sC]);
-    if (++s == g.S) s = 0, ++n;
+  // In memory order where the channels are adjacent (position by position, every channel at each),
+  // else channel by channel; positions are counted, not divided out (a division per value was a
+  // tenth of a small NHWC reduction). Either way each channel sums its values in the same order.
+  auto each_position = [&](auto&& f) {
+    for (int64_t i = 0, n = 0, s = 0; i < count; ++i) {
+      f(x.row(n, 0) + s * x.sS);
+      if (++s == g.S) s = 0, ++n;
+    }
+  };
+  if (x.sC == 1) {
+    each_position([&](const T* at) {
+      for (int64_t c = 0; c < g.C; ++c) k[c] += double(at[c]);
+    });
+  } else {
+    for (int64_t c = 0; c < g.C; ++c) {
+      each_position([&](const T* at) { k[c] += double(at[c * x.sC]); });
+    }
   }
   for (double& sum : k) sum /= double(count);
   return k;
