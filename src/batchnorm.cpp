@@ -13,6 +13,8 @@
 //
 // Layouts: "planar" (contiguous rows of S per (n, c): NCHW, NCL), "channels-last" (contiguous rows
 // of C per (n, s): NHWC, NDHWC, and (N, C)), and a generic strided path for anything else.
+// Channels-last rows that follow each other (contiguous NHWC) are swept as flat runs, the channel
+// pattern held in registers where it repeats within 64 values (C = 2^k <= 64, 3 * 2^k <= 48).
 // Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
 // (target_clones), so the default build stays portable without giving up vector width.
 #include "normkit/batchnorm.h"
@@ -533,7 +535,7 @@ NK_HOT void flat_pair_sums(const T* a, const T* b, const Geometry& g, int64_t sN
                            double* __restrict s2) {
   using L = Lanes<T, A>;
   using V = typename L::V;
-  constexpr int64_t W = NB * kLanes;  // values per step: lane l of vector j is channel (j*kLanes+l) % C
+  constexpr int64_t W = NB * kLanes;  // values per step; lane l of vector j: channel (j*16 + l) % C
   const int64_t C = g.C;
   V k1[NB], k2[NB], u1[NB], u2[NB];
   for (int j = 0; j < NB; ++j) {
