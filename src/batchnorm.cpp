@@ -13,6 +13,8 @@
 //
 // Layouts: "planar" (contiguous rows of S per (n, c): NCHW, NCL), "channels-last" (contiguous rows
 // of C per (n, s): NHWC, NDHWC, and (N, C)), and a generic strided path for anything else.
+// Channels-last rows that follow each other (contiguous NHWC) are swept as flat runs, the channel
+// pattern held in registers where it repeats within 64 values (C = 2^k <= 64, 3 * 2^k <= 48).
 // Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
 // (target_clones), so the default build stays portable without giving up vector width.
 #include "normkit/batchnorm.h"
@@ -22,6 +24,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -210,6 +213,11 @@ Layout choose_layout(std::initializer_list<const NCSView*> views) {
   return planar ? Layout::Planar : Layout::Generic;
 }
 
+struct Geometry {
+  Layout layout;
+  int64_t N, C, S;
+};
+
 // A typed tensor seen as (N, C, S).
 template <class T>
 struct Strided {
@@ -217,6 +225,27 @@ struct Strided {
   int64_t sN, sC, sS;
   T* row(int64_t n, int64_t c) const { return data + n * sN + c * sC; }
 };
+
+// Whether the channels-last rows of t follow each other within each sample (sS == C; one row
+// per sample has no stride to speak of).
+template <class T>
+bool rows_adjacent(const Geometry& g, const Strided<T>& t) {
+  return g.S == 1 || t.sS == g.C;
+}
+
+// Calls f(offset, values) for the flat runs of rows [begin, end) of the (N*S) row space, the rows
+// of sample n starting at offset n * sN and adjacent (rows_adjacent): a run per sample, or a
+// single run where the samples too follow each other. Every run starts at channel 0.
+template <class F>
+NK_INLINE void for_flat_runs(const Geometry& g, int64_t sN, int64_t begin, int64_t end, F&& f) {
+  const bool samples_adjacent = sN == g.S * g.C;
+  while (begin < end) {
+    const int64_t n = begin / g.S, s = begin % g.S;
+    const int64_t rows = samples_adjacent ? end - begin : std::min(g.S - s, end - begin);
+    f(n * sN + s * g.C, rows * g.C);
+    begin += rows;
+  }
+}
 
 template <class T>
 Strided<T> strided(const TensorView& t, const NCSView& v) {
@@ -456,6 +485,105 @@ NK_HOT void rows_pair_sums(const T* a, const T* b, RowWalk walk, int64_t rows, i
   }
 }
 
+// Rows that follow each other in memory (sS == C, as in a contiguous NHWC tensor) make each sample
+// one flat run of S * C values, whatever C is. Where the channel pattern repeats every
+// P = lcm(C, kLanes) <= kPeriodMax values, the run is reduced NB vectors (a multiple of P) at a
+// time into NB register accumulators per sum: the lanes stay bound to fixed channels, no row ends
+// interrupt the loop, and the lanes are folded into channels only when flushed (every kFlushEvery
+// values per lane, as in the planar kernel). The strided walk above made C = 32 two passes of one
+// vector per row and paid an offset load and prefetches per row: 1.4-1.65x slower than planar.
+constexpr int64_t kPeriodMax = 64;
+
+// Vectors per step of the flat reduction for C channels in lanes of A; 0 where the period is too
+// long (those tensors take rows_pair_sums). Four vectors per step keep enough independent chains
+// to hide the add latency; float64 lanes take half as many values per vector, so fewer vectors
+// keep the accumulators and shifts within the registers.
+template <class A>
+int flat_blocks(int64_t C) {
+  if (C <= 0) return 0;
+  const int64_t P = std::lcm(C, int64_t(kLanes));
+  if (P > kPeriodMax) return 0;
+  if (P % (4 * kLanes) != 0 && (4 * kLanes) % P != 0) return int(P / kLanes);  // P = 48: 3
+  return std::is_same_v<A, double> ? int(std::max<int64_t>(2, P / kLanes)) : 4;
+}
+
+// `steps` steps of W = NB * kLanes values from a and b into the accumulators. Their local copies
+// stay in registers: the accumulators themselves live across the flushes, whose lane-by-lane
+// reads would otherwise keep them in memory and every add waiting on a store.
+template <int NB, class T, class A, class V>
+NK_INLINE void flat_steps(const T* a, const T* b, int64_t steps, const V* k1, const V* k2, V* u1,
+                          V* u2) {
+  using L = Lanes<T, A>;
+  V x1[NB], x2[NB];
+  for (int j = 0; j < NB; ++j) x1[j] = u1[j], x2[j] = u2[j];
+  for (int64_t i = 0; i < steps * NB * kLanes; i += NB * kLanes) {
+    for (int j = 0; j < NB; ++j) {
+      const V d = L::load(a + i + j * kLanes) - k1[j];
+      x1[j] += d;
+      x2[j] += d * (L::load(b + i + j * kLanes) - k2[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) u1[j] = x1[j], u2[j] = x2[j];
+}
+
+// s1[c] += sum (a - ka[c]), s2[c] += sum (a - ka[c]) (b - kb[c]) over rows [begin, end) of the
+// (N*S) row space, sample n's rows starting at n * sN, each sample's rows back to back.
+template <int NB, class T, class A>
+NK_HOT void flat_pair_sums(const T* a, const T* b, const Geometry& g, int64_t sN, int64_t begin,
+                           int64_t end, const A* __restrict ka,
+                           const A* __restrict kb, double* __restrict s1,
+                           double* __restrict s2) {
+  using L = Lanes<T, A>;
+  using V = typename L::V;
+  constexpr int64_t W = NB * kLanes;  // values per step; lane l of vector j: channel (j*16 + l) % C
+  const int64_t C = g.C;
+  V k1[NB], k2[NB], u1[NB], u2[NB];
+  for (int j = 0; j < NB; ++j) {
+    for (int l = 0; l < kLanes; ++l) {
+      k1[j][l] = ka[(j * kLanes + l) % C];
+      k2[j][l] = kb[(j * kLanes + l) % C];
+    }
+    u1[j] = u2[j] = V{};
+  }
+  int64_t pending = 0;  // steps since the last flush: values per lane
+  auto flush = [&] {
+    for (int j = 0; j < NB; ++j) {
+      for (int l = 0; l < kLanes; ++l) {
+        s1[(j * kLanes + l) % C] += double(u1[j][l]);
+        s2[(j * kLanes + l) % C] += double(u2[j][l]);
+      }
+      u1[j] = u2[j] = V{};
+    }
+    pending = 0;
+  };
+  // One run of len values (whole rows: it starts at channel 0).
+  auto run = [&](const T* ar, const T* br, int64_t len) {
+    int64_t i = 0;
+    while (i + W <= len) {
+      const int64_t steps = std::min((len - i) / W, kFlushEvery - pending);
+      flat_steps<NB, T, A>(ar + i, br + i, steps, k1, k2, u1, u2);
+      i += steps * W;
+      pending += steps;
+      if (pending == kFlushEvery) flush();
+    }
+    // The last partial step: its whole vectors still sit at the step's offsets j * kLanes.
+    for (int j = 0; i + kLanes <= len; i += kLanes, ++j) {
+      const V d = L::load(ar + i) - k1[j];
+      u1[j] += d;
+      u2[j] += d * (L::load(br + i) - k2[j]);
+    }
+    if (++pending == kFlushEvery) flush();
+    for (; i < len; ++i) {
+      const int64_t c = i % C;
+      const A d = A(ar[i]) - ka[c];
+      s1[c] += double(d);
+      s2[c] += double(d * (A(br[i]) - kb[c]));
+    }
+  };
+  for_flat_runs(g, sN, begin, end, [&](int64_t off, int64_t len) { run(a + off, b + off, len); });
+  flush();
+}
+
 // out = p[c] * u + q[c] * (v - m[c]) + r[c] over the rows; u may be null. Row by row in memory
 // order: the coefficient reloads hit L1, and sequential writes keep the store stream fast.
 template <class T>
@@ -512,6 +640,72 @@ NK_HOT void flat_affine(const T* u, const T* v, T* out, int64_t len, int64_t L,
   }
 }
 
+// The same map over a flat run whose channel pattern repeats within kPeriodMax values (see
+// flat_pair_sums): the coefficients sit in registers, NB vectors laid out like a step of the run,
+// instead of coming from the tiles with every vector (four loads beside the data's one or two).
+// Stores start at a cache-line boundary, as in affine_rows; the patterns start at the channel
+// where the scalar peel ends.
+template <int NB, bool kHasU, class T>
+NK_INLINE void flat_period_affine_run(const T* u, const T* v, T* out, int64_t len, int64_t C,
+                                      const acc_t<T>* p, const acc_t<T>* q, const acc_t<T>* m,
+                                      const acc_t<T>* r, bool stream) {
+  using A = acc_t<T>;
+  using L = Lanes<T>;
+  using V = typename L::V;
+  constexpr int64_t W = NB * kLanes;
+  stream = stream && kCanStream<T>;
+  auto one = [&](int64_t i) {
+    const int64_t c = i % C;
+    const A value = q[c] * (A(v[i]) - m[c]) + r[c];
+    out[i] = kHasU ? T(p[c] * A(u[i]) + value) : T(value);
+  };
+  int64_t i = 0;
+  if (len >= 2 * W || stream) {
+    for (; i < len && reinterpret_cast<uintptr_t>(out + i) % cpu::kStreamAlign; ++i) one(i);
+  }
+  V pv[NB], qv[NB], mv[NB], rv[NB];
+  for (int j = 0; j < NB; ++j) {
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t c = (i + j * kLanes + l) % C;
+      pv[j][l] = kHasU ? p[c] : A(0);
+      qv[j][l] = q[c];
+      mv[j][l] = m[c];
+      rv[j][l] = r[c];
+    }
+  }
+  auto lanes = [&](int64_t at, int j) {
+    const V value = qv[j] * (L::load(v + at) - mv[j]) + rv[j];
+    if constexpr (kHasU) {
+      return pv[j] * L::load(u + at) + value;
+    } else {
+      return value;
+    }
+  };
+  auto put = [&](int64_t at, int j) {
+    if constexpr (kCanStream<T>) {
+      if (stream) return stream_store<T>(out + at, lanes(at, j));
+    }
+    L::store(out + at, lanes(at, j));
+  };
+  for (; i + W <= len; i += W) {
+    for (int j = 0; j < NB; ++j) put(i + j * kLanes, j);
+  }
+  for (int j = 0; i + kLanes <= len; i += kLanes, ++j) put(i, j);
+  for (; i < len; ++i) one(i);
+}
+
+template <int NB, class T>
+NK_HOT void flat_period_affine(const T* u, const T* v, T* out, int64_t len, int64_t C,
+                               const acc_t<T>* __restrict p, const acc_t<T>* __restrict q,
+                               const acc_t<T>* __restrict m, const acc_t<T>* __restrict r,
+                               bool stream) {
+  if (u) {
+    flat_period_affine_run<NB, true, T>(u, v, out, len, C, p, q, m, r, stream);
+  } else {
+    flat_period_affine_run<NB, false, T>(u, v, out, len, C, p, q, m, r, stream);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Generic strided kernels (any strides per tensor): scalar, for the layouts nothing else covers.
 
@@ -548,11 +742,6 @@ void generic_affine(const Strided<const T>* u, Strided<const T> v, Strided<T> ou
 // ------------------------------------------------------------------------------------------------
 // The two shapes over a whole tensor, for every layout.
 
-struct Geometry {
-  Layout layout;
-  int64_t N, C, S;
-};
-
 // Per-channel pair sums of a against b (see the top of the file), accumulated in A, returned in
 // float64.
 template <class T, class A>
@@ -565,12 +754,28 @@ void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b,
   if (g.N * g.S == 0) return;
   const int nthreads = threads_for(g.N * C * g.S);
   std::vector<double> partial(static_cast<size_t>(nthreads) * 2 * C, 0.0);
+  // The layout makes a's and b's row strides equal (choose_layout).
+  const int flat = g.layout == Layout::ChannelsLast && rows_adjacent(g, a) ? flat_blocks<A>(C) : 0;
   parallel(nthreads, [&](int tid, int nt) {
     double* p1 = partial.data() + static_cast<size_t>(tid) * 2 * C;
     double* p2 = p1 + C;
     int64_t begin, end;
     if (g.layout == Layout::ChannelsLast) {
       split_range(g.N * g.S, tid, nt, &begin, &end);
+      switch (flat) {
+        case 2:
+          flat_pair_sums<2, T, A>(a.data, b.data, g, a.sN, begin, end, ka.data(), kb.data(), p1,
+                                  p2);
+          return;
+        case 3:
+          flat_pair_sums<3, T, A>(a.data, b.data, g, a.sN, begin, end, ka.data(), kb.data(), p1,
+                                  p2);
+          return;
+        case 4:
+          flat_pair_sums<4, T, A>(a.data, b.data, g, a.sN, begin, end, ka.data(), kb.data(), p1,
+                                  p2);
+          return;
+      }
       rows_pair_sums<T, A>(a.data, b.data, RowWalk(g.S, a.sN, a.sS, begin), end - begin, C,
                         ka.data(), kb.data(), p1, p2);
       return;
@@ -597,18 +802,29 @@ void pair_sums(const Geometry& g, Strided<const T> a, Strided<const T> b,
 // Per-channel affine map of the whole tensor: out = p * u + q * (v - m) + r; u may be absent.
 //
 // Planar and channels-last tensors are swept in memory order, one contiguous stream per thread,
-// which the hardware prefetchers follow best (sweeping channel by channel, or backwards to reuse
-// what a preceding reduction left in cache, measured slower).
+// which the hardware prefetchers follow best (sweeping channel by channel, or planar tensors
+// backwards to reuse what a preceding reduction left in cache, measured slower). The exception:
+// after_reduction, the op has just reduced v (and u) in a pair_sums pass, and flat channels-last
+// rows are swept in blocks of kReuseBlockBytes from the end, each block forward, so the first
+// blocks are what the reduction read last, still in this core's cache (split_range gives each
+// thread the same rows in both passes): (16,32,32,32) NHWC training backward 1.2x faster. Passes
+// on their own (normalize, backward_elemt) keep memory order, which the block order cost ~5%.
+constexpr int64_t kReuseBlockBytes = 64 << 10;
+
 template <class T>
 void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, Strided<T> out,
             const std::vector<acc_t<T>>& p, const std::vector<acc_t<T>>& q,
-            const std::vector<acc_t<T>>& m, const std::vector<acc_t<T>>& r) {
+            const std::vector<acc_t<T>>& m, const std::vector<acc_t<T>>& r,
+            bool after_reduction = false) {
   using A = acc_t<T>;
   if (g.N * g.S * g.C == 0) return;
-  // Channels-last rows that follow each other in memory get the flat kernel and its tiles.
+  // Channels-last rows that follow each other in memory get the flat kernels: coefficients in
+  // registers where the channel pattern is short enough, else from tiles.
+  const bool flat = g.layout == Layout::ChannelsLast && rows_adjacent(g, v);
+  const int nb = flat ? flat_blocks<A>(g.C) : 0;
   std::vector<A> tiles;
   const int64_t L = g.C * ((kTileValues + g.C - 1) / g.C);
-  if (g.layout == Layout::ChannelsLast && v.sS == g.C) {
+  if (flat && nb == 0) {
     tiles.resize(4 * L);
     for (int64_t i = 0; i < L; ++i) {
       const int64_t c = i % g.C;
@@ -625,20 +841,37 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
     int64_t begin, end;
     if (g.layout == Layout::ChannelsLast) {
       split_range(g.N * g.S, tid, nt, &begin, &end);
-      if (tiles.empty()) {
+      if (!flat) {
         rows_affine<T>(u ? u->data : nullptr, v.data, out.data, RowWalk(g.S, v.sN, v.sS, begin),
                        end - begin, g.C, p.data(), q.data(), m.data(), r.data());
         return;
       }
-      // Rows are contiguous within each sample: one flat run per sample the thread touches.
-      const A* tile[4];
-      for (int j = 0; j < 4; ++j) tile[j] = tiles.data() + j * L;
-      while (begin < end) {
-        const int64_t n = begin / g.S, s0 = begin % g.S, s1 = std::min(g.S, s0 + (end - begin));
-        const int64_t off = n * v.sN + s0 * g.C;
-        flat_affine<T>(u ? u->data + off : nullptr, v.data + off, out.data + off, (s1 - s0) * g.C,
-                       L, tile[0], tile[1], tile[2], tile[3], stream);
-        begin += s1 - s0;
+      auto run = [&](int64_t off, int64_t len) {
+        const T* uu = u ? u->data + off : nullptr;
+        switch (nb) {
+          case 2:
+            return flat_period_affine<2, T>(uu, v.data + off, out.data + off, len, g.C, p.data(),
+                                            q.data(), m.data(), r.data(), stream);
+          case 3:
+            return flat_period_affine<3, T>(uu, v.data + off, out.data + off, len, g.C, p.data(),
+                                            q.data(), m.data(), r.data(), stream);
+          case 4:
+            return flat_period_affine<4, T>(uu, v.data + off, out.data + off, len, g.C, p.data(),
+                                            q.data(), m.data(), r.data(), stream);
+        }
+        flat_affine<T>(uu, v.data + off, out.data + off, len, L, tiles.data(), tiles.data() + L,
+                       tiles.data() + 2 * L, tiles.data() + 3 * L, stream);
+      };
+      if (!after_reduction) {
+        for_flat_runs(g, v.sN, begin, end, run);
+      } else {
+        // Blocks from the last to the first, each swept forward (see above).
+        const int64_t block = std::max<int64_t>(1, kReuseBlockBytes / (g.C * int64_t(sizeof(T))));
+        for (int64_t hi = end; hi > begin;) {
+          const int64_t lo = std::max(begin, hi - block);
+          for_flat_runs(g, v.sN, lo, hi, run);
+          hi = lo;
+        }
       }
       if (stream) stream_fence();
       return;
@@ -721,11 +954,25 @@ std::vector<double> pilot_means(const Geometry& g, Strided<const T> x) {
   std::vector<double> k(g.C, 0.0);
   const int64_t count = std::min(kPilot, g.N * g.S);
   if (count == 0) return k;
-  for (int64_t c = 0; c < g.C; ++c) {
-    double sum = 0;
-    for (int64_t i = 0; i < count; ++i) sum += double(x.row(i / g.S, c)[(i % g.S) * x.sS]);
-    k[c] = sum / double(count);
+  // In memory order where the channels are adjacent (position by position, every channel at each),
+  // else channel by channel; positions are counted, not divided out (a division per value was a
+  // tenth of a small NHWC reduction). Either way each channel sums its values in the same order.
+  auto each_position = [&](auto&& f) {
+    for (int64_t i = 0, n = 0, s = 0; i < count; ++i) {
+      f(x.row(n, 0) + s * x.sS);
+      if (++s == g.S) s = 0, ++n;
+    }
+  };
+  if (x.sC == 1) {
+    each_position([&](const T* at) {
+      for (int64_t c = 0; c < g.C; ++c) k[c] += double(at[c]);
+    });
+  } else {
+    for (int64_t c = 0; c < g.C; ++c) {
+      each_position([&](const T* at) { k[c] += double(at[c * x.sC]); });
+    }
   }
+  for (double& sum : k) sum /= double(count);
   return k;
 }
 
@@ -984,7 +1231,7 @@ void forward_train(const Geometry& g, Strided<const T> xs, Strided<T> ys,
     mu[c] = choice.mean_of(c, m[c]);
   }
   affine<T>(g, nullptr, xs, ys, std::vector<A>(g.C, 0), narrow<A>(q), narrow<A>(mu),
-            narrow<A>(b));
+            narrow<A>(b), true);
 }
 }  // namespace
 
@@ -1205,8 +1452,7 @@ void backward_train(const Geometry& g, Strided<const T> dys, Strided<const T> xs
   for (int64_t c = 0; c < g.C; ++c) {
     if (!choice.uses_batch(c)) q[c] = r[c] = 0.0;  // constant statistics: dx = p * dy
   }
-  affine<T>(g, &dys, xs, dxs, narrow<A>(p), narrow<A>(q), narrow<A>(m),
-            narrow<A>(r));
+  affine<T>(g, &dys, xs, dxs, narrow<A>(p), narrow<A>(q), narrow<A>(m), narrow<A>(r), true);
 }
 }  // namespace
 

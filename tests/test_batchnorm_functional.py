@@ -9,6 +9,7 @@ from helpers import (
     assert_close,
     assert_close_dtype,
     bc,
+    channels_last,
     count,
     fd_grad,
     layouts_for,
@@ -502,6 +503,109 @@ def test_normalize_and_backward_on_empty_input(shape, dtype):
     # an empty shard in a synchronized backward: the global count is positive
     dx = F.batch_norm_backward_elemt(x, x, mean, invstd, w, s1, s2, count=10)
     assert dx.shape == shape
+
+
+# --------------------------------------------------------------------------------------------------
+# Channels-last rows back to back: the flat kernels, with the channel pattern in registers where
+# lcm(C, 16) <= 64 (C = 1, 8, 16, 32, 64 and 3, 24, 48 here), from tiles elsewhere (C = 5, 100).
+# 41 x 43 positions per sample: an odd row count, so runs end in partial steps and scalars, and
+# with 5 samples each lane gets more than 2048 values (a flush within the run).
+
+FLAT_C = [1, 3, 8, 16, 24, 32, 48, 64, 5, 100]
+FLAT_SHAPE = (5, 41, 43)  # (N, H, W)
+
+
+def _flat_layout(x0, samples_apart):
+    """x0 stored channels-last ((N, C) arrays as they are); samples_apart: every other sample of a
+    twice-as-long batch (a batch slice, so that samples are not back to back and each one is a run
+    of its own)."""
+    if not samples_apart:
+        return channels_last(x0) if x0.ndim > 2 else x0
+    twice = np.repeat(x0, 2, axis=0)
+    base = channels_last(twice) if x0.ndim > 2 else twice
+    base[1::2] = np.nan
+    return base[::2]
+
+
+def _flat_shape(C, rank):
+    """(N, C, H, W), or (N*H*W, C): rows of one value each, the only channels-last C = 1."""
+    N, H, W = FLAT_SHAPE
+    return (N, C, H, W) if rank == 4 else (N * H * W, C)
+
+
+@pytest.mark.parametrize("samples_apart", [False, True], ids=["adjacent", "apart"])
+@pytest.mark.parametrize("rank", [4, 2], ids=["nhwc", "nc"])
+@pytest.mark.parametrize("C", FLAT_C)
+def test_channels_last_flat_kernels(C, rank, samples_apart, dtype):
+    shape = _flat_shape(C, rank)
+    x0 = randn(shape, 171, dtype, offset=0.7, scale=1.3)
+    dy0 = randn(shape, 172, dtype, offset=0.2, scale=0.9)
+    x, dy = _flat_layout(x0, samples_apart), _flat_layout(dy0, samples_apart)
+    assert C == 1 or x.strides[1] == x.itemsize
+    w, b = params(C, 173, dtype)
+
+    mean, var = F.batch_norm_stats(x)
+    y, fmean, invstd = F.batch_norm_forward(x, w, b, training=True, eps=EPS)
+    ry, rmean, rvar, rinvstd = ref_forward_train(x0, w, b, EPS)
+    assert_close_dtype(mean, rmean, dtype, "stats mean")
+    assert_close_dtype(var, rvar, dtype, "stats var")
+    assert_close_dtype(fmean, rmean, dtype, "forward mean")
+    assert_close_dtype(invstd, rinvstd, dtype, "invstd")
+    assert_close_dtype(y, ry, dtype, "y")
+
+    dx, dw, db = F.batch_norm_backward(dy, x, fmean, invstd, w, training=True)
+    rdx, rdw, rdb = ref_backward_train(dy0, x0, w, EPS)
+    assert_close_dtype(dx, rdx, dtype, "dx")
+    # dweight and dbias sum N*H*W terms of size ~1: their error scales with the count
+    assert_close_dtype(dw, rdw, dtype, "dweight", factor=count(x0) ** 0.5)
+    assert_close_dtype(db, rdb, dtype, "dbias", factor=count(x0) ** 0.5)
+
+
+@pytest.mark.parametrize("C", FLAT_C)
+@pytest.mark.parametrize("rank", [4, 2], ids=["nhwc", "nc"])
+def test_channels_last_flat_kernels_keep_variance_with_large_mean(C, rank):
+    """float32 at |mean| = 1e4, std about 1: the flat lanes sum x - shift and flush into float64
+    like the other paths, so the variance keeps its digits."""
+    shape = _flat_shape(C, rank)
+    g = np.random.default_rng(174)
+    per_channel = (1, C) + (1,) * (rank - 2)
+    x0 = (1e4 + g.uniform(-3, 3, C).reshape(per_channel) + g.uniform(0.7, 1.3, C).reshape(
+        per_channel) * g.standard_normal(shape)).astype(np.float32)
+    x = _flat_layout(x0, False)
+    rmean, rvar = ref_stats(x0)
+    mean, var = F.batch_norm_stats(x)
+    assert np.max(np.abs(var / rvar - 1)) < 1e-3, (var, rvar)
+    assert np.max(np.abs(mean / rmean - 1)) < 1e-6, (mean, rmean)
+    y, fmean, invstd = F.batch_norm_forward(x, None, None, training=True, eps=1e-5)
+    assert np.max(np.abs(invstd * np.sqrt(rvar + 1e-5) - 1)) < 5e-4
+    assert np.max(np.abs(fmean / rmean - 1)) < 1e-6
+    # y is O(1); the float32 mean at 1e4 costs up to half an ulp (~5e-4) of x - mean
+    assert np.max(np.abs(y - ref_forward_train(x0, None, None, 1e-5)[0])) < 3e-3
+
+
+@pytest.mark.parametrize("C", [16, 24, 32, 5])
+def test_channels_last_flat_kernels_bfloat16(C):
+    """bfloat16 NHWC through normkit.torch (the flat kernels load and store bfloat16 lanes):
+    float32 statistics of the rounded input, y and dx to bfloat16's precision."""
+    import normkit.torch as nkt
+
+    N, H, W = FLAT_SHAPE
+    x0 = torch.from_numpy(randn((N, C, H, W), 175, offset=0.7, scale=1.3))
+    xb = x0.to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    dyb = torch.from_numpy(randn((N, C, H, W), 176, scale=0.9)).to(torch.bfloat16)
+    layer = nkt.BatchNorm2d(C)
+    y = layer(xb)
+    y.backward(dyb)
+    xr = xb.detach().double().requires_grad_()
+    ref = torch.nn.functional.batch_norm(xr, None, None, training=True, eps=layer.eps)
+    ref.backward(dyb.double())
+    assert y.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(xb.grad.double(), xr.grad, rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(layer.running_mean.double(), 0.1 * xr.detach().mean((0, 2, 3)),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_var.double(),  # unbiased, as torch's
+                               0.9 + 0.1 * xr.detach().var((0, 2, 3)), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
