@@ -1,6 +1,6 @@
 """normkit.torch.SyncBatchNorm across processes: tests/torch_dist/check_syncbn_torch.py under
 `torchrun --nproc_per_node=2` with gloo (and compiled: check_compile_torch.py), and under
-`mpiexec -n 2` with normkit's MPICommunicator (and compiled: check_compile_comm.py); the
+`mpiexec -n 2` with normkit's MPICommunicator (and compiled: check_compile_torch.py mpi); the
 device-count path of CUDA tensors in one process over a fake 2-rank group
 (check_device_count.py).
 Skipped with a reason where the launcher or backend is missing (NORMKIT_REQUIRE_MPI=1, set by CI,
@@ -115,11 +115,11 @@ def _mpiexec():
 
 @pytest.mark.timeout(600)
 def test_syncbn_over_mpi_communicator_compiles():
-    """tests/torch_dist/check_compile_comm.py under mpiexec: SyncBatchNorm(comm=MPICommunicator())
-    under torch.compile(fullgraph=True) (the all-reduce as normkit::allreduce_sum): no graph break,
-    static and dynamic shapes equal to eager."""
+    """tests/torch_dist/check_compile_torch.py mpi under mpiexec: SyncBatchNorm(comm=
+    MPICommunicator()) under torch.compile(fullgraph=True) (the all-reduce as
+    normkit::allreduce_sum): no graph break, static and dynamic shapes equal to eager."""
     out = _run([_mpiexec(), "-n", str(RANKS), sys.executable,
-                str(SCRIPT.parent / "check_compile_comm.py")], timeout=540)
+                str(SCRIPT.parent / "check_compile_torch.py"), "mpi"], timeout=540)
     for check in ("explain: 0 graph breaks", "compiled dynamic=True step 1",
                   "compiled dynamic=True shift"):
         assert f"rank 1: ok {check}" in out, out[-5000:]

@@ -1,23 +1,33 @@
 """normkit.torch.SyncBatchNorm under torch.compile across processes, run by tests/test_torch_dist.py
-as ``torchrun --nproc_per_node=2 check_compile_torch.py`` (a gloo group, CPU tensors).
+as ``torchrun --nproc_per_node=2 check_compile_torch.py`` (a gloo group, CPU tensors) and as
+``mpiexec -n 2 python check_compile_torch.py mpi`` (normkit's MPICommunicator).
 
-A Conv2d -> SyncBatchNorm -> ReLU -> SyncBatchNorm(process_group) ->
-SyncBatchNorm(comm=TorchCommunicator()) model on uneven per-rank batches: torch._dynamo.explain
-finds no graph break, and torch.compile(fullgraph=True), static and dynamic shapes, training
-forward and backward, gives the eager layers' outputs, gradients, running statistics and shift;
-the eager path of CUDA tensors (the global count on the device),
-forced on CPU tensors, equals the default eager path. Each rank prints "rank R: ok NAME" per
-check and "rank R: ALL OK".
+gloo: a Conv2d -> SyncBatchNorm -> ReLU -> SyncBatchNorm(process_group) ->
+SyncBatchNorm(comm=TorchCommunicator()) model; mpi: Conv2d -> SyncBatchNorm(comm) -> ReLU ->
+SyncBatchNorm(comm) (the communicator's all-reduce compiled as the op normkit::allreduce_sum).
+On uneven per-rank batches: torch._dynamo.explain finds no graph break, and
+torch.compile(fullgraph=True), static and dynamic shapes, training forward and backward, gives the
+eager layers' outputs, gradients, running statistics and shift. gloo also: the eager path of CUDA
+tensors (the global count on the device), forced on CPU tensors, equals the default eager path.
+Each rank prints "rank R: ok NAME" per check and "rank R: ALL OK".
 """
 import datetime
+import sys
 
 import torch
 import torch.distributed as dist
 
 import normkit.torch as nkt
 
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
-rank = dist.get_rank()
+MODE = sys.argv[1] if len(sys.argv) > 1 else "gloo"
+if MODE == "gloo":
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    rank = dist.get_rank()
+else:
+    from normkit.distributed import MPICommunicator
+
+    comm = MPICommunicator()
+    rank = comm.rank
 torch.set_default_dtype(torch.float64)
 
 
@@ -27,14 +37,23 @@ def log(name):
 
 def model():
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1), nkt.SyncBatchNorm(5),
-                            torch.nn.ReLU(), nkt.SyncBatchNorm(5, process_group=dist.group.WORLD),
-                            nkt.SyncBatchNorm(5, comm=nkt.TorchCommunicator()))
+    if MODE == "gloo":
+        layers = [nkt.SyncBatchNorm(5), torch.nn.ReLU(),
+                  nkt.SyncBatchNorm(5, process_group=dist.group.WORLD),
+                  nkt.SyncBatchNorm(5, comm=nkt.TorchCommunicator())]
+    else:
+        layers = [nkt.SyncBatchNorm(5, comm=comm), torch.nn.ReLU(),
+                  nkt.SyncBatchNorm(5, comm=comm)]
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1), *layers)
     with torch.no_grad():
-        for bn in (m[1], m[3], m[4]):
+        for bn in norms(m):
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.normal_()
     return m
+
+
+def norms(m):
+    return [layer for layer in m if isinstance(layer, nkt.SyncBatchNorm)]
 
 
 def batch(n, h, w, seed):
@@ -70,8 +89,12 @@ for dynamic in (False, True):
         same(f"compiled dynamic={dynamic} step {i}", step(compiled, x, i), step(eager, x, i))
     same(f"compiled dynamic={dynamic} state", list(compiled_model.state_dict().values()),
          list(eager.state_dict().values()))
-    same(f"compiled dynamic={dynamic} shift",
-         [compiled_model[i]._shift for i in (1, 3, 4)], [eager[i]._shift for i in (1, 3, 4)])
+    same(f"compiled dynamic={dynamic} shift", [bn._shift for bn in norms(compiled_model)],
+         [bn._shift for bn in norms(eager)])
+
+if MODE != "gloo":
+    print(f"rank {rank}: ALL OK", flush=True)
+    sys.exit(0)
 
 # The eager path of CUDA tensors (the global count on the device, _SyncBatchNormOps), forced on
 # these CPU tensors: the same steps as the default eager path (host count), and it never reaches

@@ -810,19 +810,23 @@ _SEEDED = (torch.Tag.nondeterministic_seeded,)
 _generators = {}  # key -> weakref.ref of a torch.Generator; key 0 is torch's default generator
 
 
+def _registry_key(registry, obj):
+    """``obj``'s key in ``registry`` (its id), which holds a weak reference to it and forgets it
+    when it is collected: the ops find a layer's generator or communicator by an integer."""
+    key = id(obj)
+
+    def forget(ref):
+        if registry.get(key) is ref:
+            del registry[key]
+
+    registry[key] = weakref.ref(obj, forget)
+    return key
+
+
 def generator_key(generator):
     """The key under which the draw ops find ``generator`` (0 for None: torch's default one). The
     layers take it when their generator is set, outside any compiled region."""
-    if generator is None:
-        return 0
-    key = id(generator)
-
-    def forget(ref):
-        if _generators.get(key) is ref:
-            del _generators[key]
-
-    _generators[key] = weakref.ref(generator, forget)
-    return key
+    return 0 if generator is None else _registry_key(_generators, generator)
 
 
 def _generator(key):
@@ -942,14 +946,7 @@ _communicators = {}  # key -> weakref.ref of a communicator
 
 def communicator_key(comm):
     """The key under which ``allreduce_sum`` finds ``comm`` (registered for as long as it lives)."""
-    key = id(comm)
-
-    def forget(ref):
-        if _communicators.get(key) is ref:
-            del _communicators[key]
-
-    _communicators[key] = weakref.ref(comm, forget)
-    return key
+    return _registry_key(_communicators, comm)
 
 
 _lib.define("allreduce_sum(Tensor x, int comm, str who) -> Tensor", tags=_SEEDED)
