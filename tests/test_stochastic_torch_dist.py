@@ -1,8 +1,7 @@
 """normkit.torch's synchronized StochNorm and cross-rank MixStyle across processes:
 tests/torch_dist/check_stochastic_torch.py under `torchrun --nproc_per_node=2` (gloo,
 process_group=) and under `mpiexec -n 2` (normkit's MPICommunicator), launched as
-tests/test_torch_dist.py launches the SyncBatchNorm checks; the synchronized StochNorm compiled
-too."""
+tests/test_torch_dist.py launches the SyncBatchNorm checks; both layers compiled too."""
 import importlib.util
 import os
 import shutil
@@ -19,7 +18,8 @@ from test_torch_dist import _free_port, _run
 SCRIPT = Path(__file__).parent / "torch_dist" / "check_stochastic_torch.py"
 CHECKS = ("stochnorm empty p=0.5", "stochnorm uneven p=1.0", "mixstyle empty crossdomain",
           "mixstyle uneven random", "compiled stochnorm track=True",
-          "compiled stochnorm track=False")
+          "compiled stochnorm track=False", "compiled mixstyle random p=1.0",
+          "compiled mixstyle crossdomain p=0.5")
 
 
 @pytest.mark.timeout(600)

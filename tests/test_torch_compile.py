@@ -179,6 +179,48 @@ def test_allreduce_sum_op():
         torch_ops.allreduce_sum(x, key, "test")
 
 
+class Solo(nkt.TorchCommunicator):
+    """One rank, without torch.distributed: the all-gather returns this rank's rows (counted)."""
+    rank, size, debug, group = 0, 1, False, None
+
+    def __init__(self):
+        self.gathers = 0
+
+    def allgather(self, array):
+        self.gathers += 1
+        return array.clone()
+
+
+def test_mixstyle_cross_rank_op():
+    """normkit::mixstyle_cross_rank (a compiled cross-rank MixStyle's gate, all-gather, draws and
+    coefficients): opcheck without AOT dispatch (it draws); over one rank the coefficients of
+    the draws an eager layer makes from the same generator state (gate, lam, perm); an inactive
+    gate issues no all-gather and gives the identity's coefficients."""
+    comm = Solo()
+    key = nkt._ops.communicator_key(comm)
+    g = torch.Generator()
+    gkey = nkt._ops.generator_key(g)
+    mu, sig = _randn(5, 3, seed=4), _randn(5, 3, seed=5).abs() + 0.5
+    no_aot = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch_ops.mixstyle_cross_rank.default,
+                          (mu, sig, key, gkey, 1.0, 0.1, False), test_utils=no_aot)
+    for crossdomain in (False, True):
+        ref = torch.Generator().manual_seed(11)
+        g.manual_seed(11)
+        torch.rand((), generator=ref)  # the gate
+        perm, lam = nkt._ops.mix_draws(ref, 0.1, 5, crossdomain)
+        want = nkt.mixstyle._coefficients(mu, sig, mu, sig, slice(None), perm, lam.to(mu.dtype))
+        active, scale, shift = torch_ops.mixstyle_cross_rank(mu, sig, key, gkey, 1.0, 0.1,
+                                                             crossdomain)
+        assert bool(active)
+        torch.testing.assert_close(scale, want[0])
+        torch.testing.assert_close(shift, want[1])
+    gathers = comm.gathers
+    active, scale, shift = torch_ops.mixstyle_cross_rank(mu, sig, key, gkey, 0.0, 0.1, False)
+    assert not bool(active) and comm.gathers == gathers
+    assert torch.equal(scale, torch.ones_like(mu)) and torch.equal(shift, mu)
+
+
 def test_draw_ops_draw_what_eager_layers_draw():
     """draw_uniform and mixstyle_draw take the generator's next numbers, as the eager layers'
     torch.rand / _sample_dirichlet / randperm calls do; an inactive call draws only its gate."""

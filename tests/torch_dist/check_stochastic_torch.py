@@ -6,8 +6,8 @@ tests/test_stochastic_torch_dist.py as
 
 Each check runs the layer on each rank's slice of a global batch (uneven sizes, then an empty rank
 0) with a generator seeded alike on every rank, against the same layer in one process on the whole
-batch with the same generator state, in float64; and the synchronized StochNorm compiled
-(fullgraph) against the eager one. Each rank prints "rank R: ok NAME" per check and
+batch with the same generator state, in float64; and the synchronized StochNorm and cross-rank
+MixStyle compiled (fullgraph) against the eager ones. Each rank prints "rank R: ok NAME" per check and
 "rank R: ALL OK" at the end; any failure raises.
 """
 import datetime
@@ -154,8 +154,34 @@ def check_compiled_stochnorm(track):
     print(f"rank {rank}: ok compiled stochnorm track={track}", flush=True)
 
 
+def check_compiled_mixstyle(mix, p):
+    """Cross-rank MixStyle under torch.compile(fullgraph=True): no graph break, and eager's
+    outputs and dx (the same draws from the same generator state) over three calls of uneven
+    batches (p = 0.5: some calls mix, some do not)."""
+    torch._dynamo.reset()
+    eager = nkt.MixStyle(p=p, mix=mix, generator=gen(9), **sync_kwargs())
+    probe = nkt.MixStyle(p=p, mix=mix, generator=gen(9), **sync_kwargs())
+    explained = torch._dynamo.explain(probe)(torch.randn(2 + rank, 3, 4, 2, generator=gen(1)))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    layer = nkt.MixStyle(p=p, mix=mix, generator=gen(9), **sync_kwargs())
+    compiled = torch.compile(layer, fullgraph=True)
+    for step in range(3):
+        g = gen(80 + 10 * rank + step)
+        x = torch.randn(2 + rank, 3, 4, 2, generator=g) * 2 + 1
+        dy = torch.randn(x.shape, generator=g)
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ye, yc = eager(xe), compiled(xc)
+        ye.backward(dy)
+        yc.backward(dy)
+        close(f"compiled mixstyle {mix} p={p} step {step} y", yc, ye, 1e-9)
+        close(f"compiled mixstyle {mix} p={p} step {step} dx", xc.grad, xe.grad, 1e-9)
+    print(f"rank {rank}: ok compiled mixstyle {mix} p={p}", flush=True)
+
+
 for track in (True, False):
     check_compiled_stochnorm(track)
+for mix, p in (("random", 1.0), ("crossdomain", 0.5)):
+    check_compiled_mixstyle(mix, p)
 for kind in ("uneven", "empty"):
     for p in (0.0, 0.5, 1.0):
         check_stochnorm(kind, p)

@@ -952,13 +952,18 @@ def communicator_key(comm):
 _lib.define("allreduce_sum(Tensor x, int comm, str who) -> Tensor", tags=_SEEDED)
 
 
-@_impl("allreduce_sum")
-def _allreduce_sum(x, comm, who):
-    ref = _communicators.get(comm)
+def _communicator(key, who):
+    ref = _communicators.get(key)
     communicator = ref() if ref is not None else None
     if communicator is None:
         raise RuntimeError(f"{who}: the communicator of this layer no longer exists (or was "
                            "never registered with communicator_key)")
+    return communicator
+
+
+@_impl("allreduce_sum")
+def _allreduce_sum(x, comm, who):
+    communicator = _communicator(comm, who)
     # (imported here: normkit.torch.sync_batchnorm imports this module)
     from .sync_batchnorm import _allreduce
     out = x.contiguous().clone()
@@ -969,3 +974,39 @@ def _allreduce_sum(x, comm, who):
 @_fake("allreduce_sum")
 def _(x, comm, who):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# A cross-rank MixStyle's mixing call, compiled: the gate, then (when it mixes) the all-gather of
+# every instance's (mu, sig) over the registered communicator, the draws for the global batch and
+# this rank's rows' coefficients, all in one op, in the eager layer's order (an inactive call
+# issues no collective, on every rank alike). Its outputs have this rank's shapes: the global
+# batch size, known only after the all-gather, never reaches the compiler.
+_lib.define("mixstyle_cross_rank(Tensor mu, Tensor sig, int comm, int generator, float p, "
+            "float alpha, bool crossdomain) -> (Tensor active, Tensor scale, Tensor shift)",
+            tags=_SEEDED)
+
+
+@_impl("mixstyle_cross_rank")
+def _mixstyle_cross_rank(mu, sig, comm, generator, p, alpha, crossdomain):
+    from .mixstyle import _coefficients, _gather  # (normkit.torch.mixstyle imports this module)
+    g = _generator(generator)
+    where = g.device if g is not None else "cpu"
+    active = torch.rand((), generator=g, device=where).item() < p
+    scale, shift = torch.ones_like(mu), mu.clone()
+    if active:
+        mu_all, sig_all, offset = _gather(mu, sig, _communicator(comm, "MixStyle"))
+        active = mu_all.shape[0] > 1
+        if active:
+            perm, lam = mix_draws(g, alpha, mu_all.shape[0], crossdomain)
+            scale, shift = _coefficients(mu, sig, mu_all, sig_all,
+                                         slice(offset, offset + mu.shape[0]),
+                                         perm.to(mu.device), lam.to(mu.device))
+    return torch.tensor(active, device=mu.device), scale.contiguous(), shift.contiguous()
+
+
+@_fake("mixstyle_cross_rank")
+def _(mu, sig, comm, generator, p, alpha, crossdomain):
+    return mu.new_empty((), dtype=torch.bool), torch.empty_like(mu), torch.empty_like(mu)
+
+
+_draw("mixstyle_cross_rank", 7)

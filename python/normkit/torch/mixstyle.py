@@ -11,7 +11,7 @@ from ..nn.mixstyle import (MODES, MixStyleControls, activate_mixstyle, crossdoma
                            deactivate_mixstyle, random_mixstyle, run_with_mixstyle,
                            run_without_mixstyle)
 from ._dlpack import dl, group_workspace, kernel_input, launch, like, param_dtype
-from ._ops import mix_draws
+from ._ops import communicator_key, mix_draws
 from .stochnorm import _Seeded, _check_generator
 
 _ops = torch.ops.normkit
@@ -88,9 +88,9 @@ def _gather(mu, sig, comm):
     return everyone[:, 1:C + 1].to(mu.dtype), everyone[:, C + 1:].to(mu.dtype), offset
 
 
-def _coefficients(mu, sig, mu_all, sig_all, offset, perm, lam):
-    """(scale, shift), each (B_r, C), of this rank's rows offset... of the global batch."""
-    rows = slice(offset, offset + mu.shape[0])
+def _coefficients(mu, sig, mu_all, sig_all, rows, perm, lam):
+    """(scale, shift), each (B_r, C), of this rank's ``rows`` of the global batch (a slice, or a
+    tensor of their indices)."""
     partner = perm[rows]
     lam = lam[rows].to(mu.dtype)[:, None]
     scale = (lam * sig + (1 - lam) * sig_all[partner]).div_(sig)
@@ -139,7 +139,8 @@ def mixstyle(x, perm, lam, eps=1e-6, comm=None):
     if perm.shape != (B,) or lam.shape != (B,):
         raise ValueError(f"mixstyle: perm and lam need one entry per instance of the batch ({B}), "
                          f"got shapes {tuple(perm.shape)} and {tuple(lam.shape)}")
-    scale, shift = _coefficients(mu, sig, mu_all, sig_all, offset, perm, lam)
+    scale, shift = _coefficients(mu, sig, mu_all, sig_all,
+                                 slice(offset, offset + mu.shape[0]), perm, lam)
     if torch.is_grad_enabled() and x.requires_grad:
         return _StyleAffine.apply(x, mu, scale, shift)
     y = torch.empty_like(x)
@@ -164,9 +165,10 @@ class MixStyle(_Seeded, MixStyleControls, torch.nn.Module):
     batches in rank order: one all-gather of the per-instance (mu, sig) forward, none backward,
     and every rank must draw alike (a generator seeded alike, or torch's default seeded alike).
     tllib's MixStyle has no ``mix`` and always mixes cross-domain; Dassl's default is "random".
-    A local layer compiles with ``fullgraph=True``: a compiled call draws eager's gate, lam and
-    perm from the same generator, computes the mix every call and selects x where the gate says
-    so (its ``last_draw`` is not updated).
+    The layer compiles with ``fullgraph=True``: a compiled call draws eager's gate, lam and perm
+    from the same generator, computes the mix every call and selects x where the gate says so
+    (its ``last_draw`` is not updated); a cross-rank one all-gathers inside the op
+    ``normkit::mixstyle_cross_rank`` (only when the gate mixes, as eager).
 
     Parameters
     ----------
@@ -208,6 +210,14 @@ class MixStyle(_Seeded, MixStyleControls, torch.nn.Module):
         self.process_group = process_group
         self.comm = check_communicator(comm, "MixStyle", ("allgather",))
         self.last_draw = None  # (perm, lam) of the last mixing call, for inspection
+        # The communicator a compiled call's mixstyle_cross_rank finds (one over the process
+        # group made here, outside any compiled region).
+        self._comm_key = None
+        if comm is not None or process_group is not None:
+            from .distributed import TorchCommunicator
+
+            self._sync_comm = comm if comm is not None else TorchCommunicator(process_group)
+            self._comm_key = communicator_key(self._sync_comm)
 
     def _communicator(self):
         if self.comm is not None:
@@ -234,7 +244,20 @@ class MixStyle(_Seeded, MixStyleControls, torch.nn.Module):
                                                self.mix == "crossdomain")
         mu, var = _ops.group_norm_stats(x.detach(), x.shape[1])  # constants, as upstream's
         sig = _sig(x, var, self.eps)
-        scale, shift = _coefficients(mu, sig, mu, sig, 0, perm, lam)
+        scale, shift = _coefficients(mu, sig, mu, sig, slice(None), perm, lam)
+        return torch.where(active, _ops.group_norm_affine(x, mu, scale, shift), x)
+
+    def _compiled_cross_rank_forward(self, x):
+        """A cross-rank layer's mixing call under torch.compile: the moments by normkit's ops,
+        then the gate, the all-gather (registered communicator), the draws and this rank's
+        coefficients in the one op ``mixstyle_cross_rank`` (eager's order and numbers), the
+        affine pass, and the gate as a select. ``last_draw`` is left as it is."""
+        mu, var = _ops.group_norm_stats(x.detach(), x.shape[1])  # constants, as upstream's
+        sig = _sig(x, var, self.eps)
+        active, scale, shift = _ops.mixstyle_cross_rank(mu, sig, self._comm_key,
+                                                        self._generator_key, float(self.p),
+                                                        float(self.alpha),
+                                                        self.mix == "crossdomain")
         return torch.where(active, _ops.group_norm_affine(x, mu, scale, shift), x)
 
     def forward(self, x):
@@ -243,8 +266,10 @@ class MixStyle(_Seeded, MixStyleControls, torch.nn.Module):
                              f"{x.dim()}D input")
         if not self.training or not self._activated:
             return x
-        if torch.compiler.is_compiling() and self.comm is None and self.process_group is None:
-            return self._compiled_forward(x)
+        if torch.compiler.is_compiling():
+            if self.comm is None and self.process_group is None:
+                return self._compiled_forward(x)
+            return self._compiled_cross_rank_forward(x)
         if self._rand(()).item() >= self.p:
             return x
         comm = self._communicator()
@@ -258,12 +283,14 @@ class MixStyle(_Seeded, MixStyleControls, torch.nn.Module):
         perm, lam = mix_draws(self.generator, self.alpha, B, self.mix == "crossdomain")
         lam = lam.to(mu.dtype)
         self.last_draw = (perm, lam)
-        scale, shift = _coefficients(mu, sig, mu_all, sig_all, offset, perm.to(x.device),
+        scale, shift = _coefficients(mu, sig, mu_all, sig_all,
+                                     slice(offset, offset + mu.shape[0]), perm.to(x.device),
                                      lam.to(x.device))
         return _StyleAffine.apply(x, mu, scale, shift)
 
     def __getstate__(self):
-        return dict(self.__dict__, comm=None, process_group=None, _generator=None)
+        return dict(self.__dict__, comm=None, process_group=None, _generator=None,
+                    _sync_comm=None, _comm_key=None)
 
 
 __all__ = ["MODES", "MixStyle", "activate_mixstyle", "crossdomain_mixstyle",
