@@ -15,7 +15,8 @@ time). On CUDA (where torch and normkit both have it) each timing includes a syn
 
 Then (skip with --no-compiled) a small CNN (3 x [Conv2d 3x3 -> BatchNorm2d -> ReLU], batch
 (16, 3, 32, 32)) with normkit's BatchNorm2d and with torch's, both under torch.compile, in
-training: median forward+backward time of each and torch/normkit (>= 1: normkit no slower).
+training: median forward+backward time of each in a steady run (the models take turns of one
+untimed and five timed steps) and torch/normkit (>= 1: normkit no slower).
 """
 import argparse
 import time
@@ -111,8 +112,30 @@ def small_cnn(bn_cls):
     return torch.nn.Sequential(*layers)
 
 
+def steady_times(fns, repeat, sync, steps=5):
+    """Median seconds per call of each of `fns` in a steady run: the models take turns (so that
+    drift in the machine's speed hits all alike), and each turn makes one untimed call, then
+    times `steps` more. A training loop runs one model step after step; the first step after
+    another model ran finds its caches and the allocator's free lists as that model left them,
+    which the turns of single calls of paired_times would time every time (measured on a
+    2-core VM, the compiled CNN: torch/nk 0.91-0.99 with single calls, 1.00-1.13 in steady runs,
+    1.01-1.11 running each model 50 steps in a row)."""
+    times = [[] for _ in fns]
+    for r in range(repeat):
+        for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
+            fns[i]()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fns[i]()
+            sync()
+            times[i].append((time.perf_counter() - t0) / steps)
+    return [float(np.median(t)) for t in times]
+
+
 def compiled_cnn(device, repeat):
-    """(normkit s, torch s) per compiled training forward+backward of small_cnn."""
+    """(normkit s, torch s) per compiled training forward+backward of small_cnn, in a steady
+    run (steady_times)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 3, 32, 32, generator=g).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -128,7 +151,7 @@ def compiled_cnn(device, repeat):
             model(x).sum().backward()
         step()  # compiles
         fns.append(step)
-    return paired_times(fns, repeat, sync)
+    return steady_times(fns, repeat, sync)
 
 
 def main():
