@@ -829,14 +829,21 @@ def generator_key(generator):
     return 0 if generator is None else _registry_key(_generators, generator)
 
 
+def _registered_object(registry, key, gone):
+    """The object registered under ``key`` (``_registry_key``); RuntimeError(gone) where it was
+    collected or never registered."""
+    ref = registry.get(key)
+    obj = ref() if ref is not None else None
+    if obj is None:
+        raise RuntimeError(gone)
+    return obj
+
+
 def _generator(key):
     if key == 0:
         return None
-    ref = _generators.get(key)
-    generator = ref() if ref is not None else None
-    if generator is None:
-        raise RuntimeError("normkit: the torch.Generator a layer was given no longer exists")
-    return generator
+    return _registered_object(_generators, key,
+                              "normkit: the torch.Generator a layer was given no longer exists")
 
 
 def _draw(name, n_inputs):
@@ -953,12 +960,9 @@ _lib.define("allreduce_sum(Tensor x, int comm, str who) -> Tensor", tags=_SEEDED
 
 
 def _communicator(key, who):
-    ref = _communicators.get(key)
-    communicator = ref() if ref is not None else None
-    if communicator is None:
-        raise RuntimeError(f"{who}: the communicator of this layer no longer exists (or was "
-                           "never registered with communicator_key)")
-    return communicator
+    return _registered_object(_communicators, key,
+                              f"{who}: the communicator of this layer no longer exists (or was "
+                              "never registered with communicator_key)")
 
 
 @_impl("allreduce_sum")
@@ -966,7 +970,7 @@ def _allreduce_sum(x, comm, who):
     communicator = _communicator(comm, who)
     # (imported here: normkit.torch.sync_batchnorm imports this module)
     from .sync_batchnorm import _allreduce
-    out = x.contiguous().clone()
+    out = x.clone(memory_format=torch.contiguous_format)
     _allreduce(communicator, out, who)
     return out
 
@@ -988,20 +992,16 @@ _lib.define("mixstyle_cross_rank(Tensor mu, Tensor sig, int comm, int generator,
 
 @_impl("mixstyle_cross_rank")
 def _mixstyle_cross_rank(mu, sig, comm, generator, p, alpha, crossdomain):
-    from .mixstyle import _coefficients, _gather  # (normkit.torch.mixstyle imports this module)
+    from .mixstyle import mix_coefficients  # (normkit.torch.mixstyle imports this module)
     g = _generator(generator)
     where = g.device if g is not None else "cpu"
-    active = torch.rand((), generator=g, device=where).item() < p
-    scale, shift = torch.ones_like(mu), mu.clone()
-    if active:
-        mu_all, sig_all, offset = _gather(mu, sig, _communicator(comm, "MixStyle"))
-        active = mu_all.shape[0] > 1
-        if active:
-            perm, lam = mix_draws(g, alpha, mu_all.shape[0], crossdomain)
-            scale, shift = _coefficients(mu, sig, mu_all, sig_all,
-                                         slice(offset, offset + mu.shape[0]),
-                                         perm.to(mu.device), lam.to(mu.device))
-    return torch.tensor(active, device=mu.device), scale.contiguous(), shift.contiguous()
+    mixed = None
+    if torch.rand((), generator=g, device=where).item() < p:
+        mixed = mix_coefficients(mu, sig, _communicator(comm, "MixStyle"), g, alpha, crossdomain)
+    if mixed is None:
+        return torch.tensor(False, device=mu.device), torch.ones_like(mu), mu.clone()
+    scale, shift = mixed[2:]
+    return torch.tensor(True, device=mu.device), scale.contiguous(), shift.contiguous()
 
 
 @_fake("mixstyle_cross_rank")

@@ -97,6 +97,22 @@ def _coefficients(mu, sig, mu_all, sig_all, rows, perm, lam):
     return scale, lam * mu + (1 - lam) * mu_all[partner]
 
 
+def mix_coefficients(mu, sig, comm, generator, alpha, crossdomain):
+    """One mixing call after its gate: the all-gather of (mu, sig) over ``comm`` (None: this
+    batch alone), the draws for the global batch from ``generator`` and this rank's rows'
+    coefficients: (perm, lam, scale, shift), or None for a global batch of one instance (no
+    draw). Shared by the eager layer and the compiled cross-rank op, so both draw alike."""
+    mu_all, sig_all, offset = _gather(mu, sig, comm) if comm else (mu, sig, 0)
+    B = mu_all.shape[0]
+    if B <= 1:
+        return None
+    perm, lam = mix_draws(generator, alpha, B, crossdomain)
+    lam = lam.to(mu.dtype)
+    scale, shift = _coefficients(mu, sig, mu_all, sig_all, slice(offset, offset + mu.shape[0]),
+                                 perm.to(mu.device), lam.to(mu.device))
+    return perm, lam, scale, shift
+
+
 def mixstyle(x, perm, lam, eps=1e-6, comm=None):
     """MixStyle of ``x`` (B, C, *) for given draws: ``perm`` (a permutation of the global batch:
     all ranks of ``comm`` in rank order, else this batch) and ``lam`` (one weight per instance of
@@ -272,20 +288,15 @@ class MixStyle(_Seeded, MixStyleControls, torch.nn.Module):
             return self._compiled_cross_rank_forward(x)
         if self._rand(()).item() >= self.p:
             return x
-        comm = self._communicator()
         x = kernel_input(x)
         mu, sig = instance_moments(x, self.eps)
         # cross-rank, the global batch size comes with the one all-gather
-        mu_all, sig_all, offset = _gather(mu, sig, comm) if comm else (mu, sig, 0)
-        B = mu_all.shape[0]
-        if B <= 1:
+        mixed = mix_coefficients(mu, sig, self._communicator(), self.generator, self.alpha,
+                                 self.mix == "crossdomain")
+        if mixed is None:
             return x
-        perm, lam = mix_draws(self.generator, self.alpha, B, self.mix == "crossdomain")
-        lam = lam.to(mu.dtype)
+        perm, lam, scale, shift = mixed
         self.last_draw = (perm, lam)
-        scale, shift = _coefficients(mu, sig, mu_all, sig_all,
-                                     slice(offset, offset + mu.shape[0]), perm.to(x.device),
-                                     lam.to(x.device))
         return _StyleAffine.apply(x, mu, scale, shift)
 
     def __getstate__(self):

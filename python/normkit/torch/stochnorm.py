@@ -19,7 +19,7 @@ from ._ops import generator_key
 from .batchnorm import _NormkitBatchNorm
 from .distributed import TorchCommunicator
 from .functional import _check_running
-from .sync_batchnorm import (device_count_batch_norm, global_backward_sums,
+from .sync_batchnorm import (compiled_comm_size, device_count_batch_norm, global_backward_sums,
                              global_batch_stats)
 
 _ops = torch.ops.normkit
@@ -300,10 +300,7 @@ class _StochNormBase(_Seeded, _NormkitBatchNorm, torch.nn.modules.batchnorm._Nor
         self.p = _check_p(p, who)
         self.process_group = process_group
         self.comm = check_communicator(comm, who)
-        if self.comm is not None:  # where a compiled forward's normkit::allreduce_sum finds it
-            _registered.communicator_key(self.comm)
-        # (read once: dynamo cannot trace an MPI communicator's size query)
-        self._comm_size = None if self.comm is None else self.comm.size
+        self._comm_size = compiled_comm_size(self.comm)
 
     def reset_parameters(self):
         self.reset_running_stats()

@@ -294,6 +294,16 @@ def sync_batch_norm(input, weight, bias, running_mean, running_var, eps, momentu
                                 comm, shift, f"SyncBatchNorm({input.shape[1]})")
 
 
+def compiled_comm_size(comm):
+    """Registers ``comm`` (None: nothing) where a compiled forward's ``normkit::allreduce_sum``
+    finds it, and returns its size, read here once: dynamo cannot trace an MPI communicator's
+    size query."""
+    if comm is None:
+        return None
+    _registered.communicator_key(comm)
+    return comm.size
+
+
 def sync_shift(layer, input):
     """The common shift of a synchronized layer's cross-rank sums: the last synchronized forward's
     global mean (the same on every rank, being a collective's result; kept as ``layer._shift``),
@@ -402,10 +412,7 @@ class SyncBatchNorm(_NormkitBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
                          bias=bias)
         self.process_group = process_group
         self.comm = check_communicator(comm, type(self).__name__)
-        if self.comm is not None:  # where a compiled forward's normkit::allreduce_sum finds it
-            _registered.communicator_key(self.comm)
-        # (read once: dynamo cannot trace an MPI communicator's size query)
-        self._comm_size = None if self.comm is None else self.comm.size
+        self._comm_size = compiled_comm_size(self.comm)
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
