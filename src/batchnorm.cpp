@@ -835,7 +835,7 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
     }
   }
   const int64_t elements = g.N * g.C * g.S;
-  const bool stream = should_stream((u ? 3 : 2) * elements * int64_t(sizeof(T)));
+  const bool stream = should_stream((u ? 3 : 2) * elements * int64_t(sizeof(T)), out.data);
   const int nthreads = threads_for(elements);
   parallel(nthreads, [&](int tid, int nt) {
     int64_t begin, end;
@@ -1194,7 +1194,7 @@ void forward_train(const Geometry& g, Strided<const T> xs, Strided<T> ys,
   if (g.layout == Layout::Planar && g.C >= nthreads && M > 0 && fuse_planar<T>(g)) {
     // Fused: a thread owns whole channels, normalizing each right after reducing it, while its
     // rows are still in cache, so x crosses the memory bus once.
-    const bool stream = should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)));
+    const bool stream = should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)), ys.data);
     const auto shift = pilot_means(g, xs);
     parallel(nthreads, [&](int tid, int nt) {
       int64_t c0, c1;
@@ -1427,7 +1427,7 @@ void backward_train(const Geometry& g, Strided<const T> dys, Strided<const T> xs
   const int nthreads = threads_for(g.N * g.C * g.S);
   if (g.layout == Layout::Planar && g.C >= nthreads && count > 0 && fuse_planar<T>(g)) {
     // Fused as in the forward: each channel's dx is written while its dy and x are in cache.
-    const bool stream = should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)));
+    const bool stream = should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)), dxs.data);
     parallel(nthreads, [&](int tid, int nt) {
       int64_t c0, c1;
       split_range(g.C, tid, nt, &c0, &c1);

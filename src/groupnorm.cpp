@@ -584,7 +584,7 @@ void affine(const Geometry& g, const Strided<const T>* u, Strided<const T> v, St
   const int64_t NC = g.N * g.C;
   if (NC * g.S == 0) return;
   const int nthreads = cpu::threads_for(NC * g.S, kGrain);
-  const bool stream = cpu::should_stream((u ? 3 : 2) * NC * g.S * int64_t(sizeof(T)));
+  const bool stream = cpu::should_stream((u ? 3 : 2) * NC * g.S * int64_t(sizeof(T)), out.data);
   cpu::parallel_ranges(nthreads, g.layout == Layout::ChannelsLast ? g.N * g.S : NC * g.S,
                        [&](int, int64_t e0, int64_t e1) {
     if (g.layout == Layout::ChannelsLast) {
@@ -1089,7 +1089,7 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
     if (fuse(g, nthreads)) {
       // A thread owns whole (n, g) blocks and normalizes each right after reducing it, while the
       // block is still in cache: x crosses the memory bus once.
-      const bool stream = cpu::should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)));
+      const bool stream = cpu::should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)), ys.data);
       const ForwardBlocks<T> f{g, xs, ys, w.data(), b.data(), eps, m.data(), v.data(),
                                rs.data(), stream};
       cpu::parallel_ranges(nthreads, NG, [&](int, int64_t b0, int64_t b1) {
@@ -1099,7 +1099,7 @@ void group_norm_forward(const TensorView& x, const TensorView& weight, const Ten
     } else if (fuse_rows(g, nthreads)) {
       // Channels-last: a thread owns whole samples (contiguous runs of S rows of C) and
       // normalizes each right after reducing it, while it is still in cache.
-      const bool stream = cpu::should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)));
+      const bool stream = cpu::should_stream(2 * g.N * g.C * g.S * int64_t(sizeof(T)), ys.data);
       cpu::parallel_ranges(nthreads, g.N, [&](int, int64_t n0, int64_t n1) {
         std::vector<A> ks(g.C), q(g.C), r(g.C), zero(g.C, A(0));
         std::vector<double> kg(g.G), s1(g.C), s2(g.C);
@@ -1233,7 +1233,7 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
     const int nthreads = cpu::threads_for(g.N * g.C * g.S, kGrain);
     if (fuse(g, nthreads)) {
       // As in the forward: each block's dx is written while its dy and x are in cache.
-      const bool stream = cpu::should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)));
+      const bool stream = cpu::should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)), dxs.data);
       const BackwardBlocks<T> f{g, dys, xs, dxs, m, rs, w, s1.data(), s2.data(), stream};
       cpu::parallel_ranges(nthreads, g.N * g.G, [&](int, int64_t b0, int64_t b1) {
         run_blocks(f, b0, b1);
@@ -1242,7 +1242,7 @@ void group_norm_backward(const TensorView& dy, const TensorView& x, const Tensor
     } else if (fuse_rows(g, nthreads)) {
       // Channels-last, as in the forward: a thread owns whole samples.
       const auto mc = per_channel<A>(m, g);
-      const bool stream = cpu::should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)));
+      const bool stream = cpu::should_stream(3 * g.N * g.C * g.S * int64_t(sizeof(T)), dxs.data);
       cpu::parallel_ranges(nthreads, g.N, [&](int, int64_t n0, int64_t n1) {
         std::vector<A> zero(g.C, A(0)), p(g.C), q(g.C), r(g.C);
         for (int64_t n = n0; n < n1; ++n) {

@@ -349,7 +349,8 @@ void ws_standardize_forward(const TensorView& w, const TensorView& gain, WSConve
     } else {
       using A = arith_t<T>;
       const int nt = cpu::threads_for(rows.R * rows.K, kGrain);
-      const bool stream = cpu::should_stream(2 * rows.R * rows.K * int64_t(sizeof(T)));
+      const bool stream = cpu::should_stream(2 * rows.R * rows.K * int64_t(sizeof(T)),
+                                                w_hat.data);
       cpu::parallel_ranges(nt, rows.R, [&](int, int64_t r0, int64_t r1) {
         forward_rows<T>(w.ptr<T>(), gain.defined() ? gain.ptr<A>() : nullptr, convention, eps,
                         w_hat.ptr<T>(), mean.ptr<A>(), rstd.ptr<A>(), rows, r0, r1, stream);
@@ -396,7 +397,7 @@ void ws_standardize_backward(const TensorView& dw_hat, const TensorView& w,
       // 512x512x3x3 weight, one thread: 1.15 ms in place with plain stores, 1.6-1.8 streamed).
       const bool in_place = dw.defined() && dw.data == dw_hat.data;
       const bool stream = !in_place && (dw_bytes >= kStreamGradBytes ||
-                                        cpu::should_stream(3 * dw_bytes));
+                                        cpu::should_stream(3 * dw_bytes, dw.data));
       cpu::parallel_ranges(nt, rows.R, [&](int, int64_t r0, int64_t r1) {
         backward_rows<T>(dw_hat.ptr<T>(), w.ptr<T>(), gain.defined() ? gain.ptr<A>() : nullptr,
                          mean.ptr<A>(), rstd.ptr<A>(), convention, eps,
