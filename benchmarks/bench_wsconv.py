@@ -12,6 +12,12 @@ dx, dweight, dgain, dbias):
   * "conv": a plain torch Conv2d/3d on the raw weight (no standardization): the floor.
 Prints the median time per call of each (sampled in alternating rounds), and ratios: normkit / conv
 (the done-when target is <= 1.2 for fwd+bwd) and peer / normkit (> 1: normkit faster).
+
+Where the convolution dominates (every shape but the batch-1 one), the three layers run the same
+torch convolution and differ by less than the machine's noise; so each shape also gets a "weight"
+row: the standardization alone on the layer's weight (normkit.torch.ws_standardize against the
+two compositions; fwd+bwd: the gradients of weight and gain for a random gradient of w_hat), the
+only part in which the layers differ.
 """
 import argparse
 import time
@@ -112,6 +118,35 @@ def torch_cases(shape, device, repeat):
     return results
 
 
+def weight_cases(shape, device, repeat):
+    """{op: {name: seconds}} of the standardization alone on this shape's weight."""
+    N, C_in, C_out, spatial, k = shape
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn((C_out, C_in) + (k,) * len(spatial), generator=g) * 0.05).to(device)
+    gain = torch.rand(C_out, generator=g).add_(0.5).to(device)
+    w.requires_grad_()
+    gain.requires_grad_()
+    dw_hat = torch.randn_like(w)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    standardize = {"normkit": lambda: nkt.ws_standardize(w, gain, 1e-4),
+                   "var_mean": lambda: var_mean_weight(w, gain),
+                   "batch_norm": lambda: batch_norm_weight(w, gain)}
+    results = {}
+    for op in ("fwd", "fwd+bwd"):
+        fns = []
+        for fn in standardize.values():
+            if op == "fwd":
+                def run(fn=fn):
+                    with torch.no_grad():
+                        fn()
+            else:
+                def run(fn=fn):
+                    torch.autograd.grad(fn(), [w, gain], dw_hat)
+            fns.append(run)
+        results[op] = dict(zip(standardize, paired_times(fns, repeat, sync)))
+    return results
+
+
 def numpy_cases(shape, repeat):
     N, C_in, C_out, spatial, k = shape
     dims = len(spatial)
@@ -158,6 +193,12 @@ def main():
                                                       for n, v in t.items())
                   + f" | normkit/conv {nk / t['conv']:.2f}  var_mean/normkit "
                   f"{t['var_mean'] / nk:.2f}  batch_norm/normkit {t['batch_norm'] / nk:.2f}")
+        for op, t in weight_cases(shape, args.device, args.repeat).items():
+            nk = t["normkit"]
+            print(f"{label:32s} {op:8s} weight: " + "  ".join(f"{n} {v * 1e3:8.3f} ms"
+                                                              for n, v in t.items())
+                  + f" | var_mean/normkit {t['var_mean'] / nk:.2f}  batch_norm/normkit "
+                  f"{t['batch_norm'] / nk:.2f}")
         if not args.no_numpy:
             for op, t in numpy_cases(shape, max(3, args.repeat // 3)).items():
                 a, b = t.values()
