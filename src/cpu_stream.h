@@ -19,8 +19,8 @@ namespace normkit::cpu {
 // Non-temporal ("streaming") stores write an output straight to memory instead of first reading
 // each line into cache (write-allocate), a third less traffic for y = f(x), a quarter for
 // dx = f(dy, x). Worth it only when the op's data is larger than the share of the last-level cache
-// it can count on, so that the output would be evicted before anyone reads it. SSE2 16-byte stores exist in every x86-64
-// clone; the write-combining buffers merge them into whole lines.
+// it can count on, so that the output would be evicted before anyone reads it. SSE2 16-byte
+// stores exist in every x86-64 clone; the write-combining buffers merge them into whole lines.
 #if defined(__x86_64__)
 template <class T>
 constexpr bool kCanStream = std::is_same_v<T, float> || std::is_same_v<T, double>;
@@ -75,10 +75,10 @@ inline int64_t last_level_cache_bytes() {
 // cache, or than NORMKIT_STREAM_MIN_BYTES if set (read once; for tuning, and for tests of the
 // streaming path). Not the whole cache: it is shared with every other core of the chip, and in a
 // virtual machine with other guests' cores too, which neither sysfs nor cpuid counts (a 2-core
-// guest on a 105 MiB Sapphire Rapids L3 reports the whole L3 as shared by its 2 cores). glibc's memcpy
-// likewise streams copies far below the cache's size (there, glibc 2.36: copies over 41 MiB). On
-// that guest instance norm on (32,64,56,56) float32 (x + y = 51 MB) ran 2.8-3.2 ms without
-// streaming and 1.6-2.2 ms with it, forward and backward 7.0-7.9 against 4.4-5.9 ms
+// guest on a 105 MiB Sapphire Rapids L3 reports the whole L3 as shared by its 2 cores). glibc's
+// memcpy likewise streams copies far below the cache's size (there, glibc 2.36: copies over
+// 41 MiB). On that guest instance norm on (32,64,56,56) float32 (x + y = 51 MB) ran 2.8-3.2 ms
+// without streaming and 1.6-2.2 ms with it, forward and backward 7.0-7.9 against 4.4-5.9 ms
 // (benchmarks/bench_instancenorm.py, the two alternating in separate processes).
 //
 // And only into an output whose first page is already mapped in (`out`; null: false). A fresh
@@ -86,8 +86,9 @@ inline int64_t last_level_cache_bytes() {
 // pages) is zero-filled by the kernel at each page's first touch, which leaves its lines in cache;
 // a streaming store must then evict the line before writing around the cache. Instance norm's
 // channels-last forward on (2,32,48,64,64), whose 50 MB output is always fresh, ran 15-20 ms
-// streamed against 12-13 ms with plain stores; into reused memory, streaming won (group norm's
-// elementwise backward on the same shape, 5.1 against 6.6 ms).
+// streamed against 11-13 ms with plain stores (alternating processes; under a heavier load of the
+// host later, both ran 19-24 ms); into reused memory streaming won (group norm's elementwise
+// backward on the same shape, 5.1 against 6.6 ms).
 // NORMKIT_STREAM_MIN_BYTES skips that check too, so that the tests' small outputs take the path.
 inline bool should_stream(int64_t bytes, const void* out) {
   static const char* env = std::getenv("NORMKIT_STREAM_MIN_BYTES");
