@@ -763,13 +763,15 @@ def _ws_standardize_setup(ctx, inputs, output):
     ctx.convention, ctx.eps = convention, eps
 
 
-def _ws_standardize_grad(ctx, dw_hat, *_):
+def _ws_standardize_grad(ctx, dw_hat, *_, backward=None):
+    """The gradients of ws_standardize's inputs, through the backward op, or through
+    ``backward`` (its kernel, for an eager caller that records no graph) when given."""
     need_w, need_g = ctx.needs_input_grad[:2]
     if dw_hat is None or not (need_w or need_g):
         return None, None, None, None
     w, gain, mean, rstd = ctx.saved_tensors
-    dw, dgain = _ops.ws_standardize_backward(dw_hat, w, gain, mean, rstd, ctx.convention,
-                                             ctx.eps, need_w, need_g)
+    dw, dgain = (backward or _ops.ws_standardize_backward)(
+        dw_hat, w, gain, mean, rstd, ctx.convention, ctx.eps, need_w, need_g)
     return (dw if need_w else None), (dgain if need_g else None), None, None
 
 

@@ -55,18 +55,13 @@ class _EagerWSStandardize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dw_hat):
-        need_w, need_g = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled() or dw_hat is None or not (need_w or need_g):
-            # The custom op's own backward, through the backward op (differentiating it, double
-            # backward, is its clear error).
-            return _registered._ws_standardize_grad(ctx, dw_hat)
-        # The backward op's kernel called directly: the dispatcher's round trip through the
-        # custom op costs more than the kernel on a small weight (64x64x3x3: 0.19 ms for the
-        # function's forward and backward against torch's batch_norm composition's 0.17).
-        w, gain, mean, rstd = ctx.saved_tensors
-        dw, dgain = _registered._ws_standardize_backward(dw_hat, w, gain, mean, rstd,
-                                                         ctx.convention, ctx.eps, need_w, need_g)
-        return (dw if need_w else None), (dgain if need_g else None), None, None
+        # The custom op's own backward: through the backward op where a graph is recorded
+        # (differentiating it, double backward, is its clear error), else through its kernel
+        # directly, since the dispatcher's round trip costs more than the kernel on a small weight
+        # (64x64x3x3: 0.19 ms for the function's forward and backward against torch's batch_norm
+        # composition's 0.17).
+        direct = None if torch.is_grad_enabled() else _registered._ws_standardize_backward
+        return _registered._ws_standardize_grad(ctx, dw_hat, backward=direct)
 
 
 def ws_standardize(weight, gain=None, eps=1e-4, convention="elektronn3"):
